@@ -1,0 +1,519 @@
+// Best-fit-decreasing chunk packing with equal chunk counts per rank; see packing.h.
+#include "core/packing.h"
+
+#include <algorithm>
+#include <bit>
+#include <cmath>
+#include <numeric>
+#include <queue>
+#include <sstream>
+#include <stdexcept>
+#include <tuple>
+#include <utility>
+
+namespace r1engine {
+
+namespace {
+
+// 64-ary bit tree over [0, size): set/clear a position and find the smallest set position >= x,
+// each in O(log_64 size).
+class NextSetBit {
+ public:
+  explicit NextSetBit(int64_t size) {
+    int64_t n = std::max<int64_t>(size, 1);
+    do {
+      n = (n + 63) / 64;
+      levels_.emplace_back(static_cast<size_t>(n), 0);
+    } while (n > 1);
+  }
+
+  void set(int64_t i) {
+    for (auto& words : levels_) {
+      uint64_t& w = words[static_cast<size_t>(i >> 6)];
+      const bool was_empty = (w == 0);
+      w |= uint64_t{1} << (i & 63);
+      if (!was_empty) return;
+      i >>= 6;
+    }
+  }
+
+  void clear(int64_t i) {
+    for (auto& words : levels_) {
+      uint64_t& w = words[static_cast<size_t>(i >> 6)];
+      w &= ~(uint64_t{1} << (i & 63));
+      if (w != 0) return;
+      i >>= 6;
+    }
+  }
+
+  // Smallest set position >= x, or -1.
+  int64_t find_next(int64_t x) const {
+    size_t level = 0;
+    int64_t i = x;
+    // Climb until a word holds a set bit at or after position i.
+    while (true) {
+      if (level >= levels_.size()) return -1;
+      const auto& words = levels_[level];
+      const int64_t wi = i >> 6;
+      if (wi >= static_cast<int64_t>(words.size())) return -1;
+      const uint64_t bits = (i & 63) == 0 ? words[wi] : (words[wi] & (~uint64_t{0} << (i & 63)));
+      if (bits != 0) {
+        i = (wi << 6) + std::countr_zero(bits);
+        break;
+      }
+      i = wi + 1;  // the next word at this level is the next bit one level up
+      ++level;
+    }
+    // Descend taking the lowest set bit.
+    while (level > 0) {
+      --level;
+      i = (i << 6) + std::countr_zero(levels_[level][static_cast<size_t>(i)]);
+    }
+    return i;
+  }
+
+ private:
+  std::vector<std::vector<uint64_t>> levels_;  // levels_[0] is the finest
+};
+
+struct Chunk {
+  std::vector<int64_t> seqs;  // sequence indices, in placement order (non-increasing length)
+  int64_t tokens = 0;
+  double cost = 0.0;
+};
+
+std::string describe_index(int64_t i, int64_t len) {
+  std::ostringstream os;
+  os << "lengths[" << i << "] = " << len;
+  return os.str();
+}
+
+void validate_options(const int64_t* lengths, int64_t n, const PackingOptions& o) {
+  auto fail = [](const std::string& msg) { throw std::invalid_argument(msg); };
+  if (n < 0) fail("plan_packing: number of sequences must be >= 0, got " + std::to_string(n));
+  if (n > 0 && lengths == nullptr) fail("plan_packing: lengths is null");
+  if (o.chunk_len <= 0) fail("plan_packing: chunk_len must be > 0, got " + std::to_string(o.chunk_len));
+  if (o.num_ranks <= 0) fail("plan_packing: num_ranks must be > 0, got " + std::to_string(o.num_ranks));
+  if (o.min_chunks_per_rank < 0)
+    fail("plan_packing: min_chunks_per_rank must be >= 0, got " + std::to_string(o.min_chunks_per_rank));
+  if (o.chunk_multiple <= 0)
+    fail("plan_packing: chunk_multiple must be > 0, got " + std::to_string(o.chunk_multiple));
+  if (!(o.attn_coef >= 0.0) || !std::isfinite(o.attn_coef))
+    fail("plan_packing: attn_coef must be a finite value >= 0, got " + std::to_string(o.attn_coef));
+  if (o.cost != PackingCost::kTokens && o.cost != PackingCost::kAttention) fail("plan_packing: unknown cost kind");
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t len = lengths[i];
+    if (len <= 0) fail("plan_packing: every length must be > 0, but " + describe_index(i, len));
+    if (len > o.chunk_len)
+      fail("plan_packing: sequence longer than chunk_len = " + std::to_string(o.chunk_len) + ": " +
+           describe_index(i, len));
+  }
+}
+
+// Indices sorted by length descending, ties by ascending index (stable counting sort when the range is small).
+std::vector<int64_t> sort_desc(const int64_t* lengths, int64_t n, int64_t max_len) {
+  std::vector<int64_t> order(static_cast<size_t>(n));
+  if (max_len <= 4 * n + (int64_t{1} << 16)) {
+    std::vector<int64_t> start(static_cast<size_t>(max_len + 2), 0);
+    // bucket k holds length max_len - k (so ascending bucket = descending length)
+    for (int64_t i = 0; i < n; ++i) ++start[static_cast<size_t>(max_len - lengths[i] + 1)];
+    for (size_t k = 1; k < start.size(); ++k) start[k] += start[k - 1];
+    for (int64_t i = 0; i < n; ++i) order[static_cast<size_t>(start[static_cast<size_t>(max_len - lengths[i])]++)] = i;
+  } else {
+    std::iota(order.begin(), order.end(), int64_t{0});
+    std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return lengths[a] > lengths[b]; });
+  }
+  return order;
+}
+
+// Best-fit decreasing over `order`. Returns chunks in the order they were opened.
+std::vector<Chunk> best_fit_decreasing(const int64_t* lengths, const std::vector<int64_t>& order, int64_t cap,
+                                       PackingCost cost, double a) {
+  std::vector<Chunk> chunks;
+  NextSetBit nonempty(cap + 1);                               // free-space values with an open chunk
+  std::vector<int64_t> head(static_cast<size_t>(cap + 1), -1);  // free space -> first chunk (intrusive list)
+  std::vector<int64_t> next;                                  // chunk -> next chunk in its bucket
+  std::vector<int64_t> free_space;
+  for (int64_t s : order) {
+    const int64_t len = lengths[s];
+    int64_t f = nonempty.find_next(len);
+    int64_t c;
+    if (f < 0) {
+      c = static_cast<int64_t>(chunks.size());
+      chunks.emplace_back();
+      next.push_back(-1);
+      free_space.push_back(cap);
+    } else {
+      c = head[static_cast<size_t>(f)];
+      head[static_cast<size_t>(f)] = next[static_cast<size_t>(c)];
+      if (head[static_cast<size_t>(f)] < 0) nonempty.clear(f);
+    }
+    Chunk& ch = chunks[static_cast<size_t>(c)];
+    ch.seqs.push_back(s);
+    ch.tokens += len;
+    ch.cost += sequence_cost(len, cost, a);
+    const int64_t nf = free_space[static_cast<size_t>(c)] - len;
+    free_space[static_cast<size_t>(c)] = nf;
+    if (nf > 0) {
+      next[static_cast<size_t>(c)] = head[static_cast<size_t>(nf)];
+      if (head[static_cast<size_t>(nf)] < 0) nonempty.set(nf);
+      head[static_cast<size_t>(nf)] = c;
+    }
+  }
+  return chunks;
+}
+
+// Split the most expensive multi-sequence chunks until there are `target` chunks (empty chunks only when no
+// chunk holds two sequences any more).
+void split_to_count(std::vector<Chunk>& chunks, int64_t target, const int64_t* lengths, PackingCost cost, double a) {
+  using Item = std::tuple<double, int64_t, int64_t>;  // (cost, -index, index): max cost, then lowest index
+  std::priority_queue<Item> heap;
+  for (int64_t c = 0; c < static_cast<int64_t>(chunks.size()); ++c)
+    if (chunks[static_cast<size_t>(c)].seqs.size() >= 2) heap.emplace(chunks[static_cast<size_t>(c)].cost, -c, c);
+  while (static_cast<int64_t>(chunks.size()) < target) {
+    if (heap.empty()) {
+      chunks.emplace_back();  // fewer sequences than required chunks: an all-padding chunk is unavoidable
+      continue;
+    }
+    const int64_t c = std::get<2>(heap.top());
+    heap.pop();
+    std::vector<int64_t> seqs = std::move(chunks[static_cast<size_t>(c)].seqs);
+    // Sequences are in non-increasing length order: greedily give each to the cheaper half.
+    Chunk left, right;
+    for (int64_t s : seqs) {
+      Chunk& dst = (left.cost <= right.cost) ? left : right;
+      dst.seqs.push_back(s);
+      dst.tokens += lengths[s];
+      dst.cost += sequence_cost(lengths[s], cost, a);
+    }
+    chunks[static_cast<size_t>(c)] = std::move(left);
+    const int64_t d = static_cast<int64_t>(chunks.size());
+    chunks.push_back(std::move(right));
+    for (int64_t x : {c, d})
+      if (chunks[static_cast<size_t>(x)].seqs.size() >= 2) heap.emplace(chunks[static_cast<size_t>(x)].cost, -x, x);
+  }
+}
+
+struct RankState {
+  std::vector<std::vector<int64_t>> chunks;  // chunk ids per rank
+  std::vector<double> load;
+};
+
+// Cardinality-constrained LPT: chunks by cost descending, each to the least-loaded rank with a free slot.
+RankState assign_lpt(const std::vector<Chunk>& chunks, int64_t R, int64_t K) {
+  RankState st;
+  st.chunks.assign(static_cast<size_t>(R), {});
+  st.load.assign(static_cast<size_t>(R), 0.0);
+  std::vector<int64_t> ids(chunks.size());
+  std::iota(ids.begin(), ids.end(), int64_t{0});
+  std::stable_sort(ids.begin(), ids.end(), [&](int64_t x, int64_t y) {
+    return chunks[static_cast<size_t>(x)].cost > chunks[static_cast<size_t>(y)].cost;
+  });
+  using Item = std::pair<double, int64_t>;  // (load, rank), min-heap
+  std::priority_queue<Item, std::vector<Item>, std::greater<Item>> heap;
+  for (int64_t r = 0; r < R; ++r) heap.emplace(0.0, r);
+  for (int64_t c : ids) {
+    auto [load, r] = heap.top();
+    heap.pop();
+    st.chunks[static_cast<size_t>(r)].push_back(c);
+    st.load[static_cast<size_t>(r)] = load + chunks[static_cast<size_t>(c)].cost;
+    if (static_cast<int64_t>(st.chunks[static_cast<size_t>(r)].size()) < K)
+      heap.emplace(st.load[static_cast<size_t>(r)], r);
+  }
+  return st;
+}
+
+// Best chunk swap between heavy rank h and light rank l: delta = cost(a) - cost(b) in (0, gap), closest to
+// gap / 2. Returns false when no swap lowers the pair's maximum.
+bool swap_chunks(RankState& st, const std::vector<Chunk>& chunks, int64_t h, int64_t l) {
+  const double gap = st.load[static_cast<size_t>(h)] - st.load[static_cast<size_t>(l)];
+  if (!(gap > 0)) return false;
+  auto& H = st.chunks[static_cast<size_t>(h)];
+  auto& L = st.chunks[static_cast<size_t>(l)];
+  std::vector<std::pair<double, size_t>> lc(L.size());
+  for (size_t j = 0; j < L.size(); ++j) lc[j] = {chunks[static_cast<size_t>(L[j])].cost, j};
+  std::sort(lc.begin(), lc.end());
+  double best = gap;  // |gap - 2 delta| must get below gap for a strict improvement
+  size_t bi = 0, bj = 0;
+  bool found = false;
+  for (size_t i = 0; i < H.size(); ++i) {
+    const double ca = chunks[static_cast<size_t>(H[i])].cost;
+    const double want = ca - gap / 2;  // ideal cost of the chunk coming back
+    auto it = std::lower_bound(lc.begin(), lc.end(), std::make_pair(want, size_t{0}));
+    for (int k = 0; k < 2; ++k) {
+      auto jt = (k == 0) ? it : (it == lc.begin() ? lc.end() : std::prev(it));
+      if (jt == lc.end()) continue;
+      const double delta = ca - jt->first;
+      if (!(delta > 0 && delta < gap)) continue;
+      const double score = std::fabs(gap - 2 * delta);
+      if (score < best - 1e-12 * gap) {
+        best = score;
+        bi = i;
+        bj = jt->second;
+        found = true;
+      }
+    }
+  }
+  if (!found) return false;
+  const double delta = chunks[static_cast<size_t>(H[bi])].cost - chunks[static_cast<size_t>(L[bj])].cost;
+  std::swap(H[bi], L[bj]);
+  st.load[static_cast<size_t>(h)] -= delta;
+  st.load[static_cast<size_t>(l)] += delta;
+  return true;
+}
+
+std::pair<int64_t, int64_t> argmax_argmin(const std::vector<double>& v) {
+  int64_t hi = 0, lo = 0;
+  for (int64_t r = 1; r < static_cast<int64_t>(v.size()); ++r) {
+    if (v[static_cast<size_t>(r)] > v[static_cast<size_t>(hi)]) hi = r;
+    if (v[static_cast<size_t>(r)] < v[static_cast<size_t>(lo)]) lo = r;
+  }
+  return {hi, lo};
+}
+
+// Pairwise chunk swaps: the heaviest rank against the lightest that admits an improving swap, and the
+// lightest against the heaviest, until neither improves or the iteration cap is hit.
+void refine_chunk_swaps(RankState& st, const std::vector<Chunk>& chunks, int64_t iters) {
+  const int64_t R = static_cast<int64_t>(st.load.size());
+  if (R < 2) return;
+  std::vector<int64_t> by_load(static_cast<size_t>(R));
+  for (int64_t it = 0; it < iters; ++it) {
+    std::iota(by_load.begin(), by_load.end(), int64_t{0});
+    std::stable_sort(by_load.begin(), by_load.end(),
+                     [&](int64_t x, int64_t y) { return st.load[static_cast<size_t>(x)] < st.load[static_cast<size_t>(y)]; });
+    const int64_t hi = by_load.back(), lo = by_load.front();
+    bool moved = false;
+    for (int64_t k = 0; k + 1 < R && !moved; ++k) moved = swap_chunks(st, chunks, hi, by_load[static_cast<size_t>(k)]);
+    for (int64_t k = R - 1; k >= 1 && !moved; --k) moved = swap_chunks(st, chunks, by_load[static_cast<size_t>(k)], lo);
+    if (!moved) return;
+  }
+}
+
+// Sequence-level refinement between the heaviest and the lightest rank: move one sequence into a chunk with
+// room, or swap two sequences whose chunks can absorb the length difference, with the cost transfer closest
+// to half the gap. Never empties a chunk.
+void refine_sequence_moves(RankState& st, std::vector<Chunk>& chunks, const int64_t* lengths, int64_t cap,
+                           PackingCost cost, double a, int64_t iters, double tol) {
+  const int64_t R = static_cast<int64_t>(st.load.size());
+  if (R < 2) return;
+  struct Entry {
+    double cost;
+    int64_t len;
+    int64_t chunk;
+    size_t pos;
+  };
+  for (int64_t it = 0; it < iters; ++it) {
+    auto [hi, lo] = argmax_argmin(st.load);
+    const double gap = st.load[static_cast<size_t>(hi)] - st.load[static_cast<size_t>(lo)];
+    if (!(gap > tol * st.load[static_cast<size_t>(hi)])) return;
+    // Light rank: its sequences sorted by cost, and its chunk free spaces sorted.
+    std::vector<Entry> light;
+    std::vector<std::pair<int64_t, int64_t>> free_lo;  // (free space, chunk)
+    for (int64_t c : st.chunks[static_cast<size_t>(lo)]) {
+      const Chunk& ch = chunks[static_cast<size_t>(c)];
+      free_lo.emplace_back(cap - ch.tokens, c);
+      for (size_t p = 0; p < ch.seqs.size(); ++p) {
+        const int64_t len = lengths[ch.seqs[p]];
+        light.push_back({sequence_cost(len, cost, a), len, c, p});
+      }
+    }
+    std::sort(light.begin(), light.end(), [](const Entry& x, const Entry& y) {
+      return std::tie(x.cost, x.chunk, x.pos) < std::tie(y.cost, y.chunk, y.pos);
+    });
+    std::sort(free_lo.begin(), free_lo.end());
+    double best = gap;
+    // action: kind 0 = move (hi chunk hc, pos hp) -> lo chunk lc; kind 1 = swap with (lc, lp)
+    int kind = -1;
+    int64_t bhc = -1, blc = -1;
+    size_t bhp = 0, blp = 0;
+    for (int64_t hc : st.chunks[static_cast<size_t>(hi)]) {
+      const Chunk& ch = chunks[static_cast<size_t>(hc)];
+      const int64_t free_h = cap - ch.tokens;
+      for (size_t hp = 0; hp < ch.seqs.size(); ++hp) {
+        const int64_t len = lengths[ch.seqs[hp]];
+        const double cs = sequence_cost(len, cost, a);
+        // Move: needs a light chunk with free >= len (best fit: smallest such), and must not empty hc.
+        if (ch.seqs.size() >= 2 && cs < gap) {
+          const double score = std::fabs(gap - 2 * cs);
+          if (score < best - 1e-12 * gap) {
+            auto ft = std::lower_bound(free_lo.begin(), free_lo.end(), std::make_pair(len, int64_t{-1}));
+            if (ft != free_lo.end()) {
+              best = score;
+              kind = 0;
+              bhc = hc;
+              bhp = hp;
+              blc = ft->second;
+            }
+          }
+        }
+        // Swap with a light sequence of cost near cs - gap/2 (scan a few neighbours for capacity).
+        const double want = cs - gap / 2;
+        auto it0 = std::lower_bound(light.begin(), light.end(), want,
+                                    [](const Entry& e, double v) { return e.cost < v; });
+        const auto base = it0 - light.begin();
+        for (int64_t off = -3; off <= 3; ++off) {
+          const auto j = base + off;
+          if (j < 0 || j >= static_cast<int64_t>(light.size())) continue;
+          const Entry& e = light[static_cast<size_t>(j)];
+          const double delta = cs - e.cost;
+          if (!(delta > 0 && delta < gap)) continue;
+          const double score = std::fabs(gap - 2 * delta);
+          if (!(score < best - 1e-12 * gap)) continue;
+          const int64_t free_l = cap - chunks[static_cast<size_t>(e.chunk)].tokens;
+          if (len - e.len > free_l || e.len - len > free_h) continue;
+          best = score;
+          kind = 1;
+          bhc = hc;
+          bhp = hp;
+          blc = e.chunk;
+          blp = e.pos;
+        }
+      }
+    }
+    if (kind < 0) return;
+    Chunk& H = chunks[static_cast<size_t>(bhc)];
+    Chunk& L = chunks[static_cast<size_t>(blc)];
+    const int64_t s = H.seqs[bhp];
+    const double cs = sequence_cost(lengths[s], cost, a);
+    if (kind == 0) {
+      H.seqs.erase(H.seqs.begin() + static_cast<std::ptrdiff_t>(bhp));
+      H.tokens -= lengths[s];
+      H.cost -= cs;
+      L.seqs.push_back(s);
+      L.tokens += lengths[s];
+      L.cost += cs;
+      st.load[static_cast<size_t>(hi)] -= cs;
+      st.load[static_cast<size_t>(lo)] += cs;
+    } else {
+      const int64_t t = L.seqs[blp];
+      const double ct = sequence_cost(lengths[t], cost, a);
+      H.seqs[bhp] = t;
+      L.seqs[blp] = s;
+      H.tokens += lengths[t] - lengths[s];
+      L.tokens += lengths[s] - lengths[t];
+      H.cost += ct - cs;
+      L.cost += cs - ct;
+      st.load[static_cast<size_t>(hi)] += ct - cs;
+      st.load[static_cast<size_t>(lo)] += cs - ct;
+    }
+  }
+}
+
+}  // namespace
+
+double sequence_cost(int64_t len, PackingCost cost, double attn_coef) {
+  const double l = static_cast<double>(len);
+  return cost == PackingCost::kTokens ? l : attn_coef * l + l * l;
+}
+
+int64_t target_chunks_per_rank(int64_t num_chunks, const PackingOptions& o) {
+  int64_t k = (num_chunks + o.num_ranks - 1) / o.num_ranks;
+  k = std::max(k, o.min_chunks_per_rank);
+  k = (k + o.chunk_multiple - 1) / o.chunk_multiple * o.chunk_multiple;
+  return k;
+}
+
+PackingResult plan_packing(const int64_t* lengths, int64_t n, const PackingOptions& opts) {
+  validate_options(lengths, n, opts);
+  const int64_t cap = opts.chunk_len;
+  const int64_t R = opts.num_ranks;
+  const double a = opts.attn_coef;
+
+  PackingResult res;
+  for (int64_t i = 0; i < n; ++i) res.total_tokens += lengths[i];
+  res.lower_bound = (res.total_tokens + cap - 1) / cap;
+
+  const std::vector<int64_t> order = sort_desc(lengths, n, cap);
+  std::vector<Chunk> chunks = best_fit_decreasing(lengths, order, cap, opts.cost, a);
+  res.bfd_chunks = static_cast<int64_t>(chunks.size());
+  const int64_t K = target_chunks_per_rank(res.bfd_chunks, opts);
+  split_to_count(chunks, K * R, lengths, opts.cost, a);
+
+  RankState st = assign_lpt(chunks, R, K);
+  const int64_t iters = opts.refine_iters >= 0 ? opts.refine_iters : 4 * R + 64;
+  refine_chunk_swaps(st, chunks, iters);
+  // Sequence-level moves cost O((n / R) log n) each: bound their number so the pass stays O(n log n) overall,
+  // and stop once the spread is below 1e-4 of the maximum.
+  const int64_t seq_iters = opts.refine_iters >= 0 ? opts.refine_iters : std::min<int64_t>(iters, 16 * R + 16);
+  refine_sequence_moves(st, chunks, lengths, cap, opts.cost, a, seq_iters, 1e-4);
+
+  // Emit rank-major, chunks within a rank by cost descending (ties by chunk id), sequences by length descending.
+  res.rank_ptr.assign(1, 0);
+  res.chunk_ptr.assign(1, 0);
+  res.seq_index.reserve(static_cast<size_t>(n));
+  res.seq_offset.reserve(static_cast<size_t>(n));
+  for (int64_t r = 0; r < R; ++r) {
+    auto ids = st.chunks[static_cast<size_t>(r)];
+    std::sort(ids.begin(), ids.end(), [&](int64_t x, int64_t y) {
+      const double cx = chunks[static_cast<size_t>(x)].cost, cy = chunks[static_cast<size_t>(y)].cost;
+      return cx != cy ? cx > cy : x < y;
+    });
+    double load = 0.0;
+    for (int64_t c : ids) {
+      Chunk& ch = chunks[static_cast<size_t>(c)];
+      std::stable_sort(ch.seqs.begin(), ch.seqs.end(), [&](int64_t x, int64_t y) {
+        return lengths[x] != lengths[y] ? lengths[x] > lengths[y] : x < y;
+      });
+      int64_t off = 0;
+      double cost_sum = 0.0;
+      for (int64_t s : ch.seqs) {
+        res.seq_index.push_back(s);
+        res.seq_offset.push_back(off);
+        off += lengths[s];
+        cost_sum += sequence_cost(lengths[s], opts.cost, a);  // recomputed: no drift from incremental updates
+      }
+      res.chunk_ptr.push_back(static_cast<int64_t>(res.seq_index.size()));
+      res.chunk_tokens.push_back(off);
+      res.chunk_cost.push_back(cost_sum);
+      load += cost_sum;
+    }
+    res.rank_ptr.push_back(static_cast<int64_t>(res.chunk_tokens.size()));
+    res.rank_load.push_back(load);
+  }
+  return res;
+}
+
+std::string validate_packing(const int64_t* lengths, int64_t n, const PackingOptions& o, const PackingResult& r) {
+  std::ostringstream err;
+  const int64_t C = static_cast<int64_t>(r.chunk_ptr.size()) - 1;
+  if (static_cast<int64_t>(r.rank_ptr.size()) != o.num_ranks + 1) return "rank_ptr has the wrong size";
+  if (static_cast<int64_t>(r.seq_index.size()) != n || static_cast<int64_t>(r.seq_offset.size()) != n)
+    return "seq_index/seq_offset do not hold every sequence";
+  if (r.rank_ptr.front() != 0 || r.rank_ptr.back() != C) return "rank_ptr does not cover all chunks";
+  const int64_t K = r.rank_ptr[1] - r.rank_ptr[0];
+  for (int64_t q = 0; q < o.num_ranks; ++q) {
+    if (r.rank_ptr[static_cast<size_t>(q + 1)] - r.rank_ptr[static_cast<size_t>(q)] != K) {
+      err << "rank " << q << " has a different number of chunks";
+      return err.str();
+    }
+  }
+  if (K < o.min_chunks_per_rank) return "fewer chunks per rank than min_chunks_per_rank";
+  if (K % o.chunk_multiple != 0) return "chunks per rank is not a multiple of chunk_multiple";
+  std::vector<int> seen(static_cast<size_t>(n), 0);
+  for (int64_t c = 0; c < C; ++c) {
+    int64_t off = 0;
+    for (int64_t p = r.chunk_ptr[static_cast<size_t>(c)]; p < r.chunk_ptr[static_cast<size_t>(c + 1)]; ++p) {
+      const int64_t s = r.seq_index[static_cast<size_t>(p)];
+      if (s < 0 || s >= n) return "sequence index out of range";
+      if (seen[static_cast<size_t>(s)]++) {
+        err << "sequence " << s << " placed twice";
+        return err.str();
+      }
+      if (r.seq_offset[static_cast<size_t>(p)] != off) return "offsets are not contiguous";
+      off += lengths[s];
+    }
+    if (off > o.chunk_len) {
+      err << "chunk " << c << " holds " << off << " tokens > chunk_len " << o.chunk_len;
+      return err.str();
+    }
+    if (off != r.chunk_tokens[static_cast<size_t>(c)]) return "chunk_tokens mismatch";
+  }
+  for (int64_t s = 0; s < n; ++s)
+    if (!seen[static_cast<size_t>(s)]) {
+      err << "sequence " << s << " not placed";
+      return err.str();
+    }
+  return "";
+}
+
+}  // namespace r1engine
