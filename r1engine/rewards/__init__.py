@@ -1,0 +1,23 @@
+"""Rule-based rewards for R1-style RL, a sandbox for model-generated code, and an asynchronous scheduler.
+
+    from r1engine.rewards import get_reward, CombinedReward, RewardScheduler
+
+    fmt = get_reward("format", partial=True)
+    fmt(["<think>x</think><answer>4</answer>"], [None])        # [RewardResult(score=1.0, reason=None)]
+    combo = CombinedReward({"format": 1.0, "math_accuracy": 1.0})
+    with RewardScheduler({"weights": {"format": 1.0, "code": 1.0}}, num_workers=2) as sched:
+        handle = sched.submit(completions, references)          # returns at once
+        ...                                                     # next rollout / log-prob inference
+        batch = handle.result(timeout=60)                       # scores in input order
+
+Modules: ``registry`` (contract + names), ``parsing`` (tags, boxed, code blocks), ``format``,
+``math_accuracy`` (math-verify in a killable helper, ``isolated``), ``arithmetic``, ``countdown``,
+``language``, ``code`` (tests run in ``sandbox``), ``combined``, ``scheduler``.
+"""
+
+from __future__ import annotations
+
+from . import arithmetic, countdown, format, language, math_accuracy  # noqa: F401 - registers rewards
+from .registry import RewardResult, available_rewards, get_reward, register_reward
+
+__all__ = ["RewardResult", "available_rewards", "get_reward", "register_reward"]

@@ -1,0 +1,107 @@
+"""Pulling the parts of an R1-style completion apart: ``<think>``, ``<answer>``, ``\\boxed{}``, code blocks, numbers.
+
+All helpers are linear-time scans or non-backtracking regexes, safe on hostile megabyte inputs.
+"""
+
+from __future__ import annotations
+
+import re
+from fractions import Fraction
+
+_ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+_THINK_RE = re.compile(r"<think>(.*?)</think>", re.DOTALL)
+_FENCE_RE = re.compile(r"```[ \t]*([A-Za-z0-9_+-]*)[ \t]*\n(.*?)```", re.DOTALL)
+# A plain number: integer, decimal, or a/b, with optional sign and thousands separators.
+_NUMBER_RE = re.compile(r"[+-]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|[+-]?\.\d+")
+_FRACTION_RE = re.compile(r"([+-]?\d+)\s*/\s*(\d+)")
+_LATEX_FRAC_RE = re.compile(r"(-?)\\[dt]?frac\{\s*(-?\d+)\s*\}\{\s*(\d+)\s*\}")
+
+
+def extract_tag(text: str, tag: str) -> str | None:
+    """Content of the LAST ``<tag>...</tag>`` pair in ``text`` (None if absent)."""
+    rx = {"answer": _ANSWER_RE, "think": _THINK_RE}.get(tag) or re.compile(rf"<{tag}>(.*?)</{tag}>", re.DOTALL)
+    last = None
+    for m in rx.finditer(text):
+        last = m
+    return last.group(1) if last else None
+
+
+def extract_think(text: str, think_in_prompt: bool = False) -> str | None:
+    """The chain of thought: the ``<think>...</think>`` content, or (prompt ending in ``<think>``) the text up to
+    ``</think>``; None if absent."""
+    if think_in_prompt and "<think>" not in text:
+        end = text.find("</think>")
+        return text[:end] if end >= 0 else None
+    return extract_tag(text, "think")
+
+
+def extract_last_boxed(text: str) -> str | None:
+    """Content of the last ``\\boxed{...}`` (or ``\\fbox{...}``) with balanced braces; None if absent/unclosed."""
+    start = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
+    if start < 0:
+        return None
+    i = text.find("{", start)
+    if i < 0 or text[start:i].strip() not in ("\\boxed", "\\fbox"):
+        # "\boxed 5" (no braces): take the following token.
+        m = re.match(r"\\(?:boxed|fbox)\s+([^\s$]+)", text[start:])
+        return m.group(1) if m else None
+    depth = 0
+    for j in range(i, len(text)):
+        ch = text[j]
+        if ch == "{":
+            depth += 1
+        elif ch == "}":
+            depth -= 1
+            if depth == 0:
+                return text[i + 1 : j]
+    return None
+
+
+def extract_answer(text: str) -> str | None:
+    """The final answer: the last ``<answer>`` content (its last ``\\boxed{}`` if it has one), else the last
+    ``\\boxed{}`` anywhere; stripped. None when neither exists."""
+    ans = extract_tag(text, "answer")
+    if ans is not None:
+        boxed = extract_last_boxed(ans)
+        return (boxed if boxed is not None else ans).strip()
+    boxed = extract_last_boxed(text)
+    return boxed.strip() if boxed is not None else None
+
+
+def extract_code(text: str, languages: tuple[str, ...] = ("python", "py", "python3", "")) -> str | None:
+    """The last fenced code block whose language tag is in ``languages`` ("" = untagged); else the
+    ``<answer>`` content if it has no fence; else None."""
+    last = None
+    for m in _FENCE_RE.finditer(text):
+        if m.group(1).lower() in languages:
+            last = m.group(2)
+    if last is not None:
+        return last
+    ans = extract_tag(text, "answer")
+    if ans is not None and "```" not in ans and ans.strip():
+        return ans.strip("\n")
+    return None
+
+
+def parse_number(text: str, max_digits: int = 100) -> Fraction | None:
+    """Exact value of a plain number: ``42``, ``-3.5``, ``1,234``, ``7/8``, ``\\frac{7}{8}``, ``$12$``, ``50%`` is
+    NOT accepted (ambiguous). None when ``text`` is anything else or has more than ``max_digits`` digits."""
+    s = text.strip().strip("$").strip()
+    if s.startswith("\\(") and s.endswith("\\)"):
+        s = s[2:-2].strip()
+    if not s or len(s) > max_digits + 16:
+        return None
+    s = s.replace("\\!", "").replace("{,}", ",")
+    m = _LATEX_FRAC_RE.fullmatch(s)
+    if m:
+        num, den = int(m.group(2)), int(m.group(3))
+        if den == 0:
+            return None
+        return (-1 if m.group(1) else 1) * Fraction(num, den)
+    m = _FRACTION_RE.fullmatch(s)
+    if m:
+        den = int(m.group(2))
+        return Fraction(int(m.group(1)), den) if den else None
+    if _NUMBER_RE.fullmatch(s):
+        return Fraction(s.replace(",", ""))
+    return None
