@@ -1,0 +1,341 @@
+// Fused GRPO loss, CPU kernel. See grpo_loss.h for the contract.
+//
+// Forward: each row is streamed once from memory in chunks of kChunk elements that stay in L1: a max pass over
+// the chunk (also detecting NaN), one rescale of the running sum if the max grew, then an exp-sum pass over the
+// (now cached) chunk. This is the online log-sum-exp with one rescale per chunk instead of one per element, so
+// the row costs one exp per logit and one read from DRAM.
+// Backward: one read + one write per logit (non-temporal stores when writing to a separate buffer, so the
+// destination is not read for ownership); rows with dlogp == 0 are zero-filled without reading the logits.
+#include "core/grpo_loss.h"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define R1_GRPO_AVX2 1
+#endif
+
+namespace r1engine {
+namespace {
+
+constexpr int64_t kChunk = 2048;  // elements per online-LSE chunk (8 KiB of fp32: stays in L1)
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+inline float load_scalar(const float* p, int64_t i) { return p[i]; }
+inline float load_scalar(const uint16_t* p, int64_t i) { return bf16_to_float(p[i]); }
+inline void store_scalar(float* p, int64_t i, float x) { p[i] = x; }
+inline void store_scalar(uint16_t* p, int64_t i, float x) { p[i] = float_to_bf16(x); }
+
+#ifdef R1_GRPO_AVX2
+// exp(x) for fp32 lanes: Cephes-style range reduction + degree-6 polynomial (~1e-7 relative error).
+// Inputs below -87.3 give exactly 0 (so -inf logits contribute nothing); NaN propagates.
+inline __m256 exp256(__m256 x) {
+  const __m256 lo = _mm256_set1_ps(-87.3365447505f);
+  const __m256 hi = _mm256_set1_ps(88.3762626647f);
+  const __m256 underflow = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
+  x = _mm256_max_ps(lo, x);  // second operand returned for NaN: NaN kept
+  x = _mm256_min_ps(hi, x);
+  const __m256 fx = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  const __m256 r2 = _mm256_mul_ps(r, r);
+  p = _mm256_fmadd_ps(p, r2, _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  __m256i e = _mm256_add_epi32(_mm256_cvttps_epi32(fx), _mm256_set1_epi32(127));
+  e = _mm256_slli_epi32(e, 23);
+  const __m256 res = _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+  return _mm256_andnot_ps(underflow, res);
+}
+
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const uint16_t* p) {
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+inline void store8(float* p, __m256 x, bool stream) {
+  if (stream)
+    _mm256_stream_ps(p, x);
+  else
+    _mm256_storeu_ps(p, x);
+}
+inline void store8(uint16_t* p, __m256 x, bool stream) {
+  __m256i b = _mm256_castps_si256(x);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(b, 16), _mm256_set1_epi32(1));
+  b = _mm256_add_epi32(b, _mm256_add_epi32(_mm256_set1_epi32(0x7fff), lsb));
+  b = _mm256_srli_epi32(b, 16);
+  const __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(b), _mm256_extracti128_si256(b, 1));
+  if (stream)
+    _mm_stream_si128(reinterpret_cast<__m128i*>(p), packed);
+  else
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), packed);
+}
+
+inline float hmax(__m256 v) {
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  m = _mm_max_ss(m, _mm_shuffle_ps(m, m, 1));
+  return _mm_cvtss_f32(m);
+}
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+  return _mm_cvtss_f32(s);
+}
+#endif
+
+// Max of x[0:len] and whether any element is NaN.
+template <class T>
+inline float chunk_max(const T* x, int64_t len, bool* has_nan) {
+  int64_t j = 0;
+  float m = kNegInf;
+  bool nan = false;
+#ifdef R1_GRPO_AVX2
+  __m256 m0 = _mm256_set1_ps(kNegInf), m1 = m0;
+  __m256 n0 = _mm256_setzero_ps();
+  for (; j + 16 <= len; j += 16) {
+    const __m256 a = load8(x + j), b = load8(x + j + 8);
+    m0 = _mm256_max_ps(m0, a);
+    m1 = _mm256_max_ps(m1, b);
+    n0 = _mm256_or_ps(n0, _mm256_cmp_ps(a, b, _CMP_UNORD_Q));
+  }
+  m = hmax(_mm256_max_ps(m0, m1));
+  nan = _mm256_movemask_ps(n0) != 0;
+#endif
+  for (; j < len; ++j) {
+    const float a = load_scalar(x, j);
+    nan |= std::isnan(a);
+    m = std::max(m, a);
+  }
+  *has_nan = nan;
+  return m;
+}
+
+// sum_j exp((x[j] - m) * inv_t) over x[0:len].
+template <class T>
+inline float chunk_expsum(const T* x, int64_t len, float m, float inv_t) {
+  int64_t j = 0;
+  float s = 0.0f;
+#ifdef R1_GRPO_AVX2
+  const __m256 vi = _mm256_set1_ps(inv_t);
+  const __m256 vb = _mm256_set1_ps(m * inv_t);
+  __m256 s0 = _mm256_setzero_ps(), s1 = s0;
+  for (; j + 16 <= len; j += 16) {
+    s0 = _mm256_add_ps(s0, exp256(_mm256_fmsub_ps(load8(x + j), vi, vb)));
+    s1 = _mm256_add_ps(s1, exp256(_mm256_fmsub_ps(load8(x + j + 8), vi, vb)));
+  }
+  s = hsum(_mm256_add_ps(s0, s1));
+#endif
+  for (; j < len; ++j) s += std::exp((load_scalar(x, j) - m) * inv_t);
+  return s;
+}
+
+// log-sum-exp of x[0:v] / T with one streaming pass (online max + rescaled sum, one rescale per chunk).
+template <class T>
+float row_lse(const T* x, int64_t v, float inv_t) {
+  float m = kNegInf;
+  double s = 0.0;
+  for (int64_t c = 0; c < v; c += kChunk) {
+    const int64_t len = std::min(kChunk, v - c);
+    bool nan = false;
+    const float cm = chunk_max(x + c, len, &nan);
+    if (nan) return std::numeric_limits<float>::quiet_NaN();
+    if (cm > m) {
+      if (m != kNegInf) s *= std::exp(static_cast<double>((m - cm) * inv_t));
+      m = cm;
+    }
+    if (m == kNegInf) continue;                                   // everything so far is -inf: adds 0
+    if (m == std::numeric_limits<float>::infinity()) return std::numeric_limits<float>::quiet_NaN();
+    s += chunk_expsum(x + c, len, m, inv_t);
+  }
+  if (m == kNegInf) return std::numeric_limits<float>::quiet_NaN();  // all -inf: undefined
+  return m * inv_t + static_cast<float>(std::log(s));
+}
+
+template <class T>
+void row_bwd(const T* x, int64_t v, int64_t target, float lse, float g, float inv_t, T* out, bool stream) {
+  // g already includes 1/T. Read the target logit first: out may alias x.
+  const float p_t = std::exp(load_scalar(x, target) * inv_t - lse);
+  int64_t j = 0;
+  (void)stream;
+#ifdef R1_GRPO_AVX2
+  const __m256 vi = _mm256_set1_ps(inv_t);
+  const __m256 vl = _mm256_set1_ps(lse);
+  const __m256 vg = _mm256_set1_ps(-g);
+  // Streaming stores need an aligned destination (32 B for 8 fp32, 16 B for 8 bf16): scalar code up to it.
+  if (stream) {
+    constexpr uintptr_t align = sizeof(T) == 4 ? 32u : 16u;
+    for (; j < v && (reinterpret_cast<uintptr_t>(out + j) & (align - 1)) != 0; ++j)
+      store_scalar(out, j, -std::exp(load_scalar(x, j) * inv_t - lse) * g);
+  }
+  for (; j + 8 <= v; j += 8) {
+    const __m256 p = exp256(_mm256_fmsub_ps(load8(x + j), vi, vl));
+    store8(out + j, _mm256_mul_ps(p, vg), stream);
+  }
+#endif
+  for (; j < v; ++j) store_scalar(out, j, -std::exp(load_scalar(x, j) * inv_t - lse) * g);
+  store_scalar(out, target, (1.0f - p_t) * g);
+}
+
+template <class T>
+void zero_row(T* out, int64_t v) {
+  std::memset(static_cast<void*>(out), 0, static_cast<size_t>(v) * sizeof(T));
+}
+
+template <class T>
+void token_logprobs_impl(const T* logits, int64_t n, int64_t v, int64_t rs, const int64_t* targets, float temp,
+                         float* logp, float* lse) {
+  const float inv_t = 1.0f / temp;
+#pragma omp parallel for schedule(dynamic, 4)
+  for (int64_t i = 0; i < n; ++i) {
+    const T* x = logits + i * rs;
+    const float l = row_lse(x, v, inv_t);
+    lse[i] = l;
+    logp[i] = load_scalar(x, targets[i]) * inv_t - l;
+  }
+}
+
+template <class T>
+void grpo_fwd_impl(const T* logits, int64_t n, int64_t v, int64_t rs, const int64_t* targets, const float* adv,
+                   const float* old_logp, const float* ref_logp, const float* weights, const GrpoHyper& h,
+                   const GrpoOutputs& out) {
+  const float inv_t = 1.0f / h.temperature;
+#pragma omp parallel for schedule(dynamic, 4)
+  for (int64_t i = 0; i < n; ++i) {
+    const float w = weights[i];
+    if (w == 0.0f) {
+      out.loss_tok[i] = out.logp[i] = out.lse[i] = out.dlogp[i] = out.kl[i] = out.clipped[i] = 0.0f;
+      out.ratio[i] = 1.0f;
+      continue;
+    }
+    const T* x = logits + i * rs;
+    const float l = row_lse(x, v, inv_t);
+    const float lp = load_scalar(x, targets[i]) * inv_t - l;
+    const GrpoToken r = grpo_token(lp, adv[i], old_logp != nullptr, old_logp ? old_logp[i] : 0.0f,
+                                   ref_logp != nullptr, ref_logp ? ref_logp[i] : 0.0f, w, h);
+    out.lse[i] = l;
+    out.logp[i] = lp;
+    out.loss_tok[i] = r.loss;
+    out.dlogp[i] = r.dlogp;
+    out.ratio[i] = r.ratio;
+    out.kl[i] = r.kl;
+    out.clipped[i] = r.clipped;
+  }
+}
+
+template <class T>
+void logprobs_bwd_impl(const T* logits, int64_t n, int64_t v, int64_t rs, const int64_t* targets, const float* lse,
+                       const float* dlogp, float temp, T* grad, int64_t grs) {
+  const float inv_t = 1.0f / temp;
+  const bool stream = static_cast<const void*>(grad) != static_cast<const void*>(logits);
+#pragma omp parallel for schedule(dynamic, 4)
+  for (int64_t i = 0; i < n; ++i) {
+    T* out = grad + i * grs;
+    if (dlogp[i] == 0.0f) {
+      zero_row(out, v);
+      continue;
+    }
+    row_bwd(logits + i * rs, v, targets[i], lse[i], dlogp[i] * inv_t, inv_t, out, stream);
+#ifdef R1_GRPO_AVX2
+    if (stream) _mm_sfence();  // order this thread's non-temporal stores before the region ends
+#endif
+  }
+}
+
+}  // namespace
+
+GrpoToken grpo_token(float logp, float adv, bool has_old, float old_logp, bool has_ref, float ref_logp, float w,
+                     const GrpoHyper& h) {
+  GrpoToken r;
+  const float ratio = has_old ? std::exp(logp - old_logp) : 1.0f;
+  const float lo = 1.0f - h.eps_low, hi = 1.0f + h.eps_high;
+  float s, ds;
+  bool clip = false;
+  if ((ratio < lo && adv < 0.0f) || (ratio > hi && adv > 0.0f)) {
+    s = std::min(std::max(ratio, lo), hi) * adv;  // the clipped branch of the min
+    ds = 0.0f;
+    clip = true;
+  } else {
+    s = ratio * adv;
+    ds = adv * ratio;  // d(ratio)/d(logp) = ratio (also on-policy, where ratio = exp(logp - sg(logp)) = 1)
+  }
+  if (h.dual_clip > 1.0f && adv < 0.0f && ratio > h.dual_clip) {
+    s = h.dual_clip * adv;
+    ds = 0.0f;
+    clip = true;
+  }
+  float kl = 0.0f, dkl = 0.0f;
+  if (has_ref && h.beta != 0.0f) {
+    const float d = ref_logp - logp;
+    if (h.kl_estimator == 1) {
+      kl = -d;
+      dkl = 1.0f;
+    } else if (h.kl_estimator == 2) {
+      kl = 0.5f * d * d;
+      dkl = -d;
+    } else {
+      const float e = std::exp(d);
+      kl = e - d - 1.0f;
+      dkl = 1.0f - e;
+    }
+  }
+  r.ratio = ratio;
+  r.kl = kl;
+  r.clipped = clip ? 1.0f : 0.0f;
+  r.loss = w * (-s + h.beta * kl);
+  r.dlogp = w * (-ds + h.beta * dkl);
+  return r;
+}
+
+int64_t first_invalid_target(const int64_t* targets, int64_t n, int64_t v) {
+  for (int64_t i = 0; i < n; ++i)
+    if (targets[i] < 0 || targets[i] >= v) return i;
+  return -1;
+}
+
+int64_t first_nonfinite(const float* lse, const float* weights, int64_t n) {
+  for (int64_t i = 0; i < n; ++i)
+    if ((weights == nullptr || weights[i] != 0.0f) && !std::isfinite(lse[i])) return i;
+  return -1;
+}
+
+void token_logprobs_fwd(const void* logits, FloatType dtype, int64_t n, int64_t v, int64_t row_stride,
+                        const int64_t* targets, float temperature, float* logp, float* lse) {
+  if (dtype == FloatType::kF32)
+    token_logprobs_impl(static_cast<const float*>(logits), n, v, row_stride, targets, temperature, logp, lse);
+  else
+    token_logprobs_impl(static_cast<const uint16_t*>(logits), n, v, row_stride, targets, temperature, logp, lse);
+}
+
+void grpo_fwd(const void* logits, FloatType dtype, int64_t n, int64_t v, int64_t row_stride, const int64_t* targets,
+              const float* advantages, const float* old_logp, const float* ref_logp, const float* weights,
+              const GrpoHyper& h, const GrpoOutputs& out) {
+  if (dtype == FloatType::kF32)
+    grpo_fwd_impl(static_cast<const float*>(logits), n, v, row_stride, targets, advantages, old_logp, ref_logp,
+                  weights, h, out);
+  else
+    grpo_fwd_impl(static_cast<const uint16_t*>(logits), n, v, row_stride, targets, advantages, old_logp, ref_logp,
+                  weights, h, out);
+}
+
+void logprobs_bwd(const void* logits, FloatType dtype, int64_t n, int64_t v, int64_t row_stride,
+                  const int64_t* targets, const float* lse, const float* dlogp, float temperature, void* grad,
+                  int64_t grad_row_stride) {
+  if (dtype == FloatType::kF32)
+    logprobs_bwd_impl(static_cast<const float*>(logits), n, v, row_stride, targets, lse, dlogp, temperature,
+                      static_cast<float*>(grad), grad_row_stride);
+  else
+    logprobs_bwd_impl(static_cast<const uint16_t*>(logits), n, v, row_stride, targets, lse, dlogp, temperature,
+                      static_cast<uint16_t*>(grad), grad_row_stride);
+}
+
+}  // namespace r1engine
