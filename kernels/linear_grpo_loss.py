@@ -1,0 +1,308 @@
+"""Triton kernels for the lm_head-fused GRPO loss: per-token log-probs straight from hidden states and the head weight.
+
+`logits = hidden @ weight.T / T` is never written to memory:
+
+* forward (`linear_logprobs_fwd`): a tile GEMM (BM tokens x BN vocabulary columns, fp32 accumulator, K loop over H)
+  feeds an online log-sum-exp per token and picks the target logit out of the tile. The vocabulary is split across
+  a second grid axis so that small token counts still fill the GPU; each split writes a partial (max, sum, target
+  logit) and a tiny O(splits x N) combine gives lse and logp. Columns past V are set to -inf before the exp (a
+  zero-filled tile would add exp(0) per padded lane: verl's reward-collapse bug).
+* backward (`linear_logprobs_bwd`): for one vocabulary chunk at a time a Triton kernel recomputes the logit tiles
+  and writes `G = (onehot - softmax) * g / T` for that chunk only ([M, Vc] in the input dtype, Vc sized to a memory
+  budget, never [M, V]); two GEMMs then give `dW[chunk] = G^T @ X` (one GEMM per chunk, fp32 accumulation inside,
+  written once) and `dX += G @ W[chunk]` accumulated across chunks in an fp32 buffer. No atomics anywhere: the
+  result is deterministic run to run.
+
+Callers pass only the tokens that carry loss (the compaction happens in `r1engine.ops.linear_grpo_loss`): masked
+tokens cost nothing. Everything here takes and returns plain tensors; the GRPO math on the per-token log-probs
+(O(N), negligible) lives in the public op.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["linear_logprobs_fwd", "linear_logprobs_bwd", "TileConfig", "default_config"]
+
+
+class TileConfig:
+    """Tile sizes and launch options for the fused kernels (one object, no autotuning)."""
+
+    def __init__(self, bm: int, bn: int, bk: int, num_warps: int, num_stages: int, chunk_bytes: int = 1 << 30):
+        self.bm, self.bn, self.bk = bm, bn, bk
+        self.num_warps, self.num_stages = num_warps, num_stages
+        self.chunk_bytes = chunk_bytes  # budget of the backward's [M, Vc] dlogits chunk
+
+    def __repr__(self) -> str:
+        return f"TileConfig(bm={self.bm}, bn={self.bn}, bk={self.bk}, warps={self.num_warps}, stages={self.num_stages})"
+
+
+def default_config(dtype: torch.dtype, device: torch.device) -> TileConfig:
+    """H100 defaults (bf16: 128x256x64, 8 warps, 3 stages; fp32: 64x128x32); small tiles under the interpreter."""
+    if device.type != "cuda":  # TRITON_INTERPRET=1: tiny tiles keep the numpy interpreter fast and exercise tails
+        return TileConfig(16, 32, 16, 1, 1, chunk_bytes=1 << 14)
+    if dtype == torch.float32:
+        return TileConfig(64, 128, 32, 8, 2)
+    return TileConfig(128, 256, 64, 8, 3)
+
+
+@triton.jit
+def _logit_tile(x_ptr, w_ptr, rows, cols, row_ok, col_ok, H, stride_x, stride_w, BK: tl.constexpr, IEEE: tl.constexpr):
+    """acc[BM, BN] = X[rows] @ W[cols]^T in fp32 (out-of-range rows/cols read as 0; callers mask them)."""
+    acc = tl.zeros((rows.shape[0], cols.shape[0]), tl.float32)
+    ks0 = tl.arange(0, BK)
+    for k0 in range(0, H, BK):
+        ks = k0 + ks0
+        k_ok = ks < H
+        x = tl.load(x_ptr + rows[:, None] * stride_x + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(w_ptr + cols[:, None] * stride_w + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+        if IEEE:
+            acc = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(x, tl.trans(w), acc)
+    return acc
+
+
+@triton.jit(do_not_specialize=["M", "inv_t", "cols_per_split"])
+def _fwd_kernel(
+    x_ptr,
+    w_ptr,
+    targets_ptr,
+    part_m_ptr,
+    part_s_ptr,
+    part_t_ptr,
+    M,
+    V,
+    H,
+    stride_x,
+    stride_w,
+    inv_t,
+    cols_per_split,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    rows = pid_m.to(tl.int64) * BM + tl.arange(0, BM)
+    row_ok = rows < M
+    tgt = tl.load(targets_ptr + rows, mask=row_ok, other=-1)
+    v_lo = pid_s * cols_per_split
+    v_hi = tl.minimum(v_lo + cols_per_split, V)
+    m = tl.full((BM,), float("-inf"), tl.float32)
+    s = tl.zeros((BM,), tl.float32)
+    t_logit = tl.zeros((BM,), tl.float32)
+    for v0 in range(v_lo, v_hi, BN):
+        cols = v0 + tl.arange(0, BN)
+        col_ok = cols < v_hi
+        z = _logit_tile(x_ptr, w_ptr, rows, cols.to(tl.int64), row_ok, col_ok, H, stride_x, stride_w, BK, IEEE)
+        z = tl.where(col_ok[None, :], z * inv_t, float("-inf"))  # never let a padded column reach the exp as 0
+        m_new = tl.maximum(m, tl.max(z, axis=1))  # every tile has a valid column, so m_new is finite
+        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new[:, None]), axis=1)
+        m = m_new
+        t_logit += tl.sum(tl.where(cols[None, :] == tgt[:, None], z, 0.0), axis=1)
+    out = pid_s * M + rows
+    tl.store(part_m_ptr + out, m, mask=row_ok)
+    tl.store(part_s_ptr + out, s, mask=row_ok)
+    tl.store(part_t_ptr + out, t_logit, mask=row_ok)
+
+
+@triton.jit(do_not_specialize=["M", "inv_t", "v_lo", "v_hi"])
+def _dlogits_kernel(
+    x_ptr,
+    w_ptr,
+    targets_ptr,
+    lse_ptr,
+    g_ptr,
+    out_ptr,
+    M,
+    H,
+    stride_x,
+    stride_w,
+    stride_out,
+    v_lo,
+    v_hi,
+    inv_t,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rows = pid_m.to(tl.int64) * BM + tl.arange(0, BM)
+    row_ok = rows < M
+    local = pid_n * BN + tl.arange(0, BN)
+    cols = v_lo + local
+    col_ok = cols < v_hi
+    z = _logit_tile(x_ptr, w_ptr, rows, cols.to(tl.int64), row_ok, col_ok, H, stride_x, stride_w, BK, IEEE)
+    lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
+    g = tl.load(g_ptr + rows, mask=row_ok, other=0.0) * inv_t
+    tgt = tl.load(targets_ptr + rows, mask=row_ok, other=-1)
+    p = tl.exp(tl.where(col_ok[None, :], z * inv_t - lse[:, None], float("-inf")))
+    d = (tl.where(cols[None, :] == tgt[:, None], 1.0, 0.0) - p) * g[:, None]
+    ptrs = out_ptr + rows[:, None] * stride_out + local[None, :]
+    tl.store(ptrs, d.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
+
+def _check(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> tuple[int, int, int]:
+    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
+        raise ValueError(
+            f"hidden must be [M, H] and weight [V, H] with the same H; got {tuple(hidden.shape)} and "
+            f"{tuple(weight.shape)}"
+        )
+    if hidden.dtype != weight.dtype:
+        raise ValueError(f"hidden and weight must share a dtype; got {hidden.dtype} and {weight.dtype}")
+    m = hidden.shape[0]
+    if targets.shape != (m,) or targets.dtype != torch.int64:
+        raise ValueError(f"targets must be int64 of shape ({m},); got {targets.dtype} {tuple(targets.shape)}")
+    return m, weight.shape[0], hidden.shape[1]
+
+
+@torch.no_grad()
+def linear_logprobs_fwd(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    temperature: float = 1.0,
+    *,
+    config: TileConfig | None = None,
+    min_programs: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logp, lse) fp32 [M] of log_softmax(hidden @ weight.T / T)[i, targets[i]], without materializing logits."""
+    m, v, h = _check(hidden, weight, targets)
+    dev = hidden.device
+    if m == 0:
+        z = torch.zeros(0, dtype=torch.float32, device=dev)
+        return z, z.clone()
+    cfg = config or default_config(hidden.dtype, dev)
+    hidden = hidden.contiguous()
+    weight = weight.contiguous()
+    targets = targets.contiguous()
+    m_blocks = triton.cdiv(m, cfg.bm)
+    n_tiles = triton.cdiv(v, cfg.bn)
+    if min_programs is None:
+        min_programs = 2 * torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 1
+    splits = max(1, min(n_tiles, triton.cdiv(min_programs, m_blocks)))
+    cols_per_split = triton.cdiv(n_tiles, splits) * cfg.bn
+    splits = triton.cdiv(v, cols_per_split)  # every split non-empty
+    part = torch.empty(3, splits, m, dtype=torch.float32, device=dev)
+    _fwd_kernel[(m_blocks, splits)](
+        hidden,
+        weight,
+        targets,
+        part[0],
+        part[1],
+        part[2],
+        m,
+        v,
+        h,
+        hidden.stride(0),
+        weight.stride(0),
+        1.0 / float(temperature),
+        cols_per_split,
+        BM=cfg.bm,
+        BN=cfg.bn,
+        BK=cfg.bk,
+        IEEE=_ieee(hidden),
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+    )
+    pm, ps, pt = part[0], part[1], part[2]
+    mx = pm.max(dim=0).values
+    lse = mx + torch.log((ps * torch.exp(pm - mx)).sum(dim=0))
+    logp = pt.sum(dim=0) - lse  # exactly one split holds each target column; the others added 0
+    return logp, lse
+
+
+def _ieee(hidden: torch.Tensor) -> bool:
+    """fp32 dot in IEEE precision (no TF32) for fp32 inputs, and always under the CPU interpreter, whose bf16 tl.dot
+    returns garbage in triton 3.9 (the bf16 tile is upcast there; on a GPU bf16 tiles go to the tensor cores)."""
+    return hidden.dtype == torch.float32 or hidden.device.type != "cuda"
+
+
+def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b with an fp32 result, accumulated in fp32 (cuBLAS out_dtype when available, else upcast)."""
+    if a.dtype == torch.float32:
+        return a @ b
+    if a.is_cuda:
+        try:
+            return torch.mm(a, b, out_dtype=torch.float32)
+        except (RuntimeError, TypeError):
+            pass
+    return a.float() @ b.float()
+
+
+@torch.no_grad()
+def linear_logprobs_bwd(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    lse: torch.Tensor,
+    grad_logp: torch.Tensor,
+    temperature: float = 1.0,
+    *,
+    config: TileConfig | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dX [M, H] in hidden's dtype, dW [V, H] in weight's dtype) for d loss / d logp = grad_logp (fp32 [M]).
+
+    Rows with grad_logp == 0 (clipped tokens, for example) are dropped before any GEMM.
+    """
+    m, v, h = _check(hidden, weight, targets)
+    dev = hidden.device
+    dx = torch.zeros(m, h, dtype=hidden.dtype, device=dev)
+    dw = torch.zeros(v, h, dtype=weight.dtype, device=dev)
+    if m == 0:
+        return dx, dw
+    live = torch.nonzero(grad_logp != 0).squeeze(1)
+    if live.numel() == 0:
+        return dx, dw
+    full = live.numel() == m
+    x = hidden.contiguous() if full else hidden.index_select(0, live).contiguous()
+    tg = targets.contiguous() if full else targets.index_select(0, live).contiguous()
+    ls = lse.float().contiguous() if full else lse.float().index_select(0, live).contiguous()
+    gg = grad_logp.float().contiguous() if full else grad_logp.float().index_select(0, live).contiguous()
+    weight = weight.contiguous()
+    ml = x.shape[0]
+    cfg = config or default_config(hidden.dtype, dev)
+    vc = max(cfg.bn, (cfg.chunk_bytes // max(1, ml * x.element_size())) // cfg.bn * cfg.bn)
+    vc = min(vc, triton.cdiv(v, cfg.bn) * cfg.bn)
+    chunk = torch.empty(ml, vc, dtype=hidden.dtype, device=dev)
+    dx_acc = torch.zeros(ml, h, dtype=torch.float32, device=dev)
+    inv_t = 1.0 / float(temperature)
+    for v_lo in range(0, v, vc):
+        v_hi = min(v, v_lo + vc)
+        width = v_hi - v_lo
+        _dlogits_kernel[(triton.cdiv(ml, cfg.bm), triton.cdiv(width, cfg.bn))](
+            x,
+            weight,
+            tg,
+            ls,
+            gg,
+            chunk,
+            ml,
+            h,
+            x.stride(0),
+            weight.stride(0),
+            chunk.stride(0),
+            v_lo,
+            v_hi,
+            inv_t,
+            BM=cfg.bm,
+            BN=cfg.bn,
+            BK=cfg.bk,
+            IEEE=_ieee(hidden),
+            num_warps=cfg.num_warps,
+            num_stages=cfg.num_stages,
+        )
+        g = chunk[:, :width]
+        torch.mm(g.t(), x, out=dw[v_lo:v_hi])  # one GEMM over all live tokens: fp32 accumulation, written once
+        dx_acc += _mm_f32(g, weight[v_lo:v_hi])
+    if full:
+        dx.copy_(dx_acc)
+    else:
+        dx.index_copy_(0, live, dx_acc.to(dx.dtype))
+    return dx, dw
