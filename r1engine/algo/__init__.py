@@ -1,0 +1,1 @@
+"""GRPO math in plain PyTorch (advantages, KL estimators, surrogate, aggregation): the oracle for fast paths."""

@@ -1,0 +1,1 @@
+"""Fused operators with a backend switch (torch reference, C++ CPU, Triton, CUDA)."""
