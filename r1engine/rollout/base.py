@@ -1,0 +1,132 @@
+"""What every rollout backend returns and accepts: `RolloutBatch`, `RolloutStats`, the `RolloutEngine` protocol
+and the shared input checks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+import torch
+
+if TYPE_CHECKING:
+    from r1engine.models.policy import PolicyModel
+
+
+@dataclass
+class RolloutStats:
+    """Counters of one `generate` call. acceptance_rate = accepted / drafted (nan when nothing was drafted)."""
+
+    backend: str
+    num_completions: int = 0
+    num_tokens: int = 0
+    elapsed_s: float = 0.0
+    num_speculative_tokens: int = 0
+    num_drafted: int = 0
+    num_accepted: int = 0
+    num_steps: int = 0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.num_tokens / self.elapsed_s if self.elapsed_s > 0 else float("nan")
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.num_accepted / self.num_drafted if self.num_drafted else float("nan")
+
+    def as_dict(self) -> dict[str, float | int | str]:
+        return {
+            "backend": self.backend,
+            "num_completions": self.num_completions,
+            "num_tokens": self.num_tokens,
+            "elapsed_s": self.elapsed_s,
+            "tokens_per_s": self.tokens_per_s,
+            "num_speculative_tokens": self.num_speculative_tokens,
+            "num_drafted": self.num_drafted,
+            "num_accepted": self.num_accepted,
+            "acceptance_rate": self.acceptance_rate,
+        }
+
+
+@dataclass
+class RolloutBatch:
+    """Completions of one `generate` call, ordered prompt-major (prompt 0's n samples, then prompt 1's, ...).
+
+    `prompt_index[i]`: which prompt completion i answers. `completion_ids[i]`: sampled ids (stop token included when
+    one ended it). `logprobs[i]`: fp32 log-prob of each sampled token under the sampler's processed distribution
+    (after temperature / top-k / top-p; raw log-softmax when greedy). `finish_reason[i]`: "stop" or "length".
+    """
+
+    prompt_index: torch.Tensor
+    completion_ids: list[list[int]]
+    logprobs: list[torch.Tensor]
+    finish_reason: list[str]
+    stats: RolloutStats
+    prompt_ids: list[list[int]] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.completion_ids)
+
+    def padded(self, pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(ids `[N, L]` padded with pad_id, logprobs `[N, L]` padded with 0, mask `[N, L]` bool)."""
+        n = len(self.completion_ids)
+        width = max((len(c) for c in self.completion_ids), default=0)
+        ids = torch.full((n, width), pad_id, dtype=torch.long)
+        lp = torch.zeros((n, width), dtype=torch.float32)
+        mask = torch.zeros((n, width), dtype=torch.bool)
+        for i, (c, lps) in enumerate(zip(self.completion_ids, self.logprobs, strict=True)):
+            ids[i, : len(c)] = torch.tensor(c, dtype=torch.long)
+            lp[i, : len(c)] = lps
+            mask[i, : len(c)] = True
+        return ids, lp, mask
+
+
+@runtime_checkable
+class RolloutEngine(Protocol):
+    """A rollout backend: samples completions and takes the trainer's weights."""
+
+    backend: str
+    num_speculative_tokens: int
+
+    def generate(
+        self,
+        prompt_ids: list[list[int]],
+        *,
+        n: int = 1,
+        max_new_tokens: int = 64,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_k: int = -1,
+        stop_token_ids: list[int] | None = None,
+        seed: int | None = None,
+    ) -> RolloutBatch: ...
+
+    def sync_weights(self, model: PolicyModel) -> None: ...
+
+    def offload(self) -> None: ...
+
+    def onload(self) -> None: ...
+
+
+def validate_prompts(prompt_ids: list[list[int]], *, vocab_size: int, max_model_len: int, n: int, max_new_tokens: int):
+    """Raise early, naming the prompt, for empty prompts, out-of-vocabulary ids or prompts that do not fit."""
+    if not isinstance(prompt_ids, (list, tuple)) or not prompt_ids:
+        raise ValueError(f"prompt_ids must be a non-empty list of token-id lists, got {type(prompt_ids).__name__}")
+    if n < 1:
+        raise ValueError(f"n (samples per prompt) must be >= 1, got {n}")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    out = []
+    for i, p in enumerate(prompt_ids):
+        p = p.tolist() if isinstance(p, torch.Tensor) else list(p)
+        if len(p) == 0:
+            raise ValueError(f"prompt_ids[{i}] is empty: every prompt needs at least one token (e.g. <bos>)")
+        if len(p) >= max_model_len:
+            raise ValueError(
+                f"prompt_ids[{i}] has {len(p)} tokens, longer than the maximum: it must be < max_model_len="
+                f"{max_model_len} to leave room for at least one generated token"
+            )
+        lo, hi = min(p), max(p)
+        if lo < 0 or hi >= vocab_size:
+            raise ValueError(f"prompt_ids[{i}] has ids in [{lo}, {hi}], expected [0, vocab_size={vocab_size})")
+        out.append([int(x) for x in p])
+    return out

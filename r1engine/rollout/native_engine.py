@@ -1,0 +1,257 @@
+"""`NativeEngine`: batched generation in pure PyTorch with a preallocated KV cache and exact MTP self-speculation.
+
+Used when vLLM is not installed, as the reference the vLLM backend is checked against, and on a GPU as is.
+One decode step without speculation runs the main model on one token per row. With k speculative tokens a step
+runs the main model on [last, d_1..d_k] (k+1 positions), applies the exact acceptance rule
+(`r1engine.rollout.speculative`), then runs the MTP layer on the accepted positions (its own KV cache) to draft the
+next d_1, and chains it k-1 more times for d_2..d_k (as vLLM reuses one MTP layer).
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+
+import torch
+
+from r1engine.models.kv_cache import KVCache
+from r1engine.models.policy import PolicyModel
+from r1engine.rollout.base import RolloutBatch, RolloutStats, validate_prompts
+from r1engine.rollout.sampling import SamplingConfig, processed_probs, sample_from
+from r1engine.rollout.speculative import verify_drafts
+
+
+class NativeEngine:
+    """Pure-PyTorch rollout engine holding its own copy of the policy's weights (like an inference server)."""
+
+    backend = "native"
+
+    def __init__(
+        self,
+        model: PolicyModel,
+        *,
+        num_speculative_tokens: int = 0,
+        max_model_len: int | None = None,
+        draft_sampling: str = "greedy",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        tokenizer=None,
+    ) -> None:
+        if not isinstance(model, PolicyModel):
+            raise TypeError(f"model must be a PolicyModel, got {type(model).__name__}")
+        cfg = model.config
+        if num_speculative_tokens < 0:
+            raise ValueError(f"num_speculative_tokens must be >= 0, got {num_speculative_tokens}")
+        if num_speculative_tokens > 0 and cfg.num_mtp_layers == 0:
+            raise ValueError(
+                f"num_speculative_tokens={num_speculative_tokens} needs MTP layers, but the model has "
+                "num_mtp_layers=0 (use num_speculative_tokens=0 or a model with num_mtp_layers >= 1)"
+            )
+        if draft_sampling not in ("greedy", "sample"):
+            raise ValueError(f"draft_sampling must be 'greedy' or 'sample', got {draft_sampling!r}")
+        if tokenizer is not None:
+            from r1engine.models.tokenizer import check_vocab_fits
+
+            check_vocab_fits(tokenizer, cfg.vocab_size)
+        self.max_model_len = int(max_model_len or cfg.max_position_embeddings)
+        if self.max_model_len > cfg.max_position_embeddings:
+            raise ValueError(
+                f"max_model_len={self.max_model_len} exceeds max_position_embeddings={cfg.max_position_embeddings}"
+            )
+        self.num_speculative_tokens = int(num_speculative_tokens)
+        self.draft_sampling = draft_sampling
+        self.device = torch.device(device) if device is not None else model.device
+        self.dtype = dtype or model.dtype
+        self.model = copy.deepcopy(model).to(device=self.device, dtype=self.dtype).eval().requires_grad_(False)
+        self._home_device = self.device
+        self.last_stats: RolloutStats | None = None
+
+    @property
+    def config(self):
+        return self.model.config
+
+    # ------------------------------------------------------------------------------------------- weights / memory
+    @torch.no_grad()
+    def sync_weights(self, model: PolicyModel) -> None:
+        """Copy the trainer's weights (main model and MTP layers) into the engine's copy, in place."""
+        if model.config.replace() != self.model.config:
+            raise ValueError(f"sync_weights: model config {model.config} differs from the engine's {self.model.config}")
+        own = dict(self.model.named_weights())
+        for name, t in model.named_weights():
+            own[name].copy_(t.detach())
+
+    def offload(self) -> None:
+        """Move the weights to CPU (frees device memory between stages); a no-op when already on CPU."""
+        self.model.to("cpu")
+
+    def onload(self) -> None:
+        """Move the weights back to the engine's device."""
+        self.model.to(self._home_device)
+
+    # ------------------------------------------------------------------------------------------- generation
+    def _logprob(self, logits: torch.Tensor, probs: torch.Tensor, tok: torch.Tensor, greedy: bool) -> torch.Tensor:
+        if greedy:
+            return torch.log_softmax(logits.float(), -1).gather(-1, tok[..., None]).squeeze(-1)
+        return probs.gather(-1, tok[..., None]).squeeze(-1).clamp(min=1e-38).log()
+
+    def _draft(self, h: torch.Tensor, scfg: SamplingConfig, gen) -> tuple[torch.Tensor, torch.Tensor | None]:
+        logits = self.model.logits(h).float()
+        if self.draft_sampling == "greedy" or scfg.greedy:
+            return logits.argmax(-1), None
+        q = processed_probs(logits, scfg)
+        return sample_from(q, gen), q
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompt_ids: list[list[int]],
+        *,
+        n: int = 1,
+        max_new_tokens: int = 64,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_k: int = -1,
+        stop_token_ids: list[int] | None = None,
+        seed: int | None = None,
+        num_speculative_tokens: int | None = None,
+    ) -> RolloutBatch:
+        """Sample `n` completions per prompt; see `RolloutBatch`. `num_speculative_tokens` overrides the engine's."""
+        cfg = self.model.config
+        k = self.num_speculative_tokens if num_speculative_tokens is None else int(num_speculative_tokens)
+        if k > 0 and cfg.num_mtp_layers == 0:
+            raise ValueError(f"num_speculative_tokens={k} needs MTP layers, but the model has num_mtp_layers=0")
+        prompts = validate_prompts(
+            prompt_ids, vocab_size=cfg.vocab_size, max_model_len=self.max_model_len, n=n, max_new_tokens=max_new_tokens
+        )
+        scfg = SamplingConfig(temperature=temperature, top_p=top_p, top_k=top_k)
+        stops = set(int(s) for s in (stop_token_ids or []))
+        gen = torch.Generator(device=self.device)
+        gen.manual_seed(int(seed) if seed is not None else int(torch.randint(0, 2**62, (1,)).item()))
+        t0 = time.perf_counter()
+
+        rows = [p for p in prompts for _ in range(n)]
+        prompt_index = torch.arange(len(prompts)).repeat_interleave(n)
+        bsz = len(rows)
+        lens = torch.tensor([len(r) for r in rows], device=self.device)
+        budget = [min(max_new_tokens, self.max_model_len - len(r)) for r in rows]
+        width = int(lens.max())
+        ids = torch.zeros((bsz, width), dtype=torch.long, device=self.device)
+        for i, r in enumerate(rows):
+            ids[i, : len(r)] = torch.tensor(r, device=self.device)
+        cap = self.max_model_len + k + 1
+        kv = dict(dtype=self.dtype, device=self.device)
+        cache = KVCache(cfg.num_layers, bsz, cap, cfg.num_kv_heads, cfg.head_dim, **kv)
+        mcache = KVCache(1, bsz, cap, cfg.num_kv_heads, cfg.head_dim, **kv) if k else None
+        brange = torch.arange(bsz, device=self.device)
+        max_pos = cfg.max_position_embeddings - 1
+
+        out_ids: list[list[int]] = [[] for _ in range(bsz)]
+        out_lp: list[list[float]] = [[] for _ in range(bsz)]
+        finish = ["length"] * bsz
+        active = torch.ones(bsz, dtype=torch.bool, device=self.device)
+        stats = RolloutStats(backend=self.backend, num_completions=bsz, num_speculative_tokens=k)
+
+        def emit(row: int, toks: list[int], lps: list[float]) -> None:
+            for t, lp in zip(toks, lps, strict=True):
+                out_ids[row].append(t)
+                out_lp[row].append(lp)
+                if t in stops:
+                    finish[row] = "stop"
+                    active[row] = False
+                    return
+                if len(out_ids[row]) >= budget[row]:
+                    active[row] = False
+                    return
+
+        # prefill (right-padded; the ragged cache masks each row's padding away)
+        out = self.model(ids, kv_cache=cache)
+        cache.advance(lens)
+        last_pos = lens - 1
+        logits = self.model.logits(out.hidden[brange, last_pos])
+        probs = processed_probs(logits, scfg)
+        tok = sample_from(probs, gen)
+        lp = self._logprob(logits, probs, tok, scfg.greedy)
+        for i in range(bsz):
+            emit(i, [int(tok[i])], [float(lp[i])])
+        last = tok
+        drafts = dprobs = None
+        if k:
+            nxt = torch.zeros_like(ids)
+            nxt[:, :-1] = ids[:, 1:]
+            nxt[brange, last_pos] = tok
+            mh = self.model.mtp_hidden(out.last_hidden, nxt, kv_cache=mcache)
+            mcache.advance(lens)
+            drafts, dprobs = self._chain_drafts(mh[brange, last_pos], mcache, k, scfg, gen)
+
+        while bool(active.any()):
+            stats.num_steps += 1
+            if not k:
+                pos = cache.lengths[:, None].clamp(max=max_pos)
+                out = self.model(last[:, None], position_ids=pos, kv_cache=cache)
+                cache.advance(active.long())
+                logits = self.model.logits(out.hidden[:, 0])
+                probs = processed_probs(logits, scfg)
+                tok = sample_from(probs, gen)
+                lp = self._logprob(logits, probs, tok, scfg.greedy)
+                for i in torch.nonzero(active).flatten().tolist():
+                    emit(i, [int(tok[i])], [float(lp[i])])
+                last = tok
+                continue
+            inp = torch.cat([last[:, None], drafts], 1)  # [B, k+1]
+            pos = (cache.lengths[:, None] + torch.arange(k + 1, device=self.device)).clamp(max=max_pos)
+            out = self.model(inp, position_ids=pos, kv_cache=cache)
+            logits = self.model.logits(out.hidden)  # [B, k+1, V]
+            probs = processed_probs(logits, scfg)
+            res = verify_drafts(drafts, dprobs, probs, gen)
+            a, y = res.num_accepted, res.next_token
+            emitted = drafts.clone()
+            emitted = torch.cat([emitted, torch.zeros_like(y)[:, None]], 1)
+            emitted[brange, a] = y
+            lps = self._logprob(logits, probs, emitted, scfg.greedy)  # [B, k+1]
+            was_active = active.clone()
+            act_idx = torch.nonzero(was_active).flatten().tolist()
+            a_list = a.tolist()
+            for i in act_idx:
+                m = a_list[i] + 1
+                emit(i, emitted[i, :m].tolist(), lps[i, :m].tolist())
+            stats.num_drafted += k * len(act_idx)
+            stats.num_accepted += int(a[was_active].sum())
+            step = (a + 1) * was_active.long()
+            cache.advance(step)
+            if not bool(active.any()):
+                break
+            mpos = (mcache.lengths[:, None] + torch.arange(k + 1, device=self.device)).clamp(max=max_pos)
+            mh = self.model.mtp_hidden(out.last_hidden, emitted, position_ids=mpos, kv_cache=mcache)
+            mcache.advance(step)
+            last = y
+            drafts, dprobs = self._chain_drafts(mh[brange, a], mcache, k, scfg, gen)
+
+        stats.elapsed_s = time.perf_counter() - t0
+        stats.num_tokens = sum(len(c) for c in out_ids)
+        self.last_stats = stats
+        return RolloutBatch(
+            prompt_index=prompt_index,
+            completion_ids=out_ids,
+            logprobs=[torch.tensor(x, dtype=torch.float32) for x in out_lp],
+            finish_reason=finish,
+            stats=stats,
+            prompt_ids=rows,
+        )
+
+    def _chain_drafts(self, h0: torch.Tensor, mcache: KVCache, k: int, scfg: SamplingConfig, gen):
+        """d_1 from the MTP output h0 `[B, H]`; d_2..d_k by feeding (MTP output, previous draft) back in."""
+        d, q = self._draft(h0, scfg, gen)
+        drafts, qs = [d], [q]
+        h = h0
+        max_pos = self.model.config.max_position_embeddings - 1
+        for _ in range(1, k):
+            pos = mcache.lengths[:, None].clamp(max=max_pos)
+            h = self.model.mtp_hidden(h[:, None], drafts[-1][:, None], position_ids=pos, kv_cache=mcache)[:, 0]
+            mcache.advance(1)  # provisional: undone below, the real pairs overwrite these slots
+            d, q = self._draft(h, scfg, gen)
+            drafts.append(d)
+            qs.append(q)
+        if k > 1:
+            mcache.advance(-(k - 1))
+        dprobs = None if qs[0] is None else torch.stack(qs, 1)
+        return torch.stack(drafts, 1), dprobs
