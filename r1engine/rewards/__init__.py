@@ -17,7 +17,25 @@ Modules: ``registry`` (contract + names), ``parsing`` (tags, boxed, code blocks)
 
 from __future__ import annotations
 
-from . import arithmetic, countdown, format, language, math_accuracy  # noqa: F401 - registers rewards
+from . import arithmetic, code, countdown, format, language, math_accuracy  # noqa: F401 - registers rewards
+from .combined import CombinedResult, CombinedReward, reward_metrics
 from .registry import RewardResult, available_rewards, get_reward, register_reward
+from .sandbox import SandboxLimits, SandboxResult, run_python, sandbox_strength
+from .scheduler import RewardBatch, RewardHandle, RewardScheduler
 
-__all__ = ["RewardResult", "available_rewards", "get_reward", "register_reward"]
+__all__ = [
+    "CombinedResult",
+    "CombinedReward",
+    "RewardBatch",
+    "RewardHandle",
+    "RewardResult",
+    "RewardScheduler",
+    "SandboxLimits",
+    "SandboxResult",
+    "available_rewards",
+    "get_reward",
+    "register_reward",
+    "reward_metrics",
+    "run_python",
+    "sandbox_strength",
+]

@@ -29,6 +29,17 @@ _HEADER = struct.Struct("<Q")
 _PKG_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+def set_pdeathsig(sig: int = signal.SIGKILL) -> None:
+    """Linux: have the kernel send ``sig`` to this process when its parent dies (so helpers never outlive a
+    killed reward worker). Best effort; a no-op elsewhere."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(sig), 0, 0, 0)  # PR_SET_PDEATHSIG
+    except Exception:
+        pass
+
+
 class WorkerTimeout(Exception):
     """The call ran past its deadline; the worker was killed."""
 
@@ -85,6 +96,7 @@ class KillableWorker:
 
         def preexec() -> None:
             os.setsid()
+            set_pdeathsig()
             if limit is not None:
                 resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
             resource.setrlimit(resource.RLIMIT_CORE, (0, 0))

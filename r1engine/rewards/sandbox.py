@@ -48,6 +48,8 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 
+from .isolated import set_pdeathsig
+
 _log = logging.getLogger(__name__)
 _counter = itertools.count()
 _STRENGTH: str | None = None
@@ -267,6 +269,7 @@ def _make_preexec(limits: SandboxLimits, uid: int | None, cgroups: list[str], un
 
     def preexec() -> None:  # runs in the child between fork and exec: keep it simple
         os.setsid()
+        set_pdeathsig()
         pid = str(os.getpid())
         for cg in cgroups:
             with open(os.path.join(cg, "cgroup.procs"), "w") as f:

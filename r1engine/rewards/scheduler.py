@@ -1,0 +1,392 @@
+"""Asynchronous reward scheduling: score completions in worker processes while the trainer goes on.
+
+The R1 paper hides the latency of rule-based rewards (code execution above all) by computing them
+asynchronously, overlapped with rollout and log-prob inference. :class:`RewardScheduler` owns a pool of
+``num_workers`` processes, each holding a :class:`~r1engine.rewards.combined.CombinedReward` built from
+``reward_config``. ``submit`` splits the batch into chunks and returns a :class:`RewardHandle` at once; a
+dispatcher thread feeds chunks to idle workers; ``handle.result()`` returns the scores in input order.
+
+Failure policy (a reward must never kill a training step):
+- a reward function that raises: its samples get ``failure_value`` with reason ``"error: ..."`` (inside
+  the worker, by CombinedReward);
+- a chunk running longer than ``timeout_s``: the worker is killed (its helpers die with it through
+  ``PR_SET_PDEATHSIG`` / bubblewrap ``--die-with-parent``), every reward of the chunk's samples gets
+  ``failure_value`` with reason ``"timeout"``, and a fresh worker replaces it;
+- a worker that dies (segfault, OOM kill, ``os._exit``): the same, with reason ``"worker crashed"``.
+Each is logged with a warning. Workers are started with the ``spawn`` method (safe beside torch threads).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import multiprocessing as mp
+import multiprocessing.connection as mpc
+import os
+import threading
+import time
+from collections import deque
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from .combined import CombinedReward, reward_metrics
+from .registry import RewardResult, check_batch
+
+_log = logging.getLogger(__name__)
+
+
+def _split_config(reward_config: Mapping[str, Any]) -> tuple[dict, dict, list[str]]:
+    if "weights" in reward_config:
+        weights = dict(reward_config["weights"])
+        options = dict(reward_config.get("options") or {})
+        imports = list(reward_config.get("imports") or [])
+        extra = set(reward_config) - {"weights", "options", "imports"}
+        if extra:
+            raise ValueError(f"RewardScheduler: unknown reward_config keys {sorted(extra)}")
+    else:
+        weights, options, imports = dict(reward_config), {}, []
+    return weights, options, imports
+
+
+def _worker_main(conn: mpc.Connection, config: dict, failure_value: float) -> None:
+    import importlib
+
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    try:
+        weights, options, imports = _split_config(config)
+        for mod in imports:
+            importlib.import_module(mod)
+        reward = CombinedReward(weights, options, failure_value=failure_value)
+    except BaseException as e:  # noqa: BLE001 - reported to the parent
+        conn.send(("init_error", f"{type(e).__name__}: {e}"))
+        return
+    conn.send(("ready", None))
+    while True:
+        try:
+            msg = conn.recv()
+        except (EOFError, OSError):
+            return
+        if msg is None:
+            return
+        key, completions, references = msg
+        try:
+            res = reward.evaluate(completions, references)
+            conn.send(("result", key, res.per_function))
+        except BaseException as e:  # noqa: BLE001 - e.g. mismatched batch; reported per chunk
+            conn.send(("failed", key, f"error: {type(e).__name__}: {str(e)[:160]}"))
+
+
+@dataclass
+class RewardBatch:
+    """Scores of one submitted batch, in input order.
+
+    ``scores[i]``: weighted sum; ``per_function[name][i]``: that reward's score; ``reasons[name][i]``: its
+    reason (None for a clean pass/fail); ``metrics``: logging dict (see ``reward_metrics``) plus
+    ``scheduler/latency_s``, ``scheduler/failed_chunks``.
+    """
+
+    scores: list[float]
+    per_function: dict[str, list[float]]
+    reasons: dict[str, list[str | None]]
+    metrics: dict[str, float]
+
+
+class RewardHandle:
+    """A submitted batch; ``result(timeout)`` blocks until every chunk is scored."""
+
+    def __init__(self, n: int, names: list[str], weights: dict[str, float], n_chunks: int):
+        self._n = n
+        self._names = names
+        self._weights = weights
+        self._results: dict[str, list[RewardResult | None]] = {k: [None] * n for k in names}
+        self._left = n_chunks
+        self._failed_chunks = 0
+        self._done = threading.Event()
+        self._t0 = time.monotonic()
+        self._latency = 0.0
+        if n_chunks == 0:
+            self._done.set()
+
+    def _fill(self, start: int, per_function: Mapping[str, Sequence[RewardResult]]) -> None:
+        for name in self._names:
+            for j, r in enumerate(per_function[name]):
+                self._results[name][start + j] = r
+        self._chunk_done()
+
+    def _fail(self, start: int, end: int, value: float, reason: str) -> None:
+        for name in self._names:
+            for i in range(start, end):
+                self._results[name][i] = RewardResult(value, reason)
+        self._failed_chunks += 1
+        self._chunk_done()
+
+    def _chunk_done(self) -> None:
+        self._left -= 1
+        if self._left == 0:
+            self._latency = time.monotonic() - self._t0
+            self._done.set()
+
+    def done(self) -> bool:
+        """True when every chunk has a result."""
+        return self._done.is_set()
+
+    def result(self, timeout: float | None = None) -> RewardBatch:
+        """Wait (at most ``timeout`` seconds) and return the batch's scores; TimeoutError if not done."""
+        if not self._done.wait(timeout):
+            raise TimeoutError(f"RewardHandle.result: batch of {self._n} not scored within {timeout}s")
+        per = {k: [r for r in v if r is not None] for k, v in self._results.items()}
+        scores = [sum(self._weights[k] * per[k][i].score for k in per) for i in range(self._n)]
+        metrics = reward_metrics(per, scores, self._weights)
+        metrics["scheduler/latency_s"] = self._latency
+        metrics["scheduler/failed_chunks"] = float(self._failed_chunks)
+        return RewardBatch(
+            scores=scores,
+            per_function={k: [r.score for r in v] for k, v in per.items()},
+            reasons={k: [r.reason for r in v] for k, v in per.items()},
+            metrics=metrics,
+        )
+
+
+@dataclass
+class _Task:
+    handle: RewardHandle
+    start: int
+    end: int
+    completions: list[str]
+    references: list[Any]
+
+
+@dataclass
+class _Slot:
+    proc: Any
+    conn: mpc.Connection
+    ready: bool = False
+    task: _Task | None = None
+    started: float = 0.0
+    key: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+class RewardScheduler:
+    """Pool of reward worker processes; see the module docstring.
+
+    Args:
+        reward_config: ``{"weights": {name: w}, "options": {name: {...}}, "imports": [module, ...]}`` or
+            just ``{name: w}``. ``imports`` are imported in each worker first (to register custom rewards).
+        num_workers: worker processes.
+        timeout_s: limit for one chunk in a worker (the worker is killed past it).
+        failure_value: score of every reward of a failed/timed-out sample.
+        chunk_size: samples per chunk (default: a batch is split in about ``2 * num_workers`` chunks).
+    """
+
+    def __init__(
+        self,
+        reward_config: Mapping[str, Any],
+        num_workers: int = 2,
+        timeout_s: float = 60.0,
+        failure_value: float = 0.0,
+        chunk_size: int | None = None,
+        start_timeout_s: float = 120.0,
+    ):
+        if num_workers < 1:
+            raise ValueError(f"RewardScheduler: num_workers must be >= 1, got {num_workers}")
+        if timeout_s <= 0:
+            raise ValueError(f"RewardScheduler: timeout_s must be > 0, got {timeout_s}")
+        if chunk_size is not None and chunk_size < 1:
+            raise ValueError(f"RewardScheduler: chunk_size must be >= 1 or None, got {chunk_size}")
+        self.config = dict(reward_config)
+        weights, options, imports = _split_config(self.config)
+        import importlib
+
+        for mod in imports:
+            importlib.import_module(mod)
+        CombinedReward(weights, options)  # validate names/options here, in the caller, early
+        self.weights = {k: float(v) for k, v in weights.items()}
+        self.num_workers = int(num_workers)
+        self.timeout_s = float(timeout_s)
+        self.failure_value = float(failure_value)
+        self.chunk_size = chunk_size
+        self.start_timeout_s = float(start_timeout_s)
+        self.workers_replaced = 0
+        self._ctx = mp.get_context("spawn")
+        self._lock = threading.Lock()
+        self._pending: deque[_Task] = deque()
+        self._slots: list[_Slot] = []
+        self._closed = False
+        self._stopped = False
+        self._keys = 0
+        self._wake_r, self._wake_w = os.pipe()
+        for _ in range(self.num_workers):
+            self._slots.append(self._spawn())
+        self._thread = threading.Thread(target=self._loop, name="reward-scheduler", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------------------------ public API
+    def submit(self, completions: Sequence[str], references: Sequence[Any]) -> RewardHandle:
+        """Queue a batch for scoring and return at once."""
+        check_batch("RewardScheduler.submit", completions, references)
+        if self._closed:
+            raise RuntimeError("RewardScheduler.submit: the scheduler is closed")
+        n = len(completions)
+        size = self.chunk_size or max(1, math.ceil(n / (2 * self.num_workers)))
+        bounds = [(s, min(n, s + size)) for s in range(0, n, size)]
+        handle = RewardHandle(n, list(self.weights), self.weights, len(bounds))
+        with self._lock:
+            for s, e in bounds:
+                self._pending.append(_Task(handle, s, e, list(completions[s:e]), list(references[s:e])))
+        os.write(self._wake_w, b"x")
+        return handle
+
+    def score(self, completions: Sequence[str], references: Sequence[Any], timeout: float | None = None) -> RewardBatch:
+        """Synchronous convenience: ``submit(...).result(timeout)``."""
+        return self.submit(completions, references).result(timeout)
+
+    def close(self) -> None:
+        """Stop the dispatcher and the workers; pending batches fail with reason "scheduler closed"."""
+        if self._stopped:
+            return
+        self._stopped = True
+        self._closed = True
+        try:
+            os.write(self._wake_w, b"q")
+        except OSError:
+            pass
+        self._thread.join(timeout=10)
+        for slot in self._slots:
+            try:
+                slot.conn.send(None)
+            except (OSError, ValueError):
+                pass
+        deadline = time.monotonic() + 2.0
+        for slot in self._slots:
+            slot.proc.join(timeout=max(0.0, deadline - time.monotonic()))
+            if slot.proc.is_alive():
+                slot.proc.kill()
+                slot.proc.join(timeout=5)
+            slot.conn.close()
+        self._slots = []
+        with self._lock:
+            while self._pending:
+                t = self._pending.popleft()
+                t.handle._fail(t.start, t.end, self.failure_value, "scheduler closed")
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+
+    def __enter__(self) -> RewardScheduler:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            if hasattr(self, "_thread"):
+                self.close()
+        except Exception:
+            pass
+
+    # ------------------------------------------------------------------------------------ internals
+    def _spawn(self) -> _Slot:
+        parent, child = self._ctx.Pipe()
+        proc = self._ctx.Process(
+            target=_worker_main, args=(child, self.config, self.failure_value), name="reward-worker", daemon=True
+        )
+        proc.start()
+        child.close()
+        return _Slot(proc=proc, conn=parent, started=time.monotonic())
+
+    def _replace(self, i: int, reason: str) -> None:
+        slot = self._slots[i]
+        if slot.proc.is_alive():
+            slot.proc.kill()
+        slot.proc.join(timeout=5)
+        slot.conn.close()
+        if slot.task is not None:
+            t = slot.task
+            _log.warning(
+                "reward scheduler: chunk [%d:%d) failed (%s); scored %s, worker replaced",
+                t.start,
+                t.end,
+                reason,
+                self.failure_value,
+            )
+            t.handle._fail(t.start, t.end, self.failure_value, reason)
+        self.workers_replaced += 1
+        self._slots[i] = self._spawn()
+
+    def _dispatch(self) -> None:
+        for slot in self._slots:
+            if slot.ready and slot.task is None:
+                with self._lock:
+                    if not self._pending:
+                        return
+                    task = self._pending.popleft()
+                self._keys += 1
+                slot.key, slot.task, slot.started = self._keys, task, time.monotonic()
+                try:
+                    slot.conn.send((slot.key, task.completions, task.references))
+                except (OSError, ValueError):
+                    pass  # noticed as a dead worker below
+
+    def _loop(self) -> None:
+        while not self._closed:
+            self._dispatch()
+            now = time.monotonic()
+            waits = []
+            for s in self._slots:
+                if s.task is not None:
+                    waits.append(s.started + self.timeout_s - now)
+                elif not s.ready:
+                    waits.append(s.started + self.start_timeout_s - now)
+            timeout = max(0.0, min(waits)) if waits else None
+            objs = [self._wake_r] + [s.conn for s in self._slots] + [s.proc.sentinel for s in self._slots]
+            ready = mpc.wait(objs, timeout=timeout)
+            if self._wake_r in ready:
+                os.read(self._wake_r, 4096)
+            if self._closed:
+                return
+            for i, slot in enumerate(list(self._slots)):
+                if slot.conn in ready or slot.conn.poll():
+                    try:
+                        msg = slot.conn.recv()
+                    except (EOFError, OSError):
+                        self._replace(i, "worker crashed")
+                        continue
+                    self._on_message(i, slot, msg)
+                elif slot.proc.sentinel in ready or not slot.proc.is_alive():
+                    self._replace(i, "worker crashed")
+            now = time.monotonic()
+            for i, slot in enumerate(list(self._slots)):
+                if slot.task is not None and now - slot.started > self.timeout_s:
+                    self._replace(i, "timeout")
+                elif not slot.ready and now - slot.started > self.start_timeout_s:
+                    _log.error("reward scheduler: a worker did not start within %.0fs", self.start_timeout_s)
+                    self._replace(i, "worker crashed")
+
+    def _on_message(self, i: int, slot: _Slot, msg: tuple) -> None:
+        kind = msg[0]
+        if kind == "ready":
+            slot.ready = True
+        elif kind == "init_error":
+            _log.error("reward scheduler: worker failed to build the rewards: %s", msg[1])
+            self._closed_by_error(msg[1])
+        elif kind in ("result", "failed") and slot.task is not None and msg[1] == slot.key:
+            t, slot.task = slot.task, None
+            if kind == "result":
+                t.handle._fill(t.start, msg[2])
+            else:
+                _log.warning("reward scheduler: chunk [%d:%d) failed: %s", t.start, t.end, msg[2])
+                t.handle._fail(t.start, t.end, self.failure_value, msg[2])
+
+    def _closed_by_error(self, err: str) -> None:
+        # Workers cannot build the rewards (the parent could): fail everything rather than respawn forever.
+        self._closed = True
+        with self._lock:
+            while self._pending:
+                t = self._pending.popleft()
+                t.handle._fail(t.start, t.end, self.failure_value, f"error: worker init: {err}")
+        for slot in self._slots:
+            if slot.task is not None:
+                slot.task.handle._fail(slot.task.start, slot.task.end, self.failure_value, f"error: worker init: {err}")
+                slot.task = None
