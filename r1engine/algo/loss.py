@@ -1,0 +1,197 @@
+"""The GRPO policy loss in plain PyTorch: per-token log-probs, clipped surrogate, aggregation, metrics.
+
+This is the readable reference (autograd does the backward) that the fused operator
+``r1engine.ops.grpo_loss`` is tested against. Per token t of sequence i, with ``ratio = exp(logp - old_logp)``::
+
+    s_t    = min(ratio * A, clamp(ratio, 1 - eps_low, 1 + eps_high) * A)      (PPO clip, asymmetric)
+    s_t    = max(s_t, dual_clip * A)   if A < 0 and dual-clip is on             (dual-clip, dual_clip > 1)
+    loss   = sum_t weight_t * (-s_t + beta * KL_t)
+
+where ``weight`` encodes the aggregation (see :func:`aggregation_weights`). ``old_logprobs=None`` means an
+on-policy step: ``old := logp.detach()`` (ratio 1, gradient ``-A``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from r1engine.algo.kl import kl_estimate
+
+__all__ = [
+    "AGGREGATIONS",
+    "GRPOMetrics",
+    "aggregation_weights",
+    "clipped_surrogate",
+    "grpo_loss_reference",
+    "grpo_metrics",
+    "masked_mean",
+    "token_logprobs",
+]
+
+AGGREGATIONS = ("seq-mean-token-mean", "token-mean", "seq-mean-token-sum-norm")
+
+
+@dataclass(frozen=True)
+class GRPOMetrics:
+    """Diagnostics of one loss evaluation, each a 0-d fp32 tensor (averaged over unmasked tokens)."""
+
+    clip_frac: torch.Tensor  # fraction of tokens whose clip (or dual-clip) is active
+    kl_mean: torch.Tensor  # mean KL estimate (0 without a reference or with beta == 0)
+    ratio_mean: torch.Tensor  # mean importance ratio pi / pi_old
+    num_tokens: torch.Tensor  # number of unmasked tokens (as a float)
+
+
+def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """``log softmax(logits / T)[target]`` per token in fp32 (reference: materializes an fp32 log-softmax)."""
+    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
+    return logp.gather(-1, targets.long().unsqueeze(-1)).squeeze(-1)
+
+
+def clipped_surrogate(
+    ratio: torch.Tensor,
+    advantages: torch.Tensor,
+    eps_low: float = 0.2,
+    eps_high: float = 0.2,
+    dual_clip: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The PPO/GRPO surrogate ``s`` (to be maximized) and a 0/1 float mask of tokens where a clip is active.
+
+    ``s = min(ratio * A, clamp(ratio, 1 - eps_low, 1 + eps_high) * A)``; with ``dual_clip = c > 1`` and ``A < 0``,
+    ``s = max(s, c * A)`` (bounds the loss of very off-policy tokens with negative advantage).
+    """
+    unclipped = ratio * advantages
+    clipped_obj = ratio.clamp(1.0 - eps_low, 1.0 + eps_high) * advantages
+    s = torch.minimum(unclipped, clipped_obj)
+    active = ((ratio < 1.0 - eps_low) & (advantages < 0)) | ((ratio > 1.0 + eps_high) & (advantages > 0))
+    if dual_clip is not None and dual_clip != 0:
+        if dual_clip <= 1.0:
+            raise ValueError(f"dual_clip: expected None, 0 (off) or a value > 1, got {dual_clip!r}")
+        dual = (advantages < 0) & (ratio > dual_clip)
+        s = torch.where(dual, dual_clip * advantages, s)
+        active = active | dual
+    return s, active.to(torch.float32)
+
+
+def _check_mask(mask: torch.Tensor) -> None:
+    if mask.dim() not in (1, 2):
+        raise ValueError(f"mask: expected shape [B, T] or [N], got shape {tuple(mask.shape)}")
+
+
+def aggregation_weights(
+    mask: torch.Tensor,
+    agg: str,
+    *,
+    max_len: int | None = None,
+    segment_ids: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Per-token weights (fp32, shape of ``mask``) such that ``loss = sum(weights * loss_tok)`` is the aggregate.
+
+    ``mask`` is ``[B, T]`` (padded batch: one row per sequence) or ``[N]`` (packed tokens; ``segment_ids [N]``
+    gives each token's sequence index, values in ``[0, N)``; without it all N tokens form one sequence).
+
+    * ``"seq-mean-token-mean"`` (paper GRPO): mean over each sequence's unmasked tokens, then mean over the
+      sequences that have any; fully masked sequences contribute nothing.
+    * ``"token-mean"`` (DAPO): mean over all unmasked tokens of the batch.
+    * ``"seq-mean-token-sum-norm"`` (Dr.GRPO): sum over tokens / (num_seqs * horizon) with a constant horizon:
+      ``max_len`` if given, else ``T`` (padded) or the longest sequence in tokens (packed); num_seqs counts every
+      sequence, masked or not.
+
+    All-masked input gives all-zero weights (a zero loss), never NaN.
+    """
+    if agg not in AGGREGATIONS:
+        raise ValueError(f"agg: expected one of {AGGREGATIONS}, got {agg!r}")
+    _check_mask(mask)
+    if max_len is not None and (not isinstance(max_len, int) or max_len < 1):
+        raise ValueError(f"max_len: expected a positive int or None, got {max_len!r}")
+    m = mask.to(torch.float32)
+    if agg == "token-mean":
+        return m / m.sum().clamp(min=1.0)
+    if mask.dim() == 2:
+        if segment_ids is not None:
+            raise ValueError("segment_ids: only valid with packed [N] tokens, got a [B, T] mask")
+        if agg == "seq-mean-token-mean":
+            lens = m.sum(dim=1, keepdim=True)
+            num_seqs = (lens > 0).sum().clamp(min=1).to(torch.float32)
+            return m / (lens.clamp(min=1.0) * num_seqs)
+        horizon = float(max_len if max_len is not None else mask.shape[1])
+        return m / (mask.shape[0] * horizon)
+    n = mask.shape[0]
+    if segment_ids is None:
+        seg = torch.zeros(n, dtype=torch.long, device=mask.device)
+    else:
+        if segment_ids.shape != mask.shape or segment_ids.dtype not in (torch.int32, torch.int64):
+            raise ValueError(
+                f"segment_ids: expected an integer tensor of shape {tuple(mask.shape)} (like mask), got "
+                f"{segment_ids.dtype} shape {tuple(segment_ids.shape)}"
+            )
+        seg = segment_ids.long()
+    # Static-shape segment reductions (at most N segments), so this also traces under torch.compile.
+    lens = torch.zeros(n, dtype=torch.float32, device=mask.device).index_add_(0, seg, m)
+    if agg == "seq-mean-token-mean":
+        num_seqs = (lens > 0).sum().clamp(min=1).to(torch.float32)
+        return m / (lens[seg].clamp(min=1.0) * num_seqs)
+    sizes = torch.zeros(n, dtype=torch.float32, device=mask.device).index_add_(0, seg, torch.ones_like(m))
+    num_seqs = (sizes > 0).sum().clamp(min=1).to(torch.float32)
+    horizon = torch.tensor(float(max_len), device=mask.device) if max_len is not None else sizes.max().clamp(min=1)
+    return m / (num_seqs * horizon)
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of ``x`` over ``mask != 0`` (0 when the mask is empty), as a 0-d fp32 tensor."""
+    m = (mask != 0).to(torch.float32)
+    return (x.float() * m).sum() / m.sum().clamp(min=1.0)
+
+
+def grpo_metrics(ratio: torch.Tensor, kl: torch.Tensor, clipped: torch.Tensor, mask: torch.Tensor) -> GRPOMetrics:
+    """Clip fraction, mean KL and mean ratio over unmasked tokens (detached)."""
+    with torch.no_grad():
+        return GRPOMetrics(
+            clip_frac=masked_mean(clipped, mask),
+            kl_mean=masked_mean(kl, mask),
+            ratio_mean=masked_mean(ratio, mask),
+            num_tokens=(mask != 0).sum().to(torch.float32),
+        )
+
+
+def grpo_loss_reference(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    old_logprobs: torch.Tensor | None = None,
+    ref_logprobs: torch.Tensor | None = None,
+    *,
+    eps_low: float = 0.2,
+    eps_high: float = 0.2,
+    dual_clip: float | None = None,
+    beta: float = 0.0,
+    kl_estimator: str | int = "k3",
+    temperature: float = 1.0,
+    agg: str = "seq-mean-token-mean",
+    max_len: int | None = None,
+    segment_ids: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, GRPOMetrics]:
+    """The GRPO loss and its metrics, in plain autograd-able PyTorch (same arguments as ``r1engine.ops.grpo_loss``).
+
+    ``logits [B, T, V]`` with ``targets/mask/old/ref [B, T]`` and ``advantages [B]`` or ``[B, T]``; or packed
+    ``logits [N, V]`` with per-token ``[N]`` tensors, ``advantages [N]`` (or ``[S]`` with ``segment_ids``).
+    """
+    logp = token_logprobs(logits, targets, temperature)
+    adv = advantages.float()
+    if mask.dim() == 2 and adv.dim() == 1:
+        adv = adv[:, None].expand_as(logp)
+    elif mask.dim() == 1 and segment_ids is not None and adv.shape != mask.shape:
+        adv = adv[segment_ids.long()]
+    old = logp.detach() if old_logprobs is None else old_logprobs.float()
+    ratio = torch.exp(logp - old)
+    s, clipped = clipped_surrogate(ratio, adv, eps_low, eps_high, dual_clip)
+    if ref_logprobs is not None and beta != 0.0:
+        kl = kl_estimate(logp, ref_logprobs.float(), kl_estimator)
+    else:
+        kl = torch.zeros_like(logp)
+    weights = aggregation_weights(mask, agg, max_len=max_len, segment_ids=segment_ids)
+    per_tok = torch.where(weights != 0, weights * (-s + beta * kl), torch.zeros_like(s))
+    loss = per_tok.sum()
+    return loss, grpo_metrics(ratio.detach(), kl.detach(), clipped, mask)
