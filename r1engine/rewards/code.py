@@ -50,6 +50,8 @@ class CodeReward:
         memory_bytes: address-space limit per test.
         all_or_nothing: 1.0 only when every test passes.
         max_tests: run at most this many tests per sample (the first ones).
+        max_output_bytes: stdout+stderr cap per test (the program is killed past it).
+        sandbox: force "bubblewrap" or "rlimit" (default: the strongest that works, ``sandbox_strength()``).
     """
 
     def __init__(
@@ -59,12 +61,16 @@ class CodeReward:
         all_or_nothing: bool = False,
         max_tests: int | None = None,
         max_output_bytes: int = 1 << 20,
+        sandbox: str | None = None,
     ):
         self.limits = SandboxLimits(
             wall_time_s=float(time_limit_s), memory_bytes=int(memory_bytes), max_output_bytes=int(max_output_bytes)
         )
         self.all_or_nothing = bool(all_or_nothing)
         self.max_tests = max_tests
+        if sandbox not in (None, "bubblewrap", "rlimit"):
+            raise ValueError(f"code: sandbox must be None, 'bubblewrap' or 'rlimit', got {sandbox!r}")
+        self.sandbox = sandbox
 
     def score_one(self, completion: str, ref: Any) -> RewardResult:
         """Run one completion's program on its tests."""
@@ -79,7 +85,7 @@ class CodeReward:
         passed = 0
         first_failure: str | None = None
         for k, (inp, expected) in enumerate(tests):
-            res = run_python(code, inp, self.limits)
+            res = run_python(code, inp, self.limits, self.sandbox)
             if res.status == "ok" and normalize_output(res.stdout) == normalize_output(expected):
                 passed += 1
                 continue

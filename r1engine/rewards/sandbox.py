@@ -308,13 +308,13 @@ def _make_cgroups(limits: SandboxLimits, tag: str) -> list[str]:
     return made
 
 
-def _kill_cgroups(cgroups: list[str]) -> None:
+def _kill_cgroups(cgroups: list[str], spare: int | None = None) -> None:
     for _ in range(50):
         alive = False
         for cg in cgroups:
             try:
                 with open(os.path.join(cg, "cgroup.procs")) as f:
-                    pids = [int(x) for x in f.read().split()]
+                    pids = [int(x) for x in f.read().split() if int(x) != spare]
             except OSError:
                 continue
             for p in pids:
@@ -408,6 +408,14 @@ def _run(code: str, stdin: str, limits: SandboxLimits, strength: str) -> Sandbox
         return SandboxResult("sandbox error", None, "", str(e), time.monotonic() - t0, strength, f"sandbox error: {e}")
     finally:
         if proc is not None:
+            if cgroups and proc.poll() is None:
+                # Kill what runs inside first, so the outer bwrap reaps its own children and exits (killing
+                # it first would leave its children to be reaped by PID 1, a transient zombie per run).
+                _kill_cgroups(cgroups, spare=proc.pid)
+                try:
+                    proc.wait(timeout=1.0)
+                except subprocess.TimeoutExpired:
+                    pass
             _kill_group(proc)
         _kill_cgroups(cgroups)
         _remove_cgroups(cgroups)
