@@ -167,8 +167,10 @@ def _linear_grpo_fwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss_tok, logp, ratio, kl, clipped, lse, dlogp), fp32 [N]; rows with weight 0 are not computed (all 0,
     ratio 1)."""
-    n = hidden.shape[0]
+    n, v = hidden.shape[0], weight.shape[0]
     dev = hidden.device
+    if n and (int(targets.min()) < 0 or int(targets.max()) >= v):  # checked here, eagerly, also under torch.compile
+        raise ValueError(f"targets: expected ids in [0, {v}), got [{int(targets.min())}, {int(targets.max())}]")
     logp = torch.zeros(n, dtype=torch.float32, device=dev)
     lse = torch.zeros(n, dtype=torch.float32, device=dev)
     live = torch.nonzero(weights != 0).squeeze(1)
@@ -327,9 +329,6 @@ def linear_grpo_loss(
         raise ValueError(f"targets: expected shape {tok_shape}, got {tuple(targets.shape)}")
     if tuple(mask.shape) != tok_shape:
         raise ValueError(f"mask: expected shape {tok_shape}, got {tuple(mask.shape)}")
-    v = weight.shape[0]
-    if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= v):
-        raise ValueError(f"targets: expected ids in [0, {v}), got [{int(targets.min())}, {int(targets.max())}]")
     adv = advantages
     if mask.dim() == 2 and adv.dim() == 1 and adv.shape[0] == mask.shape[0]:
         adv = adv[:, None].expand(tok_shape)
