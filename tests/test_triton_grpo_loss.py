@@ -196,6 +196,44 @@ def test_reachable_through_the_backend_switch():
     torch.testing.assert_close(out[0], R.grpo_fwd(logits, targets, adv, old, ref, weights, **hp)[0])
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("inplace", [False, True])
+def test_public_grpo_loss_with_triton_backend(dtype, inplace):
+    from r1engine.ops import grpo_loss
+
+    g = torch.Generator().manual_seed(17)
+    b, t, v = 3, 11, 123
+    logits = (torch.randn(b, t, v, generator=g) * 2).to(dtype).to(DEV)
+    targets = torch.randint(0, v, (b, t), generator=g).to(DEV)
+    mask = (torch.rand(b, t, generator=g) < 0.8).to(DEV)
+    mask[1] = False  # an empty sequence
+    adv = torch.randn(b, generator=g).to(DEV)
+    lp = torch.log_softmax(logits.float(), -1).gather(-1, targets[..., None]).squeeze(-1)
+    old = lp + 0.3 * torch.randn(b, t, generator=g).to(DEV)
+    ref = lp + 0.3 * torch.randn(b, t, generator=g).to(DEV)
+    res = []
+    for backend in ("torch", "triton"):
+        x = logits.detach().clone().requires_grad_()
+        loss, met = grpo_loss(
+            x,
+            targets,
+            adv,
+            mask,
+            old,
+            ref,
+            beta=0.04,
+            dual_clip=3.0,
+            temperature=0.9,
+            backend=backend,
+            inplace_backward=inplace and backend == "triton",
+        )
+        loss.backward()
+        res.append((loss.detach(), met.clip_frac, met.kl_mean, x.grad.float()))
+    tol = dict(atol=1e-6, rtol=1e-4) if dtype == torch.float32 else dict(atol=1e-4, rtol=1.6e-2)
+    for a, b_ in zip(*res, strict=True):
+        torch.testing.assert_close(a, b_, **tol)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # GPU grid (runs on a CUDA machine only)
 
