@@ -49,9 +49,23 @@ def default_config(dtype: torch.dtype, device: torch.device) -> TileConfig:
 
 
 @triton.jit
-def _logit_tile(x_ptr, w_ptr, rows, cols, row_ok, col_ok, H, stride_x, stride_w, BK: tl.constexpr, IEEE: tl.constexpr):
+def _logit_tile(
+    x_ptr,
+    w_ptr,
+    rows,
+    cols,
+    row_ok,
+    col_ok,
+    H,
+    stride_x,
+    stride_w,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+    IEEE: tl.constexpr,
+):
     """acc[BM, BN] = X[rows] @ W[cols]^T in fp32 (out-of-range rows/cols read as 0; callers mask them)."""
-    acc = tl.zeros((rows.shape[0], cols.shape[0]), tl.float32)
+    acc = tl.zeros((BM, BN), tl.float32)
     ks0 = tl.arange(0, BK)
     for k0 in range(0, H, BK):
         ks = k0 + ks0
@@ -98,7 +112,7 @@ def _fwd_kernel(
     for v0 in range(v_lo, v_hi, BN):
         cols = v0 + tl.arange(0, BN)
         col_ok = cols < v_hi
-        z = _logit_tile(x_ptr, w_ptr, rows, cols.to(tl.int64), row_ok, col_ok, H, stride_x, stride_w, BK, IEEE)
+        z = _logit_tile(x_ptr, w_ptr, rows, cols.to(tl.int64), row_ok, col_ok, H, stride_x, stride_w, BM, BN, BK, IEEE)
         z = tl.where(col_ok[None, :], z * inv_t, float("-inf"))  # never let a padded column reach the exp as 0
         m_new = tl.maximum(m, tl.max(z, axis=1))  # every tile has a valid column, so m_new is finite
         s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new[:, None]), axis=1)
@@ -138,7 +152,7 @@ def _dlogits_kernel(
     local = pid_n * BN + tl.arange(0, BN)
     cols = v_lo + local
     col_ok = cols < v_hi
-    z = _logit_tile(x_ptr, w_ptr, rows, cols.to(tl.int64), row_ok, col_ok, H, stride_x, stride_w, BK, IEEE)
+    z = _logit_tile(x_ptr, w_ptr, rows, cols.to(tl.int64), row_ok, col_ok, H, stride_x, stride_w, BM, BN, BK, IEEE)
     lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
     g = tl.load(g_ptr + rows, mask=row_ok, other=0.0) * inv_t
     tgt = tl.load(targets_ptr + rows, mask=row_ok, other=-1)
@@ -225,14 +239,14 @@ def _ieee(hidden: torch.Tensor) -> bool:
 
 
 def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a @ b with an fp32 result, accumulated in fp32 (cuBLAS out_dtype when available, else upcast)."""
+    """a @ b with an fp32 result, accumulated in fp32 (cuBLAS out_dtype when available; on CPU by upcasting)."""
     if a.dtype == torch.float32:
         return a @ b
     if a.is_cuda:
         try:
             return torch.mm(a, b, out_dtype=torch.float32)
-        except (RuntimeError, TypeError):
-            pass
+        except (RuntimeError, TypeError):  # older torch: bf16 GEMM (fp32 accumulation inside, bf16 result)
+            return (a @ b).float()
     return a.float() @ b.float()
 
 
