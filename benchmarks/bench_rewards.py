@@ -1,9 +1,10 @@
 """Benchmark: overlapping slow rewards with the rollout (RewardScheduler) vs computing them after it.
 
 Reward: the ``code`` reward on programs that each run one test case burning 100-500 ms of CPU time
-(``time.process_time``; drawn per sample, fixed seed) in the sandbox, plus the ``format`` reward. Rollout stand-in: a fixed amount of
-single-threaded fp32 matmul work shaped like a tiny decoder's forward passes (hidden 512, 4 layers,
-MLP 4x, 64 tokens per pass), calibrated at start-up to take about as long as one batch's rewards.
+(``time.process_time``; drawn per sample, fixed seed) in the sandbox, plus the ``format`` reward.
+Rollout stand-in: a fixed amount of single-threaded fp32 matmul work shaped like a tiny decoder's
+forward passes (hidden 512, 4 layers, MLP 4x, 64 tokens per pass), calibrated at start-up to take
+about as long as one batch's rewards.
 
 - baseline ("sequential"): each step runs the rollout, then scores its batch in-process (CombinedReward);
 - overlapped: each step submits its batch to RewardScheduler(num_workers=1) and runs the next rollout
