@@ -105,7 +105,7 @@ def run_overlapped(rollout: Rollout, batches, steps: int) -> tuple[float, float]
         for s in range(steps + 1):
             handle = sched.submit(*batches[s % len(batches)][:2]) if s < steps else None
             if s < steps:
-                rollout()  # rollout of the NEXT step overlaps this step's rewards (first one: warm-up work)
+                rollout()  # the next step's rollout runs while the worker scores batch s
             if pending is not None:
                 t1 = time.perf_counter()
                 res = pending.result(timeout=300)
@@ -113,7 +113,7 @@ def run_overlapped(rollout: Rollout, batches, steps: int) -> tuple[float, float]
                 assert all(v >= 1.0 for v in res.scores), res.metrics
             pending = handle
         total = time.perf_counter() - t0
-    # steps+1 rollouts were run for `steps` reward batches: count the work per step the same way
+    # the same work as run_sequential: `steps` rollouts and `steps` reward batches
     return total / steps, wait / steps
 
 
