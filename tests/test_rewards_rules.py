@@ -277,3 +277,25 @@ def test_combined_reward_weights_metrics_and_failure():
     assert c2.evaluate(["<answer>50+25+7</answer>"], refs).per_function["countdown"][0].score == 1.0
     with pytest.raises(ValueError, match="options given"):
         CombinedReward({"format": 1.0}, {"arithmetic": {}})
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "<answer>" * 200_000,
+        "<think>" * 100_000 + "</think>" * 100_000,
+        "```python\n" * 200_000,
+        "\\boxed{" * 200_000,
+        "<answer>" + "(" * 200_000 + "</answer>",
+    ],
+)
+def test_pathological_tag_soup_is_linear(text):
+    # A regex like <answer>(.*?)</answer> takes minutes on thousands of unclosed tags; every reward must not.
+    t0 = time.monotonic()
+    for name in ("format", "arithmetic"):
+        (r,) = get_reward(name)([text], [1])
+        assert r.score == 0.0 and r.reason
+    get_reward("language_consistency")([text], [None])  # "think" tags are Latin words: any score, but fast
+    (r,) = get_reward("countdown")([text], [([1], 1)])
+    assert r.score == 0.0 and r.reason
+    assert time.monotonic() - t0 < 3.0

@@ -8,9 +8,6 @@ from __future__ import annotations
 import re
 from fractions import Fraction
 
-_ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
-_THINK_RE = re.compile(r"<think>(.*?)</think>", re.DOTALL)
-_FENCE_RE = re.compile(r"```[ \t]*([A-Za-z0-9_+-]*)[ \t]*\n(.*?)```", re.DOTALL)
 # A plain number: integer, decimal, or a/b, with optional sign and thousands separators.
 _NUMBER_RE = re.compile(r"[+-]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|[+-]?\.\d+")
 _FRACTION_RE = re.compile(r"([+-]?\d+)\s*/\s*(\d+)")
@@ -18,12 +15,18 @@ _LATEX_FRAC_RE = re.compile(r"(-?)\\[dt]?frac\{\s*(-?\d+)\s*\}\{\s*(\d+)\s*\}")
 
 
 def extract_tag(text: str, tag: str) -> str | None:
-    """Content of the LAST ``<tag>...</tag>`` pair in ``text`` (None if absent)."""
-    rx = {"answer": _ANSWER_RE, "think": _THINK_RE}.get(tag) or re.compile(rf"<{tag}>(.*?)</{tag}>", re.DOTALL)
-    last = None
-    for m in rx.finditer(text):
-        last = m
-    return last.group(1) if last else None
+    """Content of the LAST ``<tag>...</tag>`` pair in ``text`` (None if absent).
+
+    Two ``str.rfind`` scans, linear time: a regex such as ``<answer>(.*?)</answer>`` is quadratic on a
+    completion made of thousands of unclosed ``<answer>`` tags (minutes for 160 kB)."""
+    close = text.rfind(f"</{tag}>")
+    if close < 0:
+        return None
+    opening = f"<{tag}>"
+    start = text.rfind(opening, 0, close)
+    if start < 0:
+        return None
+    return text[start + len(opening) : close]
 
 
 def extract_think(text: str, think_in_prompt: bool = False) -> str | None:
@@ -68,13 +71,31 @@ def extract_answer(text: str) -> str | None:
     return boxed.strip() if boxed is not None else None
 
 
+def _fenced_blocks(text: str) -> list[tuple[str, str]]:
+    """(language, body) of each complete fenced block, in order; linear scan over the ``` markers."""
+    out = []
+    pos = 0
+    while True:
+        start = text.find("```", pos)
+        if start < 0:
+            return out
+        nl = text.find("\n", start + 3)
+        if nl < 0:
+            return out
+        end = text.find("```", nl + 1)
+        if end < 0:
+            return out
+        out.append((text[start + 3 : nl].strip(), text[nl + 1 : end]))
+        pos = end + 3
+
+
 def extract_code(text: str, languages: tuple[str, ...] = ("python", "py", "python3", "")) -> str | None:
     """The last fenced code block whose language tag is in ``languages`` ("" = untagged); else the
     ``<answer>`` content if it has no fence; else None."""
     last = None
-    for m in _FENCE_RE.finditer(text):
-        if m.group(1).lower() in languages:
-            last = m.group(2)
+    for lang, body in _fenced_blocks(text):
+        if lang.lower() in languages:
+            last = body
     if last is not None:
         return last
     ans = extract_tag(text, "answer")
