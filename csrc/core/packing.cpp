@@ -110,37 +110,44 @@ void validate_options(const int64_t* lengths, int64_t n, const PackingOptions& o
   }
 }
 
-// Indices sorted by length descending, ties by ascending index (stable counting sort when the range is small).
-std::vector<int64_t> sort_desc(const int64_t* lengths, int64_t n, int64_t max_len) {
+// Indices sorted by length descending, ties by ascending index (stable counting sort when the range is small),
+// plus the sorted lengths themselves (so later passes read them sequentially instead of gathering).
+std::vector<int64_t> sort_desc(const int64_t* lengths, int64_t n, int64_t max_len, std::vector<int64_t>& sorted_len) {
   std::vector<int64_t> order(static_cast<size_t>(n));
+  sorted_len.resize(static_cast<size_t>(n));
   if (max_len <= 4 * n + (int64_t{1} << 16)) {
     std::vector<int64_t> start(static_cast<size_t>(max_len + 2), 0);
     // bucket k holds length max_len - k (so ascending bucket = descending length)
     for (int64_t i = 0; i < n; ++i) ++start[static_cast<size_t>(max_len - lengths[i] + 1)];
     for (size_t k = 1; k < start.size(); ++k) start[k] += start[k - 1];
+    for (int64_t k = 0; k <= max_len; ++k)
+      std::fill(sorted_len.begin() + start[static_cast<size_t>(k)], sorted_len.begin() + start[static_cast<size_t>(k + 1)],
+                max_len - k);
     for (int64_t i = 0; i < n; ++i) order[static_cast<size_t>(start[static_cast<size_t>(max_len - lengths[i])]++)] = i;
   } else {
     std::iota(order.begin(), order.end(), int64_t{0});
     std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return lengths[a] > lengths[b]; });
+    for (int64_t k = 0; k < n; ++k) sorted_len[static_cast<size_t>(k)] = lengths[order[static_cast<size_t>(k)]];
   }
   return order;
 }
 
-// Best-fit decreasing over `order`. Returns chunks in the order they were opened.
-std::vector<Chunk> best_fit_decreasing(const int64_t* lengths, const std::vector<int64_t>& order, int64_t cap,
-                                       PackingCost cost, double a) {
-  std::vector<Chunk> chunks;
-  NextSetBit nonempty(cap + 1);                               // free-space values with an open chunk
+// Best-fit decreasing over `order`. Returns chunks in the order they were opened, each listing its sequences
+// in placement order. The pass records only a chunk id per sequence; the per-chunk lists are built afterwards
+// with exact sizes (no reallocation in the hot loop).
+std::vector<Chunk> best_fit_decreasing(const std::vector<int64_t>& sorted_len, const std::vector<int64_t>& order,
+                                       int64_t cap, PackingCost cost, double a) {
+  NextSetBit nonempty(cap + 1);                                 // free-space values with an open chunk
   std::vector<int64_t> head(static_cast<size_t>(cap + 1), -1);  // free space -> first chunk (intrusive list)
-  std::vector<int64_t> next;                                  // chunk -> next chunk in its bucket
+  std::vector<int64_t> next;                                    // chunk -> next chunk in its bucket
   std::vector<int64_t> free_space;
-  for (int64_t s : order) {
-    const int64_t len = lengths[s];
-    int64_t f = nonempty.find_next(len);
+  std::vector<int64_t> chunk_of(order.size());
+  for (size_t k = 0; k < order.size(); ++k) {
+    const int64_t len = sorted_len[k];
+    const int64_t f = nonempty.find_next(len);
     int64_t c;
     if (f < 0) {
-      c = static_cast<int64_t>(chunks.size());
-      chunks.emplace_back();
+      c = static_cast<int64_t>(free_space.size());
       next.push_back(-1);
       free_space.push_back(cap);
     } else {
@@ -148,10 +155,7 @@ std::vector<Chunk> best_fit_decreasing(const int64_t* lengths, const std::vector
       head[static_cast<size_t>(f)] = next[static_cast<size_t>(c)];
       if (head[static_cast<size_t>(f)] < 0) nonempty.clear(f);
     }
-    Chunk& ch = chunks[static_cast<size_t>(c)];
-    ch.seqs.push_back(s);
-    ch.tokens += len;
-    ch.cost += sequence_cost(len, cost, a);
+    chunk_of[k] = c;
     const int64_t nf = free_space[static_cast<size_t>(c)] - len;
     free_space[static_cast<size_t>(c)] = nf;
     if (nf > 0) {
@@ -159,6 +163,16 @@ std::vector<Chunk> best_fit_decreasing(const int64_t* lengths, const std::vector
       if (head[static_cast<size_t>(nf)] < 0) nonempty.set(nf);
       head[static_cast<size_t>(nf)] = c;
     }
+  }
+  std::vector<Chunk> chunks(free_space.size());
+  std::vector<int64_t> count(free_space.size(), 0);
+  for (int64_t c : chunk_of) ++count[static_cast<size_t>(c)];
+  for (size_t c = 0; c < chunks.size(); ++c) chunks[c].seqs.reserve(static_cast<size_t>(count[c]));
+  for (size_t k = 0; k < order.size(); ++k) {
+    Chunk& ch = chunks[static_cast<size_t>(chunk_of[k])];
+    ch.seqs.push_back(order[k]);
+    ch.tokens += sorted_len[k];
+    ch.cost += sequence_cost(sorted_len[k], cost, a);
   }
   return chunks;
 }
@@ -223,40 +237,44 @@ RankState assign_lpt(const std::vector<Chunk>& chunks, int64_t R, int64_t K) {
   return st;
 }
 
-// Best chunk swap between heavy rank h and light rank l: delta = cost(a) - cost(b) in (0, gap), closest to
-// gap / 2. Returns false when no swap lowers the pair's maximum.
-bool swap_chunks(RankState& st, const std::vector<Chunk>& chunks, int64_t h, int64_t l) {
+using CostList = std::vector<std::pair<double, int64_t>>;  // (chunk cost, chunk id), sorted ascending
+
+// Best chunk swap between heavy rank h and light rank l: delta = cost(x) - cost(y) in (0, gap), closest to
+// gap / 2, found by a two-pointer walk over both sorted lists in O(K). Returns false when no swap lowers the
+// pair's maximum.
+bool swap_chunks(RankState& st, std::vector<CostList>& sorted, int64_t h, int64_t l) {
   const double gap = st.load[static_cast<size_t>(h)] - st.load[static_cast<size_t>(l)];
   if (!(gap > 0)) return false;
-  auto& H = st.chunks[static_cast<size_t>(h)];
-  auto& L = st.chunks[static_cast<size_t>(l)];
-  std::vector<std::pair<double, size_t>> lc(L.size());
-  for (size_t j = 0; j < L.size(); ++j) lc[j] = {chunks[static_cast<size_t>(L[j])].cost, j};
-  std::sort(lc.begin(), lc.end());
+  CostList& H = sorted[static_cast<size_t>(h)];
+  CostList& L = sorted[static_cast<size_t>(l)];
+  if (H.empty() || L.empty()) return false;
   double best = gap;  // |gap - 2 delta| must get below gap for a strict improvement
   size_t bi = 0, bj = 0;
   bool found = false;
+  size_t j = 0;
   for (size_t i = 0; i < H.size(); ++i) {
-    const double ca = chunks[static_cast<size_t>(H[i])].cost;
-    const double want = ca - gap / 2;  // ideal cost of the chunk coming back
-    auto it = std::lower_bound(lc.begin(), lc.end(), std::make_pair(want, size_t{0}));
-    for (int k = 0; k < 2; ++k) {
-      auto jt = (k == 0) ? it : (it == lc.begin() ? lc.end() : std::prev(it));
-      if (jt == lc.end()) continue;
-      const double delta = ca - jt->first;
+    const double want = H[i].first - gap / 2;  // ideal cost of the chunk coming back; ascending in i
+    while (j < L.size() && L[j].first < want) ++j;
+    for (size_t jj : {j, j - 1}) {
+      if (jj >= L.size()) continue;  // also catches j - 1 wrapping when j == 0
+      const double delta = H[i].first - L[jj].first;
       if (!(delta > 0 && delta < gap)) continue;
       const double score = std::fabs(gap - 2 * delta);
       if (score < best - 1e-12 * gap) {
         best = score;
         bi = i;
-        bj = jt->second;
+        bj = jj;
         found = true;
       }
     }
   }
   if (!found) return false;
-  const double delta = chunks[static_cast<size_t>(H[bi])].cost - chunks[static_cast<size_t>(L[bj])].cost;
-  std::swap(H[bi], L[bj]);
+  const auto x = H[bi], y = L[bj];
+  const double delta = x.first - y.first;
+  H.erase(H.begin() + static_cast<std::ptrdiff_t>(bi));
+  L.erase(L.begin() + static_cast<std::ptrdiff_t>(bj));
+  H.insert(std::lower_bound(H.begin(), H.end(), y), y);
+  L.insert(std::lower_bound(L.begin(), L.end(), x), x);
   st.load[static_cast<size_t>(h)] -= delta;
   st.load[static_cast<size_t>(l)] += delta;
   return true;
@@ -271,21 +289,37 @@ std::pair<int64_t, int64_t> argmax_argmin(const std::vector<double>& v) {
   return {hi, lo};
 }
 
-// Pairwise chunk swaps: the heaviest rank against the lightest that admits an improving swap, and the
-// lightest against the heaviest, until neither improves or the iteration cap is hit.
-void refine_chunk_swaps(RankState& st, const std::vector<Chunk>& chunks, int64_t iters) {
+// Pairwise chunk swaps: the heaviest rank against the lightest few ranks that admit an improving swap, then
+// the lightest against the heaviest few, until neither improves, the spread is below tol, or the cap is hit.
+void refine_chunk_swaps(RankState& st, const std::vector<Chunk>& chunks, int64_t iters, double tol) {
   const int64_t R = static_cast<int64_t>(st.load.size());
   if (R < 2) return;
+  std::vector<CostList> sorted(static_cast<size_t>(R));
+  for (int64_t r = 0; r < R; ++r) {
+    for (int64_t c : st.chunks[static_cast<size_t>(r)])
+      sorted[static_cast<size_t>(r)].emplace_back(chunks[static_cast<size_t>(c)].cost, c);
+    std::sort(sorted[static_cast<size_t>(r)].begin(), sorted[static_cast<size_t>(r)].end());
+  }
+  const int64_t partners = std::min<int64_t>(R - 1, 8);
   std::vector<int64_t> by_load(static_cast<size_t>(R));
   for (int64_t it = 0; it < iters; ++it) {
     std::iota(by_load.begin(), by_load.end(), int64_t{0});
-    std::stable_sort(by_load.begin(), by_load.end(),
-                     [&](int64_t x, int64_t y) { return st.load[static_cast<size_t>(x)] < st.load[static_cast<size_t>(y)]; });
+    std::stable_sort(by_load.begin(), by_load.end(), [&](int64_t x, int64_t y) {
+      return st.load[static_cast<size_t>(x)] < st.load[static_cast<size_t>(y)];
+    });
     const int64_t hi = by_load.back(), lo = by_load.front();
+    if (!(st.load[static_cast<size_t>(hi)] - st.load[static_cast<size_t>(lo)] > tol * st.load[static_cast<size_t>(hi)]))
+      break;
     bool moved = false;
-    for (int64_t k = 0; k + 1 < R && !moved; ++k) moved = swap_chunks(st, chunks, hi, by_load[static_cast<size_t>(k)]);
-    for (int64_t k = R - 1; k >= 1 && !moved; --k) moved = swap_chunks(st, chunks, by_load[static_cast<size_t>(k)], lo);
-    if (!moved) return;
+    for (int64_t k = 0; k < partners && !moved; ++k) moved = swap_chunks(st, sorted, hi, by_load[static_cast<size_t>(k)]);
+    for (int64_t k = R - 1; k >= R - partners && !moved; --k)
+      moved = swap_chunks(st, sorted, by_load[static_cast<size_t>(k)], lo);
+    if (!moved) break;
+  }
+  for (int64_t r = 0; r < R; ++r) {
+    auto& ids = st.chunks[static_cast<size_t>(r)];
+    ids.clear();
+    for (const auto& e : sorted[static_cast<size_t>(r)]) ids.push_back(e.second);
   }
 }
 
@@ -293,7 +327,7 @@ void refine_chunk_swaps(RankState& st, const std::vector<Chunk>& chunks, int64_t
 // room, or swap two sequences whose chunks can absorb the length difference, with the cost transfer closest
 // to half the gap. Never empties a chunk.
 void refine_sequence_moves(RankState& st, std::vector<Chunk>& chunks, const int64_t* lengths, int64_t cap,
-                           PackingCost cost, double a, int64_t iters, double tol) {
+                           PackingCost cost, double a, int64_t iters, double tol, int64_t work_budget) {
   const int64_t R = static_cast<int64_t>(st.load.size());
   if (R < 2) return;
   struct Entry {
@@ -306,6 +340,10 @@ void refine_sequence_moves(RankState& st, std::vector<Chunk>& chunks, const int6
     auto [hi, lo] = argmax_argmin(st.load);
     const double gap = st.load[static_cast<size_t>(hi)] - st.load[static_cast<size_t>(lo)];
     if (!(gap > tol * st.load[static_cast<size_t>(hi)])) return;
+    for (int64_t r : {hi, lo})
+      for (int64_t c : st.chunks[static_cast<size_t>(r)])
+        work_budget -= static_cast<int64_t>(chunks[static_cast<size_t>(c)].seqs.size()) + 1;
+    if (work_budget < 0) return;
     // Light rank: its sequences sorted by cost, and its chunk free spaces sorted.
     std::vector<Entry> light;
     std::vector<std::pair<int64_t, int64_t>> free_lo;  // (free space, chunk)
@@ -423,19 +461,22 @@ PackingResult plan_packing(const int64_t* lengths, int64_t n, const PackingOptio
   for (int64_t i = 0; i < n; ++i) res.total_tokens += lengths[i];
   res.lower_bound = (res.total_tokens + cap - 1) / cap;
 
-  const std::vector<int64_t> order = sort_desc(lengths, n, cap);
-  std::vector<Chunk> chunks = best_fit_decreasing(lengths, order, cap, opts.cost, a);
+  std::vector<int64_t> sorted_len;
+  const std::vector<int64_t> order = sort_desc(lengths, n, cap, sorted_len);
+  std::vector<Chunk> chunks = best_fit_decreasing(sorted_len, order, cap, opts.cost, a);
   res.bfd_chunks = static_cast<int64_t>(chunks.size());
   const int64_t K = target_chunks_per_rank(res.bfd_chunks, opts);
   split_to_count(chunks, K * R, lengths, opts.cost, a);
 
   RankState st = assign_lpt(chunks, R, K);
   const int64_t iters = opts.refine_iters >= 0 ? opts.refine_iters : 4 * R + 64;
-  refine_chunk_swaps(st, chunks, iters);
-  // Sequence-level moves cost O((n / R) log n) each: bound their number so the pass stays O(n log n) overall,
-  // and stop once the spread is below 1e-4 of the maximum.
-  const int64_t seq_iters = opts.refine_iters >= 0 ? opts.refine_iters : std::min<int64_t>(iters, 16 * R + 16);
-  refine_sequence_moves(st, chunks, lengths, cap, opts.cost, a, seq_iters, 1e-4);
+  constexpr double kTol = 2e-5;  // stop balancing once (max - min) / max is below this
+  refine_chunk_swaps(st, chunks, iters, kTol);
+  // Sequence-level moves cost O((n / R) log n) each: they run only while the spread exceeds 1e-3 of the maximum
+  // (chunk swaps already got it close) and stop after touching ~4n sequence entries, so the pass stays
+  // O(n log n) overall.
+  const int64_t seq_iters = opts.refine_iters >= 0 ? opts.refine_iters : iters;
+  refine_sequence_moves(st, chunks, lengths, cap, opts.cost, a, seq_iters, 1e-3, 4 * n + 1024);
 
   // Emit rank-major, chunks within a rank by cost descending (ties by chunk id), sequences by length descending.
   res.rank_ptr.assign(1, 0);
@@ -451,9 +492,8 @@ PackingResult plan_packing(const int64_t* lengths, int64_t n, const PackingOptio
     double load = 0.0;
     for (int64_t c : ids) {
       Chunk& ch = chunks[static_cast<size_t>(c)];
-      std::stable_sort(ch.seqs.begin(), ch.seqs.end(), [&](int64_t x, int64_t y) {
-        return lengths[x] != lengths[y] ? lengths[x] > lengths[y] : x < y;
-      });
+      auto longer = [&](int64_t x, int64_t y) { return lengths[x] != lengths[y] ? lengths[x] > lengths[y] : x < y; };
+      if (!std::is_sorted(ch.seqs.begin(), ch.seqs.end(), longer)) std::sort(ch.seqs.begin(), ch.seqs.end(), longer);
       int64_t off = 0;
       double cost_sum = 0.0;
       for (int64_t s : ch.seqs) {

@@ -1,0 +1,370 @@
+"""Best-fit packing planner: sequences -> fixed-length chunks -> an equal number of chunks per rank.
+
+The R1 training module sorts sequences by length, packs them best-fit into fixed-length chunks and gives
+every data-parallel process the same number of chunks. `plan` does that with the compiled planner
+(`torch.ops.r1engine.packing_plan`, csrc/core/packing.cpp: O(n log n) best-fit decreasing over a bit tree
+of free-space buckets, then count adjustment by splitting chunks and LPT + swap balancing of the per-rank
+load). `backend="python"` runs a pure-Python version of the same steps; `best_fit_decreasing_reference`
+is the plain best-fit decreasing used as the test oracle and as a benchmark baseline.
+"""
+
+from __future__ import annotations
+
+import bisect
+import heapq
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from r1engine import _ext
+
+CostKind = Literal["tokens", "attention"]
+
+#: Default `a` of the attention-aware cost a*len + len^2. The FLOPs proxy 12*h^2*s + 2*h*s^2 divided by 2h gives
+#: a = 6*h; verl's 24576 is h = 4096 (7B). Pass 6 * hidden_size for your model.
+DEFAULT_ATTN_COEF = 24576.0
+
+
+@dataclass(frozen=True)
+class PackedChunk:
+    """One chunk: the sequences it holds (global indices) and their token offsets inside the chunk."""
+
+    seq_indices: list[int]
+    offsets: list[int]
+    lengths: list[int]
+
+    @property
+    def tokens(self) -> int:
+        return sum(self.lengths)
+
+
+@dataclass(frozen=True)
+class PackingPlan:
+    """Result of `plan`, stored flat (CSR) so that a million sequences cost no Python objects.
+
+    Chunks are numbered rank-major: rank r owns chunks ``rank_ptr[r]:rank_ptr[r+1]`` (the same count for
+    every rank), chunk c holds the sequences ``seq_index[chunk_ptr[c]:chunk_ptr[c+1]]`` at token offsets
+    ``seq_offset[...]`` (contiguous from 0, longest first). Within a rank, chunks are ordered by load,
+    heaviest first.
+    """
+
+    lengths: torch.Tensor  # int64 [n]
+    chunk_len: int
+    num_ranks: int
+    cost: str
+    attn_coef: float
+    min_chunks_per_rank: int
+    chunk_multiple: int
+    seq_index: torch.Tensor  # int64 [n]
+    seq_offset: torch.Tensor  # int64 [n]
+    chunk_ptr: torch.Tensor  # int64 [num_chunks + 1]
+    rank_ptr: torch.Tensor  # int64 [num_ranks + 1]
+    chunk_tokens: torch.Tensor  # int64 [num_chunks]
+    chunk_cost: torch.Tensor  # float64 [num_chunks]
+    rank_load: torch.Tensor  # float64 [num_ranks]
+    total_tokens: int
+    lower_bound: int  # ceil(total_tokens / chunk_len)
+    bfd_chunks: int  # chunks found by best-fit decreasing, before equalising the count per rank
+
+    # ---- statistics ---------------------------------------------------------------------------------------
+    @property
+    def num_sequences(self) -> int:
+        return int(self.lengths.numel())
+
+    @property
+    def num_chunks(self) -> int:
+        return int(self.chunk_tokens.numel())
+
+    @property
+    def chunks_per_rank(self) -> int:
+        return self.num_chunks // self.num_ranks
+
+    @property
+    def lower_bound_per_rank(self) -> int:
+        """Fewest chunks per rank any plan can have: ceil(lower_bound / num_ranks), raised to
+        min_chunks_per_rank and rounded up to a multiple of chunk_multiple."""
+        k = max(-(-self.lower_bound // self.num_ranks), self.min_chunks_per_rank)
+        return -(-k // self.chunk_multiple) * self.chunk_multiple
+
+    @property
+    def padding_fraction(self) -> float:
+        """Share of the chunk slots (num_chunks * chunk_len) that hold padding."""
+        slots = self.num_chunks * self.chunk_len
+        return 1.0 - self.total_tokens / slots if slots else 0.0
+
+    @property
+    def rank_tokens(self) -> torch.Tensor:
+        """Tokens per rank, int64 [num_ranks]."""
+        if not self.num_chunks:
+            return torch.zeros(self.num_ranks, dtype=torch.int64)
+        return self.chunk_tokens.view(self.num_ranks, -1).sum(-1)
+
+    @property
+    def load_max(self) -> float:
+        return float(self.rank_load.max())
+
+    @property
+    def load_min(self) -> float:
+        return float(self.rank_load.min())
+
+    @property
+    def load_ratio(self) -> float:
+        """max / min per-rank load (inf when a rank has no load but another has)."""
+        lo, hi = self.load_min, self.load_max
+        if lo <= 0:
+            return 1.0 if hi <= 0 else math.inf
+        return hi / lo
+
+    def stats(self) -> dict[str, float]:
+        """The plan's statistics as a flat dict (for logging)."""
+        return {
+            "num_sequences": self.num_sequences,
+            "num_chunks": self.num_chunks,
+            "chunks_per_rank": self.chunks_per_rank,
+            "lower_bound": self.lower_bound,
+            "lower_bound_per_rank": self.lower_bound_per_rank,
+            "bfd_chunks": self.bfd_chunks,
+            "chunks_over_lower_bound": self.num_chunks / max(self.lower_bound, 1),
+            "padding_fraction": self.padding_fraction,
+            "load_max": self.load_max,
+            "load_min": self.load_min,
+            "load_ratio": self.load_ratio,
+        }
+
+    # ---- structure ----------------------------------------------------------------------------------------
+    def chunk_range(self, rank: int) -> range:
+        """Global chunk ids owned by `rank`."""
+        if not 0 <= rank < self.num_ranks:
+            raise ValueError(f"rank must be in [0, {self.num_ranks}), got {rank}")
+        return range(int(self.rank_ptr[rank]), int(self.rank_ptr[rank + 1]))
+
+    def chunk(self, c: int) -> PackedChunk:
+        """Chunk `c` (global id) as Python lists."""
+        a, b = int(self.chunk_ptr[c]), int(self.chunk_ptr[c + 1])
+        idx = self.seq_index[a:b]
+        return PackedChunk(idx.tolist(), self.seq_offset[a:b].tolist(), self.lengths[idx].tolist())
+
+    def rank_chunks(self, rank: int) -> list[PackedChunk]:
+        """The ordered chunks of `rank`."""
+        return [self.chunk(c) for c in self.chunk_range(rank)]
+
+    def placement(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per sequence (in input order): its rank, its global chunk id and its token offset (int64 [n] each)."""
+        n = self.num_sequences
+        counts = self.chunk_ptr.diff()
+        chunk_of_slot = torch.repeat_interleave(torch.arange(self.num_chunks, dtype=torch.int64), counts)
+        chunk = torch.empty(n, dtype=torch.int64)
+        offset = torch.empty(n, dtype=torch.int64)
+        chunk[self.seq_index] = chunk_of_slot
+        offset[self.seq_index] = self.seq_offset
+        k = max(self.chunks_per_rank, 1)
+        return chunk // k, chunk, offset
+
+
+def _as_lengths(lengths: torch.Tensor | Sequence[int]) -> torch.Tensor:
+    if isinstance(lengths, torch.Tensor):
+        if lengths.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
+            raise TypeError(f"lengths must be an integer tensor (int64 preferred), got dtype {lengths.dtype}")
+        if lengths.dim() != 1:
+            raise ValueError(f"lengths must be 1-D [num_sequences], got shape {tuple(lengths.shape)}")
+        return lengths.detach().to(device="cpu", dtype=torch.int64).contiguous()
+    values = list(lengths)
+    for i, v in enumerate(values):
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise TypeError(f"lengths must hold ints, got {type(v).__name__} at index {i}")
+    return torch.tensor(values, dtype=torch.int64).reshape(-1)
+
+
+def _check_int(name: str, value: int, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def plan(
+    lengths: torch.Tensor | Sequence[int],
+    chunk_len: int,
+    num_ranks: int = 1,
+    *,
+    cost: CostKind = "tokens",
+    attn_coef: float = DEFAULT_ATTN_COEF,
+    min_chunks_per_rank: int = 1,
+    chunk_multiple: int = 1,
+    backend: Literal["auto", "cpp", "python"] = "auto",
+) -> PackingPlan:
+    """Pack sequences of the given lengths into chunks of `chunk_len` tokens, the same number per rank.
+
+    Args:
+        lengths: int tensor [n] (or list of ints) of sequence lengths, each in [1, chunk_len].
+        chunk_len: tokens per chunk (the packed row length L).
+        num_ranks: data-parallel ranks; every rank gets the same number of chunks.
+        cost: per-rank load to balance: "tokens" (sum of lengths) or "attention" (sum of a*len + len^2).
+        attn_coef: `a` of the attention cost (ignored for "tokens").
+        min_chunks_per_rank: at least this many chunks per rank (a pipeline wants >= 2*PP micro-batches).
+        chunk_multiple: chunks per rank are a multiple of this (e.g. 2 for DualPipe).
+        backend: "cpp" (compiled planner), "python" (pure-Python reference of the same steps, slow), or
+            "auto" (cpp when the extension is built).
+
+    Extra chunks (beyond best-fit's count) are made by splitting multi-sequence chunks, so a chunk is empty
+    only when there are fewer sequences than chunks required. Deterministic for the same input.
+    """
+    lens = _as_lengths(lengths)
+    _check_int("chunk_len", chunk_len, 1)
+    _check_int("num_ranks", num_ranks, 1)
+    _check_int("min_chunks_per_rank", min_chunks_per_rank, 0)
+    _check_int("chunk_multiple", chunk_multiple, 1)
+    if cost not in ("tokens", "attention"):
+        raise ValueError(f"cost must be 'tokens' or 'attention', got {cost!r}")
+    attn_coef = float(attn_coef)
+    if not (math.isfinite(attn_coef) and attn_coef >= 0):
+        raise ValueError(f"attn_coef must be a finite value >= 0, got {attn_coef}")
+    if lens.numel():
+        bad = (lens <= 0) | (lens > chunk_len)
+        if bool(bad.any()):
+            i = int(bad.nonzero()[0, 0])
+            what = "must be > 0" if int(lens[i]) <= 0 else f"exceeds chunk_len = {chunk_len}"
+            raise ValueError(f"sequence length {what}: lengths[{i}] = {int(lens[i])}")
+    if backend == "auto":
+        backend = "cpp" if _ext.has_op("packing_plan") else "python"
+    if backend == "cpp":
+        _ext.require("packing_plan")
+        out = torch.ops.r1engine.packing_plan(
+            lens, chunk_len, num_ranks, cost, attn_coef, min_chunks_per_rank, chunk_multiple
+        )
+        seq_index, seq_offset, chunk_ptr, rank_ptr, chunk_tokens, chunk_cost, rank_load, stats = out
+        total, lb, bfd = (int(x) for x in stats.tolist())
+    elif backend == "python":
+        seq_index, seq_offset, chunk_ptr, rank_ptr, chunk_tokens, chunk_cost, rank_load, bfd = _plan_python(
+            lens.tolist(), chunk_len, num_ranks, cost, attn_coef, min_chunks_per_rank, chunk_multiple
+        )
+        total = int(lens.sum())
+        lb = -(-total // chunk_len)
+    else:
+        raise ValueError(f"backend must be 'auto', 'cpp' or 'python', got {backend!r}")
+    return PackingPlan(
+        lengths=lens,
+        chunk_len=chunk_len,
+        num_ranks=num_ranks,
+        cost=cost,
+        attn_coef=attn_coef,
+        min_chunks_per_rank=min_chunks_per_rank,
+        chunk_multiple=chunk_multiple,
+        seq_index=seq_index,
+        seq_offset=seq_offset,
+        chunk_ptr=chunk_ptr,
+        rank_ptr=rank_ptr,
+        chunk_tokens=chunk_tokens,
+        chunk_cost=chunk_cost,
+        rank_load=rank_load,
+        total_tokens=total,
+        lower_bound=lb,
+        bfd_chunks=bfd,
+    )
+
+
+# ---- pure-Python reference -----------------------------------------------------------------------------------
+def best_fit_decreasing_reference(lengths: Sequence[int], chunk_len: int) -> list[list[int]]:
+    """Plain best-fit decreasing: longest first, each into the open chunk with the least free space that fits
+    (a sorted list of (free, chunk) searched with bisect). Returns the sequence indices of each chunk."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    chunks: list[list[int]] = []
+    free: list[tuple[int, int]] = []  # sorted (free space, chunk id)
+    for i in order:
+        n = lengths[i]
+        j = bisect.bisect_left(free, (n, -1))
+        if j == len(free):
+            c = len(chunks)
+            chunks.append([])
+            rest = chunk_len - n
+        else:
+            rest, c = free.pop(j)
+            rest -= n
+        chunks[c].append(i)
+        if rest > 0:
+            bisect.insort(free, (rest, c))
+    return chunks
+
+
+def _plan_python(
+    lengths: list[int],
+    chunk_len: int,
+    num_ranks: int,
+    cost: str,
+    a: float,
+    min_chunks_per_rank: int,
+    chunk_multiple: int,
+) -> tuple:
+    def seq_cost(n: int) -> float:
+        return float(n) if cost == "tokens" else a * n + float(n) * n
+
+    chunks = best_fit_decreasing_reference(lengths, chunk_len)
+    bfd = len(chunks)
+    k = max(-(-bfd // num_ranks), min_chunks_per_rank)
+    k = -(-k // chunk_multiple) * chunk_multiple
+    costs = [sum(seq_cost(lengths[s]) for s in ch) for ch in chunks]
+    # split the most expensive multi-sequence chunk until the count is reached
+    heap = [(-costs[c], c) for c in range(len(chunks)) if len(chunks[c]) >= 2]
+    heapq.heapify(heap)
+    while len(chunks) < k * num_ranks:
+        if not heap:
+            chunks.append([])
+            costs.append(0.0)
+            continue
+        _, c = heapq.heappop(heap)
+        halves: list[list[int]] = [[], []]
+        hc = [0.0, 0.0]
+        for s in chunks[c]:
+            h = 0 if hc[0] <= hc[1] else 1
+            halves[h].append(s)
+            hc[h] += seq_cost(lengths[s])
+        d = len(chunks)
+        chunks[c], costs[c] = halves[0], hc[0]
+        chunks.append(halves[1])
+        costs.append(hc[1])
+        for x in (c, d):
+            if len(chunks[x]) >= 2:
+                heapq.heappush(heap, (-costs[x], x))
+    # cardinality-constrained LPT
+    ids = sorted(range(len(chunks)), key=lambda c: -costs[c])
+    rank_chunks: list[list[int]] = [[] for _ in range(num_ranks)]
+    load = [0.0] * num_ranks
+    rheap = [(0.0, r) for r in range(num_ranks)]
+    for c in ids:
+        ld, r = heapq.heappop(rheap)
+        rank_chunks[r].append(c)
+        load[r] = ld + costs[c]
+        if len(rank_chunks[r]) < k:
+            heapq.heappush(rheap, (load[r], r))
+    seq_index, seq_offset, chunk_ptr, rank_ptr, chunk_tokens, chunk_cost = [], [], [0], [0], [], []
+    for r in range(num_ranks):
+        for c in sorted(rank_chunks[r], key=lambda c: (-costs[c], c)):
+            off = 0
+            for s in sorted(chunks[c], key=lambda s: (-lengths[s], s)):
+                seq_index.append(s)
+                seq_offset.append(off)
+                off += lengths[s]
+            chunk_ptr.append(len(seq_index))
+            chunk_tokens.append(off)
+            chunk_cost.append(costs[c])
+        rank_ptr.append(len(chunk_tokens))
+
+    def i64(x: list[int]) -> torch.Tensor:
+        return torch.tensor(x, dtype=torch.int64)
+
+    chunk_cost_t = torch.tensor(chunk_cost, dtype=torch.float64)
+    rank_load = chunk_cost_t.view(num_ranks, -1).sum(-1) if chunk_cost else torch.zeros(num_ranks, dtype=torch.float64)
+    return (
+        i64(seq_index),
+        i64(seq_offset),
+        i64(chunk_ptr),
+        i64(rank_ptr),
+        i64(chunk_tokens),
+        chunk_cost_t,
+        rank_load,
+        bfd,
+    )
