@@ -148,3 +148,15 @@ def test_real_rewards_in_workers_with_helpers_cleaned_up():
         time.sleep(0.05)
     assert not orphans
     assert not [line for line in ps if line.split() and line.split()[0] in map(str, pids)]
+
+
+def test_close_with_work_in_flight_fails_it_with_a_reason():
+    sched = RewardScheduler({"weights": {f"{MOD}:faulty_reward": 1.0}}, num_workers=1, timeout_s=60, chunk_size=1)
+    h = sched.submit(["HANG", "ok"], [None, None])
+    time.sleep(1.0)
+    t0 = time.monotonic()
+    sched.close()
+    assert time.monotonic() - t0 < 10
+    b = h.result(timeout=1)
+    assert b.reasons[f"{MOD}:faulty_reward"] == ["scheduler closed", "scheduler closed"]
+    assert b.scores == [0.0, 0.0]

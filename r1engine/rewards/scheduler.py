@@ -265,6 +265,9 @@ class RewardScheduler:
                 slot.proc.kill()
                 slot.proc.join(timeout=5)
             slot.conn.close()
+            if slot.task is not None:
+                slot.task.handle._fail(slot.task.start, slot.task.end, self.failure_value, "scheduler closed")
+                slot.task = None
         self._slots = []
         with self._lock:
             while self._pending:
