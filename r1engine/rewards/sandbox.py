@@ -10,7 +10,8 @@ place). Nothing else of the host exists inside: not the project tree, not ``/etc
 capabilities are dropped, nested user namespaces are disabled, and when the PID namespace's init dies
 every process of the program dies with it.
 
-``"rlimit"`` (fallback, weaker): a plain child process in a fresh temporary directory, Python isolated
+``"rlimit"`` (fallback, weaker): a plain child process in a fresh temporary directory (a size-limited
+tmpfs mounted there when the caller is root, as a disk quota), Python isolated
 mode (``-I -S``), a scrubbed environment, a new network namespace when the kernel allows it (root), and
 a Python audit hook installed before the program runs that refuses sockets, subprocesses, ``os.system``,
 ``fork``/``exec``, signals, ``ctypes``, and opening/listing/removing paths outside the temporary directory
@@ -20,7 +21,8 @@ interpreter bugs bypass it, and without a mount namespace the host filesystem is
 Both modes add, around the child: a new session/process group (``setsid``), rlimits on CPU time
 (``RLIMIT_CPU``), address space (``RLIMIT_AS``), processes+threads (``RLIMIT_NPROC``), file size
 (``RLIMIT_FSIZE``), open files and core dumps; a wall-clock limit; stdout+stderr read with a byte cap
-(the child is killed when it exceeds it). When the caller is root, the child also drops to a fresh
+(the child is killed when it exceeds it). When the caller is root (and the sandbox interpreter is
+reachable by other users: a system ``/usr/bin/python3`` is preferred), the child also drops to a fresh
 unprivileged uid (so ``RLIMIT_NPROC`` really applies, it cannot signal the caller, and file permissions
 protect root-owned files) and is placed in per-run cgroup-v1 ``memory`` and ``pids`` groups when those
 are writable (total memory including tmpfs pages, total process count). On exit or timeout the whole
@@ -371,6 +373,8 @@ def _run(code: str, stdin: str, limits: SandboxLimits, strength: str) -> Sandbox
         with open(os.path.join(code_dir, "main.py"), "w", encoding="utf-8") as f:
             f.write(code)
         python = sandbox_python()
+        if uid is not None and not _world_executable(python):
+            uid = None  # an unprivileged uid could not even start the interpreter: keep the caller's uid
         os.chmod(base, 0o755)
         os.chmod(code_dir, 0o755)
         os.chmod(os.path.join(code_dir, "main.py"), 0o644)
