@@ -192,10 +192,12 @@ def test_nothing_left_behind(env, strength):
     assert res.status == "timeout" and res.stdout == "hi\n"
     leftovers = set(glob.glob(os.path.join(tempfile.gettempdir(), "r1sbx-*"))) - before_dirs
     assert not leftovers
-    assert not glob.glob("/sys/fs/cgroup/pids/r1engine-sbx-*")
+    assert not glob.glob(f"/sys/fs/cgroup/pids/r1engine-sbx-{os.getpid()}-*")
+    assert not glob.glob(f"/sys/fs/cgroup/memory/r1engine-sbx-{os.getpid()}-*")
+    my_uids = range(200_000 + (os.getpid() % 8192) * 64, 200_000 + (os.getpid() % 8192) * 64 + 64)  # see sandbox
     for _ in range(40):  # an orphan reaped by PID 1 may linger a moment
         ps = subprocess.run(["ps", "-eo", "uid=,args="], capture_output=True, text=True).stdout
-        left = [line for line in ps.splitlines() if int(line.split()[0]) >= 200_000]
+        left = [line for line in ps.splitlines() if int(line.split()[0]) in my_uids]
         if not left:
             break
         time.sleep(0.05)
