@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from r1engine.rewards import get_reward
@@ -61,3 +63,14 @@ def test_normalisation_and_extraction():
 
 def test_sandbox_strength_is_reported():
     assert sandbox_strength() in ("bubblewrap", "rlimit")
+
+
+def test_forced_fallback_is_reported_in_a_fresh_process():
+    import subprocess
+    import sys
+
+    code = "from r1engine.rewards.sandbox import sandbox_strength as s; print(s())"
+    env = dict(os.environ, R1ENGINE_SANDBOX="rlimit")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == "rlimit"
+    assert "WEAKER" in out.stderr  # logged once, as a warning
