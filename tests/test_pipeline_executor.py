@@ -6,7 +6,9 @@ process (one backward per micro-batch loss, as the executor does). Asserted, per
     micro-batch's loss is computed on exactly one rank;
   * every local stage's parameter gradients match the reference: DeepSeek's metric
     1 - 2*sum(x*y) / sum(x*x + y*y) < 1e-12 and relative L2 error < 1e-5, both in float64 (fp32 sums in a
-    different order cannot do better); in a float64 run the relative L2 error is < 1e-12;
+    different order cannot do better); in a float64 run the relative L2 error is < 1e-12; in a bf16 run
+    (losses and outputs still bitwise equal) the relative L2 error is < 2e-2;
+  * every W op runs the deferred weight gradients of its chunk (ZB1P and multi-rank DualPipe(V) defer some);
   * DualPipe: both copies of each stage hold bitwise identical, summed gradients;
   * the overlapped_forward_backward hook is called for every F&B slot;
   * a forward-only step under torch.no_grad() returns outputs and losses bitwise equal to the reference.
@@ -141,6 +143,8 @@ def _run_case(kind: str, rank: int, world: int, m: int, dtype: torch.dtype, zero
             assert p.grad is not None, f"{tag}: stage {st} {name} has no gradient"
             if dtype == torch.float64:
                 assert _rel(p.grad, p_ref.grad) < 1e-12, f"{tag}: stage {st} {name} rel {_rel(p.grad, p_ref.grad)}"
+            elif dtype == torch.bfloat16:  # bf16 sums in another order (DualPipe copies): a few ulps
+                assert _rel(p.grad, p_ref.grad) < 2e-2, f"{tag}: stage {st} {name} rel {_rel(p.grad, p_ref.grad)}"
             else:
                 assert _cal_diff(p.grad, p_ref.grad) < 1e-12, f"{tag}: stage {st} {name} diff"
                 assert _rel(p.grad, p_ref.grad) < 1e-5, f"{tag}: stage {st} {name} rel {_rel(p.grad, p_ref.grad)}"
@@ -214,6 +218,8 @@ def test_pipeline_two_ranks() -> None:
             ("dualpipe", 4, f64, True, False),
             ("dualpipev", 5, f32, True, True),
             ("dualpipev", 4, f64, True, False),
+            ("dualpipe", 4, torch.bfloat16, True, False),
+            ("dualpipev", 4, torch.bfloat16, True, False),
             ("1f1b", 3, f32, False, False),
             ("zb1p", 4, f32, True, False),
         ],

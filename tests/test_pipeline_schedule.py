@@ -130,9 +130,28 @@ def test_simulator_rejects_broken_schedule() -> None:
         by[(OpKind.B, 1)],
     ]
     broken = Schedule(s.kind, 2, 2, 2, s.zero_bubble, (tuple(bad0), s.ops[1]))
-    with pytest.raises(RuntimeError, match="deadlock"):
-        simulate(broken)
+    for backend in ("cpp", "python"):
+        with pytest.raises(RuntimeError, match="deadlock"):
+            simulate(broken, backend=backend)
     # A forward on the wrong rank.
     wrong = Schedule(s.kind, 2, 2, 2, s.zero_bubble, ((Op(OpKind.F, 0, 1, 0),) + s.ops[0], s.ops[1]))
     with pytest.raises(RuntimeError, match="belongs to rank"):
         simulate(wrong)
+
+
+@pytest.mark.parametrize("kind,ranks,mbs", [("dualpipe", 4, 10), ("dualpipev", 3, 7), ("1f1b", 4, 6), ("zb1p", 3, 7)])
+def test_compiled_simulator_matches_python_reference(kind: str, ranks: int, mbs: int) -> None:
+    gen = torch.Generator().manual_seed(7)
+    sched = build_schedule(kind, ranks, mbs)
+    for trial in range(4):
+        f, w, bi, lat = (0.2 + 2 * torch.rand(4, generator=gen, dtype=torch.float64)).tolist()
+        b = w + bi
+        costs = Costs(f, b, w, max(f, b) + 0.5 * min(f, b), latency=lat * (trial % 2))
+        for blocking in (False, True):
+            fast = simulate(sched, costs, blocking)
+            ref = simulate(sched, costs, blocking, backend="python")
+            assert fast.makespan == pytest.approx(ref.makespan, rel=1e-12)
+            assert fast.bubble == pytest.approx(ref.bubble, rel=1e-12)
+            assert fast.peak_activations == ref.peak_activations
+            assert fast.peak_activations_w == ref.peak_activations_w
+            torch.testing.assert_close(fast.times, ref.times, rtol=1e-12, atol=1e-12)

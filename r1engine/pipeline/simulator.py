@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from r1engine import _ext
-from r1engine.pipeline.schedule import Schedule
+from r1engine.pipeline.schedule import Op, OpKind, Schedule
 
 
 @dataclass(frozen=True)
@@ -63,9 +63,18 @@ class SimResult:
         return sum(self.bubble) / (len(self.bubble) * self.makespan) if self.makespan > 0 else 0.0
 
 
-def simulate(schedule: Schedule, costs: Costs | None = None, blocking_recv: bool = False) -> SimResult:
-    """Simulate `schedule` under `costs`; raises RuntimeError naming the violation if the schedule is invalid."""
+def simulate(
+    schedule: Schedule, costs: Costs | None = None, blocking_recv: bool = False, backend: str = "cpp"
+) -> SimResult:
+    """Simulate `schedule` under `costs`; raises RuntimeError naming the violation if the schedule is invalid.
+
+    backend: 'cpp' (compiled core, full verification) or 'python' (`simulate_reference`, the timing oracle).
+    """
     costs = costs or Costs()
+    if backend == "python":
+        return simulate_reference(schedule, costs, blocking_recv)
+    if backend != "cpp":
+        raise ValueError(f"backend must be 'cpp' or 'python', got {backend!r}")
     _ext.require("pipeline_simulate")
     ops, offsets = schedule.to_tensors()
     times, per_rank, makespan = torch.ops.r1engine.pipeline_simulate(
@@ -90,6 +99,101 @@ def simulate(schedule: Schedule, costs: Costs | None = None, blocking_recv: bool
         peak_activations=[int(row[3]) for row in pr],
         peak_activations_w=[int(row[4]) for row in pr],
         times=times,
+    )
+
+
+def _op_cost(op: Op, c: Costs) -> float:
+    if op.kind == OpKind.F:
+        return c.f
+    if op.kind == OpKind.B:
+        return c.b - c.w if op.defer_w else c.b
+    if op.kind == OpKind.W:
+        return c.w
+    if op.kind == OpKind.FB:
+        return c.overlapped - (c.w if op.defer_w else 0.0)
+    return 0.0
+
+
+def simulate_reference(schedule: Schedule, costs: Costs, blocking_recv: bool = False) -> SimResult:
+    """Plain-Python timeline simulation with the same semantics as the compiled simulator (the test oracle for
+    its timings). Checks only what timing needs: inputs exist (else it reports a deadlock) and FIFO matching."""
+    s, nr = schedule, schedule.num_ranks
+    done_f: dict[tuple[int, int], float] = {}
+    done_b: dict[tuple[int, int], float] = {}
+    sends: dict[tuple[int, int], list[tuple[tuple[int, int, bool], float]]] = {}
+    posted: dict[int, dict[tuple[int, int, bool], tuple[tuple[int, int], int]]] = {r: {} for r in range(nr)}
+    n_posts: dict[tuple[int, int], int] = {}
+    pc, now = [0] * nr, [0.0] * nr
+    busy, live, peak, live_w, peak_w = [0.0] * nr, [0] * nr, [0] * nr, [0] * nr, [0] * nr
+    times = [[(0.0, 0.0)] * len(ops) for ops in s.ops]
+
+    def arrival(r: int, mb: int, stage: int, grad: bool) -> float | None:
+        src = s.rank_of(mb, stage)
+        if src == r:
+            return (done_b if grad else done_f).get((mb, stage))
+        pair, pos = posted[r][(mb, stage, grad)]
+        sent = sends.get(pair, [])
+        if len(sent) <= pos:
+            return None
+        assert sent[pos][0] == (mb, stage, grad), f"message mismatch on pair {pair}"
+        return sent[pos][1] + costs.latency
+
+    remaining = sum(len(o) for o in s.ops)
+    while remaining:
+        progress = False
+        for r in range(nr):
+            while pc[r] < len(s.ops[r]):
+                op = s.ops[r][pc[r]]
+                need: list[float | None] = []
+                if op.kind in (OpKind.F, OpKind.FB) and op.stage > 0:
+                    need.append(arrival(r, op.mb, op.stage - 1, False))
+                if op.kind in (OpKind.B, OpKind.FB):
+                    mb, st = (op.mb2, op.stage2) if op.kind == OpKind.FB else (op.mb, op.stage)
+                    if st + 1 < s.num_stages:
+                        need.append(arrival(r, mb, st + 1, True))
+                if op.kind == OpKind.RECV and blocking_recv:
+                    pair = (op.peer, r)
+                    sent = sends.get(pair, [])
+                    k = n_posts.get(pair, 0)
+                    need.append(sent[k][1] + costs.latency if len(sent) > k else None)
+                if any(t is None for t in need):
+                    break
+                start = max([now[r]] + need)  # type: ignore[list-item]
+                end = start + _op_cost(op, costs)
+                times[r][pc[r]] = (start, end)
+                now[r], busy[r] = end, busy[r] + _op_cost(op, costs)
+                if op.kind in (OpKind.F, OpKind.FB):
+                    done_f[(op.mb, op.stage)] = end
+                    live[r], live_w[r] = live[r] + 1, live_w[r] + 1
+                    peak[r], peak_w[r] = max(peak[r], live[r]), max(peak_w[r], live_w[r])
+                if op.kind in (OpKind.B, OpKind.FB):
+                    mb, st = (op.mb2, op.stage2) if op.kind == OpKind.FB else (op.mb, op.stage)
+                    done_b[(mb, st)] = end
+                    live[r] -= 1
+                    live_w[r] -= 0 if op.defer_w else 1
+                if op.kind == OpKind.W:
+                    live_w[r] -= 1
+                if op.kind == OpKind.SEND:
+                    sends.setdefault((r, op.peer), []).append(((op.mb, op.stage, op.grad), end))
+                if op.kind == OpKind.RECV:
+                    pair = (op.peer, r)
+                    posted[r][(op.mb, op.stage, op.grad)] = (pair, n_posts.get(pair, 0))
+                    n_posts[pair] = n_posts.get(pair, 0) + 1
+                pc[r] += 1
+                remaining -= 1
+                progress = True
+        if not progress:
+            stuck = [f"rank {r}: {s.ops[r][pc[r]]}" for r in range(nr) if pc[r] < len(s.ops[r])]
+            raise RuntimeError(f"pipeline schedule invalid: deadlock, waiting at {stuck}")
+    makespan = max(now)
+    return SimResult(
+        makespan=makespan,
+        busy=busy,
+        finish=now,
+        bubble=[makespan - b for b in busy],
+        peak_activations=peak,
+        peak_activations_w=peak_w,
+        times=torch.tensor([t for rank_times in times for t in rank_times], dtype=torch.float64).reshape(-1, 2),
     )
 
 
