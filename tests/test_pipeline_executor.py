@@ -98,7 +98,10 @@ def _rel(x: torch.Tensor, y: torch.Tensor) -> float:
     return float((x - y).norm() / y.norm())
 
 
-def _run_case(kind: str, rank: int, world: int, m: int, dtype: torch.dtype, zero_bubble: bool, hook: bool) -> None:
+def _run_case(
+    group: dist.ProcessGroup | None, kind: str, m: int, dtype: torch.dtype, zero_bubble: bool, hook: bool
+) -> None:
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
     sched = build_schedule(kind, world, m, zero_bubble)
     torch.manual_seed(1000 + m)
     cls = HookStage if hook else Stage
@@ -118,14 +121,18 @@ def _run_case(kind: str, rank: int, world: int, m: int, dtype: torch.dtype, zero
         ref_outputs.append(y.detach())
 
     local = [copy.deepcopy(stages[sched.stage_of_slot(rank, slot)]) for slot in range(sched.modules_per_rank)]
-    ex = PipelineExecutor(local, kind, p2p_shape=SHAPE, p2p_dtype=dtype, zero_bubble=zero_bubble)
+    ex = PipelineExecutor(local, kind, p2p_shape=SHAPE, p2p_dtype=dtype, zero_bubble=zero_bubble, group=group)
     HookStage.calls = 0
-    res = ex.step(inputs, labels, _criterion)
-    tag = f"{kind} rank {rank} M={m} {dtype} zb={zero_bubble}"
+    # Ranks that run neither a first nor a last stage get no data at all (1F1B / ZB1P middle ranks).
+    ends = {sched.rank_of(mb, st) for mb in range(m) for st in (0, sched.num_stages - 1)}
+    if rank not in ends:
+        inputs = labels = None
+    res = ex.step(inputs, labels, _criterion, num_microbatches=m)
+    tag = f"{kind} rank {rank}/{world} M={m} {dtype} zb={zero_bubble}"
     for mb, loss in res.losses.items():
         assert torch.equal(loss, ref_losses[mb]), f"{tag}: loss of micro-batch {mb} differs"
     owners = [None] * world
-    dist.all_gather_object(owners, sorted(res.losses))
+    dist.all_gather_object(owners, sorted(res.losses), group=group)
     assert sorted(k for o in owners for k in o) == list(range(m)), f"{tag}: losses per rank {owners}"
     n_w = sum(op.kind.name == "W" for op in sched.ops[rank])
     # each W runs the closures of the chunk's two deferrable linears
@@ -151,13 +158,13 @@ def _run_case(kind: str, rank: int, world: int, m: int, dtype: torch.dtype, zero
         grads[st] = torch.cat([p.grad.reshape(-1) for p in mod.parameters()])
     if kind == "dualpipe":  # both copies of every stage hold the same summed gradient
         every = [None] * world
-        dist.all_gather_object(every, grads)
+        dist.all_gather_object(every, grads, group=group)
         for st, g in grads.items():
             copies = [d[st] for d in every if st in d]
             assert len(copies) == 2 and all(torch.equal(c, g) for c in copies), f"{tag}: stage {st} copies differ"
 
     with torch.no_grad():
-        fwd = ex.step(inputs, labels, _criterion, return_outputs=True)
+        fwd = ex.step(inputs, labels, _criterion, num_microbatches=m, return_outputs=True)
     assert sorted(fwd.outputs) == sorted(res.losses), f"{tag}: forward-only outputs on the wrong rank"
     for mb, out in fwd.outputs.items():
         assert torch.equal(out, ref_outputs[mb]), f"{tag}: forward-only output {mb} differs"
@@ -177,7 +184,7 @@ def _bad_outputs(solo: dist.ProcessGroup) -> None:
         ex.step(x, x, None)
 
 
-def _worker(rank: int, world: int, port: int, cases: list[tuple]) -> None:
+def _worker(rank: int, world: int, port: int, cases2: list[tuple], cases4: list[tuple]) -> None:
     torch.set_num_threads(1)
     dist.init_process_group(
         "gloo",
@@ -188,8 +195,11 @@ def _worker(rank: int, world: int, port: int, cases: list[tuple]) -> None:
     )
     try:
         solos = [dist.new_group([r]) for r in range(world)]
-        for case in cases:
-            _run_case(case[0], rank, world, *case[1:])
+        pairs = [dist.new_group([0, 1]), dist.new_group([2, 3])]
+        for case in cases2:  # two 2-rank pipelines at once: global ranks {0, 1} and {2, 3}
+            _run_case(pairs[rank // 2], *case)
+        for case in cases4:  # one 4-rank pipeline over WORLD
+            _run_case(None, *case)
         _bad_outputs(solos[rank])
         dist.barrier()
     finally:
@@ -202,40 +212,28 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _spawn(world: int, cases: list[tuple]) -> None:
+@pytest.mark.timeout(150)
+def test_pipeline_two_and_four_ranks() -> None:
+    """One spawn of 4 gloo processes (process start-up dominates the cost): 2-rank pipelines in two
+    subgroups, then 4-rank pipelines over all of them."""
+    f32, f64, bf16 = torch.float32, torch.float64, torch.bfloat16
+    cases2 = [
+        ("dualpipe", 4, f32, True, False),
+        ("dualpipe", 6, f32, False, True),
+        ("dualpipe", 4, f64, True, False),
+        ("dualpipev", 5, f32, True, True),
+        ("dualpipev", 4, f64, True, False),
+        ("dualpipe", 4, bf16, True, False),
+        ("dualpipev", 4, bf16, True, False),
+        ("1f1b", 3, f32, False, False),
+        ("zb1p", 4, f32, True, False),
+    ]
+    cases4 = [
+        ("dualpipe", 8, f32, True, True),
+        ("dualpipev", 8, f32, True, True),
+        ("dualpipev", 9, f64, True, False),
+        ("1f1b", 5, f32, False, False),
+        ("zb1p", 6, f32, True, False),
+    ]
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    mp.spawn(_worker, args=(world, _free_port(), cases), nprocs=world, join=True)
-
-
-@pytest.mark.timeout(120)
-def test_pipeline_two_ranks() -> None:
-    f32, f64 = torch.float32, torch.float64
-    _spawn(
-        2,
-        [
-            ("dualpipe", 4, f32, True, False),
-            ("dualpipe", 6, f32, False, True),
-            ("dualpipe", 4, f64, True, False),
-            ("dualpipev", 5, f32, True, True),
-            ("dualpipev", 4, f64, True, False),
-            ("dualpipe", 4, torch.bfloat16, True, False),
-            ("dualpipev", 4, torch.bfloat16, True, False),
-            ("1f1b", 3, f32, False, False),
-            ("zb1p", 4, f32, True, False),
-        ],
-    )
-
-
-@pytest.mark.timeout(120)
-def test_pipeline_four_ranks() -> None:
-    f32 = torch.float32
-    _spawn(
-        4,
-        [
-            ("dualpipe", 8, f32, True, True),
-            ("dualpipev", 8, f32, True, True),
-            ("dualpipev", 9, torch.float64, True, False),
-            ("1f1b", 5, f32, False, False),
-            ("zb1p", 6, f32, True, False),
-        ],
-    )
+    mp.spawn(_worker, args=(4, _free_port(), cases2, cases4), nprocs=4, join=True)
