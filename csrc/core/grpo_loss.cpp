@@ -120,9 +120,10 @@ inline float chunk_max(const T* x, int64_t len, bool* has_nan) {
   return m;
 }
 
-// sum_j exp((x[j] - m) * inv_t) over x[0:len].
+// sum_j exp((x[j] - m) * inv_t) over x[0:len]. While this compute-heavy pass runs on the cached chunk, the next
+// chunk (`next`, `next_len` elements) is prefetched so that memory and compute overlap.
 template <class T>
-inline float chunk_expsum(const T* x, int64_t len, float m, float inv_t) {
+inline float chunk_expsum(const T* x, int64_t len, float m, float inv_t, const T* next, int64_t next_len) {
   int64_t j = 0;
   float s = 0.0f;
 #ifdef R1_GRPO_AVX2
@@ -130,10 +131,14 @@ inline float chunk_expsum(const T* x, int64_t len, float m, float inv_t) {
   const __m256 vb = _mm256_set1_ps(m * inv_t);
   __m256 s0 = _mm256_setzero_ps(), s1 = s0;
   for (; j + 16 <= len; j += 16) {
+    if (j < next_len) _mm_prefetch(reinterpret_cast<const char*>(next + j), _MM_HINT_T0);
     s0 = _mm256_add_ps(s0, exp256(_mm256_fmsub_ps(load8(x + j), vi, vb)));
     s1 = _mm256_add_ps(s1, exp256(_mm256_fmsub_ps(load8(x + j + 8), vi, vb)));
   }
   s = hsum(_mm256_add_ps(s0, s1));
+#else
+  (void)next;
+  (void)next_len;
 #endif
   for (; j < len; ++j) s += std::exp((load_scalar(x, j) - m) * inv_t);
   return s;
@@ -155,7 +160,8 @@ float row_lse(const T* x, int64_t v, float inv_t) {
     }
     if (m == kNegInf) continue;                                   // everything so far is -inf: adds 0
     if (m == std::numeric_limits<float>::infinity()) return std::numeric_limits<float>::quiet_NaN();
-    s += chunk_expsum(x + c, len, m, inv_t);
+    const int64_t next_len = std::min(kChunk, std::max<int64_t>(v - c - kChunk, 0));
+    s += chunk_expsum(x + c, len, m, inv_t, x + c + kChunk, next_len);
   }
   if (m == kNegInf) return std::numeric_limits<float>::quiet_NaN();  // all -inf: undefined
   return m * inv_t + static_cast<float>(std::log(s));
