@@ -214,7 +214,7 @@ def _check_vec(name: str, t: torch.Tensor | None, n: int, device: torch.device) 
 
 
 def _check_targets_range(targets: torch.Tensor, v: int) -> None:
-    if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= v):
+    if targets.numel() and bool(((targets < 0) | (targets >= v)).any()):  # one host sync
         raise ValueError(f"targets must lie in [0, {v}); got range [{int(targets.min())}, {int(targets.max())}]")
 
 
@@ -266,7 +266,7 @@ def grpo_fwd(
     _check_targets_range(targets, v)
     targets = targets.contiguous()
     outs = [torch.zeros(n, dtype=torch.float32, device=dev) for _ in range(7)]
-    outs[4].fill_(1.0)  # ratio of skipped rows
+    outs[4].fill_(1.0)  # ratio of skipped rows (separate tensors: custom ops may not return aliasing outputs)
     if n == 0:
         return tuple(outs)
     has_kl = ref_logp is not None and beta != 0.0

@@ -118,6 +118,7 @@ __device__ float row_lse(const T* __restrict__ row, int64_t V, float inv_t, int 
     constexpr int kN = Vec<T>::kN;
     const int64_t nvec = V / kN;
     const Vec<T>* rv = reinterpret_cast<const Vec<T>*>(row);
+#pragma unroll 4
     for (int64_t i = lane; i < nvec; i += GROUP) {
       const Vec<T> pack = rv[i];
       float x[kN];
@@ -261,6 +262,7 @@ __global__ void __launch_bounds__(kThreads)
   if constexpr (VEC) {
     const Vec<T>* rv = reinterpret_cast<const Vec<T>*>(r);
     Vec<T>* gv = reinterpret_cast<Vec<T>*>(g);
+#pragma unroll 4
     for (int64_t i = lane; i < nvec; i += GROUP) {
       const Vec<T> pack = rv[i];
       Vec<T> out;
