@@ -94,13 +94,14 @@ def _gather_tokens(
     if isinstance(data, torch.Tensor):
         if data.dim() == 0 or data.shape[0] != n:
             raise ValueError(f"{name}: expected [num_sequences={n}] or [num_sequences={n}, T], got {tuple(data.shape)}")
+        dev = data.device
         if data.dim() == 1:  # one value per sequence, broadcast over its tokens
-            return torch.repeat_interleave(data[seqs], lens)
+            return torch.repeat_interleave(data[seqs.to(dev)], lens.to(dev))
         need = int(lens.max()) if lens.numel() else 0
         if data.shape[1] < need:
             raise ValueError(f"{name}: padded width {data.shape[1]} is shorter than the longest sequence ({need})")
         rows = torch.repeat_interleave(seqs, lens)
-        return data[rows, within]
+        return data[rows.to(dev), within.to(dev)]
     if len(data) != n:
         raise ValueError(f"{name}: expected a list of {n} per-sequence tensors, got {len(data)}")
     picked = []
@@ -141,8 +142,9 @@ def collate(
     c0, c1, seqs, lens, counts, local_chunk, slot_in_chunk, within, dst = _rank_layout(plan, rank)
     k, length = c1 - c0, plan.chunk_len
     ids = _gather_tokens("input_ids", input_ids, plan, seqs, lens, within)
-    input_ids_out = torch.full((k * length,), pad_id, dtype=torch.int64, device=ids.device)
-    input_ids_out[dst] = ids.to(torch.int64)
+    device = ids.device  # index tensors are built on the CPU; outputs live where the inputs do
+    input_ids_out = torch.full((k * length,), pad_id, dtype=torch.int64, device=device)
+    input_ids_out[dst.to(device)] = ids.to(torch.int64)
 
     used = plan.chunk_tokens[c0:c1]
     # padding tail: its own segment with positions 0, 1, ... from the first unused slot
@@ -167,15 +169,15 @@ def collate(
     for name, value in named.items():
         vals = _gather_tokens(name, value, plan, seqs, lens, within)
         out = vals.new_zeros((k * length, *vals.shape[1:]))
-        out[dst] = vals
+        out[dst.to(vals.device)] = vals
         packed[name] = out.view(k, length, *vals.shape[1:])
     if loss_mask is not None:
         vals = _gather_tokens("loss_mask", loss_mask, plan, seqs, lens, within)
         mask = vals.new_zeros((k * length, *vals.shape[1:]))
-        mask[dst] = vals
+        mask[dst.to(vals.device)] = vals
         mask = mask.view(k, length, *vals.shape[1:])
     else:
-        mask = valid.to(torch.float32).view(k, length)
+        mask = valid.to(device=device, dtype=torch.float32).view(k, length)
 
     cu_seqlens, max_seqlen = [], []
     chunk_lens = torch.split(lens, counts.tolist())
@@ -194,10 +196,10 @@ def collate(
         rank=rank,
         chunk_len=length,
         input_ids=input_ids_out.view(k, length),
-        position_ids=position_ids.view(k, length),
-        seq_index=seq_index.view(k, length),
-        segment_ids=segment_ids.view(k, length),
-        valid=valid.view(k, length),
+        position_ids=position_ids.view(k, length).to(device),
+        seq_index=seq_index.view(k, length).to(device),
+        segment_ids=segment_ids.view(k, length).to(device),
+        valid=valid.view(k, length).to(device),
         loss_mask=mask,
         cu_seqlens=cu_seqlens,
         max_seqlen=max_seqlen,
