@@ -22,6 +22,7 @@ import signal
 import struct
 import subprocess
 import sys
+import threading
 import time
 from typing import Any
 
@@ -89,6 +90,7 @@ class KillableWorker:
         self.memory_limit_bytes = memory_limit_bytes
         self.start_timeout_s = start_timeout_s
         self._proc: subprocess.Popen | None = None
+        self._lock = threading.Lock()  # one call at a time on the pipe
         self.restarts = 0
 
     def _start(self) -> None:
@@ -129,7 +131,11 @@ class KillableWorker:
 
     def call(self, *args: Any, timeout: float | None = None) -> Any:
         """Run ``target(*args)`` in the helper; raise WorkerTimeout/WorkerCrashed (helper replaced next call),
-        or RuntimeError carrying the child's exception text."""
+        or RuntimeError carrying the child's exception text. Thread-safe (calls are serialised)."""
+        with self._lock:
+            return self._call(args, timeout)
+
+    def _call(self, args: tuple, timeout: float | None) -> Any:
         if self._proc is None or self._proc.poll() is not None:
             self._start()
         assert self._proc is not None and self._proc.stdin is not None
@@ -167,6 +173,13 @@ class KillableWorker:
                     pass
 
     close = kill
+
+    def __getstate__(self) -> dict:
+        # Pickles as its configuration only: the copy starts its own helper on first use.
+        return {"target": self.target, "memory_limit_bytes": self.memory_limit_bytes, "start": self.start_timeout_s}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["target"], state["memory_limit_bytes"], state["start"])
 
     def __del__(self) -> None:
         try:

@@ -138,8 +138,3 @@ class MathAccuracyReward:
     def close(self) -> None:
         """Stop the helper process."""
         self._worker.kill()
-
-    def __getstate__(self) -> dict:
-        state = dict(self.__dict__)
-        state["_worker"] = KillableWorker(self._worker.target, self._worker.memory_limit_bytes)
-        return state
