@@ -28,24 +28,56 @@ __all__ = ["linear_logprobs_fwd", "linear_logprobs_bwd", "TileConfig", "default_
 
 
 class TileConfig:
-    """Tile sizes and launch options for the fused kernels (one object, no autotuning)."""
+    """Tile sizes and launch options for the fused kernels (one object, no autotuning).
 
-    def __init__(self, bm: int, bn: int, bk: int, num_warps: int, num_stages: int, chunk_bytes: int = 1 << 30):
+    bm x bn x bk: GEMM tile; group_m: token blocks that consecutive programs share (L2 reuse of the hidden rows,
+    as in a grouped-order GEMM); tiles_per_split: vocabulary tiles each forward program walks with its online
+    log-sum-exp (None: one split, unless `min_programs` asks for more); chunk_bytes: budget of the backward's
+    [M, Vc] dlogits chunk.
+    """
+
+    def __init__(
+        self,
+        bm: int,
+        bn: int,
+        bk: int,
+        num_warps: int,
+        num_stages: int,
+        *,
+        group_m: int = 8,
+        tiles_per_split: int | None = 2,
+        chunk_bytes: int = 1 << 30,
+    ):
         self.bm, self.bn, self.bk = bm, bn, bk
         self.num_warps, self.num_stages = num_warps, num_stages
-        self.chunk_bytes = chunk_bytes  # budget of the backward's [M, Vc] dlogits chunk
+        self.group_m, self.tiles_per_split, self.chunk_bytes = group_m, tiles_per_split, chunk_bytes
 
     def __repr__(self) -> str:
-        return f"TileConfig(bm={self.bm}, bn={self.bn}, bk={self.bk}, warps={self.num_warps}, stages={self.num_stages})"
+        return (
+            f"TileConfig(bm={self.bm}, bn={self.bn}, bk={self.bk}, warps={self.num_warps}, stages={self.num_stages}, "
+            f"group_m={self.group_m}, tiles_per_split={self.tiles_per_split}, chunk_bytes={self.chunk_bytes})"
+        )
 
 
 def default_config(dtype: torch.dtype, device: torch.device) -> TileConfig:
     """H100 defaults (bf16: 128x256x64, 8 warps, 3 stages; fp32: 64x128x32); small tiles under the interpreter."""
     if device.type != "cuda":  # TRITON_INTERPRET=1: tiny tiles keep the numpy interpreter fast and exercise tails
-        return TileConfig(16, 32, 16, 1, 1, chunk_bytes=1 << 14)
+        return TileConfig(16, 32, 16, 1, 1, group_m=2, tiles_per_split=None, chunk_bytes=1 << 14)
     if dtype == torch.float32:
         return TileConfig(64, 128, 32, 8, 2)
     return TileConfig(128, 256, 64, 8, 3)
+
+
+@triton.jit
+def _grouped_pid(pid, m_blocks, n_blocks, GROUP_M: tl.constexpr):
+    """(pid_m, pid_n) of a 1-D program id in grouped order: GROUP_M token blocks x all vocabulary blocks, so the
+    programs running at the same time share a few hidden-row blocks and a few weight tiles in L2."""
+    per_group = GROUP_M * n_blocks
+    first_m = (pid // per_group) * GROUP_M
+    size_m = tl.minimum(m_blocks - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % size_m
+    pid_n = (pid % per_group) // size_m
+    return pid_m, pid_n
 
 
 @triton.jit
@@ -79,7 +111,7 @@ def _logit_tile(
     return acc
 
 
-@triton.jit(do_not_specialize=["M", "inv_t", "cols_per_split"])
+@triton.jit(do_not_specialize=["M", "inv_t", "cols_per_split", "m_blocks", "splits"])
 def _fwd_kernel(
     x_ptr,
     w_ptr,
@@ -94,13 +126,15 @@ def _fwd_kernel(
     stride_w,
     inv_t,
     cols_per_split,
+    m_blocks,
+    splits,
     BM: tl.constexpr,
     BN: tl.constexpr,
     BK: tl.constexpr,
     IEEE: tl.constexpr,
+    GROUP_M: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_s = tl.program_id(1)
+    pid_m, pid_s = _grouped_pid(tl.program_id(0), m_blocks, splits, GROUP_M)
     rows = pid_m.to(tl.int64) * BM + tl.arange(0, BM)
     row_ok = rows < M
     tgt = tl.load(targets_ptr + rows, mask=row_ok, other=-1)
@@ -124,7 +158,7 @@ def _fwd_kernel(
     tl.store(part_t_ptr + out, t_logit, mask=row_ok)
 
 
-@triton.jit(do_not_specialize=["M", "inv_t", "v_lo", "v_hi"])
+@triton.jit(do_not_specialize=["M", "inv_t", "v_lo", "v_hi", "m_blocks", "n_blocks"])
 def _dlogits_kernel(
     x_ptr,
     w_ptr,
@@ -140,13 +174,15 @@ def _dlogits_kernel(
     v_lo,
     v_hi,
     inv_t,
+    m_blocks,
+    n_blocks,
     BM: tl.constexpr,
     BN: tl.constexpr,
     BK: tl.constexpr,
     IEEE: tl.constexpr,
+    GROUP_M: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    pid_m, pid_n = _grouped_pid(tl.program_id(0), m_blocks, n_blocks, GROUP_M)
     rows = pid_m.to(tl.int64) * BM + tl.arange(0, BM)
     row_ok = rows < M
     local = pid_n * BN + tl.arange(0, BN)
@@ -198,13 +234,16 @@ def linear_logprobs_fwd(
     targets = targets.contiguous()
     m_blocks = triton.cdiv(m, cfg.bm)
     n_tiles = triton.cdiv(v, cfg.bn)
-    if min_programs is None:
-        min_programs = 2 * torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 1
-    splits = max(1, min(n_tiles, triton.cdiv(min_programs, m_blocks)))
+    if min_programs is not None:
+        splits = max(1, min(n_tiles, triton.cdiv(min_programs, m_blocks)))
+    elif cfg.tiles_per_split is not None:
+        splits = triton.cdiv(n_tiles, cfg.tiles_per_split)
+    else:
+        splits = 1
     cols_per_split = triton.cdiv(n_tiles, splits) * cfg.bn
     splits = triton.cdiv(v, cols_per_split)  # every split non-empty
     part = torch.empty(3, splits, m, dtype=torch.float32, device=dev)
-    _fwd_kernel[(m_blocks, splits)](
+    _fwd_kernel[(m_blocks * splits,)](
         hidden,
         weight,
         targets,
@@ -218,10 +257,13 @@ def linear_logprobs_fwd(
         weight.stride(0),
         1.0 / float(temperature),
         cols_per_split,
+        m_blocks,
+        splits,
         BM=cfg.bm,
         BN=cfg.bn,
         BK=cfg.bk,
         IEEE=_ieee(hidden),
+        GROUP_M=cfg.group_m,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
@@ -290,7 +332,8 @@ def linear_logprobs_bwd(
     for v_lo in range(0, v, vc):
         v_hi = min(v, v_lo + vc)
         width = v_hi - v_lo
-        _dlogits_kernel[(triton.cdiv(ml, cfg.bm), triton.cdiv(width, cfg.bn))](
+        m_blocks, n_blocks = triton.cdiv(ml, cfg.bm), triton.cdiv(width, cfg.bn)
+        _dlogits_kernel[(m_blocks * n_blocks,)](
             x,
             weight,
             tg,
@@ -305,10 +348,13 @@ def linear_logprobs_bwd(
             v_lo,
             v_hi,
             inv_t,
+            m_blocks,
+            n_blocks,
             BM=cfg.bm,
             BN=cfg.bn,
             BK=cfg.bk,
             IEEE=_ieee(hidden),
+            GROUP_M=cfg.group_m,
             num_warps=cfg.num_warps,
             num_stages=cfg.num_stages,
         )
