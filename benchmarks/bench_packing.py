@@ -13,10 +13,10 @@ size (10k, 100k, 1M sequences), all in one run, it measures:
             dealt round-robin to ranks
 
 and prints: chunks / lower bound ceil(sum(len) / chunk_len), padding fraction, per-rank token load max/min,
-planning time and our speed-up. Baselines whose pure-Python cost explodes (KK above --kk-max, first-fit above
---ff-max) are skipped at larger sizes and shown as "-" (not extrapolated).
+planning time (wall and process CPU) and our speed-up. Baselines whose pure-Python cost explodes (verl-KK above
+--kk-max or outside --kk-dists, first-fit above --ff-max) are skipped and shown as "-" (not extrapolated).
 
-    python benchmarks/bench_packing.py                 # default: ~3 min on 2 cores
+    python benchmarks/bench_packing.py                 # default: ~3 min on 2 idle cores
     python benchmarks/bench_packing.py --sizes 10000   # quick
 """
 
@@ -70,7 +70,8 @@ class Result:
     chunks: int
     padding: float
     load_ratio: float
-    seconds: float
+    seconds: float  # wall clock
+    cpu: float = math.nan  # process CPU time (robust when the machine is shared)
 
 
 def _ratio(loads: list[float]) -> float:
@@ -88,14 +89,14 @@ def _round_robin_loads(chunk_tokens: list[int], num_ranks: int) -> tuple[int, li
 
 
 def pad_to_longest(lengths: list[int], cap: int, num_ranks: int) -> Result:
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     longest = max(lengths)
     n = len(lengths)
     per = -(-n // num_ranks)
     loads = [float(sum(lengths[r * per : (r + 1) * per])) for r in range(num_ranks)]
-    dt = time.perf_counter() - t0
+    dt, dc = time.perf_counter() - t0, time.process_time() - c0
     slots = n * longest
-    return Result(chunks=math.ceil(slots / cap), padding=1 - sum(lengths) / slots, load_ratio=_ratio(loads), seconds=dt)
+    return Result(math.ceil(slots / cap), 1 - sum(lengths) / slots, _ratio(loads), dt, dc)
 
 
 def karmarkar_karp(values: list[float], k: int, equal_size: bool) -> list[list[int]]:
@@ -148,7 +149,7 @@ def karmarkar_karp(values: list[float], k: int, equal_size: bool) -> list[list[i
 
 
 def verl_kk(lengths: list[int], cap: int, num_ranks: int) -> Result:
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     n = len(lengths)
     usable = n - n % num_ranks  # equal_size KK needs n % k == 0 (verl asserts it); the remainder goes to rank 0
     ranks = karmarkar_karp([float(x) for x in lengths[:usable]], num_ranks, equal_size=True)
@@ -174,9 +175,9 @@ def verl_kk(lengths: list[int], cap: int, num_ranks: int) -> Result:
             mid = (lo + hi) // 2
             lo, hi = (lo, mid) if fits(mid) else (mid, hi)
         count = hi
-    dt = time.perf_counter() - t0
+    dt, dc = time.perf_counter() - t0, time.process_time() - c0
     chunks = count * num_ranks
-    return Result(chunks, 1 - sum(lengths) / (chunks * cap), _ratio([float(t) for t in rank_tokens]), dt)
+    return Result(chunks, 1 - sum(lengths) / (chunks * cap), _ratio([float(t) for t in rank_tokens]), dt, dc)
 
 
 class _MaxTree:
@@ -205,7 +206,7 @@ class _MaxTree:
 
 def first_fit_arrival(lengths: list[int], cap: int, num_ranks: int) -> Result:
     """First-fit in arrival order (OpenRLHF's get_minimum_num_micro_batch_size), same bins, found in O(log n)."""
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     tree = _MaxTree(len(lengths))
     fill: list[int] = []
     for x in lengths:
@@ -216,29 +217,29 @@ def first_fit_arrival(lengths: list[int], cap: int, num_ranks: int) -> Result:
         fill[b] += x
         tree.set(b, cap - fill[b])
     count, loads = _round_robin_loads(fill, num_ranks)
-    dt = time.perf_counter() - t0
-    return Result(count, 1 - sum(lengths) / (count * cap), _ratio(loads), dt)
+    dt, dc = time.perf_counter() - t0, time.process_time() - c0
+    return Result(count, 1 - sum(lengths) / (count * cap), _ratio(loads), dt, dc)
 
 
 def python_bfd(lengths: list[int], cap: int, num_ranks: int) -> Result:
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     chunks = best_fit_decreasing_reference(lengths, cap)
     fill = [sum(lengths[i] for i in c) for c in chunks]
     count, loads = _round_robin_loads(fill, num_ranks)
-    dt = time.perf_counter() - t0
-    return Result(count, 1 - sum(lengths) / (count * cap), _ratio(loads), dt)
+    dt, dc = time.perf_counter() - t0, time.process_time() - c0
+    return Result(count, 1 - sum(lengths) / (count * cap), _ratio(loads), dt, dc)
 
 
 def ours(lengths_t: torch.Tensor, cap: int, num_ranks: int, cost: str = "tokens", repeats: int = 3) -> tuple:
-    best = math.inf
+    best, best_cpu = math.inf, math.inf
     p = None
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         p = plan(lengths_t, cap, num_ranks, cost=cost, attn_coef=6 * 4096.0)
-        best = min(best, time.perf_counter() - t0)
+        best, best_cpu = min(best, time.perf_counter() - t0), min(best_cpu, time.process_time() - c0)
     assert p is not None
     token_loads = p.rank_tokens.double().tolist()
-    return Result(p.num_chunks, p.padding_fraction, _ratio(token_loads), best), p
+    return Result(p.num_chunks, p.padding_fraction, _ratio(token_loads), best, best_cpu), p
 
 
 # ---- packed attention backends (CPU) -------------------------------------------------------------------------
@@ -289,6 +290,12 @@ def main() -> None:
     ap.add_argument("--chunk-len", type=int, default=16384)
     ap.add_argument("--ranks", type=int, default=8)
     ap.add_argument("--kk-max", type=int, default=10_000, help="largest n for the verl-KK baseline")
+    ap.add_argument(
+        "--kk-dists",
+        nargs="+",
+        default=["lognormal"],
+        help="distributions on which verl-KK runs (bimodal/uniform at 10k take 1-2 min each in pure Python)",
+    )
     ap.add_argument("--ff-max", type=int, default=100_000, help="largest n for the first-fit baseline")
     ap.add_argument("--no-attention", action="store_true", help="skip the packed-attention timing")
     ap.add_argument("--flex", action="store_true", help="also time eager FlexAttention (slow on CPU)")
@@ -298,7 +305,7 @@ def main() -> None:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     print(f"# bench_packing  chunk_len={cap} ranks={R}  commit={commit}  {platform.processor() or platform.machine()}")
     print(f"# torch threads={torch.get_num_threads()}  load avg={os.getloadavg()[0]:.1f}  cores={os.cpu_count()}")
-    cols = f"{'chunks/LB':>10}{'padding':>9}{'load max/min':>13}{'time s':>9}{'ours x':>8}"
+    cols = f"{'chunks/LB':>10}{'padding':>9}{'load max/min':>13}{'wall s':>9}{'cpu s':>9}{'x wall':>8}{'x cpu':>8}"
     print(f"{'dist':<10}{'n':>9} {'method':<8}{cols}")
     for dist in args.dists:
         for n in args.sizes:
@@ -308,22 +315,24 @@ def main() -> None:
             mine, p = ours(lt, cap, R)
             rows = [("ours", mine)]
             rows.append(("pad", pad_to_longest(ls, cap, R)))
-            rows.append(("verl-KK", verl_kk(ls, cap, R) if n <= args.kk_max else None))
+            rows.append(("verl-KK", verl_kk(ls, cap, R) if n <= args.kk_max and dist in args.kk_dists else None))
             rows.append(("ff", first_fit_arrival(ls, cap, R) if n <= args.ff_max else None))
             rows.append(("py-bfd", python_bfd(ls, cap, R) if n <= args.bfd_max else None))
             for name, r in rows:
                 if r is None:
-                    print(f"{dist:<10}{n:>9} {name:<8}{'-':>10}{'-':>9}{'-':>13}{'-':>9}{'-':>8}")
+                    print(f"{dist:<10}{n:>9} {name:<8}{'-':>10}{'-':>9}{'-':>13}{'-':>9}{'-':>9}{'-':>8}{'-':>8}")
                     continue
-                speed = f"{r.seconds / mine.seconds:.1f}" if name not in ("ours", "pad") else "-"
+                fast = name not in ("ours", "pad")
+                speed = f"{r.seconds / mine.seconds:.1f}" if fast else "-"
+                speed_cpu = f"{r.cpu / mine.cpu:.1f}" if fast and mine.cpu > 0 else "-"
                 print(
                     f"{dist:<10}{n:>9} {name:<8}{r.chunks / lb:>10.4f}{r.padding:>9.4f}{r.load_ratio:>13.5f}"
-                    f"{r.seconds:>9.3f}{speed:>8}"
+                    f"{r.seconds:>9.3f}{r.cpu:>9.3f}{speed:>8}{speed_cpu:>8}"
                 )
             att, pa = ours(lt, cap, R, cost="attention", repeats=1)
             print(
                 f"{dist:<10}{n:>9} {'ours-att':<8}{att.chunks / lb:>10.4f}{att.padding:>9.4f}"
-                f"{pa.load_ratio:>13.5f}{att.seconds:>9.3f}{'':>8}   (load = 6h*len + len^2, h=4096)"
+                f"{pa.load_ratio:>13.5f}{att.seconds:>9.3f}{att.cpu:>9.3f}   (attention cost 6h*len + len^2, h=4096)"
             )
             print(
                 f"{'':<10}{'':>9} LB = ceil(sum/chunk_len) = {lb} chunks; LB2 (items > chunk_len/2) = "
