@@ -117,7 +117,7 @@ def _grpo_fwd_kernel(
     surr = tl.minimum(unclipped, tl.minimum(tl.maximum(ratio, lo), hi) * adv)
     clip = ((ratio < lo) & (adv < 0.0)) | ((ratio > hi) & (adv > 0.0))
     dc = dual_clip
-    dual = (dc > 1.0) & (adv < 0.0) & (surr < dc * adv)
+    dual = (dc > 1.0) & (adv < 0.0) & (ratio > dc)  # then ratio * A < dc * A: the loss is bounded at -dc * A
     surr = tl.where(dual, dc * adv, surr)
     clip = clip | dual
     dsurr = tl.where(clip, 0.0, unclipped)  # d surr / d logp = d ratio / d logp * A = ratio * A on the unclipped branch

@@ -202,7 +202,7 @@ __global__ void __launch_bounds__(kThreads)
   const float unclipped = ratio * a;
   float surr = fminf(unclipped, fminf(fmaxf(ratio, lo), hi) * a);
   bool clip = (ratio < lo && a < 0.f) || (ratio > hi && a > 0.f);
-  if (p.dual_clip > 1.f && a < 0.f && surr < p.dual_clip * a) {
+  if (p.dual_clip > 1.f && a < 0.f && ratio > p.dual_clip) {  // then ratio * A < dual_clip * A: bound the loss
     surr = p.dual_clip * a;
     clip = true;
   }
