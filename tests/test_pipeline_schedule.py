@@ -109,7 +109,7 @@ def test_ordering_bubble_and_latency() -> None:
     bz = simulate(build_schedule("zb1p", pp, m), c)
     bd = simulate(build_schedule("dualpipe", pp, m), c)
     assert bd.bubble_fraction < bz.bubble_fraction < b1.bubble_fraction
-    blocking = simulate(build_schedule("dualpipe", pp, m), c, blocking_recv=True)
+    blocking = simulate(build_schedule("dualpipe", pp, m), c, comm="blocking_recv")
     assert blocking.makespan >= bd.makespan
     assert bd.times.shape == (sum(len(o) for o in build_schedule("dualpipe", pp, m).ops), 2)
 
@@ -133,6 +133,11 @@ def test_simulator_rejects_broken_schedule() -> None:
     for backend in ("cpp", "python"):
         with pytest.raises(RuntimeError, match="deadlock"):
             simulate(broken, backend=backend)
+    # Plain blocking send/recv would deadlock on the emitted schedules (the executor uses isend/irecv).
+    with pytest.raises(RuntimeError, match="deadlock"):
+        simulate(build_schedule("dualpipev", 2, 4), comm="synchronous")
+    with pytest.raises(ValueError, match="comm must be one of"):
+        simulate(s, comm="eager")
     # A forward on the wrong rank.
     wrong = Schedule(s.kind, 2, 2, 2, s.zero_bubble, ((Op(OpKind.F, 0, 1, 0),) + s.ops[0], s.ops[1]))
     with pytest.raises(RuntimeError, match="belongs to rank"):
@@ -147,9 +152,9 @@ def test_compiled_simulator_matches_python_reference(kind: str, ranks: int, mbs:
         f, w, bi, lat = (0.2 + 2 * torch.rand(4, generator=gen, dtype=torch.float64)).tolist()
         b = w + bi
         costs = Costs(f, b, w, max(f, b) + 0.5 * min(f, b), latency=lat * (trial % 2))
-        for blocking in (False, True):
-            fast = simulate(sched, costs, blocking)
-            ref = simulate(sched, costs, blocking, backend="python")
+        for comm in ("async", "blocking_recv"):
+            fast = simulate(sched, costs, comm)
+            ref = simulate(sched, costs, comm, backend="python")
             assert fast.makespan == pytest.approx(ref.makespan, rel=1e-12)
             assert fast.bubble == pytest.approx(ref.bubble, rel=1e-12)
             assert fast.peak_activations == ref.peak_activations

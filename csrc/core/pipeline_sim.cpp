@@ -63,7 +63,7 @@ double op_cost(const PipeOp& op, const PipeCosts& c) {
   }
 }
 
-PipeSimResult simulate_schedule(const PipeSchedule& s, const PipeCosts& costs, bool blocking_recv) {
+PipeSimResult simulate_schedule(const PipeSchedule& s, const PipeCosts& costs, CommMode mode) {
   const int P = s.num_ranks, S = s.num_stages, M = s.num_microbatches;
   if (static_cast<int>(s.ops.size()) != P) fail("ops has " + str(static_cast<int>(s.ops.size())) + " ranks, not " + str(P));
   const double NaN = -1.0;
@@ -91,6 +91,7 @@ PipeSimResult simulate_schedule(const PipeSchedule& s, const PipeCosts& costs, b
   std::vector<size_t> pc(P, 0);
   std::vector<double> now(P, 0.0);
   std::vector<int> live(P, 0), live_w(P, 0);
+  std::vector<char> recv_posted(P, 0);  // the rank's current RECV has been posted (blocking modes)
 
   auto check_chunk = [&](int r, size_t i, const PipeOp& op, int mb, int st, int slot) {
     if (mb < 0 || mb >= M || st < 0 || st >= S) fail(describe(r, i, op) + ": micro-batch or stage out of range");
@@ -164,14 +165,29 @@ PipeSimResult simulate_schedule(const PipeSchedule& s, const PipeCosts& costs, b
             const int dst_stage = op.grad ? op.stage - 1 : op.stage + 1;
             if (dst_stage < 0 || dst_stage >= S || s.rank_of(op.mb, dst_stage) != op.peer)
               fail(describe(r, i, op) + ": peer does not hold the consuming stage");
+            if (mode == CommMode::kSynchronous) {  // rendezvous: wait until the receiver has posted the RECV
+              const int pair = r * P + op.peer;
+              const size_t pos = sends[pair].size();
+              if (posts[pair].size() <= pos) wait = true;
+              else need(posts[pair][pos].time);
+            }
             break;
           }
           case OpKind::kRecv: {
             if (op.peer < 0 || op.peer >= P || op.peer == r) fail(describe(r, i, op) + ": bad peer");
-            if (blocking_recv) {
-              const int pair = op.peer * P + r;
+            const int pair = op.peer * P + r;
+            if (!recv_posted[r]) {  // post the receive (non-blocking part)
               const int pos = static_cast<int>(posts[pair].size());
-              if (static_cast<int>(sends[pair].size()) <= pos) wait = true;
+              if (op.tag != pos) fail(describe(r, i, op) + ": tag is not the per-pair sequence number " + str(pos));
+              if (!posted[r].emplace(std::make_tuple(op.mb, op.stage, op.grad), std::make_pair(pair, pos)).second)
+                fail(describe(r, i, op) + ": second RECV of the same message");
+              posts[pair].push_back({op.mb, op.stage, op.grad, op.tag, now[r]});
+              recv_posted[r] = 1;
+              progress = true;
+            }
+            if (mode != CommMode::kAsync) {  // blocking: the RECV completes when the message has arrived
+              const size_t pos = posts[pair].size() - 1;
+              if (sends[pair].size() <= pos) wait = true;
               else need(sends[pair][pos].time + costs.latency);
             }
             break;
@@ -215,15 +231,9 @@ PipeSimResult simulate_schedule(const PipeSchedule& s, const PipeCosts& costs, b
             sends[pair].push_back({op.mb, op.stage, op.grad, op.tag, now[r]});
             break;
           }
-          case OpKind::kRecv: {
-            const int pair = op.peer * P + r;
-            const int pos = static_cast<int>(posts[pair].size());
-            if (op.tag != pos) fail(describe(r, i, op) + ": tag is not the per-pair sequence number " + str(pos));
-            if (!posted[r].emplace(std::make_tuple(op.mb, op.stage, op.grad), std::make_pair(pair, pos)).second)
-              fail(describe(r, i, op) + ": second RECV of the same message");
-            posts[pair].push_back({op.mb, op.stage, op.grad, op.tag, now[r]});
+          case OpKind::kRecv:
+            recv_posted[r] = 0;
             break;
-          }
         }
         res.finish[r] = now[r];
         ++pc[r];
@@ -232,7 +242,8 @@ PipeSimResult simulate_schedule(const PipeSchedule& s, const PipeCosts& costs, b
       }
     }
     if (!progress) {
-      std::string msg = "deadlock: every unfinished rank waits for a message that is never sent:";
+      std::string msg = "deadlock: every unfinished rank waits for a message (or, with synchronous sends, a "
+                        "receive) that never comes:";
       for (int r = 0; r < P; ++r)
         if (pc[r] < s.ops[r].size()) msg += " [" + describe(r, pc[r], s.ops[r][pc[r]]) + "]";
       fail(msg);

@@ -3,8 +3,10 @@
 // Every rank executes its op list in order. Compute ops take their cost; a compute op starts when the rank is
 // free and all its inputs are there: the producing op on the same rank (it must come earlier in program
 // order), or the matching message (SEND time + latency) for a tensor from another rank. SEND is non-blocking
-// (buffered, like isend); RECV posts a receive (like irecv) and the consumer waits for it, or, with
-// blocking_recv, the RECV itself waits for the message (blocking recv semantics).
+// (buffered, like isend); RECV posts a receive (like irecv) and the consumer waits for it (CommMode::kAsync, what
+// the executor does). kBlockingRecv: the RECV itself waits for the message. kSynchronous: blocking RECV and
+// rendezvous SEND (a SEND completes only once the receiver has posted the matching RECV), i.e. plain blocking
+// send/recv; the schedules emitted here are built for the asynchronous executor and may deadlock under it.
 //
 // The simulator verifies the schedule and throws std::runtime_error naming the first violation:
 //  * every (mb, stage) has exactly one F and one B on the rank and slot that hold the stage, and one W iff
@@ -42,6 +44,8 @@ struct PipeSimResult {
 
 double op_cost(const PipeOp& op, const PipeCosts& c);
 
-PipeSimResult simulate_schedule(const PipeSchedule& s, const PipeCosts& costs, bool blocking_recv = false);
+enum class CommMode : int { kAsync = 0, kBlockingRecv = 1, kSynchronous = 2 };
+
+PipeSimResult simulate_schedule(const PipeSchedule& s, const PipeCosts& costs, CommMode mode = CommMode::kAsync);
 
 }  // namespace r1engine

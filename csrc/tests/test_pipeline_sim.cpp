@@ -17,9 +17,9 @@ int max_act(const PipeSimResult& r) {
   return *std::max_element(r.peak_activations.begin(), r.peak_activations.end());
 }
 
-bool rejects(const PipeSchedule& s, const std::string& needle, bool blocking = false) {
+bool rejects(const PipeSchedule& s, const std::string& needle, CommMode mode = CommMode::kAsync) {
   try {
-    simulate_schedule(s, PipeCosts{}, blocking);
+    simulate_schedule(s, PipeCosts{}, mode);
   } catch (const std::runtime_error& e) {
     if (std::string(e.what()).find(needle) != std::string::npos) return true;
     std::fprintf(stderr, "unexpected message: %s\n", e.what());
@@ -93,10 +93,15 @@ int main() {
     const auto base = simulate_schedule(build_schedule(kind, P, M), c);
     c.latency = 0.25;
     const auto lat = simulate_schedule(build_schedule(kind, P, M), c);
-    const auto blk = simulate_schedule(build_schedule(kind, P, M), c, true);
+    const auto blk = simulate_schedule(build_schedule(kind, P, M), c, CommMode::kBlockingRecv);
     R1_CHECK(lat.makespan > base.makespan);
     R1_CHECK(blk.makespan >= lat.makespan - 1e-12);
   }
+  // Plain blocking send/recv (rendezvous): the emitted multi-rank schedules rely on non-blocking sends (isend),
+  // and the simulator finds the deadlock a synchronous implementation would hit; one rank never communicates.
+  R1_CHECK(rejects(build_schedule(ScheduleKind::kOneFOneB, 2, 4), "deadlock", CommMode::kSynchronous));
+  R1_CHECK(rejects(build_schedule(ScheduleKind::kDualPipe, 4, 8), "deadlock", CommMode::kSynchronous));
+  simulate_schedule(build_schedule(ScheduleKind::kDualPipeV, 1, 3), PipeCosts{}, CommMode::kSynchronous);
   // Broken schedules are rejected with the reason.
   {
     // Forward of stage 1 before its input: move rank 1's first RECV after its first F.

@@ -83,7 +83,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pipeline_simulate(const at::Tenso
                                                                  const std::string& kind, int64_t num_ranks,
                                                                  int64_t num_microbatches, double f, double b,
                                                                  double w, double fb, double latency,
-                                                                 bool blocking_recv) {
+                                                                 int64_t comm_mode) {
+  TORCH_CHECK_VALUE(comm_mode >= 0 && comm_mode <= 2,
+                    "comm_mode must be 0 (isend/irecv), 1 (blocking recv) or 2 (synchronous send/recv), got ", comm_mode);
   const r1engine::PipeSchedule s = unflatten(ops, offsets, kind, num_ranks, num_microbatches);
   r1engine::PipeCosts c;
   c.f = f;
@@ -93,7 +95,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pipeline_simulate(const at::Tenso
   c.latency = latency;
   r1engine::PipeSimResult res;
   try {
-    res = r1engine::simulate_schedule(s, c, blocking_recv);
+    res = r1engine::simulate_schedule(s, c, static_cast<r1engine::CommMode>(comm_mode));
   } catch (const std::runtime_error& e) {
     TORCH_CHECK(false, e.what());
   }
@@ -123,7 +125,7 @@ TORCH_LIBRARY_FRAGMENT(r1engine, m) {
   m.def("pipeline_schedule(str kind, int num_ranks, int num_microbatches, bool zero_bubble) -> (Tensor, Tensor)");
   m.def(
       "pipeline_simulate(Tensor ops, Tensor offsets, str kind, int num_ranks, int num_microbatches, float f, "
-      "float b, float w, float fb, float latency, bool blocking_recv) -> (Tensor, Tensor, Tensor)");
+      "float b, float w, float fb, float latency, int comm_mode) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(r1engine, CompositeExplicitAutograd, m) {

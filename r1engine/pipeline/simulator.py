@@ -1,10 +1,12 @@
 """Timeline simulation of a pipeline schedule (compiled core) and the published bubble formulas.
 
 `simulate` runs `torch.ops.r1engine.pipeline_simulate`: every rank executes its ops in order, a compute op
-starts when the rank is free and its inputs are there (same-rank producer, or the matching SEND + latency);
-SEND is non-blocking and RECV posts a receive the consumer waits for (`blocking_recv=True`: the RECV itself
-waits). The simulation checks every dependency, the per-pair message matching and deadlock freedom and raises
-RuntimeError("pipeline schedule invalid: ...") on the first violation.
+starts when the rank is free and its inputs are there (same-rank producer, or the matching SEND + latency).
+Communication semantics (`comm`): 'async' (default, what the executor does: SEND is isend, RECV posts an irecv
+and the consumer waits), 'blocking_recv' (the RECV itself waits for the message) and 'synchronous' (blocking
+RECV and rendezvous SEND, i.e. plain blocking send/recv: the multi-rank schedules rely on non-blocking sends
+and are reported as deadlocking there). The simulation checks every dependency, the per-pair message matching
+and deadlock freedom and raises RuntimeError("pipeline schedule invalid: ...") on the first violation.
 
 Costs follow the DualPipe README: `b` is the FULL backward of a chunk (input + weight gradients) and `w` its
 weight part, so a deferred B costs b - w and its W costs w; `fb` is an overlapped F&B pair.
@@ -63,16 +65,22 @@ class SimResult:
         return sum(self.bubble) / (len(self.bubble) * self.makespan) if self.makespan > 0 else 0.0
 
 
-def simulate(
-    schedule: Schedule, costs: Costs | None = None, blocking_recv: bool = False, backend: str = "cpp"
-) -> SimResult:
+COMM_MODES = ("async", "blocking_recv", "synchronous")
+
+
+def simulate(schedule: Schedule, costs: Costs | None = None, comm: str = "async", backend: str = "cpp") -> SimResult:
     """Simulate `schedule` under `costs`; raises RuntimeError naming the violation if the schedule is invalid.
 
-    backend: 'cpp' (compiled core, full verification) or 'python' (`simulate_reference`, the timing oracle).
+    comm: 'async', 'blocking_recv' or 'synchronous' (see the module doc). backend: 'cpp' (compiled core, full
+    verification) or 'python' (`simulate_reference`, the timing oracle; 'async' and 'blocking_recv' only).
     """
     costs = costs or Costs()
+    if comm not in COMM_MODES:
+        raise ValueError(f"comm must be one of {COMM_MODES}, got {comm!r}")
     if backend == "python":
-        return simulate_reference(schedule, costs, blocking_recv)
+        if comm == "synchronous":
+            raise ValueError("backend='python' supports comm='async' and 'blocking_recv' only")
+        return simulate_reference(schedule, costs, comm == "blocking_recv")
     if backend != "cpp":
         raise ValueError(f"backend must be 'cpp' or 'python', got {backend!r}")
     _ext.require("pipeline_simulate")
@@ -88,7 +96,7 @@ def simulate(
         costs.w,
         -1.0 if costs.fb is None else costs.fb,
         costs.latency,
-        blocking_recv,
+        COMM_MODES.index(comm),
     )
     pr = per_rank.tolist()
     return SimResult(
