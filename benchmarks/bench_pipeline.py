@@ -193,6 +193,22 @@ def main() -> None:
         ] + rows
         lines.append(f"\n(simulated {len(rows) - 2} x {len(KINDS)} schedules in {time.perf_counter() - t0:.2f} s)")
         curves = curves or cv
+    lines += [
+        "",
+        "### Peak live activations per rank (max over ranks; M = 4PP)",
+        "",
+        "Chunks whose F ran and whose B has not (in brackets: until their deferred W ran). Per-rank memory "
+        "is this times one stage's activations for one micro-batch.",
+        "",
+        "| PP | " + " | ".join(KINDS) + " |",
+        "|---" * (1 + len(KINDS)) + "|",
+    ]
+    for pp in pps:
+        cells = []
+        for kind in KINDS:
+            res = simulate(_schedule(kind, pp, 4 * pp), main_costs)
+            cells.append(f"{max(res.peak_activations)} ({max(res.peak_activations_w)})")
+        lines.append(f"| {pp} | " + " | ".join(cells) + " |")
     os.makedirs(RESULTS, exist_ok=True)
     png = os.path.join(RESULTS, "pipeline_bubble.png")
     plot(curves, pps, main_costs, png)

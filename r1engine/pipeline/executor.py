@@ -6,7 +6,11 @@ list: SEND is `dist.isend`, RECV posts `dist.irecv` (tag = per-pair sequence num
 and NCCL's FIFO order pair the same messages), a compute op waits for its received input, F runs the stage
 (and the criterion on the last stage), B runs autograd from the stage output with the received gradient
 (collecting weight-gradient closures in `WeightGradStore` when the schedule defers W), W runs them, and F&B
-calls the modules' `overlapped_forward_backward` hook when they define one. Activations and gradients
+calls the modules' `overlapped_forward_backward` hook when they define one (both modules of the same class;
+`type(m).overlapped_forward_backward(module_f, x_f, module_b, outputs_b, grads_b) -> y_f` must compute
+module_f(x_f) and `torch.autograd.backward(outputs_b, grads_b)`, interleaving them as it likes; the
+executor applies the criterion to y_f afterwards if it is a last stage; without the hook F then B run one
+after the other). Activations and gradients
 between ranks have one fixed shape and dtype (`p2p_shape`, `p2p_dtype`), e.g. packed fixed-length chunks.
 
 Gradients are summed over micro-batches (one backward per micro-batch loss, no 1/M scaling: scale inside the
