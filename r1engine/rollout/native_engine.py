@@ -89,10 +89,10 @@ class NativeEngine:
         self.model.to(self._home_device)
 
     # ------------------------------------------------------------------------------------------- generation
-    def _logprob(self, logits: torch.Tensor, probs: torch.Tensor, tok: torch.Tensor, greedy: bool) -> torch.Tensor:
-        if greedy:
-            return torch.log_softmax(logits.float(), -1).gather(-1, tok[..., None]).squeeze(-1)
-        return probs.gather(-1, tok[..., None]).squeeze(-1).clamp(min=1e-38).log()
+    @staticmethod
+    def _logprob(logits: torch.Tensor, tok: torch.Tensor) -> torch.Tensor:
+        """log softmax(raw logits)[tok]: the policy's log-prob, what vLLM returns in its default raw_logprobs mode."""
+        return torch.log_softmax(logits.float(), -1).gather(-1, tok[..., None]).squeeze(-1)
 
     def _draft(self, h: torch.Tensor, scfg: SamplingConfig, gen) -> tuple[torch.Tensor, torch.Tensor | None]:
         logits = self.model.logits(h).float()
@@ -170,7 +170,7 @@ class NativeEngine:
         logits = self.model.logits(out.hidden[brange, last_pos])
         probs = processed_probs(logits, scfg)
         tok = sample_from(probs, gen)
-        lp = self._logprob(logits, probs, tok, scfg.greedy)
+        lp = self._logprob(logits, tok)
         for i in range(bsz):
             emit(i, [int(tok[i])], [float(lp[i])])
         last = tok
@@ -192,7 +192,7 @@ class NativeEngine:
                 logits = self.model.logits(out.hidden[:, 0])
                 probs = processed_probs(logits, scfg)
                 tok = sample_from(probs, gen)
-                lp = self._logprob(logits, probs, tok, scfg.greedy)
+                lp = self._logprob(logits, tok)
                 for i in torch.nonzero(active).flatten().tolist():
                     emit(i, [int(tok[i])], [float(lp[i])])
                 last = tok
@@ -207,7 +207,7 @@ class NativeEngine:
             emitted = drafts.clone()
             emitted = torch.cat([emitted, torch.zeros_like(y)[:, None]], 1)
             emitted[brange, a] = y
-            lps = self._logprob(logits, probs, emitted, scfg.greedy)  # [B, k+1]
+            lps = self._logprob(logits, emitted)  # [B, k+1]
             was_active = active.clone()
             act_idx = torch.nonzero(was_active).flatten().tolist()
             a_list = a.tolist()

