@@ -12,7 +12,8 @@ process (one backward per micro-batch loss, as the executor does). Asserted, per
   * DualPipe: both copies of each stage hold bitwise identical, summed gradients;
   * the overlapped_forward_backward hook is called for every F&B slot;
   * a forward-only step under torch.no_grad() returns outputs and losses bitwise equal to the reference.
-Bad stage outputs (wrong shape, a view of the input) raise ValueError naming the constraint.
+Packed integer token chunks feed the first stage (1-rank DualPipeV, losses bitwise equal). Bad stage outputs
+(wrong shape, a view of the input) raise ValueError naming the constraint.
 """
 
 from __future__ import annotations
@@ -184,6 +185,52 @@ def _bad_outputs(solo: dist.ProcessGroup) -> None:
         ex.step(x, x, None)
 
 
+class TokenStage(nn.Module):
+    """First stage fed with packed token chunks (int64 [chunk_len], like PackedBatch.input_ids rows)."""
+
+    def __init__(self, vocab: int, hidden: int) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(vocab, hidden)
+        self.block = Stage(hidden)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.block(self.emb(tokens))
+
+
+class HeadStage(Stage):
+    def __init__(self, vocab: int, hidden: int) -> None:
+        super().__init__(hidden)
+        self.head = DeferrableLinear(hidden, vocab)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(super().forward(x))
+
+
+def _token_chunks(solo: dist.ProcessGroup) -> None:
+    """Integer packed-chunk inputs through a 1-rank DualPipeV (both stages local, handed over in-process)."""
+    vocab, chunk_len, m = 23, 17, 3
+    torch.manual_seed(5)
+    stages = [TokenStage(vocab, SHAPE[-1]), HeadStage(vocab, SHAPE[-1])]
+    tokens = [torch.randint(vocab, (chunk_len,)) for _ in range(m)]
+    targets = [torch.randint(vocab, (chunk_len,)) for _ in range(m)]
+
+    def crit(logits: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits, t)
+
+    ref = copy.deepcopy(stages)
+    ref_losses = []
+    for x, t in zip(tokens, targets, strict=True):
+        loss = crit(ref[1](ref[0](x)), t)
+        loss.backward()
+        ref_losses.append(loss.detach())
+    local = copy.deepcopy(stages)
+    res = PipelineExecutor(local, "dualpipev", p2p_shape=(chunk_len, SHAPE[-1]), group=solo).step(tokens, targets, crit)
+    assert all(torch.equal(res.losses[i], ref_losses[i]) for i in range(m))
+    for mod, mod_ref in zip(local, ref, strict=True):
+        for p, p_ref in zip(mod.parameters(), mod_ref.parameters(), strict=True):
+            assert _rel(p.grad, p_ref.grad) < 1e-5
+
+
 def _worker(rank: int, world: int, port: int, cases2: list[tuple], cases4: list[tuple]) -> None:
     torch.set_num_threads(1)
     dist.init_process_group(
@@ -201,6 +248,7 @@ def _worker(rank: int, world: int, port: int, cases2: list[tuple], cases4: list[
         for case in cases4:  # one 4-rank pipeline over WORLD
             _run_case(None, *case)
         _bad_outputs(solos[rank])
+        _token_chunks(solos[rank])
         dist.barrier()
     finally:
         dist.destroy_process_group()
