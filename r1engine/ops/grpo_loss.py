@@ -287,6 +287,8 @@ def grpo_loss(
     (``"seq-mean-token-mean"``, ``"token-mean"``, ``"seq-mean-token-sum-norm"`` with horizon ``max_len``).
     ``old_logprobs=None`` is an on-policy step (ratio 1). Masked tokens cost nothing in the fused kernels.
     ``inplace_backward=True`` writes the logits gradient into ``logits``; ``check_finite`` raises on NaN/inf logits.
+    Logits whose leading dims cannot be flattened without a copy (e.g. the view ``logits[:, :-1]``) are copied
+    once; to avoid that, pass the full logits and mask the last position (masked rows cost nothing).
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
