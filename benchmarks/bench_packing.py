@@ -244,11 +244,12 @@ def ours(lengths_t: torch.Tensor, cap: int, num_ranks: int, cost: str = "tokens"
 
 # ---- packed attention backends (CPU) -------------------------------------------------------------------------
 def _timed(fn, reps: int = 2) -> float:
+    """Process CPU seconds per call (all threads): steadier than wall time on a shared machine."""
     fn()
-    t0 = time.perf_counter()
+    c0 = time.process_time()
     for _ in range(reps):
         fn()
-    return (time.perf_counter() - t0) / reps
+    return (time.process_time() - c0) / reps
 
 
 def _attention_case(q, k, v, cu: torch.Tensor, with_flex: bool) -> dict[str, float]:
@@ -268,7 +269,7 @@ def _attention_case(q, k, v, cu: torch.Tensor, with_flex: bool) -> dict[str, flo
 
 def bench_attention(with_flex: bool) -> None:
     """Time the CPU backends of varlen_attention on one packed chunk (8 query heads, 2 KV heads, D=64)."""
-    print("\n# varlen_attention on CPU, one chunk, Hq=8 Hkv=2 D=64 (forward, ms; lower is better)")
+    print("\n# varlen_attention on CPU, one chunk, Hq=8 Hkv=2 D=64 (forward, CPU ms over all threads; lower is better)")
     g = torch.Generator().manual_seed(0)
     for total, nseq in ((2048, 2), (2048, 8), (2048, 64)):
         cuts = sorted((torch.randperm(total - 1, generator=g)[: nseq - 1] + 1).tolist())
@@ -298,6 +299,7 @@ def main() -> None:
     )
     ap.add_argument("--ff-max", type=int, default=100_000, help="largest n for the first-fit baseline")
     ap.add_argument("--no-attention", action="store_true", help="skip the packed-attention timing")
+    ap.add_argument("--attention-only", action="store_true", help="only the packed-attention timing")
     ap.add_argument("--flex", action="store_true", help="also time eager FlexAttention (slow on CPU)")
     ap.add_argument("--bfd-max", type=int, default=1_000_000, help="largest n for the pure-Python BFD baseline")
     args = ap.parse_args()
@@ -307,7 +309,7 @@ def main() -> None:
     print(f"# torch threads={torch.get_num_threads()}  load avg={os.getloadavg()[0]:.1f}  cores={os.cpu_count()}")
     cols = f"{'chunks/LB':>10}{'padding':>9}{'load max/min':>13}{'wall s':>9}{'cpu s':>9}{'x wall':>8}{'x cpu':>8}"
     print(f"{'dist':<10}{'n':>9} {'method':<8}{cols}")
-    for dist in args.dists:
+    for dist in [] if args.attention_only else args.dists:
         for n in args.sizes:
             lt = lengths_for(dist, n, cap, seed=n)
             ls = lt.tolist()

@@ -6,6 +6,7 @@
 #include <cmath>
 #include <numeric>
 #include <queue>
+#include <set>
 #include <sstream>
 #include <stdexcept>
 #include <tuple>
@@ -76,8 +77,13 @@ class NextSetBit {
   std::vector<std::vector<uint64_t>> levels_;  // levels_[0] is the finest
 };
 
+struct Item {
+  int64_t len;  // kept next to the index so that later passes never gather from `lengths`
+  int64_t seq;
+};
+
 struct Chunk {
-  std::vector<int64_t> seqs;  // sequence indices, in placement order (non-increasing length)
+  std::vector<Item> seqs;  // sequences, in placement order
   int64_t tokens = 0;
   double cost = 0.0;
 };
@@ -132,17 +138,13 @@ std::vector<int64_t> sort_desc(const int64_t* lengths, int64_t n, int64_t max_le
   return order;
 }
 
-// Best-fit decreasing over `order`. Returns chunks in the order they were opened, each listing its sequences
-// in placement order. The pass records only a chunk id per sequence; the per-chunk lists are built afterwards
-// with exact sizes (no reallocation in the hot loop).
-std::vector<Chunk> best_fit_decreasing(const std::vector<int64_t>& sorted_len, const std::vector<int64_t>& order,
-                                       int64_t cap, PackingCost cost, double a) {
+// Best-fit decreasing with free-space buckets and the 64-ary bit tree (chunk_len + 1 buckets).
+int64_t best_fit_buckets(const std::vector<int64_t>& sorted_len, int64_t cap, std::vector<int64_t>& chunk_of) {
   NextSetBit nonempty(cap + 1);                                 // free-space values with an open chunk
   std::vector<int64_t> head(static_cast<size_t>(cap + 1), -1);  // free space -> first chunk (intrusive list)
   std::vector<int64_t> next;                                    // chunk -> next chunk in its bucket
   std::vector<int64_t> free_space;
-  std::vector<int64_t> chunk_of(order.size());
-  for (size_t k = 0; k < order.size(); ++k) {
+  for (size_t k = 0; k < sorted_len.size(); ++k) {
     const int64_t len = sorted_len[k];
     const int64_t f = nonempty.find_next(len);
     int64_t c;
@@ -164,13 +166,51 @@ std::vector<Chunk> best_fit_decreasing(const std::vector<int64_t>& sorted_len, c
       head[static_cast<size_t>(nf)] = c;
     }
   }
-  std::vector<Chunk> chunks(free_space.size());
-  std::vector<int64_t> count(free_space.size(), 0);
+  return static_cast<int64_t>(free_space.size());
+}
+
+// Chunk id per placed sequence (in `order` order) for best-fit decreasing with a balanced tree keyed by
+// (free space, chunk id): used when chunk_len is so large that per-free-space buckets would waste memory.
+int64_t best_fit_tree(const std::vector<int64_t>& sorted_len, int64_t cap, std::vector<int64_t>& chunk_of) {
+  std::set<std::pair<int64_t, int64_t>> open;  // (free space, chunk)
+  int64_t num_chunks = 0;
+  for (size_t k = 0; k < sorted_len.size(); ++k) {
+    const int64_t len = sorted_len[k];
+    auto it = open.lower_bound({len, int64_t{-1}});
+    int64_t c, free_space;
+    if (it == open.end()) {
+      c = num_chunks++;
+      free_space = cap;
+    } else {
+      free_space = it->first;
+      c = it->second;
+      open.erase(it);
+    }
+    chunk_of[k] = c;
+    if (free_space - len > 0) open.emplace(free_space - len, c);
+  }
+  return num_chunks;
+}
+
+// Best-fit decreasing over `order`. Returns chunks in the order they were opened, each listing its sequences
+// in placement order. The pass records only a chunk id per sequence; the per-chunk lists are built afterwards
+// with exact sizes (no reallocation in the hot loop).
+std::vector<Chunk> best_fit_decreasing(const std::vector<int64_t>& sorted_len, const std::vector<int64_t>& order,
+                                       int64_t cap, PackingCost cost, double a) {
+  std::vector<int64_t> chunk_of(order.size());
+  int64_t num_chunks = 0;
+  if (cap > 4 * static_cast<int64_t>(order.size()) + (int64_t{1} << 22)) {
+    num_chunks = best_fit_tree(sorted_len, cap, chunk_of);
+  } else {
+    num_chunks = best_fit_buckets(sorted_len, cap, chunk_of);
+  }
+  std::vector<Chunk> chunks(static_cast<size_t>(num_chunks));
+  std::vector<int64_t> count(static_cast<size_t>(num_chunks), 0);
   for (int64_t c : chunk_of) ++count[static_cast<size_t>(c)];
   for (size_t c = 0; c < chunks.size(); ++c) chunks[c].seqs.reserve(static_cast<size_t>(count[c]));
   for (size_t k = 0; k < order.size(); ++k) {
     Chunk& ch = chunks[static_cast<size_t>(chunk_of[k])];
-    ch.seqs.push_back(order[k]);
+    ch.seqs.push_back({sorted_len[k], order[k]});
     ch.tokens += sorted_len[k];
     ch.cost += sequence_cost(sorted_len[k], cost, a);
   }
@@ -179,9 +219,9 @@ std::vector<Chunk> best_fit_decreasing(const std::vector<int64_t>& sorted_len, c
 
 // Split the most expensive multi-sequence chunks until there are `target` chunks (empty chunks only when no
 // chunk holds two sequences any more).
-void split_to_count(std::vector<Chunk>& chunks, int64_t target, const int64_t* lengths, PackingCost cost, double a) {
-  using Item = std::tuple<double, int64_t, int64_t>;  // (cost, -index, index): max cost, then lowest index
-  std::priority_queue<Item> heap;
+void split_to_count(std::vector<Chunk>& chunks, int64_t target, PackingCost cost, double a) {
+  using HeapEntry = std::tuple<double, int64_t, int64_t>;  // (cost, -index, index): max cost, then lowest index
+  std::priority_queue<HeapEntry> heap;
   for (int64_t c = 0; c < static_cast<int64_t>(chunks.size()); ++c)
     if (chunks[static_cast<size_t>(c)].seqs.size() >= 2) heap.emplace(chunks[static_cast<size_t>(c)].cost, -c, c);
   while (static_cast<int64_t>(chunks.size()) < target) {
@@ -191,14 +231,14 @@ void split_to_count(std::vector<Chunk>& chunks, int64_t target, const int64_t* l
     }
     const int64_t c = std::get<2>(heap.top());
     heap.pop();
-    std::vector<int64_t> seqs = std::move(chunks[static_cast<size_t>(c)].seqs);
+    std::vector<Item> seqs = std::move(chunks[static_cast<size_t>(c)].seqs);
     // Sequences are in non-increasing length order: greedily give each to the cheaper half.
     Chunk left, right;
-    for (int64_t s : seqs) {
+    for (const Item& it : seqs) {
       Chunk& dst = (left.cost <= right.cost) ? left : right;
-      dst.seqs.push_back(s);
-      dst.tokens += lengths[s];
-      dst.cost += sequence_cost(lengths[s], cost, a);
+      dst.seqs.push_back(it);
+      dst.tokens += it.len;
+      dst.cost += sequence_cost(it.len, cost, a);
     }
     chunks[static_cast<size_t>(c)] = std::move(left);
     const int64_t d = static_cast<int64_t>(chunks.size());
@@ -223,8 +263,8 @@ RankState assign_lpt(const std::vector<Chunk>& chunks, int64_t R, int64_t K) {
   std::stable_sort(ids.begin(), ids.end(), [&](int64_t x, int64_t y) {
     return chunks[static_cast<size_t>(x)].cost > chunks[static_cast<size_t>(y)].cost;
   });
-  using Item = std::pair<double, int64_t>;  // (load, rank), min-heap
-  std::priority_queue<Item, std::vector<Item>, std::greater<Item>> heap;
+  using RankEntry = std::pair<double, int64_t>;  // (load, rank), min-heap
+  std::priority_queue<RankEntry, std::vector<RankEntry>, std::greater<RankEntry>> heap;
   for (int64_t r = 0; r < R; ++r) heap.emplace(0.0, r);
   for (int64_t c : ids) {
     auto [load, r] = heap.top();
@@ -326,7 +366,7 @@ void refine_chunk_swaps(RankState& st, const std::vector<Chunk>& chunks, int64_t
 // Sequence-level refinement between the heaviest and the lightest rank: move one sequence into a chunk with
 // room, or swap two sequences whose chunks can absorb the length difference, with the cost transfer closest
 // to half the gap. Never empties a chunk.
-void refine_sequence_moves(RankState& st, std::vector<Chunk>& chunks, const int64_t* lengths, int64_t cap,
+void refine_sequence_moves(RankState& st, std::vector<Chunk>& chunks, int64_t cap,
                            PackingCost cost, double a, int64_t iters, double tol, int64_t work_budget) {
   const int64_t R = static_cast<int64_t>(st.load.size());
   if (R < 2) return;
@@ -351,7 +391,7 @@ void refine_sequence_moves(RankState& st, std::vector<Chunk>& chunks, const int6
       const Chunk& ch = chunks[static_cast<size_t>(c)];
       free_lo.emplace_back(cap - ch.tokens, c);
       for (size_t p = 0; p < ch.seqs.size(); ++p) {
-        const int64_t len = lengths[ch.seqs[p]];
+        const int64_t len = ch.seqs[p].len;
         light.push_back({sequence_cost(len, cost, a), len, c, p});
       }
     }
@@ -368,7 +408,7 @@ void refine_sequence_moves(RankState& st, std::vector<Chunk>& chunks, const int6
       const Chunk& ch = chunks[static_cast<size_t>(hc)];
       const int64_t free_h = cap - ch.tokens;
       for (size_t hp = 0; hp < ch.seqs.size(); ++hp) {
-        const int64_t len = lengths[ch.seqs[hp]];
+        const int64_t len = ch.seqs[hp].len;
         const double cs = sequence_cost(len, cost, a);
         // Move: needs a light chunk with free >= len (best fit: smallest such), and must not empty hc.
         if (ch.seqs.size() >= 2 && cs < gap) {
@@ -411,24 +451,24 @@ void refine_sequence_moves(RankState& st, std::vector<Chunk>& chunks, const int6
     if (kind < 0) return;
     Chunk& H = chunks[static_cast<size_t>(bhc)];
     Chunk& L = chunks[static_cast<size_t>(blc)];
-    const int64_t s = H.seqs[bhp];
-    const double cs = sequence_cost(lengths[s], cost, a);
+    const Item s = H.seqs[bhp];
+    const double cs = sequence_cost(s.len, cost, a);
     if (kind == 0) {
       H.seqs.erase(H.seqs.begin() + static_cast<std::ptrdiff_t>(bhp));
-      H.tokens -= lengths[s];
+      H.tokens -= s.len;
       H.cost -= cs;
       L.seqs.push_back(s);
-      L.tokens += lengths[s];
+      L.tokens += s.len;
       L.cost += cs;
       st.load[static_cast<size_t>(hi)] -= cs;
       st.load[static_cast<size_t>(lo)] += cs;
     } else {
-      const int64_t t = L.seqs[blp];
-      const double ct = sequence_cost(lengths[t], cost, a);
+      const Item t = L.seqs[blp];
+      const double ct = sequence_cost(t.len, cost, a);
       H.seqs[bhp] = t;
       L.seqs[blp] = s;
-      H.tokens += lengths[t] - lengths[s];
-      L.tokens += lengths[s] - lengths[t];
+      H.tokens += t.len - s.len;
+      L.tokens += s.len - t.len;
       H.cost += ct - cs;
       L.cost += cs - ct;
       st.load[static_cast<size_t>(hi)] += ct - cs;
@@ -466,7 +506,7 @@ PackingResult plan_packing(const int64_t* lengths, int64_t n, const PackingOptio
   std::vector<Chunk> chunks = best_fit_decreasing(sorted_len, order, cap, opts.cost, a);
   res.bfd_chunks = static_cast<int64_t>(chunks.size());
   const int64_t K = target_chunks_per_rank(res.bfd_chunks, opts);
-  split_to_count(chunks, K * R, lengths, opts.cost, a);
+  split_to_count(chunks, K * R, opts.cost, a);
 
   RankState st = assign_lpt(chunks, R, K);
   const int64_t iters = opts.refine_iters >= 0 ? opts.refine_iters : 4 * R + 64;
@@ -476,7 +516,7 @@ PackingResult plan_packing(const int64_t* lengths, int64_t n, const PackingOptio
   // (chunk swaps already got it close) and stop after touching ~4n sequence entries, so the pass stays
   // O(n log n) overall.
   const int64_t seq_iters = opts.refine_iters >= 0 ? opts.refine_iters : iters;
-  refine_sequence_moves(st, chunks, lengths, cap, opts.cost, a, seq_iters, 1e-3, 4 * n + 1024);
+  refine_sequence_moves(st, chunks, cap, opts.cost, a, seq_iters, 1e-3, 4 * n + 1024);
 
   // Emit rank-major, chunks within a rank by cost descending (ties by chunk id), sequences by length descending.
   res.rank_ptr.assign(1, 0);
@@ -484,23 +524,22 @@ PackingResult plan_packing(const int64_t* lengths, int64_t n, const PackingOptio
   res.seq_index.reserve(static_cast<size_t>(n));
   res.seq_offset.reserve(static_cast<size_t>(n));
   for (int64_t r = 0; r < R; ++r) {
-    auto ids = st.chunks[static_cast<size_t>(r)];
-    std::sort(ids.begin(), ids.end(), [&](int64_t x, int64_t y) {
-      const double cx = chunks[static_cast<size_t>(x)].cost, cy = chunks[static_cast<size_t>(y)].cost;
-      return cx != cy ? cx > cy : x < y;
-    });
+    std::vector<std::pair<double, int64_t>> ids;  // (-cost, chunk): heaviest first, ties by chunk id
+    ids.reserve(st.chunks[static_cast<size_t>(r)].size());
+    for (int64_t c : st.chunks[static_cast<size_t>(r)]) ids.emplace_back(-chunks[static_cast<size_t>(c)].cost, c);
+    std::sort(ids.begin(), ids.end());
     double load = 0.0;
-    for (int64_t c : ids) {
+    for (const auto& [neg_cost, c] : ids) {
       Chunk& ch = chunks[static_cast<size_t>(c)];
-      auto longer = [&](int64_t x, int64_t y) { return lengths[x] != lengths[y] ? lengths[x] > lengths[y] : x < y; };
+      auto longer = [](const Item& x, const Item& y) { return x.len != y.len ? x.len > y.len : x.seq < y.seq; };
       if (!std::is_sorted(ch.seqs.begin(), ch.seqs.end(), longer)) std::sort(ch.seqs.begin(), ch.seqs.end(), longer);
       int64_t off = 0;
       double cost_sum = 0.0;
-      for (int64_t s : ch.seqs) {
-        res.seq_index.push_back(s);
+      for (const Item& it : ch.seqs) {
+        res.seq_index.push_back(it.seq);
         res.seq_offset.push_back(off);
-        off += lengths[s];
-        cost_sum += sequence_cost(lengths[s], opts.cost, a);  // recomputed: no drift from incremental updates
+        off += it.len;
+        cost_sum += sequence_cost(it.len, opts.cost, a);  // recomputed: no drift from incremental updates
       }
       res.chunk_ptr.push_back(static_cast<int64_t>(res.seq_index.size()));
       res.chunk_tokens.push_back(off);

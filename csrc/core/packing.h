@@ -6,7 +6,8 @@
 //   2. best-fit decreasing: each sequence goes into the open chunk with the smallest free space that still
 //      fits it. Open chunks are kept in buckets keyed by free space (0..chunk_len) and a 64-ary bit tree
 //      over non-empty buckets answers "smallest free space >= len" in O(log_64 chunk_len), so the whole
-//      pass is O(n log_64 chunk_len) after the O(n + chunk_len) sort;
+//      pass is O(n log_64 chunk_len) after the O(n + chunk_len) sort (for a chunk_len far above the number of
+//      sequences, a balanced tree over (free space, chunk) and a comparison sort are used instead: O(n log n));
 //   3. raise the chunk count to the target (a multiple of num_ranks * chunk_multiple, at least
 //      num_ranks * min_chunks_per_rank) by splitting the most expensive multi-sequence chunks in two
 //      (whole sequences move; a sequence is never cut). Empty chunks appear only if there are fewer

@@ -1,5 +1,6 @@
 // Unit tests of the best-fit packing planner (csrc/core/packing.*), no torch.
 #include <algorithm>
+#include <functional>
 #include <cstdint>
 #include <random>
 #include <stdexcept>
@@ -134,9 +135,44 @@ void test_random_invariants_and_quality() {
   }
 }
 
+// O(n * chunks) best-fit decreasing, written independently as the oracle for the chunk count.
+int64_t brute_force_bfd(std::vector<int64_t> lens, int64_t cap) {
+  std::stable_sort(lens.begin(), lens.end(), std::greater<int64_t>());
+  std::vector<int64_t> free_space;
+  for (int64_t len : lens) {
+    int64_t best = -1;
+    for (size_t c = 0; c < free_space.size(); ++c)
+      if (free_space[c] >= len && (best < 0 || free_space[c] < free_space[static_cast<size_t>(best)]))
+        best = static_cast<int64_t>(c);
+    if (best < 0) {
+      free_space.push_back(cap - len);
+    } else {
+      free_space[static_cast<size_t>(best)] -= len;
+    }
+  }
+  return static_cast<int64_t>(free_space.size());
+}
+
+void test_matches_brute_force_small_and_huge_chunk_len() {
+  std::mt19937_64 rng(99);
+  // small chunk_len: bucket + bit-tree path; huge chunk_len: balanced-tree path
+  for (int64_t cap : {int64_t{1}, int64_t{7}, int64_t{64}, int64_t{65}, int64_t{4097}, int64_t{50'000'000}}) {
+    for (int trial = 0; trial < 5; ++trial) {
+      std::uniform_int_distribution<int64_t> d(1, cap);
+      std::vector<int64_t> lens(static_cast<size_t>(30 + 37 * trial));
+      for (auto& l : lens) l = std::max<int64_t>(1, d(rng) / (1 + trial % 3));
+      auto o = opts(cap, 1);
+      auto r = plan_packing(lens.data(), static_cast<int64_t>(lens.size()), o);
+      R1_CHECK(validate_packing(lens.data(), static_cast<int64_t>(lens.size()), o, r).empty());
+      R1_CHECK(r.bfd_chunks == brute_force_bfd(lens, cap));
+    }
+  }
+}
+
 }  // namespace
 
 int main() {
+  test_matches_brute_force_small_and_huge_chunk_len();
   test_exact_fit();
   test_best_fit_choice();
   test_equal_counts_and_split();

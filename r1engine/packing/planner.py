@@ -178,6 +178,17 @@ def _as_lengths(lengths: torch.Tensor | Sequence[int]) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.int64).reshape(-1)
 
 
+def _check_lengths(lens: torch.Tensor, chunk_len: int) -> None:
+    if not lens.numel():
+        return
+    lo, hi = torch.aminmax(lens)
+    if int(lo) <= 0 or int(hi) > chunk_len:
+        i = int(((lens <= 0) | (lens > chunk_len)).nonzero()[0, 0])
+        n = int(lens[i])
+        what = "every length must be > 0, but" if n <= 0 else f"sequence longer than chunk_len = {chunk_len}:"
+        raise ValueError(f"{what} lengths[{i}] = {n}")
+
+
 def _check_int(name: str, value: int, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
@@ -223,14 +234,10 @@ def plan(
     attn_coef = float(attn_coef)
     if not (math.isfinite(attn_coef) and attn_coef >= 0):
         raise ValueError(f"attn_coef must be a finite value >= 0, got {attn_coef}")
-    if lens.numel():
-        bad = (lens <= 0) | (lens > chunk_len)
-        if bool(bad.any()):
-            i = int(bad.nonzero()[0, 0])
-            what = "must be > 0" if int(lens[i]) <= 0 else f"exceeds chunk_len = {chunk_len}"
-            raise ValueError(f"sequence length {what}: lengths[{i}] = {int(lens[i])}")
     if backend == "auto":
         backend = "cpp" if _ext.has_op("packing_plan") else "python"
+    if backend != "cpp":  # the compiled op checks lengths itself (same message), in the same pass as its sort
+        _check_lengths(lens, chunk_len)
     if backend == "cpp":
         _ext.require("packing_plan")
         out = torch.ops.r1engine.packing_plan(
