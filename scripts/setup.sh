@@ -26,6 +26,13 @@ if [ "$(cat .venv/.setup-stamp 2>/dev/null)" != "$stamp" ]; then
   echo "$stamp" > .venv/.setup-stamp
 fi
 
+if ! command -v bwrap >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  # bubblewrap isolates model-generated code in the code reward; without it the weaker rlimit sandbox is used.
+  echo "[setup] installing bubblewrap (code-reward sandbox)"
+  (apt-get install -y -qq bubblewrap >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq bubblewrap)) \
+    >/dev/null 2>&1 || echo "[setup] bubblewrap unavailable: the code sandbox falls back to rlimits" >&2
+fi
+
 echo "[setup] building r1engine._C"
 MAX_JOBS=${MAX_JOBS:-2} $PY setup.py --quiet build_ext --inplace 2>&1 | grep -vE "^(running|copying|creating|\[[0-9]+/[0-9]+\])|UserWarning|warnings.warn|Wc\+\+20" || true
 $PY -c "import torch, r1engine._C" || { echo "[setup] the extension failed to build" >&2; exit 1; }

@@ -1,0 +1,96 @@
+"""Multi-digit addition with a worked, column-by-column chain of thought in the R1 template.
+
+    prompt:      "347+85="
+    completion:  "<think>7+5+0=12 4+8+1=13 3+0+1=4</think><answer>432</answer>"
+
+Each step adds one column (digits from the right, plus the carry in) exactly as a person would, so a small
+model can learn the method from a few hundred SFT steps, and RL has something left to sharpen: the carries.
+Held-out problems are drawn from a separate random stream and excluded from training.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Problem:
+    prompt: str
+    answer: str
+    """The reference the accuracy reward compares against."""
+
+
+class AdditionTask:
+    def __init__(self, min_digits: int = 1, max_digits: int = 3, num_eval: int = 200, eval_seed: int = 12345):
+        if not 1 <= min_digits <= max_digits:
+            raise ValueError(
+                f"min_digits/max_digits: need 1 <= min_digits <= max_digits, got {min_digits}, {max_digits}"
+            )
+        self.min_digits, self.max_digits = min_digits, max_digits
+        rng = random.Random(eval_seed)
+        self.eval_problems: list[Problem] = []
+        seen: set[str] = set()
+        while len(self.eval_problems) < num_eval:
+            problem = self._draw(rng)
+            if problem.prompt not in seen:
+                seen.add(problem.prompt)
+                self.eval_problems.append(problem)
+        self._eval_prompts = frozenset(seen)
+
+    def _draw(self, rng: random.Random) -> Problem:
+        a, b = (self._number(rng) for _ in range(2))
+        return Problem(prompt=f"{a}+{b}=", answer=str(a + b))
+
+    def _number(self, rng: random.Random) -> int:
+        digits = rng.randint(self.min_digits, self.max_digits)
+        return rng.randint(0 if digits == 1 else 10 ** (digits - 1), 10**digits - 1)
+
+    def train_problems(self, seed: int) -> ProblemStream:
+        """An endless stream of training problems (held-out prompts skipped), reproducible from `seed`."""
+        return ProblemStream(self, seed)
+
+    @staticmethod
+    def solution(problem: Problem) -> str:
+        """The worked chain of thought plus answer for `problem`, in the R1 template."""
+        a, b = problem.prompt.rstrip("=").split("+")
+        ra, rb = a[::-1], b[::-1]
+        steps, digits, carry = [], [], 0
+        for i in range(max(len(ra), len(rb))):
+            x = int(ra[i]) if i < len(ra) else 0
+            y = int(rb[i]) if i < len(rb) else 0
+            total = x + y + carry
+            steps.append(f"{x}+{y}+{carry}={total}")
+            digits.append(total % 10)
+            carry = total // 10
+        if carry:
+            digits.append(carry)
+        answer = "".join(map(str, reversed(digits)))
+        return f"<think>{' '.join(steps)}</think><answer>{answer}</answer>"
+
+
+class ProblemStream:
+    """Training problems of a task, in a reproducible order; its position is checkpointable (`state`)."""
+
+    def __init__(self, task: AdditionTask, seed: int):
+        self.task = task
+        self.rng = random.Random(seed)
+
+    def __iter__(self) -> ProblemStream:
+        return self
+
+    def __next__(self) -> Problem:
+        while True:
+            problem = self.task._draw(self.rng)
+            if problem.prompt not in self.task._eval_prompts:
+                return problem
+
+    def take(self, n: int) -> list[Problem]:
+        return [next(self) for _ in range(n)]
+
+    def state(self) -> Any:
+        return self.rng.getstate()
+
+    def set_state(self, state: Any) -> None:
+        self.rng.setstate(state)

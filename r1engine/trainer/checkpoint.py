@@ -1,0 +1,93 @@
+"""Atomic training checkpoints: a crash at any point leaves either the previous checkpoint or the new one.
+
+Layout under `<output_dir>/checkpoints/`:
+    step-000040/           model/ (safetensors + config + tokenizer, loadable by vLLM), trainer.pt
+    latest                 the name of the newest complete checkpoint (replaced atomically)
+A checkpoint is written into `step-XXXXXX.tmp`, flushed to disk, renamed into place, and only then is
+`latest` switched to it; unreferenced or half-written directories are ignored and cleaned up.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+
+def rng_state() -> dict[str, Any]:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+
+
+def _fsync_tree(path: Path) -> None:
+    for root, _, files in os.walk(path):
+        for name in files:
+            with open(os.path.join(root, name), "rb") as f:
+                os.fsync(f.fileno())
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class CheckpointManager:
+    def __init__(self, output_dir: str | Path, keep: int = 2):
+        if keep < 1:
+            raise ValueError(f"keep: must be >= 1, got {keep}")
+        self.root = Path(output_dir) / "checkpoints"
+        self.keep = keep
+
+    def latest(self) -> Path | None:
+        """The newest complete checkpoint, or None."""
+        pointer = self.root / "latest"
+        if not pointer.is_file():
+            return None
+        path = self.root / pointer.read_text().strip()
+        return path if (path / "trainer.pt").is_file() else None
+
+    def save(self, step: int, save_model, trainer_state: dict[str, Any]) -> Path:
+        """Write checkpoint `step`: `save_model(dir)` writes the model directory, `trainer_state` is pickled."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        name = f"step-{step:06d}"
+        tmp = self.root / f"{name}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        save_model(tmp / "model")
+        torch.save(trainer_state, tmp / "trainer.pt")
+        _fsync_tree(tmp)
+        final = self.root / name
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        pointer_tmp = self.root / "latest.tmp"
+        pointer_tmp.write_text(name)
+        with open(pointer_tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(pointer_tmp, self.root / "latest")
+        self._prune(keep_name=name)
+        return final
+
+    def load(self, path: Path | None = None) -> tuple[Path, dict[str, Any]]:
+        """(checkpoint directory, trainer state) of `path` or of the newest checkpoint."""
+        path = path or self.latest()
+        if path is None:
+            raise FileNotFoundError(f"no complete checkpoint under {self.root}")
+        return path, torch.load(path / "trainer.pt", weights_only=False)
+
+    def _prune(self, keep_name: str) -> None:
+        complete = sorted(p for p in self.root.glob("step-*") if not p.name.endswith(".tmp"))
+        for stale in self.root.glob("step-*.tmp"):
+            shutil.rmtree(stale, ignore_errors=True)
+        for old in complete[: -self.keep]:
+            if old.name != keep_name:
+                shutil.rmtree(old, ignore_errors=True)

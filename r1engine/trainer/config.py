@@ -1,0 +1,296 @@
+"""The typed training configuration: YAML in, dotted command-line overrides, errors that name the key.
+
+Defaults follow the DeepSeek-R1-Zero paper (lr 3e-6, KL coefficient 0.001, G = 16, 32 prompts per step,
+reference reset every 400 steps, temperature 1.0); `configs/demo.yaml` overrides them for a tiny model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message starts with the dotted key at fault."""
+
+
+@dataclass
+class ModelConfig:
+    preset: Literal["tiny", "demo", "small"] = "demo"
+    """Size preset of r1engine.models.PolicyConfig (ignored when init_from is set)."""
+    init_from: str | None = None
+    """A model directory (MiMo layout) to start from instead of random weights."""
+    num_mtp_layers: int = 1
+    dtype: Literal["float32", "bfloat16"] = "float32"
+
+
+@dataclass
+class TaskConfig:
+    name: Literal["addition"] = "addition"
+    min_digits: int = 1
+    max_digits: int = 3
+    num_eval: int = 200
+    """Held-out problems (never used for training) scored with greedy decoding."""
+
+
+@dataclass
+class SFTConfig:
+    """Cold-start supervised fine-tuning on worked reasoning traces before RL (0 steps: skip)."""
+
+    steps: int = 0
+    batch_size: int = 32
+    lr: float = 1e-3
+
+
+@dataclass
+class GRPOConfig:
+    steps: int = 1000
+    prompts_per_step: int = 32
+    group_size: int = 16
+    lr: float = 3e-6
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    beta: float = 0.001
+    """KL coefficient; 0 disables the reference model."""
+    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
+    eps_low: float = 0.2
+    eps_high: float = 0.2
+    dual_clip: float | None = None
+    advantage: Literal["grpo", "drgrpo", "rloo"] = "grpo"
+    agg: Literal["seq-mean-token-mean", "token-mean", "seq-mean-token-sum-norm"] = "seq-mean-token-mean"
+    mini_batches: int = 16
+    """Optimizer steps per rollout batch (the paper splits each rollout into 16 mini-batches)."""
+    inner_epochs: int = 1
+    ref_reset_every: int = 400
+    """Every this many steps the reference policy becomes the current policy (0: never)."""
+    temperature: float = 1.0
+    max_new_tokens: int = 32768
+    mtp_loss_coef: float = 0.1
+    """Weight of the MTP head's next-next-token loss, which keeps the rollout drafter fresh."""
+
+
+@dataclass
+class RewardsConfig:
+    weights: dict[str, float] = field(default_factory=lambda: {"accuracy": 1.0, "format": 1.0})
+    """Named reward functions and their weights (accuracy and format with equal weight, as in the paper)."""
+    num_workers: int = 1
+    timeout_s: float = 10.0
+
+
+@dataclass
+class RolloutConfig:
+    backend: Literal["auto", "vllm", "native"] = "auto"
+    num_speculative_tokens: int = 1
+    """MTP draft tokens per step (0: no speculation)."""
+    top_p: float = 1.0
+    top_k: int = -1
+
+
+@dataclass
+class TrainingConfig:
+    loss_backend: Literal["auto", "torch", "cpp", "triton", "cuda"] = "auto"
+    chunk_len: int = 1024
+    """Packed chunk length in tokens; must hold the longest prompt + completion."""
+    deepspeed_zero_stage: int = 0
+    """0: plain PyTorch; 1-3: DeepSpeed ZeRO stage (launch with the deepspeed launcher for several ranks)."""
+    offload_optimizer: bool = False
+    deterministic: bool = False
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 50
+    """Save every this many GRPO steps (0: only at the end)."""
+    keep: int = 2
+    resume: bool = True
+    """Continue from the newest checkpoint in output_dir when there is one."""
+
+
+@dataclass
+class EvalConfig:
+    every: int = 10
+
+
+@dataclass
+class Config:
+    output_dir: str = "runs/default"
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    rewards: RewardsConfig = field(default_factory=RewardsConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    tensorboard: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _check_positive(cfg: Config) -> None:
+    for key in (
+        "grpo.steps", "grpo.prompts_per_step", "grpo.group_size", "grpo.mini_batches", "grpo.inner_epochs",
+        "grpo.max_new_tokens", "sft.batch_size", "task.num_eval", "training.chunk_len", "eval.every",
+        "rewards.num_workers",
+    ):  # fmt: skip
+        value = _get(cfg, key)
+        if value <= 0:
+            raise ConfigError(f"{key}: must be > 0, got {value}")
+    for key in ("sft.steps", "grpo.ref_reset_every", "grpo.beta", "grpo.mtp_loss_coef", "checkpoint.every"):
+        if _get(cfg, key) < 0:
+            raise ConfigError(f"{key}: must be >= 0, got {_get(cfg, key)}")
+
+
+def validate(cfg: Config) -> None:
+    """Reject impossible combinations, naming the key."""
+    _check_positive(cfg)
+    g = cfg.grpo
+    if g.temperature <= 0:
+        raise ConfigError(f"grpo.temperature: must be > 0, got {g.temperature}")
+    if not (0 <= g.eps_low < 1):
+        raise ConfigError(f"grpo.eps_low: must be in [0, 1), got {g.eps_low}")
+    if g.eps_high < 0:
+        raise ConfigError(f"grpo.eps_high: must be >= 0, got {g.eps_high}")
+    if g.dual_clip is not None and g.dual_clip <= 1:
+        raise ConfigError(f"grpo.dual_clip: must be > 1 (or null to disable), got {g.dual_clip}")
+    batch = g.prompts_per_step * g.group_size
+    if batch % g.mini_batches:
+        raise ConfigError(
+            f"grpo.mini_batches: the rollout batch of {batch} completions (grpo.prompts_per_step={g.prompts_per_step}"
+            f" x grpo.group_size={g.group_size}) is not divisible into {g.mini_batches} mini-batches"
+        )
+    if g.advantage == "grpo" and g.group_size < 2:
+        raise ConfigError("grpo.group_size: GRPO normalises within a group, it needs at least 2 completions")
+    if g.beta > 0 and g.ref_reset_every == 0 and cfg.model.init_from is None and cfg.sft.steps == 0:
+        raise ConfigError(
+            "grpo.beta: a KL coefficient needs a reference model, but the policy starts from random weights with "
+            "no SFT and the reference is never reset (grpo.ref_reset_every=0)"
+        )
+    if not 0 <= cfg.training.deepspeed_zero_stage <= 3:
+        raise ConfigError(f"training.deepspeed_zero_stage: must be 0-3, got {cfg.training.deepspeed_zero_stage}")
+    if cfg.training.offload_optimizer and cfg.training.deepspeed_zero_stage == 0:
+        raise ConfigError("training.offload_optimizer: needs training.deepspeed_zero_stage >= 1")
+    if cfg.task.min_digits < 1 or cfg.task.max_digits < cfg.task.min_digits:
+        raise ConfigError(
+            f"task.max_digits: need 1 <= task.min_digits <= task.max_digits, got {cfg.task.min_digits}, "
+            f"{cfg.task.max_digits}"
+        )
+    if not cfg.rewards.weights:
+        raise ConfigError("rewards.weights: at least one reward function is needed")
+    if cfg.rollout.num_speculative_tokens < 0:
+        raise ConfigError(f"rollout.num_speculative_tokens: must be >= 0, got {cfg.rollout.num_speculative_tokens}")
+    if cfg.rollout.num_speculative_tokens > 0 and cfg.model.num_mtp_layers == 0:
+        raise ConfigError("rollout.num_speculative_tokens: MTP speculation needs model.num_mtp_layers >= 1")
+
+
+# --- loading ---------------------------------------------------------------------------------------------------
+
+
+def _get(cfg: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def _coerce(value: Any, annotation: Any, key: str) -> Any:
+    """Check `value` against a field annotation, converting only where it is lossless (int -> float)."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(annotation)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if errors else f"{key}: invalid value {value!r}")
+    if origin is Literal:
+        choices = typing.get_args(annotation)
+        if value not in choices:
+            raise ConfigError(f"{key}: must be one of {', '.join(map(repr, choices))}, got {value!r}")
+        return value
+    if origin is dict:
+        key_type, value_type = typing.get_args(annotation)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__} {value!r}")
+        return {_coerce(k, key_type, key): _coerce(v, value_type, f"{key}.{k}") for k, v in value.items()}
+    if dataclasses.is_dataclass(annotation):
+        return _from_dict(annotation, value, key)
+    if annotation is float:
+        if isinstance(value, str):  # YAML 1.1 reads "1e-4" (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{key}: expected a number, got {type(value).__name__} {value!r}")
+        return float(value)
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {type(value).__name__} {value!r}")
+        return value
+    if annotation in (str, bool):
+        if not isinstance(value, annotation):
+            raise ConfigError(f"{key}: expected {annotation.__name__}, got {type(value).__name__} {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported field type {annotation!r}")  # a bug in this module, not in the YAML
+
+
+def _from_dict(cls: type, data: Any, prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {type(data).__name__} {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        raise ConfigError(f"{where}{unknown[0]}: unknown key (known: {', '.join(sorted(names))})")
+    kwargs = {name: _coerce(value, hints[name], f"{prefix}.{name}" if prefix else name) for name, value in data.items()}
+    return cls(**kwargs)
+
+
+def _merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for k, v in update.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def apply_override(data: dict, override: str) -> dict:
+    """Apply one `dotted.key=value` override (value parsed as YAML) to a nested dict."""
+    if "=" not in override:
+        raise ConfigError(f"override {override!r}: expected dotted.key=value")
+    key, raw = override.split("=", 1)
+    value = yaml.safe_load(raw) if raw else ""
+    nested: Any = value
+    for part in reversed(key.strip().split(".")):
+        nested = {part: nested}
+    return _merge(data, nested)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Load a YAML config (or the defaults), apply `key=value` overrides, type-check and validate."""
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        data = yaml.safe_load(path.read_text()) or {}
+    for override in overrides:
+        data = apply_override(data, override)
+    cfg = _from_dict(Config, data, "")
+    validate(cfg)
+    return cfg

@@ -1,0 +1,428 @@
+"""The GRPO trainer: the paper's decoupled loop, as glue over the engine's pieces.
+
+rollout (G completions per prompt, MTP speculation) ──► rewards, scored asynchronously in worker processes
+        │                                               while the old/reference log-probs are inferred
+        ▼
+group advantages ─► packing (best-fit chunks) ─► fused GRPO loss (+ MTP loss) ─► optimizer, per mini-batch
+        ▼
+weight sync to the rollout engine (main model and MTP head) ─► every K steps the reference becomes the policy
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from r1engine.algo.advantages import group_advantages
+from r1engine.data import get_task
+from r1engine.models import PolicyConfig, PolicyModel, build_char_tokenizer
+from r1engine.ops import grpo_loss
+from r1engine.packing import uncollate
+from r1engine.rewards import RewardScheduler, get_reward
+from r1engine.rollout import create_engine
+from r1engine.trainer.checkpoint import CheckpointManager, rng_state, set_rng_state
+from r1engine.trainer.config import Config
+from r1engine.trainer.engine import TrainEngine
+from r1engine.trainer.metrics import MetricsLogger, plot_metrics, read_metrics
+from r1engine.trainer.sequences import (
+    PackedTokens,
+    SequenceBatch,
+    build_sequences,
+    loss_tokens,
+    pack,
+    packed_forward,
+    packed_logprobs,
+)
+from r1engine.trainer.sft import cold_start_sft, completion_token_mask
+
+PRESETS = {"tiny": PolicyConfig.tiny, "demo": PolicyConfig.demo}
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True)
+
+
+def _per_sequence(batch, tokens: PackedTokens, values: torch.Tensor, n: int) -> list[torch.Tensor]:
+    """Scatter loss-token values `[M]` back to per-sequence, position-aligned tensors (0 off the loss tokens)."""
+    full = torch.zeros(batch.input_ids.numel(), dtype=values.dtype)
+    full[tokens.index] = values
+    parts = uncollate(batch, full.view_as(batch.input_ids))
+    out: list[torch.Tensor] = [torch.empty(0)] * n
+    for seq, part in zip(batch.seq_ids.tolist(), parts, strict=True):
+        out[seq] = part
+    return out
+
+
+class GRPOTrainer:
+    def __init__(self, cfg: Config, *, progress: bool = True):
+        self.cfg = cfg
+        self.progress = progress
+        seed_everything(cfg.seed, cfg.training.deterministic)
+        self.out_dir = Path(cfg.output_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.task = get_task(
+            cfg.task.name, min_digits=cfg.task.min_digits, max_digits=cfg.task.max_digits, num_eval=cfg.task.num_eval
+        )
+        self.stream = self.task.train_problems(seed=cfg.seed)
+        self.tokenizer = build_char_tokenizer()
+        self.bos_id, self.eos_id = self.tokenizer.bos_token_id, self.tokenizer.eos_token_id
+        if cfg.model.init_from:
+            self.model = PolicyModel.from_pretrained(cfg.model.init_from)
+        else:
+            model_cfg = PRESETS[cfg.model.preset](
+                vocab_size=len(self.tokenizer), num_mtp_layers=cfg.model.num_mtp_layers
+            )
+            self.model = PolicyModel(model_cfg)
+            self.model.reset_parameters(seed=cfg.seed)
+        self.model.to(getattr(torch, cfg.model.dtype))
+        g = cfg.grpo
+        self.train_engine = TrainEngine(
+            self.model,
+            lr=g.lr,
+            weight_decay=g.weight_decay,
+            max_grad_norm=g.max_grad_norm,
+            zero_stage=cfg.training.deepspeed_zero_stage,
+            offload_optimizer=cfg.training.offload_optimizer,
+        )
+        self.rank, self.world_size = self.train_engine.rank, self.train_engine.world_size
+        if g.prompts_per_step % self.world_size:
+            raise ValueError(
+                f"grpo.prompts_per_step={g.prompts_per_step} must be divisible by the number of ranks "
+                f"({self.world_size})"
+            )
+        self.ref_model: PolicyModel | None = None
+        self.rollout = None
+        self.rewards = RewardScheduler(
+            {"weights": cfg.rewards.weights}, num_workers=cfg.rewards.num_workers, timeout_s=cfg.rewards.timeout_s
+        )
+        self.accuracy = get_reward("arithmetic")
+        self.checkpoints = CheckpointManager(self.out_dir, keep=cfg.checkpoint.keep)
+        self.step = 0
+        self.sft_losses: list[float] = []
+
+    # ------------------------------------------------------------------------------------------- text <-> ids
+    def encode(self, text: str, bos: bool = True) -> list[int]:
+        ids = self.tokenizer.encode(text, add_special_tokens=False)
+        return [self.bos_id] + ids if bos else ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode([i for i in ids if i != self.eos_id], skip_special_tokens=True)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    # ------------------------------------------------------------------------------------------- stages
+    def _start_rollout(self) -> None:
+        r = self.cfg.rollout
+        longest = self.cfg.training.chunk_len
+        self.rollout = create_engine(
+            r.backend,
+            model=self.model,
+            tokenizer=self.tokenizer,
+            num_speculative_tokens=r.num_speculative_tokens,
+            max_model_len=longest,
+        )
+
+    def _reset_reference(self) -> None:
+        if self.cfg.grpo.beta > 0:
+            with self.train_engine.full_weights():
+                self.ref_model = copy.deepcopy(self.model).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Held-out accuracy with greedy decoding through the rollout engine."""
+        problems = self.task.eval_problems
+        batch = self.rollout.generate(
+            [self.encode(p.prompt) for p in problems],
+            n=1,
+            max_new_tokens=self.cfg.grpo.max_new_tokens,
+            temperature=0.0,
+            stop_token_ids=[self.eos_id],
+            seed=0,
+        )
+        texts = [self.decode(c) for c in batch.completion_ids]
+        results = self.accuracy(texts, [p.answer for p in problems])
+        return sum(r.score for r in results) / len(results)
+
+    def generate_and_score(self, step: int) -> tuple[SequenceBatch, torch.Tensor, dict[str, Any]]:
+        """One rollout: G completions for this rank's prompts, rewards (async) overlapped with inference of the
+        old and reference log-probs; returns sequences with their fields, the advantages and metrics."""
+        cfg, g = self.cfg, self.cfg.grpo
+        problems = self.stream.take(g.prompts_per_step)[self.rank :: self.world_size]
+        prompts = [self.encode(p.prompt) for p in problems]
+        t0 = time.perf_counter()
+        rb = self.rollout.generate(
+            prompts,
+            n=g.group_size,
+            max_new_tokens=g.max_new_tokens,
+            temperature=g.temperature,
+            top_p=cfg.rollout.top_p,
+            top_k=cfg.rollout.top_k,
+            stop_token_ids=[self.eos_id],
+            seed=cfg.seed * 1_000_003 + step * self.world_size + self.rank,
+        )
+        t_rollout = time.perf_counter() - t0
+        owner = rb.prompt_index.tolist()
+        texts = [self.decode(c) for c in rb.completion_ids]
+        handle = self.rewards.submit(texts, [problems[i].answer for i in owner])  # scored while we infer below
+
+        t1 = time.perf_counter()
+        seqs = build_sequences([prompts[i] for i in owner], rb.completion_ids, rb.logprobs)
+        batch, pack_stats = pack(seqs, cfg.training.chunk_len, pad_id=self.tokenizer.pad_token_id)
+        tokens = loss_tokens(batch)
+        self.model.eval()
+        with self.train_engine.full_weights():
+            old = packed_logprobs(self.model, batch, tokens, g.temperature, cfg.training.loss_backend)
+        old_seq = _per_sequence(batch, tokens, old, len(seqs))
+        ref_seq = None
+        if self.ref_model is not None:
+            ref = packed_logprobs(self.ref_model, batch, tokens, g.temperature, cfg.training.loss_backend)
+            ref_seq = _per_sequence(batch, tokens, ref, len(seqs))
+        t_infer = time.perf_counter() - t1
+
+        t2 = time.perf_counter()
+        scored = handle.result()
+        t_reward_wait = time.perf_counter() - t2
+        rewards = torch.tensor(scored.scores, dtype=torch.float32)
+        advantages = group_advantages(rewards.view(-1, g.group_size), g.group_size, method=g.advantage).reshape(-1)
+
+        sampler = batch.fields["sampler_logprobs"].reshape(-1)[tokens.index]
+        lengths = torch.tensor([len(c) for c in rb.completion_ids], dtype=torch.float32)
+        metrics = {
+            "reward/mean": rewards.mean(),
+            "reward/std": rewards.std(),
+            **{f"reward/{name}/mean": float(np.mean(v)) for name, v in scored.per_function.items()},
+            **{k: v for k, v in scored.metrics.items() if k.startswith(("reward", "scheduler"))},
+            "adv/mean": advantages.mean(),
+            "adv/abs_mean": advantages.abs().mean(),
+            "adv/zero_frac": (advantages == 0).float().mean(),
+            "rollout/response_len_mean": lengths.mean(),
+            "rollout/response_len_max": lengths.max(),
+            "rollout/truncated_frac": float(np.mean([r == "length" for r in rb.finish_reason])),
+            "rollout/tokens_per_s": rb.stats.tokens_per_s,
+            "rollout/acceptance_rate": rb.stats.acceptance_rate,
+            "rollout/sampler_vs_trainer_logprob_absdiff": (sampler - old).abs().mean()
+            if g.temperature == 1.0
+            else None,
+            "time/rollout_s": t_rollout,
+            "time/inference_s": t_infer,
+            "time/reward_wait_s": t_reward_wait,
+            **pack_stats,
+        }
+        seqs_fields = {"old": old_seq, "ref": ref_seq, "adv": advantages}
+        return seqs, seqs_fields, metrics
+
+    def train_on_rollout(self, seqs: SequenceBatch, fields: dict[str, Any], step: int) -> dict[str, Any]:
+        """Mini-batch optimizer steps over one rollout (inner epochs x mini-batches)."""
+        cfg, g = self.cfg, self.cfg.grpo
+        n = len(seqs)
+        per_mb = n // g.mini_batches
+        gen = torch.Generator().manual_seed(cfg.seed * 7919 + step)
+        sums: dict[str, float] = {}
+        count = 0
+        self.model.train()
+        for _ in range(g.inner_epochs):
+            order = torch.randperm(n, generator=gen).tolist()
+            for start in range(0, per_mb * g.mini_batches, per_mb):
+                index = order[start : start + per_mb]
+                stats = self._train_mini_batch(seqs.subset(index), fields, index)
+                for k, v in stats.items():
+                    sums[k] = sums.get(k, 0.0) + v
+                count += 1
+        return {k: v / count for k, v in sums.items()}
+
+    def _train_mini_batch(self, seqs: SequenceBatch, fields: dict[str, Any], index: list[int]) -> dict[str, float]:
+        cfg, g = self.cfg, self.cfg.grpo
+        extra = {"old": [fields["old"][i] for i in index]}
+        if fields["ref"] is not None:
+            extra["ref"] = [fields["ref"][i] for i in index]
+        batch, _ = pack(seqs, cfg.training.chunk_len, fields=extra, pad_id=self.tokenizer.pad_token_id)
+        tokens = loss_tokens(batch)
+        advantages = fields["adv"][torch.tensor(index)][tokens.seq_ids]
+        out, cu = packed_forward(self.model, batch)
+        logits = self.model.logits(out.hidden[tokens.index])
+        old = batch.fields["old"].reshape(-1)[tokens.index]
+        ref = batch.fields["ref"].reshape(-1)[tokens.index] if "ref" in batch.fields else None
+        loss, m = grpo_loss(
+            logits,
+            tokens.targets,
+            advantages,
+            torch.ones(len(tokens.index)),
+            old,
+            ref,
+            eps_low=g.eps_low,
+            eps_high=g.eps_high,
+            dual_clip=g.dual_clip,
+            beta=g.beta if ref is not None else 0.0,
+            kl_estimator=g.kl_estimator,
+            temperature=g.temperature,
+            agg=g.agg,
+            max_len=g.max_new_tokens,
+            segment_ids=tokens.segment_ids,
+            backend=cfg.training.loss_backend,
+        )
+        with torch.no_grad():
+            logp_all = torch.log_softmax(logits.float() / g.temperature, -1)
+            entropy = -(logp_all.exp() * logp_all).sum(-1).mean()
+        total = loss
+        mtp = torch.zeros(())
+        if g.mtp_loss_coef > 0 and self.model.config.num_mtp_layers > 0:
+            mtp = self.model.mtp_loss(
+                batch.input_ids.reshape(-1),
+                out.last_hidden,
+                position_ids=batch.position_ids.reshape(-1),
+                cu_seqlens=cu,
+                max_seqlen=max(batch.max_seqlen),
+                loss_mask=completion_token_mask(batch.loss_mask),
+                lam=g.mtp_loss_coef,
+            )
+            total = total + mtp
+        self.train_engine.backward(total)
+        grad_norm = self.train_engine.step()
+        return {
+            "loss/policy": float(loss),
+            "loss/mtp": float(mtp),
+            "loss/clip_frac": float(m.clip_frac),
+            "loss/kl_mean": float(m.kl_mean),
+            "loss/ratio_mean": float(m.ratio_mean),
+            "loss/entropy": float(entropy),
+            "loss/grad_norm": grad_norm,
+        }
+
+    def sync_rollout_weights(self) -> None:
+        with self.train_engine.full_weights():
+            self.rollout.sync_weights(self.model)
+
+    # ------------------------------------------------------------------------------------------- checkpoints
+    def save_checkpoint(self, step: int) -> Path | None:
+        if not self.is_main and self.train_engine.ds_engine is None:
+            return None
+        state = {
+            "step": step,
+            "optimizer": self.train_engine.optimizer_state(),
+            "rng": rng_state(),
+            "stream": self.stream.state(),
+            "ref": self.ref_model.state_dict() if self.ref_model is not None else None,
+            "sft_losses": self.sft_losses,
+            "config": self.cfg.to_dict(),
+        }
+
+        def save_model(path: Path) -> None:
+            with self.train_engine.full_weights():
+                self.model.save_pretrained(path, self.tokenizer)
+            self.train_engine.save_sharded(str(path.parent / "deepspeed"))
+
+        return self.checkpoints.save(step, save_model, state)
+
+    def load_checkpoint(self) -> bool:
+        """Restore the newest checkpoint (weights, optimizer, RNG, data position, reference); False if none."""
+        path = self.checkpoints.latest()
+        if path is None:
+            return False
+        path, state = self.checkpoints.load(path)
+        loaded = PolicyModel.from_pretrained(path / "model", dtype=self.model.dtype)
+        self.model.load_state_dict(loaded.state_dict())
+        self.train_engine.load_optimizer_state(state["optimizer"])
+        self.train_engine.load_sharded(str(path / "deepspeed"))
+        self.stream.set_state(state["stream"])
+        if state["ref"] is not None:
+            self.ref_model = copy.deepcopy(self.model).eval().requires_grad_(False)
+            self.ref_model.load_state_dict(state["ref"])
+        self.sft_losses = state["sft_losses"]
+        set_rng_state(state["rng"])
+        self.step = state["step"]
+        return True
+
+    # ------------------------------------------------------------------------------------------- the loop
+    def run(self) -> dict[str, Any]:
+        cfg, g = self.cfg, self.cfg.grpo
+        resumed = cfg.checkpoint.resume and self.load_checkpoint()
+        logger = MetricsLogger(
+            self.out_dir, tensorboard=cfg.tensorboard and self.is_main, resume_step=self.step if resumed else None
+        )
+        t_start = time.perf_counter()
+        if not resumed:
+            if cfg.sft.steps:
+                self.sft_losses = cold_start_sft(
+                    self.model, self.task, self.stream, self.encode, self.eos_id,
+                    steps=cfg.sft.steps, batch_size=cfg.sft.batch_size, lr=cfg.sft.lr,
+                    chunk_len=cfg.training.chunk_len, mtp_coef=g.mtp_loss_coef,
+                    loss_backend=cfg.training.loss_backend, progress=self.progress and self.is_main,
+                )  # fmt: skip
+            self._reset_reference()
+        self._start_rollout()
+        acc = self.evaluate()
+        if not resumed:
+            logger.log(0, {"eval/accuracy": acc, "sft/final_ce": self.sft_losses[-1] if self.sft_losses else None})
+        acc_start = acc if not resumed else self._first_accuracy()
+        self._say(f"held-out accuracy {'at resume' if resumed else 'before RL'}: {acc:.3f}")
+
+        bar = tqdm(range(self.step, g.steps), desc="GRPO", disable=not (self.progress and self.is_main),
+                   dynamic_ncols=True, initial=self.step, total=g.steps)  # fmt: skip
+        for step in bar:
+            t0 = time.perf_counter()
+            seqs, fields, record = self.generate_and_score(step)
+            t1 = time.perf_counter()
+            record.update(self.train_on_rollout(seqs, fields, step))
+            record["time/train_s"] = time.perf_counter() - t1
+            t2 = time.perf_counter()
+            self.sync_rollout_weights()
+            record["time/sync_s"] = time.perf_counter() - t2
+            self.step = step + 1
+            if g.ref_reset_every and self.step % g.ref_reset_every == 0:
+                self._reset_reference()
+            if self.step % cfg.eval.every == 0 or self.step == g.steps:
+                acc = self.evaluate()
+                record["eval/accuracy"] = acc
+            record["time/step_s"] = time.perf_counter() - t0
+            if self.is_main:
+                logger.log(self.step, record)
+            bar.set_postfix(reward=f"{float(record['reward/mean']):.2f}", acc=f"{acc:.2f}")
+            if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0 and self.step < g.steps:
+                self.save_checkpoint(self.step)
+        self.save_checkpoint(self.step)
+        logger.close()
+        summary = {
+            "accuracy_before_rl": acc_start,
+            "accuracy_after_rl": acc,
+            "accuracy_gain": acc - acc_start,
+            "steps": self.step,
+            "wall_s": time.perf_counter() - t_start,
+        }
+        if self.is_main:
+            plot = plot_metrics(
+                read_metrics(logger.path),
+                self.out_dir / "metrics.png",
+                title=f"GRPO on {cfg.task.name}: held-out accuracy {acc_start:.2f} -> {acc:.2f}",
+            )
+            summary["plot"] = str(plot)
+            self._say(
+                f"held-out accuracy after RL: {acc:.3f} (before RL {acc_start:.3f}, "
+                f"{100 * (acc - acc_start):+.1f} points) | metrics {logger.path} | plot {plot}"
+            )
+        return summary
+
+    def _first_accuracy(self) -> float:
+        records = read_metrics(self.out_dir / "metrics.jsonl") if (self.out_dir / "metrics.jsonl").exists() else []
+        first = next((r["eval/accuracy"] for r in records if r.get("step") == 0), None)
+        return first if first is not None else math.nan
+
+    def _say(self, text: str) -> None:
+        if self.is_main:
+            tqdm.write(f"[r1engine] {text}")
+
+    def close(self) -> None:
+        self.rewards.close()

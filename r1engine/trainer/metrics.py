@@ -1,0 +1,97 @@
+"""Per-step metrics: a JSONL log (one object per line, appended and flushed so a crash loses nothing),
+optional TensorBoard, and PNG plots of the curves people look at."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+# The panels of the summary figure: (title, metric keys drawn in it).
+PLOT_PANELS: list[tuple[str, list[str]]] = [
+    ("reward", ["reward/mean", "reward/arithmetic/mean", "reward/accuracy/mean", "reward/format/mean"]),
+    ("held-out accuracy", ["eval/accuracy"]),
+    ("KL to reference", ["loss/kl_mean"]),
+    ("response length (tokens)", ["rollout/response_len_mean"]),
+    ("clip fraction", ["loss/clip_frac"]),
+    ("MTP acceptance rate", ["rollout/acceptance_rate"]),
+]
+
+
+class MetricsLogger:
+    def __init__(self, output_dir: str | Path, *, tensorboard: bool = False, resume_step: int | None = None):
+        self.dir = Path(output_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.path = self.dir / "metrics.jsonl"
+        if resume_step is not None and self.path.exists():
+            # Drop records past the checkpoint we resume from: they will be produced again, identically.
+            kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= resume_step]
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        elif resume_step is None and self.path.exists():
+            self.path.unlink()
+        self._tb = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(str(self.dir / "tensorboard"))
+
+    def log(self, step: int, record: dict[str, Any]) -> None:
+        record = {"step": step, **{k: _plain(v) for k, v in record.items()}}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+        if self._tb is not None:
+            for k, v in record.items():
+                if isinstance(v, int | float) and k != "step":
+                    self._tb.add_scalar(k, v, step)
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+
+
+def _plain(value: Any) -> Any:
+    if hasattr(value, "item"):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def plot_metrics(records: list[dict[str, Any]], out_path: str | Path, title: str = "GRPO training") -> Path:
+    """Write a grid of the standard curves (panels whose metrics never appear are left out)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [
+        (name, keys) for name, keys in PLOT_PANELS if any(k in r and r[k] is not None for r in records for k in keys)
+    ]
+    cols = 3
+    rows = max(1, math.ceil(len(panels) / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.0 * rows), squeeze=False)
+    for ax, (name, keys) in zip(axes.flat, panels, strict=False):
+        for key in keys:
+            points = [(r["step"], r[key]) for r in records if r.get(key) is not None]
+            if points:
+                xs, ys = zip(*points, strict=True)
+                ax.plot(xs, ys, marker="o" if len(points) < 30 else None, markersize=3, label=key)
+        ax.set_title(name)
+        ax.set_xlabel("GRPO step")
+        ax.grid(alpha=0.3)
+        if len(keys) > 1:
+            ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(panels) :]:
+        ax.axis("off")
+    fig.suptitle(title)
+    fig.tight_layout()
+    out_path = Path(out_path)
+    fig.savefig(out_path, dpi=110)
+    plt.close(fig)
+    return out_path

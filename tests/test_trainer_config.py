@@ -1,0 +1,73 @@
+"""The typed config: defaults from the paper, YAML + dotted overrides, and errors that name the key."""
+
+from __future__ import annotations
+
+import pytest
+
+from r1engine.trainer.config import Config, ConfigError, load_config
+
+
+def test_defaults_follow_the_paper():
+    cfg = load_config()
+    g = cfg.grpo
+    assert (g.lr, g.beta, g.group_size, g.prompts_per_step, g.ref_reset_every, g.temperature) == (
+        3e-6,
+        0.001,
+        16,
+        32,
+        400,
+        1.0,
+    )
+    assert cfg.rewards.weights == {"accuracy": 1.0, "format": 1.0}
+
+
+def test_yaml_and_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("grpo:\n  steps: 7\n  lr: 1.0e-4\nrewards:\n  weights: {arithmetic: 1.0, format: 0.5}\n")
+    cfg = load_config(path, ["grpo.steps=9", "grpo.eps_high=0.28", "rewards.weights.format=1.0", "seed=3"])
+    assert isinstance(cfg, Config)
+    assert cfg.grpo.steps == 9 and cfg.grpo.lr == 1e-4 and cfg.grpo.eps_high == 0.28 and cfg.seed == 3
+    assert cfg.rewards.weights == {"arithmetic": 1.0, "format": 1.0}
+    assert isinstance(load_config(path, ["grpo.lr=1"]).grpo.lr, float)  # int -> float is lossless
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("grpo.stepz=3", "grpo.stepz: unknown key"),
+        ("modle.preset=demo", "modle: unknown key"),
+        ("grpo.steps=abc", "grpo.steps: expected an integer"),
+        ("grpo.steps=1.5", "grpo.steps: expected an integer"),
+        ("grpo.lr=fast", "grpo.lr: expected a number"),
+        ("grpo.agg=mean", "grpo.agg: must be one of"),
+        ("rollout.backend=sglang", "rollout.backend: must be one of"),
+        ("grpo.mini_batches=7", "grpo.mini_batches: the rollout batch of 512"),
+        ("grpo.group_size=1", "grpo.group_size"),
+        ("grpo.temperature=0", "grpo.temperature: must be > 0"),
+        ("grpo.dual_clip=0.5", "grpo.dual_clip: must be > 1"),
+        ("training.deepspeed_zero_stage=4", "training.deepspeed_zero_stage"),
+        ("training.offload_optimizer=true", "training.offload_optimizer: needs"),
+        ("rewards.weights={}", "rewards.weights"),
+        ("grpo.steps", "expected dotted.key=value"),
+    ],
+)
+def test_bad_configs_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(".", r"\.")):
+        load_config(None, [override])
+
+
+def test_kl_without_a_reference_is_rejected():
+    with pytest.raises(ConfigError, match="grpo.beta: a KL coefficient needs a reference"):
+        load_config(None, ["grpo.beta=0.01", "grpo.ref_reset_every=0", "sft.steps=0"])
+
+
+def test_missing_file_is_named(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_shipped_configs_load():
+    from pathlib import Path
+
+    for path in sorted((Path(__file__).parent.parent / "configs").glob("*.yaml")):
+        load_config(path)
