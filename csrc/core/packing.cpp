@@ -258,15 +258,13 @@ RankState assign_lpt(const std::vector<Chunk>& chunks, int64_t R, int64_t K) {
   RankState st;
   st.chunks.assign(static_cast<size_t>(R), {});
   st.load.assign(static_cast<size_t>(R), 0.0);
-  std::vector<int64_t> ids(chunks.size());
-  std::iota(ids.begin(), ids.end(), int64_t{0});
-  std::stable_sort(ids.begin(), ids.end(), [&](int64_t x, int64_t y) {
-    return chunks[static_cast<size_t>(x)].cost > chunks[static_cast<size_t>(y)].cost;
-  });
+  std::vector<std::pair<double, int64_t>> ids(chunks.size());  // (-cost, chunk): heaviest first, ties by id
+  for (size_t c = 0; c < chunks.size(); ++c) ids[c] = {-chunks[c].cost, static_cast<int64_t>(c)};
+  std::sort(ids.begin(), ids.end());
   using RankEntry = std::pair<double, int64_t>;  // (load, rank), min-heap
   std::priority_queue<RankEntry, std::vector<RankEntry>, std::greater<RankEntry>> heap;
   for (int64_t r = 0; r < R; ++r) heap.emplace(0.0, r);
-  for (int64_t c : ids) {
+  for (const auto& [neg_cost, c] : ids) {
     auto [load, r] = heap.top();
     heap.pop();
     st.chunks[static_cast<size_t>(r)].push_back(c);
@@ -524,12 +522,15 @@ PackingResult plan_packing(const int64_t* lengths, int64_t n, const PackingOptio
   res.seq_index.reserve(static_cast<size_t>(n));
   res.seq_offset.reserve(static_cast<size_t>(n));
   for (int64_t r = 0; r < R; ++r) {
-    std::vector<std::pair<double, int64_t>> ids;  // (-cost, chunk): heaviest first, ties by chunk id
+    // Heaviest chunk first (ties: higher chunk id first). refine_chunk_swaps leaves each rank's list sorted by
+    // (cost, id) ascending, so this sort only runs when sequence moves changed some costs.
+    std::vector<std::pair<double, int64_t>> ids;
     ids.reserve(st.chunks[static_cast<size_t>(r)].size());
-    for (int64_t c : st.chunks[static_cast<size_t>(r)]) ids.emplace_back(-chunks[static_cast<size_t>(c)].cost, c);
-    std::sort(ids.begin(), ids.end());
+    for (int64_t c : st.chunks[static_cast<size_t>(r)]) ids.emplace_back(chunks[static_cast<size_t>(c)].cost, c);
+    if (!std::is_sorted(ids.begin(), ids.end())) std::sort(ids.begin(), ids.end());
     double load = 0.0;
-    for (const auto& [neg_cost, c] : ids) {
+    for (auto rit = ids.rbegin(); rit != ids.rend(); ++rit) {
+      const int64_t c = rit->second;
       Chunk& ch = chunks[static_cast<size_t>(c)];
       auto longer = [](const Item& x, const Item& y) { return x.len != y.len ? x.len > y.len : x.seq < y.seq; };
       if (!std::is_sorted(ch.seqs.begin(), ch.seqs.end(), longer)) std::sort(ch.seqs.begin(), ch.seqs.end(), longer);
