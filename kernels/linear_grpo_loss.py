@@ -158,7 +158,7 @@ def _fwd_kernel(
     tl.store(part_t_ptr + out, t_logit, mask=row_ok)
 
 
-@triton.jit(do_not_specialize=["M", "inv_t", "v_lo", "v_hi", "m_blocks", "n_blocks"])
+@triton.jit(do_not_specialize=["M", "inv_t", "m_blocks", "n_blocks"])
 def _dlogits_kernel(
     x_ptr,
     w_ptr,
