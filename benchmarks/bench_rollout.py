@@ -16,7 +16,8 @@ cheaply; no reward model involved). Arm "with MTP loss": each step adds `mtp_los
 the weights are synced into the engine (`sync_weights`, no disk) and the acceptance rate is measured on prompts of
 the shifted task.
 
-Usage: `python benchmarks/bench_rollout.py` (about 6-10 min on 2 busy cores); `--backends native` to skip vLLM.
+Usage: `python benchmarks/bench_rollout.py` (about 6-10 min on 2 busy cores); `--backends native` to skip vLLM;
+on a GPU machine (no vLLM there): `python benchmarks/bench_rollout.py --backends native --device cuda`.
 """
 
 from __future__ import annotations
@@ -42,9 +43,11 @@ from r1engine.rollout import create_engine, vllm_available
 SHIFTED = (4, 5)
 
 
-def base_model(steps: int, seed: int = 0) -> PolicyModel:
+def base_model(steps: int, num_layers: int, hidden: int, seed: int = 0) -> PolicyModel:
     torch.manual_seed(seed)
-    m = PolicyModel(PolicyConfig.demo(max_position_embeddings=512))
+    heads = hidden // 32
+    cfg = PolicyConfig.demo(max_position_embeddings=512, num_layers=num_layers, hidden_size=hidden, num_heads=heads)
+    m = PolicyModel(cfg)
     fit_pattern(m, steps, batch=16, length=24, lr=3e-3, seed=seed)
     return m
 
@@ -63,7 +66,7 @@ def drift_run(engine, model: PolicyModel, steps: int, use_mtp_loss: bool, prompt
     acc = []
     engine.sync_weights(m)
     acc.append(engine.generate(prompts, n=n, max_new_tokens=new_tokens, seed=0).stats.acceptance_rate)
-    for _ in range(steps):
+    for _ in range(steps):  # the policy trains on CPU; only the engine sits on --device
         ids = pattern_batch(16, 24, gen, SHIFTED)
         out = m(ids)
         loss = F.cross_entropy(out.logits[:, :-1].reshape(-1, m.config.vocab_size), ids[:, 1:].reshape(-1))
@@ -85,6 +88,8 @@ def run_backend(backend: str, model_dir: str, args, ks: list[int], part: str) ->
             kw = dict(max_model_len=256)
             if backend == "vllm":
                 kw.update(max_num_seqs=256)
+            else:
+                kw.update(device=args.device)
             eng = create_engine(backend, model_dir=model_dir, num_speculative_tokens=k, **kw)
             for shape in args.shapes:
                 n_prompts, n = (int(x) for x in shape.split("x"))
@@ -92,7 +97,8 @@ def run_backend(backend: str, model_dir: str, args, ks: list[int], part: str) ->
                 out[f"k{k}_{shape}"] = throughput(eng, prompts, n, args.new_tokens)
             del eng
     if part in ("drift", "all"):
-        eng = create_engine(backend, model_dir=model_dir, num_speculative_tokens=1, max_model_len=256)
+        kw = {"device": args.device} if backend == "native" else {}
+        eng = create_engine(backend, model_dir=model_dir, num_speculative_tokens=1, max_model_len=256, **kw)
         shifted = pattern_batch(args.prompts, 3, torch.Generator().manual_seed(8), SHIFTED).tolist()
         for arm in (True, False):
             out[f"drift_mtp_loss_{arm}"] = drift_run(eng, model, args.rl_steps, arm, shifted, 2, args.new_tokens)
@@ -127,8 +133,11 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=16, help="prompts of the drift part (2 samples each)")
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--fit-steps", type=int, default=200)
+    ap.add_argument("--num-layers", type=int, default=3, help="main-model layers (1 MTP layer on top)")
+    ap.add_argument("--hidden", type=int, default=192)
     ap.add_argument("--rl-steps", type=int, default=6)
     ap.add_argument("--model-dir", default=None)
+    ap.add_argument("--device", default="cpu", help="native engine device (cuda on a GPU machine)")
     ap.add_argument("--child-backend", default=None)
     ap.add_argument("--child-k", type=int, default=0)
     ap.add_argument("--child-part", default="all")
@@ -140,11 +149,14 @@ def main() -> None:
     if args.model_dir is None:
         args.model_dir = tempfile.mkdtemp(prefix="bench-rollout-")
         t0 = time.perf_counter()
-        base_model(args.fit_steps).save_pretrained(args.model_dir, build_char_tokenizer())
-        print(f"fitted demo model on the toy task: {args.fit_steps} steps in {time.perf_counter() - t0:.0f}s")
+        base_model(args.fit_steps, args.num_layers, args.hidden).save_pretrained(args.model_dir, build_char_tokenizer())
+        print(
+            f"fitted model ({args.num_layers} layers + 1 MTP, hidden {args.hidden}) on the toy task: "
+            f"{args.fit_steps} steps in {time.perf_counter() - t0:.0f}s"
+        )
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     print(f"# bench_rollout  {datetime.date.today()}  commit {commit}  {platform.processor() or platform.machine()}")
-    print(f"# batch shapes (prompts x n) {args.shapes}, {args.new_tokens} new tokens, T=1.0, demo model, 1 thread")
+    print(f"# batch shapes (prompts x n) {args.shapes}, {args.new_tokens} new tokens, T=1.0, 1 torch thread")
     results: dict = {}
     for backend in args.backends:
         if backend == "vllm" and not vllm_available():

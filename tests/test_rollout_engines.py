@@ -20,7 +20,7 @@ from r1engine.models.toy import (
     fit_pattern,
     pattern_batch,
 )
-from r1engine.rollout import RolloutBatch, create_engine
+from r1engine.rollout import RolloutBatch, RolloutEngine, create_engine
 from r1engine.rollout.sampling import SamplingConfig
 
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
@@ -77,6 +77,11 @@ def test_native_generate_shapes_stop_and_logprobs(models):
     assert _max_logprob_diff(m1, b) < 1e-4
     ids, lp, mask = b.padded()
     assert ids.shape == lp.shape == mask.shape and int(mask.sum()) == b.stats.num_tokens
+    assert isinstance(eng, RolloutEngine)
+    eng.offload()  # CPU: weights already on the host; must leave the engine usable
+    eng.onload()
+    again = eng.generate(prompts, n=3, max_new_tokens=50, stop_token_ids=stop, seed=3)
+    assert again.completion_ids == b.completion_ids  # seeded: reproducible
 
 
 @pytest.mark.parametrize("k", [1, 2])
