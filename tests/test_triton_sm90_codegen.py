@@ -69,6 +69,15 @@ for name, fn in (("lin_fwd", L._fwd_kernel), ("lin_dlogits", L._dlogits_kernel))
     k = build(fn, linear_types, consts, ldiv, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     out[name + "_stages"] = k.metadata.shared / stage_bytes
     out[name + "_wgmma"] = "wgmma" in k.asm["ptx"]
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    if os.path.exists(cuobjdump):
+        import subprocess, tempfile
+        with tempfile.NamedTemporaryFile("wb", suffix=".cubin", delete=False) as f:
+            f.write(k.asm["cubin"])
+        usage = subprocess.run([cuobjdump, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+        os.unlink(f.name)
+        m = re.search(r"STACK:(\d+)", usage)
+        out[name + "_stack"] = int(m.group(1)) if m else None
 out["num_stages"] = cfg.num_stages
 for kern in (K._grpo_fwd_kernel, K._token_logprobs_kernel, K._logprobs_bwd_kernel):
     names = list(inspect.signature(kern.fn).parameters)
@@ -96,6 +105,7 @@ def test_kernels_compile_for_sm90_with_vector_loads_and_pipelining():
     for name in ("lin_fwd", "lin_dlogits"):
         assert res[name + "_wgmma"], res  # Hopper tensor cores
         assert res[name + "_stages"] >= res["num_stages"] - 0.01, res  # K loop pipelined num_stages deep
+        assert res.get(name + "_stack") in (0, None), res  # no register spills (None: cuobjdump not shipped)
     # float hyperparameters never specialize (no recompile per value, no fp64); strides and V must specialize
     hyper = {"temperature", "eps_low", "eps_high", "dual_clip", "beta"}
     assert set(res["dns__grpo_fwd_kernel"]) == hyper, res
