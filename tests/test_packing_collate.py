@@ -128,3 +128,16 @@ def test_collate_errors() -> None:
     b = collate(p, 0, torch.ones(2, 6, dtype=torch.long))
     with pytest.raises(ValueError, match="values: expected"):
         uncollate(b, torch.zeros(3, 10))
+
+
+def test_rank_without_sequences_gets_an_all_padding_chunk() -> None:
+    """Fewer sequences than required chunks: the extra rank's chunk is pure padding, masked, one segment."""
+    p = plan([5], 10, 3)
+    for rank in range(3):
+        b = collate(p, rank, [torch.arange(1, 6)], advantages=torch.tensor([0.5]), pad_id=0)
+        if rank == int(p.placement()[0][0]):
+            assert b.input_ids[0, :5].tolist() == [1, 2, 3, 4, 5]
+            assert [t.tolist() for t in uncollate(b, b.input_ids)] == [[1, 2, 3, 4, 5]]
+        else:
+            assert not b.valid.any() and not b.loss_mask.any() and (b.advantages == 0).all()
+            assert b.cu_seqlens[0].tolist() == [0, 10] and uncollate(b, b.input_ids) == []

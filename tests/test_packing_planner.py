@@ -177,3 +177,13 @@ def test_op_errors_directly() -> None:
 def test_empty_input() -> None:
     p = plan(torch.zeros(0, dtype=torch.int64), 10, 3)
     assert p.num_chunks == 3 and p.total_tokens == 0 and p.lower_bound == 0
+
+
+@needs_cpp
+def test_huge_chunk_len_uses_tree_path() -> None:
+    """chunk_len far above the number of sequences: balanced-tree best fit, same result as the reference."""
+    lengths = [3, 2**40, 4, 2**40 + 5, 7, 2**39]
+    cap = 2**41
+    p = plan(lengths, cap, 2)
+    check_plan(p, lengths, cap, 2, 1, 1)
+    assert p.bfd_chunks == len(best_fit_decreasing_reference(lengths, cap))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from r1engine.packing.attention import varlen_attention, varlen_attention_reference
 from r1engine.packing.collate import PackedBatch, collate, uncollate
 from r1engine.packing.planner import (
     DEFAULT_ATTN_COEF,
@@ -20,4 +21,6 @@ __all__ = [
     "collate",
     "plan",
     "uncollate",
+    "varlen_attention",
+    "varlen_attention_reference",
 ]
