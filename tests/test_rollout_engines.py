@@ -108,6 +108,18 @@ def test_native_speculation_is_exact(models, k, draft):
     assert 0 < b.stats.num_accepted < b.stats.num_drafted  # both branches of the rule exercised
 
 
+def test_native_bf16_engine(models):
+    """bf16 weights and KV cache: runs, speculation still lossless under greedy, log-probs near the fp32 model's."""
+    _, m1, _ = models
+    plain = create_engine("native", model=m1, dtype=torch.bfloat16)
+    spec = create_engine("native", model=m1, dtype=torch.bfloat16, num_speculative_tokens=1)
+    a = plain.generate(_prompts(3, 4), n=1, max_new_tokens=13, temperature=0)
+    b = spec.generate(_prompts(3, 4), n=1, max_new_tokens=13, temperature=0)
+    assert a.completion_ids == b.completion_ids and b.stats.num_accepted > 0
+    assert all(torch.isfinite(lp).all() for lp in b.logprobs)
+    assert _max_logprob_diff(m1, b) < 0.15  # bf16 rounding of a peaked fp32 distribution
+
+
 def test_native_sync_weights_and_fresh_head_acceptance(models):
     m0, m1, stale = models
     eng = create_engine("native", model=m0, num_speculative_tokens=1)
