@@ -29,7 +29,7 @@ from r1engine.packing import uncollate
 from r1engine.rewards import RewardScheduler, get_reward
 from r1engine.rollout import create_engine
 from r1engine.trainer.checkpoint import CheckpointManager, rng_state, set_rng_state
-from r1engine.trainer.config import Config
+from r1engine.trainer.config import Config, GRPOConfig
 from r1engine.trainer.engine import TrainEngine
 from r1engine.trainer.metrics import MetricsLogger, plot_metrics, read_metrics
 from r1engine.trainer.sequences import (
@@ -65,11 +65,84 @@ def _per_sequence(batch, tokens: PackedTokens, values: torch.Tensor, n: int) -> 
     return out
 
 
+def grpo_train_step(
+    model: PolicyModel,
+    train_engine: TrainEngine,
+    seqs: SequenceBatch,
+    *,
+    old: list[torch.Tensor],
+    ref: list[torch.Tensor] | None,
+    advantages: torch.Tensor,
+    cfg: GRPOConfig,
+    chunk_len: int,
+    loss_backend: str = "auto",
+    pad_id: int = 0,
+) -> dict[str, float]:
+    """One optimizer step of GRPO on a mini-batch of sequences: pack, forward, fused loss (+ MTP loss), step.
+
+    `old`/`ref`: per-sequence, position-aligned log-probs (as `SequenceBatch` fields); `advantages`: one per
+    sequence. Usable on its own by any trainer that owns a `PolicyModel` and a `TrainEngine`.
+    """
+    extra = {"old": old} if ref is None else {"old": old, "ref": ref}
+    batch, _ = pack(seqs, chunk_len, fields=extra, pad_id=pad_id)
+    tokens = loss_tokens(batch)
+    out, cu = packed_forward(model, batch)
+    logits = model.logits(out.hidden[tokens.index])
+    ref_tokens = batch.fields["ref"].reshape(-1)[tokens.index] if ref is not None else None
+    loss, m = grpo_loss(
+        logits,
+        tokens.targets,
+        advantages[tokens.seq_ids],
+        torch.ones(len(tokens.index)),
+        batch.fields["old"].reshape(-1)[tokens.index],
+        ref_tokens,
+        eps_low=cfg.eps_low,
+        eps_high=cfg.eps_high,
+        dual_clip=cfg.dual_clip,
+        beta=cfg.beta if ref is not None else 0.0,
+        kl_estimator=cfg.kl_estimator,
+        temperature=cfg.temperature,
+        agg=cfg.agg,
+        max_len=cfg.max_new_tokens,
+        segment_ids=tokens.segment_ids,
+        backend=loss_backend,
+    )
+    with torch.no_grad():
+        logp_all = torch.log_softmax(logits.float() / cfg.temperature, -1)
+        entropy = -(logp_all.exp() * logp_all).sum(-1).mean()
+    total = loss
+    mtp = torch.zeros(())
+    if cfg.mtp_loss_coef > 0 and model.config.num_mtp_layers > 0:
+        mtp = model.mtp_loss(
+            batch.input_ids.reshape(-1),
+            out.last_hidden,
+            position_ids=batch.position_ids.reshape(-1),
+            cu_seqlens=cu,
+            max_seqlen=max(batch.max_seqlen),
+            loss_mask=completion_token_mask(batch.loss_mask),
+            lam=cfg.mtp_loss_coef,
+        )
+        total = total + mtp
+    train_engine.backward(total)
+    grad_norm = train_engine.step()
+    return {
+        "loss/policy": float(loss.detach()),
+        "loss/mtp": float(mtp.detach()),
+        "loss/clip_frac": float(m.clip_frac),
+        "loss/kl_mean": float(m.kl_mean),
+        "loss/ratio_mean": float(m.ratio_mean),
+        "loss/entropy": float(entropy),
+        "loss/grad_norm": grad_norm,
+    }
+
+
 class GRPOTrainer:
     def __init__(self, cfg: Config, *, progress: bool = True):
         self.cfg = cfg
         self.progress = progress
         seed_everything(cfg.seed, cfg.training.deterministic)
+        if cfg.training.num_threads:
+            torch.set_num_threads(cfg.training.num_threads)
         self.out_dir = Path(cfg.output_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.task = get_task(
@@ -245,62 +318,18 @@ class GRPOTrainer:
         return {k: v / count for k, v in sums.items()}
 
     def _train_mini_batch(self, seqs: SequenceBatch, fields: dict[str, Any], index: list[int]) -> dict[str, float]:
-        cfg, g = self.cfg, self.cfg.grpo
-        extra = {"old": [fields["old"][i] for i in index]}
-        if fields["ref"] is not None:
-            extra["ref"] = [fields["ref"][i] for i in index]
-        batch, _ = pack(seqs, cfg.training.chunk_len, fields=extra, pad_id=self.tokenizer.pad_token_id)
-        tokens = loss_tokens(batch)
-        advantages = fields["adv"][torch.tensor(index)][tokens.seq_ids]
-        out, cu = packed_forward(self.model, batch)
-        logits = self.model.logits(out.hidden[tokens.index])
-        old = batch.fields["old"].reshape(-1)[tokens.index]
-        ref = batch.fields["ref"].reshape(-1)[tokens.index] if "ref" in batch.fields else None
-        loss, m = grpo_loss(
-            logits,
-            tokens.targets,
-            advantages,
-            torch.ones(len(tokens.index)),
-            old,
-            ref,
-            eps_low=g.eps_low,
-            eps_high=g.eps_high,
-            dual_clip=g.dual_clip,
-            beta=g.beta if ref is not None else 0.0,
-            kl_estimator=g.kl_estimator,
-            temperature=g.temperature,
-            agg=g.agg,
-            max_len=g.max_new_tokens,
-            segment_ids=tokens.segment_ids,
-            backend=cfg.training.loss_backend,
+        return grpo_train_step(
+            self.model,
+            self.train_engine,
+            seqs,
+            old=[fields["old"][i] for i in index],
+            ref=[fields["ref"][i] for i in index] if fields["ref"] is not None else None,
+            advantages=fields["adv"][torch.tensor(index)],
+            cfg=self.cfg.grpo,
+            chunk_len=self.cfg.training.chunk_len,
+            loss_backend=self.cfg.training.loss_backend,
+            pad_id=self.tokenizer.pad_token_id,
         )
-        with torch.no_grad():
-            logp_all = torch.log_softmax(logits.float() / g.temperature, -1)
-            entropy = -(logp_all.exp() * logp_all).sum(-1).mean()
-        total = loss
-        mtp = torch.zeros(())
-        if g.mtp_loss_coef > 0 and self.model.config.num_mtp_layers > 0:
-            mtp = self.model.mtp_loss(
-                batch.input_ids.reshape(-1),
-                out.last_hidden,
-                position_ids=batch.position_ids.reshape(-1),
-                cu_seqlens=cu,
-                max_seqlen=max(batch.max_seqlen),
-                loss_mask=completion_token_mask(batch.loss_mask),
-                lam=g.mtp_loss_coef,
-            )
-            total = total + mtp
-        self.train_engine.backward(total)
-        grad_norm = self.train_engine.step()
-        return {
-            "loss/policy": float(loss),
-            "loss/mtp": float(mtp),
-            "loss/clip_frac": float(m.clip_frac),
-            "loss/kl_mean": float(m.kl_mean),
-            "loss/ratio_mean": float(m.ratio_mean),
-            "loss/entropy": float(entropy),
-            "loss/grad_norm": grad_norm,
-        }
 
     def sync_rollout_weights(self) -> None:
         with self.train_engine.full_weights():

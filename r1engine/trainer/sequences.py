@@ -105,17 +105,13 @@ def loss_tokens(batch: PackedBatch) -> PackedTokens:
 
 def packed_forward(model: PolicyModel, batch: PackedBatch):
     """Run the model over all chunks as one packed row; returns `ModelOutput` with hidden `[K*L, H]`."""
-    k, length = batch.input_ids.shape
-    # Every chunk's cu_seqlens ends at chunk_len (its padding tail is a segment of its own), so the chunks
-    # concatenate into one packed row of K*L tokens.
-    starts = [c[:-1].to(torch.int64) + i * length for i, c in enumerate(batch.cu_seqlens)]
-    cu = torch.cat(starts + [torch.tensor([k * length])])
+    cu, max_seqlen = batch.cu_seqlens_flat()
     device = model.device
     return model(
         batch.input_ids.reshape(-1).to(device),
         position_ids=batch.position_ids.reshape(-1).to(device),
         cu_seqlens=cu.to(device),
-        max_seqlen=max(batch.max_seqlen),
+        max_seqlen=max_seqlen,
     ), cu
 
 
