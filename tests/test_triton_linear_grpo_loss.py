@@ -21,7 +21,7 @@ triton = pytest.importorskip("triton")
 
 from r1engine.kernels import linear_grpo_loss as LK  # noqa: E402
 
-import r1engine.ops.linear_grpo_loss as LG  # noqa: E402
+LG = importlib.import_module("r1engine.ops.linear_grpo_loss")  # the module (the package exports the function)
 from r1engine.algo.loss import grpo_loss_reference  # noqa: E402
 from r1engine.ops.linear_grpo_loss import linear_grpo_loss  # noqa: E402
 

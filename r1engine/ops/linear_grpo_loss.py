@@ -24,7 +24,7 @@ import torch
 if TYPE_CHECKING:
     from r1engine.algo.loss import GRPOMetrics
 
-__all__ = ["linear_grpo_loss", "linear_grpo_token_terms", "LINEAR_BACKENDS"]
+__all__ = ["linear_grpo_loss", "LINEAR_BACKENDS"]
 
 LINEAR_BACKENDS = ("auto", "torch", "triton")
 _TORCH_CHUNK_BYTES = 256 << 20  # fp32 logits per chunk of the torch backend
@@ -110,41 +110,6 @@ def _logprobs_bwd(hidden, weight, targets, lse, grad_logp, temperature, backend)
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# per-token GRPO terms (the fused-kernel contract's math on logp)
-
-
-def linear_grpo_token_terms(
-    logp: torch.Tensor,
-    advantages: torch.Tensor,
-    old_logp: torch.Tensor | None,
-    ref_logp: torch.Tensor | None,
-    weights: torch.Tensor,
-    *,
-    eps_low: float,
-    eps_high: float,
-    dual_clip: float,
-    beta: float,
-    kl_estimator: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss_tok, dlogp, ratio, kl, clipped) from per-token log-probs, exactly the contract's math (see
-    `r1engine.ops.backends.torch_ref.grpo_token_terms`, which this delegates to)."""
-    from r1engine.ops.backends.torch_ref import grpo_token_terms
-
-    return grpo_token_terms(
-        logp,
-        advantages,
-        old_logp,
-        ref_logp,
-        weights,
-        eps_low=eps_low,
-        eps_high=eps_high,
-        dual_clip=dual_clip,
-        beta=beta,
-        kl_estimator=kl_estimator,
-    )
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # the custom ops
 
 
@@ -184,7 +149,9 @@ def _linear_grpo_fwd(
         )
         logp.index_copy_(0, live, lp)
         lse.index_copy_(0, live, ls)
-    loss_tok, dlogp, ratio, kl, clipped = linear_grpo_token_terms(
+    from r1engine.ops.backends.torch_ref import grpo_token_terms
+
+    loss_tok, dlogp, ratio, kl, clipped = grpo_token_terms(
         logp,
         advantages,
         old_logp,
