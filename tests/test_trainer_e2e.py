@@ -108,3 +108,18 @@ def test_resume_after_kill9_matches_uninterrupted_run(tmp_path):
     a = PolicyModel.from_pretrained(straight / "checkpoints" / "step-000004" / "model").state_dict()
     b = PolicyModel.from_pretrained(killed / "checkpoints" / "step-000004" / "model").state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.vllm
+@pytest.mark.timeout(900)
+def test_short_run_through_vllm_keeps_rollout_weights_in_sync(tmp_path):
+    """Rollouts through a real vllm.LLM with MTP speculation: after every live weight sync the sampler's
+    log-probs of the sampled tokens equal the trainer's own (so vLLM really runs the updated policy)."""
+    pytest.importorskip("vllm")
+    _run(tmp_path, "grpo.steps=3", "checkpoint.every=0", "rollout.backend=vllm", "rollout.num_speculative_tokens=1")
+    records = read_metrics(tmp_path / "metrics.jsonl")[1:]
+    assert len(records) == 3
+    for r in records:
+        assert r["rollout/sampler_vs_trainer_logprob_absdiff"] < 1e-3, r
+        assert 0.0 < r["rollout/acceptance_rate"] <= 1.0
+    assert records[0]["loss/policy"] != records[-1]["loss/policy"]

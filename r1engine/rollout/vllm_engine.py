@@ -179,6 +179,8 @@ class VLLMEngine:
         self.dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_space_gib))
+        # vLLM logs throughput at INFO after every engine step; the trainer reports those figures itself.
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
         from vllm import LLM
 
         spec = None

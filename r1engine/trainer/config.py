@@ -90,6 +90,8 @@ class RolloutConfig:
     """MTP draft tokens per step (0: no speculation)."""
     top_p: float = 1.0
     top_k: int = -1
+    offload_between_stages: bool = True
+    """Release the rollout engine's device memory while the trainer runs (rollout and training share devices)."""
 
 
 @dataclass

@@ -10,6 +10,7 @@ weight sync to the rollout engine (main model and MTP head) ─► every K steps
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import random
@@ -209,6 +210,19 @@ class GRPOTrainer:
             max_model_len=longest,
         )
 
+    @contextlib.contextmanager
+    def _rollout_awake(self):
+        """The rollout engine holds its device memory only inside this block when offloading between stages
+        (rollout and training share devices); a no-op on CPU."""
+        offload = self.cfg.rollout.offload_between_stages
+        if offload:
+            self.rollout.onload()
+        try:
+            yield self.rollout
+        finally:
+            if offload:
+                self.rollout.offload()
+
     def _reset_reference(self) -> None:
         if self.cfg.grpo.beta > 0:
             with self.train_engine.full_weights():
@@ -218,14 +232,15 @@ class GRPOTrainer:
     def evaluate(self) -> float:
         """Held-out accuracy with greedy decoding through the rollout engine."""
         problems = self.task.eval_problems
-        batch = self.rollout.generate(
-            [self.encode(p.prompt) for p in problems],
-            n=1,
-            max_new_tokens=self.cfg.grpo.max_new_tokens,
-            temperature=0.0,
-            stop_token_ids=[self.eos_id],
-            seed=0,
-        )
+        with self._rollout_awake():
+            batch = self.rollout.generate(
+                [self.encode(p.prompt) for p in problems],
+                n=1,
+                max_new_tokens=self.cfg.grpo.max_new_tokens,
+                temperature=0.0,
+                stop_token_ids=[self.eos_id],
+                seed=0,
+            )
         texts = [self.decode(c) for c in batch.completion_ids]
         results = self.accuracy(texts, [p.answer for p in problems])
         return sum(r.score for r in results) / len(results)
@@ -237,16 +252,17 @@ class GRPOTrainer:
         problems = self.stream.take(g.prompts_per_step)[self.rank :: self.world_size]
         prompts = [self.encode(p.prompt) for p in problems]
         t0 = time.perf_counter()
-        rb = self.rollout.generate(
-            prompts,
-            n=g.group_size,
-            max_new_tokens=g.max_new_tokens,
-            temperature=g.temperature,
-            top_p=cfg.rollout.top_p,
-            top_k=cfg.rollout.top_k,
-            stop_token_ids=[self.eos_id],
-            seed=cfg.seed * 1_000_003 + step * self.world_size + self.rank,
-        )
+        with self._rollout_awake():
+            rb = self.rollout.generate(
+                prompts,
+                n=g.group_size,
+                max_new_tokens=g.max_new_tokens,
+                temperature=g.temperature,
+                top_p=cfg.rollout.top_p,
+                top_k=cfg.rollout.top_k,
+                stop_token_ids=[self.eos_id],
+                seed=cfg.seed * 1_000_003 + step * self.world_size + self.rank,
+            )
         t_rollout = time.perf_counter() - t0
         owner = rb.prompt_index.tolist()
         texts = [self.decode(c) for c in rb.completion_ids]
@@ -332,7 +348,7 @@ class GRPOTrainer:
         )
 
     def sync_rollout_weights(self) -> None:
-        with self.train_engine.full_weights():
+        with self.train_engine.full_weights(), self._rollout_awake():
             self.rollout.sync_weights(self.model)
 
     # ------------------------------------------------------------------------------------------- checkpoints
