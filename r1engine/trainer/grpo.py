@@ -229,21 +229,26 @@ class GRPOTrainer:
                 self.ref_model = copy.deepcopy(self.model).eval().requires_grad_(False)
 
     @torch.no_grad()
-    def evaluate(self) -> float:
-        """Held-out accuracy with greedy decoding through the rollout engine."""
-        problems = self.task.eval_problems
-        with self._rollout_awake():
-            batch = self.rollout.generate(
-                [self.encode(p.prompt) for p in problems],
-                n=1,
-                max_new_tokens=self.cfg.grpo.max_new_tokens,
-                temperature=0.0,
-                stop_token_ids=[self.eos_id],
-                seed=0,
-            )
-        texts = [self.decode(c) for c in batch.completion_ids]
-        results = self.accuracy(texts, [p.answer for p in problems])
-        return sum(r.score for r in results) / len(results)
+    def evaluate(self) -> dict[str, float]:
+        """Held-out pass@1 (mean over `eval.samples` sampled completions per problem) and greedy accuracy."""
+        e, problems = self.cfg.eval, self.task.eval_problems
+        prompts = [self.encode(p.prompt) for p in problems]
+        out = {}
+        for key, n, temperature in (("eval/accuracy", e.samples, e.temperature), ("eval/greedy_accuracy", 1, 0.0)):
+            with self._rollout_awake():
+                batch = self.rollout.generate(
+                    prompts,
+                    n=n,
+                    max_new_tokens=self.cfg.grpo.max_new_tokens,
+                    temperature=temperature,
+                    top_p=e.top_p if temperature > 0 else 1.0,
+                    stop_token_ids=[self.eos_id],
+                    seed=12345,
+                )
+            texts = [self.decode(c) for c in batch.completion_ids]
+            answers = [problems[i].answer for i in batch.prompt_index.tolist()]
+            out[key] = sum(r.score for r in self.accuracy(texts, answers)) / len(texts)
+        return out
 
     def generate_and_score(self, step: int) -> tuple[SequenceBatch, torch.Tensor, dict[str, Any]]:
         """One rollout: G completions for this rank's prompts, rewards (async) overlapped with inference of the
@@ -409,11 +414,12 @@ class GRPOTrainer:
                 )  # fmt: skip
             self._reset_reference()
         self._start_rollout()
-        acc = self.evaluate()
+        evaluation = self.evaluate()
+        acc = evaluation["eval/accuracy"]
         if not resumed:
-            logger.log(0, {"eval/accuracy": acc, "sft/final_ce": self.sft_losses[-1] if self.sft_losses else None})
+            logger.log(0, {**evaluation, "sft/final_ce": self.sft_losses[-1] if self.sft_losses else None})
         acc_start = acc if not resumed else self._first_accuracy()
-        self._say(f"held-out accuracy {'at resume' if resumed else 'before RL'}: {acc:.3f}")
+        self._say(f"held-out {'at resume' if resumed else 'before RL'}: {self._describe(evaluation)}")
 
         bar = tqdm(range(self.step, g.steps), desc="GRPO", disable=not (self.progress and self.is_main),
                    dynamic_ncols=True, initial=self.step, total=g.steps)  # fmt: skip
@@ -430,8 +436,9 @@ class GRPOTrainer:
             if g.ref_reset_every and self.step % g.ref_reset_every == 0:
                 self._reset_reference()
             if self.step % cfg.eval.every == 0 or self.step == g.steps:
-                acc = self.evaluate()
-                record["eval/accuracy"] = acc
+                evaluation = self.evaluate()
+                acc = evaluation["eval/accuracy"]
+                record.update(evaluation)
             record["time/step_s"] = time.perf_counter() - t0
             if self.is_main:
                 logger.log(self.step, record)
@@ -443,6 +450,7 @@ class GRPOTrainer:
         summary = {
             "accuracy_before_rl": acc_start,
             "accuracy_after_rl": acc,
+            "greedy_accuracy_after_rl": evaluation["eval/greedy_accuracy"],
             "accuracy_gain": acc - acc_start,
             "steps": self.step,
             "wall_s": time.perf_counter() - t_start,
@@ -451,14 +459,21 @@ class GRPOTrainer:
             plot = plot_metrics(
                 read_metrics(logger.path),
                 self.out_dir / "metrics.png",
-                title=f"GRPO on {cfg.task.name}: held-out accuracy {acc_start:.2f} -> {acc:.2f}",
+                title=f"GRPO on {cfg.task.name}: held-out pass@1 {acc_start:.2f} -> {acc:.2f}",
             )
             summary["plot"] = str(plot)
             self._say(
-                f"held-out accuracy after RL: {acc:.3f} (before RL {acc_start:.3f}, "
-                f"{100 * (acc - acc_start):+.1f} points) | metrics {logger.path} | plot {plot}"
+                f"held-out after RL: {self._describe(evaluation)}; pass@1 {100 * (acc - acc_start):+.1f} points "
+                f"during RL | metrics {logger.path} | plot {plot}"
             )
         return summary
+
+    def _describe(self, evaluation: dict[str, float]) -> str:
+        e = self.cfg.eval
+        return (
+            f"pass@1 {evaluation['eval/accuracy']:.3f} ({e.samples} samples at T={e.temperature}, "
+            f"top-p {e.top_p}), greedy accuracy {evaluation['eval/greedy_accuracy']:.3f}"
+        )
 
     def _first_accuracy(self) -> float:
         records = read_metrics(self.out_dir / "metrics.jsonl") if (self.out_dir / "metrics.jsonl").exists() else []

@@ -11,7 +11,7 @@ from typing import Any
 # The panels of the summary figure: (title, metric keys drawn in it).
 PLOT_PANELS: list[tuple[str, list[str]]] = [
     ("reward", ["reward/mean", "reward/arithmetic/mean", "reward/accuracy/mean", "reward/format/mean"]),
-    ("held-out accuracy", ["eval/accuracy"]),
+    ("held-out accuracy", ["eval/accuracy", "eval/greedy_accuracy"]),
     ("KL to reference", ["loss/kl_mean"]),
     ("response length (tokens)", ["rollout/response_len_mean"]),
     ("clip fraction", ["loss/clip_frac"]),
