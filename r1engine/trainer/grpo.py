@@ -41,8 +41,9 @@ from r1engine.trainer.sequences import (
     pack,
     packed_forward,
     packed_logprobs,
+    packed_mtp_loss,
 )
-from r1engine.trainer.sft import cold_start_sft, completion_token_mask
+from r1engine.trainer.sft import cold_start_sft
 
 PRESETS = {"tiny": PolicyConfig.tiny, "demo": PolicyConfig.demo}
 
@@ -111,19 +112,8 @@ def grpo_train_step(
     with torch.no_grad():
         logp_all = torch.log_softmax(logits.float() / cfg.temperature, -1)
         entropy = -(logp_all.exp() * logp_all).sum(-1).mean()
-    total = loss
-    mtp = torch.zeros(())
-    if cfg.mtp_loss_coef > 0 and model.config.num_mtp_layers > 0:
-        mtp = model.mtp_loss(
-            batch.input_ids.reshape(-1),
-            out.last_hidden,
-            position_ids=batch.position_ids.reshape(-1),
-            cu_seqlens=cu,
-            max_seqlen=max(batch.max_seqlen),
-            loss_mask=completion_token_mask(batch.loss_mask),
-            lam=cfg.mtp_loss_coef,
-        )
-        total = total + mtp
+    mtp = packed_mtp_loss(model, batch, out, cu, cfg.mtp_loss_coef)
+    total = loss + mtp
     train_engine.backward(total)
     grad_norm = train_engine.step()
     return {

@@ -115,6 +115,28 @@ def packed_forward(model: PolicyModel, batch: PackedBatch):
     ), cu
 
 
+def completion_token_mask(loss_mask: torch.Tensor) -> torch.Tensor:
+    """Flat mask of positions holding a completion token, from the mask of positions whose *target* is one
+    (shifted right by one inside the packed row; sequence ends carry 0, so nothing leaks across sequences)."""
+    return torch.roll(loss_mask.reshape(-1), 1)
+
+
+def packed_mtp_loss(model: PolicyModel, batch: PackedBatch, out, cu: torch.Tensor, coef: float) -> torch.Tensor:
+    """The MTP head's loss on the completion tokens of a packed batch (`out`, `cu` from `packed_forward`);
+    0 when `coef` is 0 or the model has no MTP layers."""
+    if coef <= 0 or model.config.num_mtp_layers == 0:
+        return torch.zeros(())
+    return model.mtp_loss(
+        batch.input_ids.reshape(-1),
+        out.last_hidden,
+        position_ids=batch.position_ids.reshape(-1),
+        cu_seqlens=cu,
+        max_seqlen=max(batch.max_seqlen),
+        loss_mask=completion_token_mask(batch.loss_mask),
+        lam=coef,
+    )
+
+
 @torch.no_grad()
 def packed_logprobs(
     model: PolicyModel, batch: PackedBatch, tokens: PackedTokens, temperature: float, loss_backend: str = "auto"

@@ -9,14 +9,7 @@ from tqdm.auto import tqdm
 from r1engine.data.addition import AdditionTask, ProblemStream
 from r1engine.models.policy import PolicyModel
 from r1engine.ops import token_logprobs
-from r1engine.trainer.sequences import build_sequences, loss_tokens, pack, packed_forward
-
-
-def completion_token_mask(loss_mask: torch.Tensor) -> torch.Tensor:
-    """Mask of positions holding a completion token, from the mask of positions whose *target* is one
-    (shifted right by one inside the packed row; sequence ends carry 0, so nothing leaks across sequences)."""
-    flat = loss_mask.reshape(-1)
-    return torch.roll(flat, 1)
+from r1engine.trainer.sequences import build_sequences, loss_tokens, pack, packed_forward, packed_mtp_loss
 
 
 def sft_loss(model: PolicyModel, seqs, chunk_len: int, mtp_coef: float, loss_backend: str = "auto"):
@@ -26,17 +19,7 @@ def sft_loss(model: PolicyModel, seqs, chunk_len: int, mtp_coef: float, loss_bac
     out, cu = packed_forward(model, batch)
     logits = model.logits(out.hidden[tokens.index])
     ce = -token_logprobs(logits, tokens.targets, backend=loss_backend).mean()
-    mtp = torch.zeros((), dtype=ce.dtype)
-    if mtp_coef > 0 and model.config.num_mtp_layers > 0:
-        mtp = model.mtp_loss(
-            batch.input_ids.reshape(-1),
-            out.last_hidden,
-            position_ids=batch.position_ids.reshape(-1),
-            cu_seqlens=cu,
-            max_seqlen=max(batch.max_seqlen),
-            loss_mask=completion_token_mask(batch.loss_mask),
-            lam=mtp_coef,
-        )
+    mtp = packed_mtp_loss(model, batch, out, cu, mtp_coef)
     return ce + mtp, ce.detach(), mtp.detach()
 
 
