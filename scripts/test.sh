@@ -5,6 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 PY=.venv/bin/python
+export PATH="$PWD/.venv/bin:$PATH"  # ninja, cmake helpers from the venv when the system lacks them
 
 echo "[test] ruff"
 .venv/bin/ruff check r1engine kernels tests benchmarks setup.py
