@@ -121,5 +121,7 @@ def test_short_run_through_vllm_keeps_rollout_weights_in_sync(tmp_path):
     assert len(records) == 3
     for r in records:
         assert r["rollout/sampler_vs_trainer_logprob_absdiff"] < 1e-3, r
-        assert 0.0 < r["rollout/acceptance_rate"] <= 1.0
+        # drafts were made and scored (a step without drafts logs NaN as null); a 4-step-SFT drafter may
+        # legitimately have every draft rejected, so the rate itself is only range-checked
+        assert r["rollout/acceptance_rate"] is not None and 0.0 <= r["rollout/acceptance_rate"] <= 1.0
     assert records[0]["loss/policy"] != records[-1]["loss/policy"]
