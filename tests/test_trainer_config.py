@@ -18,7 +18,7 @@ def test_defaults_follow_the_paper():
         400,
         1.0,
     )
-    assert cfg.rewards.weights == {"accuracy": 1.0, "format": 1.0}
+    assert cfg.rewards.weights == {"arithmetic": 1.0, "format": 1.0}  # the default task's accuracy reward + format
 
 
 def test_yaml_and_overrides(tmp_path):
@@ -48,6 +48,7 @@ def test_yaml_and_overrides(tmp_path):
         ("training.deepspeed_zero_stage=4", "training.deepspeed_zero_stage"),
         ("training.offload_optimizer=true", "training.offload_optimizer: needs"),
         ("rewards.weights={}", "rewards.weights"),
+        ("rewards.weights.acuracy=1.0", "rewards.weights.acuracy: unknown reward"),
         ("grpo.steps", "expected dotted.key=value"),
     ],
 )

@@ -23,6 +23,9 @@ class Problem:
 
 
 class AdditionTask:
+    accuracy_reward = "arithmetic"
+    """The `r1engine.rewards` function that checks an answer to this task (used for held-out accuracy)."""
+
     def __init__(self, min_digits: int = 1, max_digits: int = 3, num_eval: int = 200, eval_seed: int = 12345):
         if not 1 <= min_digits <= max_digits:
             raise ValueError(

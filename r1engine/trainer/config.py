@@ -77,8 +77,9 @@ class GRPOConfig:
 
 @dataclass
 class RewardsConfig:
-    weights: dict[str, float] = field(default_factory=lambda: {"accuracy": 1.0, "format": 1.0})
-    """Named reward functions and their weights (accuracy and format with equal weight, as in the paper)."""
+    weights: dict[str, float] = field(default_factory=lambda: {"arithmetic": 1.0, "format": 1.0})
+    """Named reward functions (see `r1engine.rewards.available_rewards()`) and their weights: the task's accuracy
+    reward and format with equal weight, as in the paper."""
     num_workers: int = 1
     timeout_s: float = 10.0
 
@@ -197,6 +198,11 @@ def validate(cfg: Config) -> None:
         )
     if not cfg.rewards.weights:
         raise ConfigError("rewards.weights: at least one reward function is needed")
+    from r1engine.rewards import available_rewards
+
+    for name in cfg.rewards.weights:
+        if name not in available_rewards() and ":" not in name:  # "pkg.module:attr" names a custom reward
+            raise ConfigError(f"rewards.weights.{name}: unknown reward (known: {', '.join(available_rewards())})")
     if cfg.rollout.num_speculative_tokens < 0:
         raise ConfigError(f"rollout.num_speculative_tokens: must be >= 0, got {cfg.rollout.num_speculative_tokens}")
     if cfg.rollout.num_speculative_tokens > 0 and cfg.model.num_mtp_layers == 0:

@@ -67,6 +67,17 @@ def _per_sequence(batch, tokens: PackedTokens, values: torch.Tensor, n: int) -> 
     return out
 
 
+@torch.no_grad()
+def _mean_entropy(logits: torch.Tensor, temperature: float, rows_per_chunk: int = 1024) -> float:
+    """Mean policy entropy over the rows of `logits`, in row chunks so that no fp32 [M, V] copy is ever made
+    (the fused loss exists to avoid one)."""
+    total = 0.0
+    for chunk in logits.split(rows_per_chunk):
+        logp = torch.log_softmax(chunk.float() / temperature, -1)
+        total += float(-(logp.exp() * logp).sum())
+    return total / max(1, logits.shape[0])
+
+
 def grpo_train_step(
     model: PolicyModel,
     train_engine: TrainEngine,
@@ -109,9 +120,7 @@ def grpo_train_step(
         segment_ids=tokens.segment_ids,
         backend=loss_backend,
     )
-    with torch.no_grad():
-        logp_all = torch.log_softmax(logits.float() / cfg.temperature, -1)
-        entropy = -(logp_all.exp() * logp_all).sum(-1).mean()
+    entropy = _mean_entropy(logits, cfg.temperature)
     mtp = packed_mtp_loss(model, batch, out, cu, cfg.mtp_loss_coef)
     total = loss + mtp
     train_engine.backward(total)
@@ -171,7 +180,7 @@ class GRPOTrainer:
         self.rewards = RewardScheduler(
             {"weights": cfg.rewards.weights}, num_workers=cfg.rewards.num_workers, timeout_s=cfg.rewards.timeout_s
         )
-        self.accuracy = get_reward("arithmetic")
+        self.accuracy = get_reward(self.task.accuracy_reward)
         self.checkpoints = CheckpointManager(self.out_dir, keep=cfg.checkpoint.keep)
         self.step = 0
         self.sft_losses: list[float] = []
@@ -240,9 +249,10 @@ class GRPOTrainer:
             out[key] = sum(r.score for r in self.accuracy(texts, answers)) / len(texts)
         return out
 
-    def generate_and_score(self, step: int) -> tuple[SequenceBatch, torch.Tensor, dict[str, Any]]:
+    def generate_and_score(self, step: int) -> tuple[SequenceBatch, dict[str, Any], dict[str, Any]]:
         """One rollout: G completions for this rank's prompts, rewards (async) overlapped with inference of the
-        old and reference log-probs; returns sequences with their fields, the advantages and metrics."""
+        old and reference log-probs; returns the sequences, their training fields (per-sequence old/ref log-probs
+        and advantages) and metrics."""
         cfg, g = self.cfg, self.cfg.grpo
         problems = self.stream.take(g.prompts_per_step)[self.rank :: self.world_size]
         prompts = [self.encode(p.prompt) for p in problems]
