@@ -22,7 +22,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    preset: Literal["tiny", "demo", "small"] = "demo"
+    preset: Literal["tiny", "demo"] = "demo"
     """Size preset of r1engine.models.PolicyConfig (ignored when init_from is set)."""
     init_from: str | None = None
     """A model directory (MiMo layout) to start from instead of random weights."""
