@@ -316,7 +316,7 @@ class GRPOTrainer:
             "time/reward_wait_s": t_reward_wait,
             **pack_stats,
         }
-        seqs_fields = {"old": old_seq, "ref": ref_seq, "adv": advantages}
+        seqs_fields = {"old": old_seq, "ref": ref_seq, "adv": advantages, "rewards": rewards}
         return seqs, seqs_fields, metrics
 
     def train_on_rollout(self, seqs: SequenceBatch, fields: dict[str, Any], step: int) -> dict[str, Any]:
