@@ -1,4 +1,5 @@
-"""DeepSpeed ZeRO across 2 real CPU processes (gloo) agrees with one process training on the whole batch.
+"""DeepSpeed ZeRO (stages 1-3, optimizer offload) across 2 real CPU processes (gloo) agrees with one process
+training on the whole batch.
 
 Each rank trains on half of a fixed batch of sequences with `grpo_train_step`; DeepSpeed averages the
 gradients, which for the per-sequence mean aggregation equals the single-process gradient of the whole batch.
@@ -56,7 +57,7 @@ def _train(model, engine, seqs, old, advantages, index):
     return losses
 
 
-def _rank_main(rank: int, port: int, out: str) -> None:
+def _rank_main(rank: int, port: int, out: str, zero_stage: int, offload: bool) -> None:
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
         WORLD_SIZE=str(WORLD), DS_ACCELERATOR="cpu",
@@ -68,10 +69,11 @@ def _rank_main(rank: int, port: int, out: str) -> None:
 
     deepspeed.init_distributed(dist_backend="gloo")
     model, seqs, old, advantages = _batch()
-    engine = TrainEngine(model, lr=1e-3, max_grad_norm=1.0, zero_stage=2)
+    engine = TrainEngine(model, lr=1e-3, max_grad_norm=1.0, zero_stage=zero_stage, offload_optimizer=offload)
     losses = _train(model, engine, seqs, old, advantages, list(range(rank, 8, WORLD)))
-    torch.save({"losses": losses, "weights": {k: v.clone() for k, v in model.state_dict().items()}},
-               os.path.join(out, f"rank{rank}.pt"))  # fmt: skip
+    with engine.full_weights():  # ZeRO-3 holds only this rank's partition outside this context
+        weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    torch.save({"losses": losses, "weights": weights}, os.path.join(out, f"rank{rank}.pt"))
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
 
@@ -83,11 +85,22 @@ def _free_port() -> int:
 
 
 @pytest.mark.timeout(300)
-def test_zero2_two_processes_match_single_process(tmp_path):
+@pytest.mark.parametrize(
+    ("zero_stage", "offload"),
+    [(1, False), (2, False), (2, True), (3, False)],
+    ids=["zero1", "zero2", "zero2-offload", "zero3"],
+)
+def test_zero_two_processes_match_single_process(tmp_path, zero_stage, offload):
     pytest.importorskip("deepspeed")
     from r1engine.trainer.engine import TrainEngine
 
-    mp.start_processes(_rank_main, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True, start_method="spawn")
+    mp.start_processes(
+        _rank_main,
+        args=(_free_port(), str(tmp_path), zero_stage, offload),
+        nprocs=WORLD,
+        join=True,
+        start_method="spawn",
+    )
     model, seqs, old, advantages = _batch()
     engine = TrainEngine(model, lr=1e-3, max_grad_norm=1.0, zero_stage=0)
     single = _train(model, engine, seqs, old, advantages, list(range(8)))
@@ -96,8 +109,13 @@ def test_zero2_two_processes_match_single_process(tmp_path):
     for step in range(STEPS):
         mean_rank_loss = sum(r["losses"][step] for r in ranks) / WORLD
         assert mean_rank_loss == pytest.approx(single[step], rel=1e-4, abs=1e-6), f"step {step}"
-    ref = model.state_dict()
-    for name, tensor in ref.items():
+    # Weights: each parameter's distance from the single-process result, relative to how far training moved it.
+    # (Elementwise tolerances do not fit ZeRO-3: its reduce-scatter sums in another order, and Adam turns that
+    # rounding noise in near-zero gradient entries into update-sized differences for single elements.)
+    initial = _batch()[0].state_dict()
+    for name, tensor in model.state_dict().items():
+        update = (tensor - initial[name]).norm()
+        assert update > 0, f"{name} did not move"
         for r in ranks:
-            torch.testing.assert_close(r["weights"][name], tensor, rtol=1e-4, atol=1e-6, msg=f"{name} differs")
-    assert any(not torch.equal(ranks[0]["weights"][k], _batch()[0].state_dict()[k]) for k in ref)  # weights moved
+            err = (r["weights"][name] - tensor).norm() / update
+            assert err < 1e-3, f"{name}: distance to the single-process weights is {err:.2e} of the update"

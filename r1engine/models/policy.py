@@ -212,6 +212,18 @@ def _shift_within_sequences(
     return out, valid
 
 
+class LMHead(nn.Linear):
+    """The output projection. `detach_weight=True` lets gradients reach the input but not the weight (the MTP loss
+    must not move the shared head). Going through the module call, not `lm_head.weight`, matters under ZeRO-3:
+    DeepSpeed gathers a partitioned weight only around its module's forward."""
+
+    def __init__(self, hidden_size: int, vocab_size: int):
+        super().__init__(hidden_size, vocab_size, bias=False)
+
+    def forward(self, x: torch.Tensor, detach_weight: bool = False) -> torch.Tensor:
+        return F.linear(x, self.weight.detach() if detach_weight else self.weight)
+
+
 class PolicyModel(nn.Module):
     """Qwen2-style decoder + MiMo MTP layers; see the module docstring."""
 
@@ -219,7 +231,7 @@ class PolicyModel(nn.Module):
         super().__init__()
         self.config = config
         self.model = Body(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = LMHead(config.hidden_size, config.vocab_size)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.reset_parameters()
@@ -360,10 +372,9 @@ class PolicyModel(nn.Module):
         h = prev_hidden[None] if squeeze else prev_hidden
         if h.shape[:2] != ids.shape:
             raise ValueError(f"prev_hidden {tuple(prev_hidden.shape)} does not match next_input_ids {tuple(ids.shape)}")
-        emb_w = self.model.embed_tokens.weight
-        if detach_main:
-            emb_w, h = emb_w.detach(), h.detach()
-        e = F.embedding(ids, emb_w)
+        e = self.model.embed_tokens(ids)  # a module call, not the weight itself: see LMHead
+        if detach_main:  # the embedding's output carries the only gradient path to its weight
+            e, h = e.detach(), h.detach()
         e = torch.where(pos.unsqueeze(-1) == 0, torch.zeros_like(e), e)
         cos, sin = rope_cos_sin(pos, self.config.head_dim, self.config.rope_theta)
         ctx = _Ctx(cos=cos, sin=sin, cu_seqlens=cu, max_seqlen=mx, cache=kv_cache, layer_offset=0)
@@ -415,7 +426,6 @@ class PolicyModel(nn.Module):
             _, position_ids, _, _, _ = self._prepare(input_ids, None, cu_seqlens, max_seqlen, None)
             position_ids = position_ids.reshape(input_ids.shape)
         cu = cu_seqlens.to(input_ids.device).long() if cu_seqlens is not None else None
-        head_w = self.lm_head.weight.detach() if detach_main else self.lm_head.weight
         h = last_hidden
         total = last_hidden.new_zeros((), dtype=torch.float32)
         for k in range(n_mtp):
@@ -425,7 +435,7 @@ class PolicyModel(nn.Module):
                 m, _ = _shift_within_sequences(loss_mask.to(torch.long), k + 2, position_ids, cu)
                 valid = valid & m.bool()
             h = self.mtp_hidden(h, nxt, position_ids, cu_seqlens, max_seqlen, layer=k, detach_main=detach_main)
-            logits = F.linear(h, head_w).float()
+            logits = self.lm_head(h, detach_weight=detach_main).float()
             ce = F.cross_entropy(logits[valid], tgt[valid], reduction="sum") if bool(valid.any()) else logits.sum() * 0
             total = total + ce / valid.sum().clamp(min=1)
         return total * (lam / n_mtp)
