@@ -66,7 +66,8 @@ def _trainer(setup, loss_type: str, beta: float, **config) -> example.R1EngineGR
     tokenizer, model_dir, dataset, out = setup
     config.setdefault("max_completion_length", MAX_COMPLETION)
     args = GRPOConfig(
-        output_dir=str(out), per_device_train_batch_size=len(dataset) * G, num_generations=G, loss_type=loss_type, beta=beta, epsilon=0.2, epsilon_high=0.28,
+        output_dir=str(out), per_device_train_batch_size=len(dataset) * G, num_generations=G, loss_type=loss_type,
+        beta=beta, epsilon=0.2, epsilon_high=0.28,
         temperature=0.9, num_iterations=2,  # 2 iterations: TRL computes old log-probs, so ratios can leave 1
         use_bias_correction_kl=False, use_cpu=True, bf16=False, gradient_checkpointing=False, report_to="none",
         seed=0, **config,
