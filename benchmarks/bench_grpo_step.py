@@ -221,7 +221,7 @@ def peak_memory(device: torch.device) -> Iterator[PeakMemory]:
     yield result
     peak = _proc_status_kib("VmHWM")
     if before is not None and peak is not None:
-        result.total, result.extra = peak * 1024, (peak - before) * 1024
+        result.total, result.extra = peak * 1024, max(0, peak - before) * 1024
 
 
 def _precise_cpu_rss() -> None:
@@ -559,15 +559,13 @@ def workload(args: argparse.Namespace) -> Workload:
     return dataclasses.replace(base, **changes)
 
 
-def _max_rel_diff(checks: dict[str, StepStats]) -> float | None:
-    """Largest relative difference of any `StepStats` field between any path and the first one."""
+def _max_check_diff(checks: dict[str, StepStats]) -> float | None:
+    """Largest difference of any `StepStats` field between a path and the first one, relative to
+    max(1, |first|): the first mini-batch is on-policy, so its policy loss can be ~0 and a pure ratio meaningless."""
     if len(checks) < 2:
         return None
-    first, *rest = checks.values()
-    ref = dataclasses.asdict(first)
-    return max(
-        abs(v - ref[k]) / max(abs(ref[k]), 1e-12) for other in rest for k, v in dataclasses.asdict(other).items()
-    )
+    first, *rest = (dataclasses.asdict(c) for c in checks.values())
+    return max(abs(v - first[k]) / max(1.0, abs(first[k])) for other in rest for k, v in other.items())
 
 
 def _median(xs: list[float]) -> float | None:
@@ -707,7 +705,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "rollout": {"s": t_roll, "decoded_tokens_per_s": statistics.mean(tokens["decoded"]) / t_roll},
         "paths": results,
         "check": {name: dataclasses.asdict(s) for name, s in checks.items()},
-        "check_max_rel_diff": _max_rel_diff(checks),
+        "check_max_diff": _max_check_diff(checks),
     }
 
 
@@ -773,8 +771,8 @@ def markdown(result: dict[str, Any]) -> str:
             f"| {name} | {c['policy_loss']:.6f} | {c['mtp_loss']:.6f} | {c['grad_norm']:.6f} | "
             f"{c['old_logprob_sum']:.3f} |"
         )
-    if result["check_max_rel_diff"] is not None:
-        lines += ["", f"Largest relative difference between paths: {result['check_max_rel_diff']:.2e}."]
+    if result["check_max_diff"] is not None:
+        lines += ["", f"Largest difference between paths, relative to max(1, |value|): {result['check_max_diff']:.1e}."]
     return "\n".join(lines) + "\n"
 
 
