@@ -1,6 +1,8 @@
 """The `r1engine` command line.
 
 r1engine train --config configs/demo.yaml [key=value ...]   run the GRPO recipe of a config
+r1engine train --nproc 2 --config ... training.deepspeed_zero_stage=2
+                                                            the same on 2 data-parallel ranks (DeepSpeed ZeRO)
 r1engine config [--config FILE] [key=value ...]            print the resolved config (defaults + file + overrides)
 r1engine info                                               backends and optional components on this machine
 """
@@ -9,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 import yaml
@@ -38,6 +41,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     _add_config_args(train)
     train.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
+    train.add_argument(
+        "--nproc",
+        type=int,
+        default=1,
+        help="data-parallel ranks on this machine (started with torch.distributed.run; needs a DeepSpeed ZeRO "
+        "stage, training.deepspeed_zero_stage=1-3). Multi-node: start `python -m r1engine.cli train` with torchrun",
+    )
     show = sub.add_parser("config", help="print the resolved config as YAML")
     _add_config_args(show)
     sub.add_parser("info", help="which backends (torch, cpp, triton, cuda) and components are available")
@@ -59,6 +69,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "config":
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
         return 0
+    if args.nproc < 1:
+        print(f"r1engine: --nproc must be >= 1, got {args.nproc}", file=sys.stderr)
+        return 2
+    if args.nproc > 1 and "RANK" not in os.environ:
+        if cfg.training.deepspeed_zero_stage == 0:
+            print(
+                "r1engine: config error: training.deepspeed_zero_stage: --nproc > 1 trains through DeepSpeed; "
+                "set a ZeRO stage (1-3)",
+                file=sys.stderr,
+            )
+            return 2
+        return _launch(args.nproc, argv if argv is not None else sys.argv[1:])
 
     from r1engine.trainer.grpo import GRPOTrainer
 
@@ -67,8 +89,31 @@ def main(argv: list[str] | None = None) -> int:
         summary = trainer.run()
     finally:
         trainer.close()
-    print(json.dumps(summary, indent=2))
+    if trainer.is_main:
+        print(json.dumps(summary, indent=2))
     return 0
+
+
+def _launch(nproc: int, argv: list[str]) -> int:
+    """Re-run this command on `nproc` local ranks under torch.distributed.run (each rank sees RANK/WORLD_SIZE)."""
+    import socket
+    import subprocess
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    rank_argv, skip = [], False  # the ranks run the same command without --nproc
+    for arg in argv:
+        if skip or arg.startswith("--nproc="):
+            skip = False
+            continue
+        if arg == "--nproc":
+            skip = True
+            continue
+        rank_argv.append(arg)
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={port}",
+           "-m", "r1engine.cli", *rank_argv]  # fmt: skip
+    return subprocess.call(cmd)
 
 
 if __name__ == "__main__":

@@ -9,11 +9,11 @@ from r1engine.trainer.checkpoint import CheckpointManager, rng_state, set_rng_st
 
 
 def _writer(value: float):
-    def save_model(path):
-        path.mkdir()
-        torch.save({"w": torch.full((3,), value)}, path / "w.pt")
+    def write(directory):
+        (directory / "model").mkdir()
+        torch.save({"w": torch.full((3,), value)}, directory / "model" / "w.pt")
 
-    return save_model
+    return write
 
 
 def test_save_load_and_prune(tmp_path):
@@ -31,9 +31,8 @@ def test_crash_during_save_keeps_previous_checkpoint(tmp_path):
     mgr = CheckpointManager(tmp_path)
     mgr.save(1, _writer(1.0), {"step": 1})
 
-    def crashing(path):
-        path.mkdir()
-        (path / "partial").write_bytes(b"half")
+    def crashing(directory):
+        (directory / "partial").write_bytes(b"half")
         raise KeyboardInterrupt("killed while writing")
 
     with pytest.raises(KeyboardInterrupt):

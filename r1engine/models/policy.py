@@ -441,6 +441,15 @@ class PolicyModel(nn.Module):
         return total * (lam / n_mtp)
 
     # -------------------------------------------------------------------------------------------- checkpoints
+    @torch.no_grad()
+    def frozen_copy(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> PolicyModel:
+        """An independent, inference-only copy (a reference policy, a rollout engine's weights). Built from the
+        config and the state dict rather than `copy.deepcopy`, which would also copy whatever a training engine
+        attached to this module (DeepSpeed's ZeRO-3 hooks and partition handles)."""
+        clone = PolicyModel(self.config)
+        clone.load_state_dict(self.state_dict())
+        return clone.to(device=device or self.device, dtype=dtype or self.dtype).eval().requires_grad_(False)
+
     def save_pretrained(self, path: str | os.PathLike, tokenizer=None) -> None:
         """Write a MiMo-layout model directory (config.json, model.safetensors, tokenizer files) vLLM can load."""
         from r1engine.models.checkpoint import save_pretrained

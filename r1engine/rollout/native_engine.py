@@ -9,7 +9,6 @@ next d_1, and chains it k-1 more times for d_2..d_k (as vLLM reuses one MTP laye
 
 from __future__ import annotations
 
-import copy
 import time
 
 import torch
@@ -62,7 +61,7 @@ class NativeEngine:
         self.draft_sampling = draft_sampling
         self.device = torch.device(device) if device is not None else model.device
         self.dtype = dtype or model.dtype
-        self.model = copy.deepcopy(model).to(device=self.device, dtype=self.dtype).eval().requires_grad_(False)
+        self.model = model.frozen_copy(device=self.device, dtype=self.dtype)
         self._home_device = self.device
         self.last_stats: RolloutStats | None = None
 

@@ -1,10 +1,12 @@
 """Atomic training checkpoints: a crash at any point leaves either the previous checkpoint or the new one.
 
 Layout under `<output_dir>/checkpoints/`:
-    step-000040/           model/ (safetensors + config + tokenizer, loadable by vLLM), trainer.pt
+    step-000040/           model/ (safetensors + config + tokenizer, loadable by vLLM), trainer.pt, and what each
+                           rank writes (DeepSpeed's partitioned optimizer state, per-rank RNG states)
     latest                 the name of the newest complete checkpoint (replaced atomically)
 A checkpoint is written into `step-XXXXXX.tmp`, flushed to disk, renamed into place, and only then is
-`latest` switched to it; unreferenced or half-written directories are ignored and cleaned up.
+`latest` switched to it; unreferenced or half-written directories are ignored and cleaned up. On several ranks,
+rank 0 owns the directory and the renames, and barriers order them around every rank's writes.
 """
 
 from __future__ import annotations
@@ -12,11 +14,14 @@ from __future__ import annotations
 import os
 import random
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from r1engine.trainer.distributed import barrier
 
 
 def rng_state() -> dict[str, Any]:
@@ -42,11 +47,12 @@ def _fsync_tree(path: Path) -> None:
 
 
 class CheckpointManager:
-    def __init__(self, output_dir: str | Path, keep: int = 2):
+    def __init__(self, output_dir: str | Path, keep: int = 2, rank: int = 0):
         if keep < 1:
             raise ValueError(f"keep: must be >= 1, got {keep}")
         self.root = Path(output_dir) / "checkpoints"
         self.keep = keep
+        self.rank = rank
 
     def latest(self) -> Path | None:
         """The newest complete checkpoint, or None."""
@@ -56,25 +62,34 @@ class CheckpointManager:
         path = self.root / pointer.read_text().strip()
         return path if (path / "trainer.pt").is_file() else None
 
-    def save(self, step: int, save_model, trainer_state: dict[str, Any]) -> Path:
-        """Write checkpoint `step`: `save_model(dir)` writes the model directory, `trainer_state` is pickled."""
-        self.root.mkdir(parents=True, exist_ok=True)
+    def save(self, step: int, write: Callable[[Path], None], trainer_state: dict[str, Any] | None) -> Path:
+        """Write checkpoint `step`. Every rank calls this: `write(directory)` runs on every rank (collective writers
+        such as DeepSpeed's sharded checkpoint, per-rank files); rank 0 pickles `trainer_state` (other ranks may
+        pass None) and publishes the checkpoint."""
+        main = self.rank == 0
         name = f"step-{step:06d}"
         tmp = self.root / f"{name}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        save_model(tmp / "model")
-        torch.save(trainer_state, tmp / "trainer.pt")
-        _fsync_tree(tmp)
+        if main:
+            self.root.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+        barrier()
+        write(tmp)
+        if main:
+            torch.save(trainer_state, tmp / "trainer.pt")
+        barrier()  # every rank's files are in tmp
         final = self.root / name
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        pointer_tmp = self.root / "latest.tmp"
-        pointer_tmp.write_text(name)
-        with open(pointer_tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(pointer_tmp, self.root / "latest")
-        self._prune(keep_name=name)
+        if main:
+            _fsync_tree(tmp)
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            pointer_tmp = self.root / "latest.tmp"
+            pointer_tmp.write_text(name)
+            with open(pointer_tmp, "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(pointer_tmp, self.root / "latest")
+            self._prune(keep_name=name)
+        barrier()  # nobody reads or resumes before the checkpoint is published
         return final
 
     def load(self, path: Path | None = None) -> tuple[Path, dict[str, Any]]:

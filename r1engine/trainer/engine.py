@@ -9,7 +9,8 @@ import os
 from typing import Any
 
 import torch
-import torch.distributed as dist
+
+from r1engine.trainer.distributed import rank, world_size
 
 
 def deepspeed_config(
@@ -61,11 +62,11 @@ class TrainEngine:
 
     @property
     def world_size(self) -> int:
-        return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        return world_size()
 
     @property
     def rank(self) -> int:
-        return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+        return rank()
 
     def backward(self, loss: torch.Tensor) -> None:
         if self.ds_engine is not None:

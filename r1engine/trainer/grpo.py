@@ -11,7 +11,6 @@ weight sync to the rollout engine (main model and MTP head) ─► every K steps
 from __future__ import annotations
 
 import contextlib
-import copy
 import math
 import random
 import time
@@ -31,6 +30,13 @@ from r1engine.rewards import RewardScheduler, get_reward
 from r1engine.rollout import create_engine
 from r1engine.trainer.checkpoint import CheckpointManager, rng_state, set_rng_state
 from r1engine.trainer.config import Config, GRPOConfig
+from r1engine.trainer.distributed import (
+    broadcast_module,
+    broadcast_object,
+    init_distributed,
+    reduce_metrics,
+    sum_across_ranks,
+)
 from r1engine.trainer.engine import TrainEngine
 from r1engine.trainer.metrics import MetricsLogger, plot_metrics, read_metrics
 from r1engine.trainer.sequences import (
@@ -160,28 +166,26 @@ class GRPOTrainer:
             self.model = PolicyModel(model_cfg)
             self.model.reset_parameters(seed=cfg.seed)
         self.model.to(getattr(torch, cfg.model.dtype))
-        g = cfg.grpo
-        self.train_engine = TrainEngine(
-            self.model,
-            lr=g.lr,
-            weight_decay=g.weight_decay,
-            max_grad_norm=g.max_grad_norm,
-            zero_stage=cfg.training.deepspeed_zero_stage,
-            offload_optimizer=cfg.training.offload_optimizer,
-        )
-        self.rank, self.world_size = self.train_engine.rank, self.train_engine.world_size
-        if g.prompts_per_step % self.world_size:
+        self.rank, self.world_size = init_distributed()
+        if self.world_size > 1 and cfg.training.deepspeed_zero_stage == 0:
             raise ValueError(
-                f"grpo.prompts_per_step={g.prompts_per_step} must be divisible by the number of ranks "
+                f"training.deepspeed_zero_stage: {self.world_size} ranks train through DeepSpeed; set a ZeRO stage "
+                "(1-3), 0 is single-process PyTorch"
+            )
+        if cfg.grpo.prompts_per_step % self.world_size:
+            raise ValueError(
+                f"grpo.prompts_per_step={cfg.grpo.prompts_per_step} must be divisible by the number of ranks "
                 f"({self.world_size})"
             )
+        # Built in `run`, after the cold-start SFT: ZeRO partitions the weights it is handed.
+        self.train_engine: TrainEngine | None = None
         self.ref_model: PolicyModel | None = None
         self.rollout = None
         self.rewards = RewardScheduler(
             {"weights": cfg.rewards.weights}, num_workers=cfg.rewards.num_workers, timeout_s=cfg.rewards.timeout_s
         )
         self.accuracy = get_reward(self.task.accuracy_reward)
-        self.checkpoints = CheckpointManager(self.out_dir, keep=cfg.checkpoint.keep)
+        self.checkpoints = CheckpointManager(self.out_dir, keep=cfg.checkpoint.keep, rank=self.rank)
         self.step = 0
         self.sft_losses: list[float] = []
 
@@ -198,16 +202,42 @@ class GRPOTrainer:
         return self.rank == 0
 
     # ------------------------------------------------------------------------------------------- stages
+    def _start_training(self) -> None:
+        """The optimizer side (AdamW, or DeepSpeed across ranks); every rank starts from rank 0's weights."""
+        g = self.cfg.grpo
+        broadcast_module(self.model)
+        self.train_engine = TrainEngine(
+            self.model,
+            lr=g.lr,
+            weight_decay=g.weight_decay,
+            max_grad_norm=g.max_grad_norm,
+            zero_stage=self.cfg.training.deepspeed_zero_stage,
+            offload_optimizer=self.cfg.training.offload_optimizer,
+        )
+
     def _start_rollout(self) -> None:
         r = self.cfg.rollout
-        longest = self.cfg.training.chunk_len
-        self.rollout = create_engine(
-            r.backend,
-            model=self.model,
-            tokenizer=self.tokenizer,
-            num_speculative_tokens=r.num_speculative_tokens,
-            max_model_len=longest,
-        )
+        with self.train_engine.full_weights():
+            self.rollout = create_engine(
+                r.backend,
+                model=self.model,
+                tokenizer=self.tokenizer,
+                num_speculative_tokens=r.num_speculative_tokens,
+                max_model_len=self.cfg.training.chunk_len,
+            )
+
+    def _cold_start(self) -> None:
+        """Cold-start SFT on rank 0; the other ranks receive its weights and data position."""
+        cfg = self.cfg
+        if self.is_main:
+            self.sft_losses = cold_start_sft(
+                self.model, self.task, self.stream, self.encode, self.eos_id,
+                steps=cfg.sft.steps, batch_size=cfg.sft.batch_size, lr=cfg.sft.lr,
+                chunk_len=cfg.training.chunk_len, mtp_coef=cfg.grpo.mtp_loss_coef,
+                loss_backend=cfg.training.loss_backend, progress=self.progress,
+            )  # fmt: skip
+        self.sft_losses = broadcast_object(self.sft_losses)
+        self.stream.set_state(broadcast_object(self.stream.state()))
 
     @contextlib.contextmanager
     def _rollout_awake(self):
@@ -225,12 +255,13 @@ class GRPOTrainer:
     def _reset_reference(self) -> None:
         if self.cfg.grpo.beta > 0:
             with self.train_engine.full_weights():
-                self.ref_model = copy.deepcopy(self.model).eval().requires_grad_(False)
+                self.ref_model = self.model.frozen_copy()
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """Held-out pass@1 (mean over `eval.samples` sampled completions per problem) and greedy accuracy."""
-        e, problems = self.cfg.eval, self.task.eval_problems
+        e = self.cfg.eval
+        problems = self.task.eval_problems[self.rank :: self.world_size]  # each rank scores its share
         prompts = [self.encode(p.prompt) for p in problems]
         out = {}
         for key, n, temperature in (("eval/accuracy", e.samples, e.temperature), ("eval/greedy_accuracy", 1, 0.0)):
@@ -246,7 +277,8 @@ class GRPOTrainer:
                 )
             texts = [self.decode(c) for c in batch.completion_ids]
             answers = [problems[i].answer for i in batch.prompt_index.tolist()]
-            out[key] = sum(r.score for r in self.accuracy(texts, answers)) / len(texts)
+            correct, total = sum_across_ranks([sum(r.score for r in self.accuracy(texts, answers)), len(texts)])
+            out[key] = correct / total
         return out
 
     def generate_and_score(self, step: int) -> tuple[SequenceBatch, dict[str, Any], dict[str, Any]]:
@@ -357,66 +389,78 @@ class GRPOTrainer:
             self.rollout.sync_weights(self.model)
 
     # ------------------------------------------------------------------------------------------- checkpoints
-    def save_checkpoint(self, step: int) -> Path | None:
-        if not self.is_main and self.train_engine.ds_engine is None:
-            return None
-        state = {
-            "step": step,
-            "optimizer": self.train_engine.optimizer_state(),
-            "rng": rng_state(),
-            "stream": self.stream.state(),
-            "ref": self.ref_model.state_dict() if self.ref_model is not None else None,
-            "sft_losses": self.sft_losses,
-            "config": self.cfg.to_dict(),
-        }
+    def save_checkpoint(self, step: int) -> Path:
+        """Every rank calls this: rank 0 writes the model and trainer state, every rank its RNG state and (with
+        DeepSpeed) its optimizer partition."""
+        state = None
+        if self.is_main:
+            state = {
+                "step": step,
+                "world_size": self.world_size,
+                "optimizer": self.train_engine.optimizer_state(),
+                "stream": self.stream.state(),
+                "ref": self.ref_model.state_dict() if self.ref_model is not None else None,
+                "sft_losses": self.sft_losses,
+                "config": self.cfg.to_dict(),
+            }
 
-        def save_model(path: Path) -> None:
-            with self.train_engine.full_weights():
-                self.model.save_pretrained(path, self.tokenizer)
-            self.train_engine.save_sharded(str(path.parent / "deepspeed"))
+        def write(directory: Path) -> None:
+            with self.train_engine.full_weights():  # collective under ZeRO-3
+                if self.is_main:
+                    self.model.save_pretrained(directory / "model", self.tokenizer)
+            self.train_engine.save_sharded(str(directory / "deepspeed"))  # collective
+            torch.save(rng_state(), directory / f"rng-rank{self.rank}.pt")
 
-        return self.checkpoints.save(step, save_model, state)
+        return self.checkpoints.save(step, write, state)
 
-    def load_checkpoint(self) -> bool:
-        """Restore the newest checkpoint (weights, optimizer, RNG, data position, reference); False if none."""
-        path = self.checkpoints.latest()
-        if path is None:
-            return False
-        path, state = self.checkpoints.load(path)
+    def _load_weights(self, path: Path, state: dict[str, Any]) -> None:
+        if state.get("world_size", 1) != self.world_size:  # partitioned optimizer state and per-rank RNG
+            raise ValueError(
+                f"checkpoint {path} was written by {state.get('world_size', 1)} ranks, this run has "
+                f"{self.world_size}: resume with the same number of ranks"
+            )
         loaded = PolicyModel.from_pretrained(path / "model", dtype=self.model.dtype)
         self.model.load_state_dict(loaded.state_dict())
+
+    def _load_training_state(self, path: Path, state: dict[str, Any]) -> None:
+        """Optimizer, RNG, data position and reference of checkpoint `path` (the weights are already loaded)."""
         self.train_engine.load_optimizer_state(state["optimizer"])
         self.train_engine.load_sharded(str(path / "deepspeed"))
         self.stream.set_state(state["stream"])
         if state["ref"] is not None:
-            self.ref_model = copy.deepcopy(self.model).eval().requires_grad_(False)
+            self.ref_model = self.model.frozen_copy()
             self.ref_model.load_state_dict(state["ref"])
         self.sft_losses = state["sft_losses"]
-        set_rng_state(state["rng"])
+        set_rng_state(torch.load(path / f"rng-rank{self.rank}.pt", weights_only=False))
         self.step = state["step"]
-        return True
 
     # ------------------------------------------------------------------------------------------- the loop
     def run(self) -> dict[str, Any]:
         cfg, g = self.cfg, self.cfg.grpo
-        resumed = cfg.checkpoint.resume and self.load_checkpoint()
-        logger = MetricsLogger(
-            self.out_dir, tensorboard=cfg.tensorboard and self.is_main, resume_step=self.step if resumed else None
+        checkpoint = self.checkpoints.latest() if cfg.checkpoint.resume else None
+        resumed = checkpoint is not None
+        logger = (
+            MetricsLogger(self.out_dir, tensorboard=cfg.tensorboard, resume_step=None)
+            if self.is_main and not resumed
+            else None
         )
         t_start = time.perf_counter()
-        if not resumed:
-            if cfg.sft.steps:
-                self.sft_losses = cold_start_sft(
-                    self.model, self.task, self.stream, self.encode, self.eos_id,
-                    steps=cfg.sft.steps, batch_size=cfg.sft.batch_size, lr=cfg.sft.lr,
-                    chunk_len=cfg.training.chunk_len, mtp_coef=g.mtp_loss_coef,
-                    loss_backend=cfg.training.loss_backend, progress=self.progress and self.is_main,
-                )  # fmt: skip
+        if resumed:
+            checkpoint, state = self.checkpoints.load(checkpoint)
+            self._load_weights(checkpoint, state)
+        elif cfg.sft.steps:
+            self._cold_start()
+        self._start_training()
+        if resumed:
+            self._load_training_state(checkpoint, state)
+            if self.is_main:
+                logger = MetricsLogger(self.out_dir, tensorboard=cfg.tensorboard, resume_step=self.step)
+        else:
             self._reset_reference()
         self._start_rollout()
         evaluation = self.evaluate()
         acc = evaluation["eval/accuracy"]
-        if not resumed:
+        if not resumed and self.is_main:
             logger.log(0, {**evaluation, "sft/final_ce": self.sft_losses[-1] if self.sft_losses else None})
         acc_start = acc if not resumed else self._first_accuracy()
         self._say(f"held-out {'at resume' if resumed else 'before RL'}: {self._describe(evaluation)}")
@@ -440,13 +484,15 @@ class GRPOTrainer:
                 acc = evaluation["eval/accuracy"]
                 record.update(evaluation)
             record["time/step_s"] = time.perf_counter() - t0
+            record = reduce_metrics(record)
             if self.is_main:
                 logger.log(self.step, record)
             bar.set_postfix(reward=f"{float(record['reward/mean']):.2f}", acc=f"{acc:.2f}")
             if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0 and self.step < g.steps:
                 self.save_checkpoint(self.step)
         self.save_checkpoint(self.step)
-        logger.close()
+        if logger is not None:
+            logger.close()
         summary = {
             "accuracy_before_rl": acc_start,
             "accuracy_after_rl": acc,
