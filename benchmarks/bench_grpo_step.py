@@ -9,10 +9,10 @@ One GRPO step, as the trainer runs it (`r1engine.trainer.grpo`):
 
 Paths compared on the same rollout (interleaved; the order rotates every repeat):
 
-* `packed+fused` (ours, what `grpo_train_step` runs): sequences packed best-fit into `chunk_len` chunks
-  (`r1engine.trainer.sequences.pack` / `packed_forward`: the planner and varlen attention, no padding beyond
-  chunk tails), logits only at the loss tokens, fused loss `r1engine.ops.grpo_loss` (backend "auto": the C++
-  kernel on CPU, CUDA/Triton on a GPU); inference packed the same way (`packed_logprobs`).
+* `packed+fused` (ours: `grpo_train_step`'s computation, see `packed_fused_step`): sequences packed best-fit into
+  `chunk_len` chunks (`r1engine.trainer.sequences.pack` / `packed_forward`: the planner and varlen attention, no
+  padding beyond chunk tails), logits only at the loss tokens, fused loss `r1engine.ops.grpo_loss` (backend
+  "auto": the C++ kernel on CPU, CUDA/Triton on a GPU); inference packed the same way (`packed_logprobs`).
 * `packed+fused-linear` (ours): the same with `r1engine.ops.linear_grpo_loss`, which reads the hidden states
   and the lm_head weight and never writes logits.
 * `padded+eager` (baseline): each mini-batch right-padded to its longest sequence, `[B, Lmax]` (causal attention;
@@ -45,7 +45,7 @@ caching can hide re-used memory; run as a script, tensors over 1 MiB are mapped 
 
 Usage:
 
-    python benchmarks/bench_grpo_step.py --preset tiny --threads 1                  # CPU, tiny model (~1 min)
+    python benchmarks/bench_grpo_step.py --preset tiny --threads 1                  # CPU, tiny model (~20 s)
     python benchmarks/bench_grpo_step.py --preset qwen2.5-0.5b --device cuda \\
         --out benchmarks/results/grpo_step_gpu.md                                  # GPU, Qwen2.5-0.5B shapes
 
