@@ -1,8 +1,8 @@
 """Synthetic reasoning tasks with worked chains of thought, for cold-start SFT, GRPO and held-out evaluation."""
 
-from r1engine.data.addition import AdditionTask, Problem
+from r1engine.data.addition import SOLUTION_STYLES, AdditionTask, Problem
 
-__all__ = ["AdditionTask", "Problem", "get_task"]
+__all__ = ["SOLUTION_STYLES", "AdditionTask", "Problem", "get_task"]
 
 
 def get_task(name: str, **options) -> AdditionTask:

@@ -1,7 +1,9 @@
 """Multi-digit addition with a worked, column-by-column chain of thought in the R1 template.
 
     prompt:      "347+85="
-    completion:  "<think>7+5+0=12 4+8+1=13 3+0+1=4</think><answer>432</answer>"
+    completion:  "<think>7+5+0=12 4+8+1=13 3+0+1=4</think><answer>432</answer>"               (style "compact")
+                 "<think>ones 7+5+0=12 tens 4+8+1=13 hundreds 3+0+1=4</think><answer>432</answer>"  ("readable")
+                 "<answer>432</answer>"                                                     ("direct", no reasoning)
 
 Each step adds one column (digits from the right, plus the carry in) exactly as a person would, so a small
 model can learn the method from a few hundred SFT steps, and RL has something left to sharpen: the carries.
@@ -13,6 +15,9 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 from typing import Any
+
+SOLUTION_STYLES = ("compact", "readable", "direct")
+_COLUMN_NAMES = ("ones", "tens", "hundreds", "thousands", "column")
 
 
 @dataclass(frozen=True)
@@ -55,8 +60,12 @@ class AdditionTask:
         return ProblemStream(self, seed)
 
     @staticmethod
-    def solution(problem: Problem) -> str:
-        """The worked chain of thought plus answer for `problem`, in the R1 template."""
+    def solution(problem: Problem, style: str = "compact") -> str:
+        """The answer to `problem` in one of `SOLUTION_STYLES`: a worked chain of thought in the R1 template
+        ("compact": digits only; "readable": each column named in words, what R1's cold-start traces aim for), or
+        the bare answer ("direct": what most text on the web looks like; a base model's corpus mixes all three)."""
+        if style not in SOLUTION_STYLES:
+            raise ValueError(f"style: must be one of {SOLUTION_STYLES}, got {style!r}")
         a, b = problem.prompt.rstrip("=").split("+")
         ra, rb = a[::-1], b[::-1]
         steps, digits, carry = [], [], 0
@@ -64,12 +73,15 @@ class AdditionTask:
             x = int(ra[i]) if i < len(ra) else 0
             y = int(rb[i]) if i < len(rb) else 0
             total = x + y + carry
-            steps.append(f"{x}+{y}+{carry}={total}")
+            label = f"{_COLUMN_NAMES[min(i, len(_COLUMN_NAMES) - 1)]} " if style == "readable" else ""
+            steps.append(f"{label}{x}+{y}+{carry}={total}")
             digits.append(total % 10)
             carry = total // 10
         if carry:
             digits.append(carry)
         answer = "".join(map(str, reversed(digits)))
+        if style == "direct":
+            return f"<answer>{answer}</answer>"
         return f"<think>{' '.join(steps)}</think><answer>{answer}</answer>"
 
 

@@ -66,3 +66,19 @@ def load_tokenizer(path: str | os.PathLike):
     from transformers import PreTrainedTokenizerFast
 
     return PreTrainedTokenizerFast.from_pretrained(str(path))
+
+
+class TextCodec:
+    """Text <-> token ids the way the trainer feeds the model: a prompt starts with BOS, a completion is
+    generated until EOS, and decoding drops EOS."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.bos_id, self.eos_id = tokenizer.bos_token_id, tokenizer.eos_token_id
+
+    def encode(self, text: str, bos: bool = True) -> list[int]:
+        ids = self.tokenizer.encode(text, add_special_tokens=False)
+        return [self.bos_id] + ids if bos else ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode([i for i in ids if i != self.eos_id], skip_special_tokens=True)

@@ -291,11 +291,22 @@ def apply_override(data: dict, override: str) -> dict:
     if "=" not in override:
         raise ConfigError(f"override {override!r}: expected dotted.key=value")
     key, raw = override.split("=", 1)
-    value = yaml.safe_load(raw) if raw else ""
+    return set_dotted(data, key, yaml.safe_load(raw) if raw else "")
+
+
+def set_dotted(data: dict, key: str, value: Any) -> dict:
+    """`data` with the nested entry named by `key` ("grpo.steps") set to `value` (dicts merge)."""
     nested: Any = value
     for part in reversed(key.strip().split(".")):
         nested = {part: nested}
     return _merge(data, nested)
+
+
+def config_from_dict(data: dict) -> Config:
+    """Type-check and validate a nested dict (as read from YAML) into a Config."""
+    cfg = _from_dict(Config, data, "")
+    validate(cfg)
+    return cfg
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
@@ -308,6 +319,4 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         data = yaml.safe_load(path.read_text()) or {}
     for override in overrides:
         data = apply_override(data, override)
-    cfg = _from_dict(Config, data, "")
-    validate(cfg)
-    return cfg
+    return config_from_dict(data)

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from r1engine.algo.advantages import group_advantages
 from r1engine.data import get_task
-from r1engine.models import PolicyConfig, PolicyModel, build_char_tokenizer
+from r1engine.models import PolicyConfig, PolicyModel, TextCodec, build_char_tokenizer
 from r1engine.ops import grpo_loss
 from r1engine.packing import uncollate
 from r1engine.rewards import RewardScheduler, get_reward
@@ -38,6 +38,7 @@ from r1engine.trainer.distributed import (
     sum_across_ranks,
 )
 from r1engine.trainer.engine import TrainEngine
+from r1engine.trainer.evaluation import held_out_accuracy
 from r1engine.trainer.metrics import MetricsLogger, plot_metrics, read_metrics
 from r1engine.trainer.sequences import (
     PackedTokens,
@@ -112,7 +113,7 @@ def grpo_train_step(
         logits,
         tokens.targets,
         advantages[tokens.seq_ids],
-        torch.ones(len(tokens.index)),
+        torch.ones(len(tokens.index), device=logits.device),
         batch.fields["old"].reshape(-1)[tokens.index],
         ref_tokens,
         eps_low=cfg.eps_low,
@@ -156,6 +157,7 @@ class GRPOTrainer:
         )
         self.stream = self.task.train_problems(seed=cfg.seed)
         self.tokenizer = build_char_tokenizer()
+        self.codec = TextCodec(self.tokenizer)
         self.bos_id, self.eos_id = self.tokenizer.bos_token_id, self.tokenizer.eos_token_id
         if cfg.model.init_from:
             self.model = PolicyModel.from_pretrained(cfg.model.init_from)
@@ -191,11 +193,10 @@ class GRPOTrainer:
 
     # ------------------------------------------------------------------------------------------- text <-> ids
     def encode(self, text: str, bos: bool = True) -> list[int]:
-        ids = self.tokenizer.encode(text, add_special_tokens=False)
-        return [self.bos_id] + ids if bos else ids
+        return self.codec.encode(text, bos)
 
     def decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode([i for i in ids if i != self.eos_id], skip_special_tokens=True)
+        return self.codec.decode(ids)
 
     @property
     def is_main(self) -> bool:
@@ -259,27 +260,20 @@ class GRPOTrainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Held-out pass@1 (mean over `eval.samples` sampled completions per problem) and greedy accuracy."""
-        e = self.cfg.eval
-        problems = self.task.eval_problems[self.rank :: self.world_size]  # each rank scores its share
-        prompts = [self.encode(p.prompt) for p in problems]
-        out = {}
-        for key, n, temperature in (("eval/accuracy", e.samples, e.temperature), ("eval/greedy_accuracy", 1, 0.0)):
-            with self._rollout_awake():
-                batch = self.rollout.generate(
-                    prompts,
-                    n=n,
-                    max_new_tokens=self.cfg.grpo.max_new_tokens,
-                    temperature=temperature,
-                    top_p=e.top_p if temperature > 0 else 1.0,
-                    stop_token_ids=[self.eos_id],
-                    seed=12345,
-                )
-            texts = [self.decode(c) for c in batch.completion_ids]
-            answers = [problems[i].answer for i in batch.prompt_index.tolist()]
-            correct, total = sum_across_ranks([sum(r.score for r in self.accuracy(texts, answers)), len(texts)])
-            out[key] = correct / total
-        return out
+        """Held-out pass@1 (mean over `eval.samples` sampled completions per problem) and greedy accuracy; each
+        rank scores its share of the problems."""
+        with self._rollout_awake() as rollout:
+            return held_out_accuracy(
+                rollout.generate,
+                self.task.eval_problems[self.rank :: self.world_size],
+                self.encode,
+                self.decode,
+                self.accuracy,
+                cfg=self.cfg.eval,
+                max_new_tokens=self.cfg.grpo.max_new_tokens,
+                stop_token_ids=[self.eos_id],
+                sum_over_ranks=sum_across_ranks,
+            )
 
     def generate_and_score(self, step: int) -> tuple[SequenceBatch, dict[str, Any], dict[str, Any]]:
         """One rollout: G completions for this rank's prompts, rewards (async) overlapped with inference of the

@@ -3,6 +3,8 @@ so that RL starts from a model that sometimes succeeds (R1's stage 1, scaled dow
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+
 import torch
 from tqdm.auto import tqdm
 
@@ -23,11 +25,10 @@ def sft_loss(model: PolicyModel, seqs, chunk_len: int, mtp_coef: float, loss_bac
     return ce + mtp, ce.detach(), mtp.detach()
 
 
-def cold_start_sft(
+def supervised_finetune(
     model: PolicyModel,
-    task: AdditionTask,
-    stream: ProblemStream,
-    encode,
+    examples: Iterator[tuple[str, str]],
+    encode: Callable[..., list[int]],
     eos_id: int,
     *,
     steps: int,
@@ -37,17 +38,19 @@ def cold_start_sft(
     mtp_coef: float,
     loss_backend: str = "auto",
     progress: bool = True,
+    desc: str = "SFT",
 ) -> list[float]:
-    """Train `model` in place on worked solutions; returns the per-step cross-entropy."""
+    """Train `model` in place on (prompt, completion) text pairs drawn `batch_size` at a time from `examples`
+    (the loss covers the completion and its end-of-sequence token); returns the per-step cross-entropy."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 20))  # short warm-up
     losses = []
     model.train()
-    bar = tqdm(range(steps), desc="cold-start SFT", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(range(steps), desc=desc, disable=not progress, dynamic_ncols=True)
     for _ in bar:
-        problems = stream.take(batch_size)
+        pairs = [next(examples) for _ in range(batch_size)]
         seqs = build_sequences(
-            [encode(p.prompt) for p in problems], [encode(task.solution(p), bos=False) + [eos_id] for p in problems]
+            [encode(prompt) for prompt, _ in pairs], [encode(text, bos=False) + [eos_id] for _, text in pairs]
         )
         loss, ce, mtp = sft_loss(model, seqs, chunk_len, mtp_coef, loss_backend)
         optimizer.zero_grad(set_to_none=True)
@@ -58,3 +61,19 @@ def cold_start_sft(
         losses.append(float(ce))
         bar.set_postfix(ce=f"{float(ce):.3f}", mtp=f"{float(mtp):.3f}")
     return losses
+
+
+def cold_start_sft(
+    model: PolicyModel,
+    task: AdditionTask,
+    stream: ProblemStream,
+    encode: Callable[..., list[int]],
+    eos_id: int,
+    *,
+    style: str = "compact",
+    progress: bool = True,
+    **options,
+) -> list[float]:
+    """Supervised fine-tuning on the task's worked solutions (in `style`) for problems of `stream`."""
+    examples = ((p.prompt, task.solution(p, style)) for p in stream)
+    return supervised_finetune(model, examples, encode, eos_id, progress=progress, desc="cold-start SFT", **options)
