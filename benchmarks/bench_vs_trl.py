@@ -24,7 +24,7 @@ the process's peak RSS (`ru_maxrss`) and the peak RSS of the process tree (the r
 every 10 ms, and what that adds on top of the process right after its imports. PyTorch keeps no statistics of its
 CPU allocations, so RSS is the measure.
 
-    python benchmarks/bench_vs_trl.py [--rollouts 12] [--prompts 8] [--group 8] [--max-new-tokens 72]
+    python benchmarks/bench_vs_trl.py [--rollouts 12] [--prompts 8] [--group 8] [--max-new-tokens 72] [--repeats 2]
 """
 
 from __future__ import annotations
@@ -307,17 +307,30 @@ def child(a: argparse.Namespace, framework: str) -> dict[str, Any]:
     return result
 
 
-def summarize(result: dict[str, Any], completions: int) -> dict[str, float]:
+def run_interleaved(a: argparse.Namespace) -> dict[str, list[dict[str, Any]]]:
+    """Repeats in ABBA order (r1engine, TRL, TRL, r1engine, ...) so that a drifting load on the shared machine
+    weighs on both frameworks alike."""
+    runs: dict[str, list[dict[str, Any]]] = {"r1engine": [], "trl": []}
+    for i in range(a.repeats):
+        for name in ("r1engine", "trl") if i % 2 == 0 else ("trl", "r1engine"):
+            runs[name].append(child(a, name))
+    return runs
+
+
+def summarize(runs: list[dict[str, Any]], completions: int) -> dict[str, float]:
+    """Samples/s per repeat over rollouts 2.. (the first is the warm-up), then the median over repeats."""
     import statistics
 
-    timed = result["rollout_s"][1:]  # the first rollout is the warm-up
+    per_repeat = [completions / statistics.mean(r["rollout_s"][1:]) for r in runs]
+    first = runs[0]
     return {
-        "samples_per_s": completions / statistics.mean(timed),
-        "rollout_s_median": statistics.median(timed),
-        "peak_rss_mib": result["peak_rss_mib"],
-        "peak_tree_rss_mib": result["peak_tree_rss_mib"],
-        "rss_after_imports_mib": result["rss_after_imports_mib"],
-        "peak_above_imports_mib": result["peak_rss_mib"] - result["rss_after_imports_mib"],
+        "samples_per_s": statistics.median(per_repeat),
+        "samples_per_s_repeats": per_repeat,
+        "rollout_s_median": statistics.median(t for r in runs for t in r["rollout_s"][1:]),
+        "peak_rss_mib": max(r["peak_rss_mib"] for r in runs),
+        "peak_tree_rss_mib": max(r["peak_tree_rss_mib"] for r in runs),
+        "rss_after_imports_mib": first["rss_after_imports_mib"],
+        "peak_above_imports_mib": max(r["peak_rss_mib"] for r in runs) - first["rss_after_imports_mib"],
     }
 
 
@@ -356,6 +369,10 @@ def cpu_name() -> str:
     return platform.processor() or "unknown"
 
 
+def fmt_list(values: list[float]) -> str:
+    return ", ".join(f"{v:.2f}" for v in values)
+
+
 def write_report(a: argparse.Namespace, results: dict[str, dict[str, Any]], stats: dict[str, dict[str, float]]):
     r1, trl = stats["r1engine"], stats["trl"]
     speed = r1["samples_per_s"] / trl["samples_per_s"]
@@ -383,7 +400,7 @@ def write_report(a: argparse.Namespace, results: dict[str, dict[str, Any]], stat
     text = f"""# r1engine vs TRL GRPOTrainer (CPU)
 
 `benchmarks/bench_vs_trl.py`, {datetime.date.today()}, commit {git_commit()}, {cpu_name()}, {os.cpu_count()} cores
-(shared with other engineers: absolute times vary; both frameworks ran back to back in this run), torch
+(shared with other engineers: absolute times vary; {a.repeats} runs per framework interleaved ABBA), torch
 {results["r1engine"].get("torch", "")}, TRL {results["trl"].get("trl", "")}.
 Command: `{" ".join(["python", "benchmarks/bench_vs_trl.py", *sys.argv[1:]])}`
 
@@ -393,7 +410,8 @@ parameters), starting from the same {a.sft_steps}-step cold-start SFT checkpoint
 `{a.r1_rollout}` (no speculation), rewards in 1 worker process, packing into 256-token chunks, fused C++ loss.
 TRL: Hugging Face `generate` (TRL's vLLM path needs CUDA), padded batches, rewards in-process. Timed: rollouts
 2..{a.rollouts} (the first is the warm-up); each rollout = {a.prompts * a.group} completions and {a.mini_batches}
-optimizer steps.
+optimizer steps. samples/s: median over the repeats (r1engine {fmt_list(r1["samples_per_s_repeats"])}, TRL
+{fmt_list(trl["samples_per_s_repeats"])}); peak RSS: the largest over the repeats.
 
 {chr(10).join(table)}
 
@@ -425,6 +443,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--beta", type=float, default=0.001)
     parser.add_argument("--sft-steps", type=int, default=200)
+    parser.add_argument("--repeats", type=int, default=2, help="runs per framework, interleaved ABBA")
     parser.add_argument("--r1-rollout", default="native", choices=["native", "vllm"])
     parser.add_argument("--work-dir", default=str(ROOT / "runs" / "bench_vs_trl"))
     parser.add_argument("--run", choices=["prepare", "r1engine", "trl"], help=argparse.SUPPRESS)
@@ -451,9 +470,10 @@ def main() -> None:
 
     if not (Path(a.init_dir) / "config.json").is_file():
         subprocess.run([sys.executable, __file__, "--run", "prepare", *sys.argv[1:]], check=True, cwd=ROOT)
-    results = {name: child(a, name) for name in ("r1engine", "trl")}
+    runs = run_interleaved(a)
     n = a.prompts * a.group
-    stats = {name: summarize(r, n) for name, r in results.items()}
+    stats = {name: summarize(r, n) for name, r in runs.items()}
+    results = {name: r[0] for name, r in runs.items()}  # reward curves and details: the first repeat
     RESULTS.mkdir(parents=True, exist_ok=True)
     write_report(a, results, stats)
 
