@@ -21,9 +21,9 @@ TRL features the op does not express (other loss types, sequence-level importanc
 entropy masks or bonus, off-policy masks, vLLM importance-sampling correction, MoE aux loss, multimodal inputs)
 are rejected at construction, naming the setting. The entropy metric TRL logs is not computed.
 
-Run it (a few steps of a tiny random Qwen2 model on the addition task, CPU, under a minute):
+Run it (a few steps of a tiny Qwen2 model on the addition task, CPU, under a minute):
 
-    .venv/bin/python examples/trl_grpo_loss.py --steps 3
+    .venv/bin/python examples/trl_grpo_loss.py --steps 3 [--init-from DIR] [--loss-type dapo] [--fused-lm-head]
 """
 
 from __future__ import annotations
@@ -157,8 +157,10 @@ class R1EngineGRPOTrainer(GRPOTrainer):
         return loss
 
 
-def _demo(steps: int, loss_type: str, beta: float, fused_lm_head: bool, output_dir: str) -> list[float]:
-    """Train a tiny random Qwen2 on the addition task for a few steps; returns the logged losses."""
+def _demo(
+    steps: int, loss_type: str, beta: float, fused_lm_head: bool, output_dir: str, init_from: str | None
+) -> list[float]:
+    """Train a tiny Qwen2 (random, or loaded from `init_from`) on the addition task; returns the logged losses."""
     from datasets import Dataset
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
@@ -174,12 +176,16 @@ def _demo(steps: int, loss_type: str, beta: float, fused_lm_head: bool, output_d
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     )  # fmt: skip
     # TRL builds the reference model (beta > 0) by loading the policy's path again, so start from a directory.
-    init_dir = f"{output_dir}/init"
-    Qwen2ForCausalLM(config).save_pretrained(init_dir)
+    init_dir = init_from or f"{output_dir}/init"
+    if init_from is None:
+        Qwen2ForCausalLM(config).save_pretrained(init_dir)
     model = Qwen2ForCausalLM.from_pretrained(init_dir)
     stream = AdditionTask().train_problems(seed=0)
     problems = stream.take(16)
-    dataset = Dataset.from_dict({"prompt": [p.prompt for p in problems], "answer": [p.answer for p in problems]})
+    # r1engine starts every prompt with BOS (the char tokenizer maps the text "<bos>" to its id)
+    dataset = Dataset.from_dict(
+        {"prompt": ["<bos>" + p.prompt for p in problems], "answer": [p.answer for p in problems]}
+    )
     accuracy, fmt = get_reward("arithmetic"), get_reward("format")
 
     def arithmetic_reward(completions: list[str], answer: list[str], **_: Any) -> list[float]:
@@ -190,7 +196,7 @@ def _demo(steps: int, loss_type: str, beta: float, fused_lm_head: bool, output_d
 
     args = GRPOConfig(
         output_dir=output_dir, max_steps=steps, per_device_train_batch_size=8, num_generations=4,
-        max_completion_length=24, learning_rate=1e-4, beta=beta, loss_type=loss_type, logging_steps=1,
+        max_completion_length=72, learning_rate=1e-4, beta=beta, loss_type=loss_type, logging_steps=1,
         use_cpu=True, bf16=False, gradient_checkpointing=False, report_to="none", save_strategy="no", seed=0,
         use_bias_correction_kl=False,
     )  # fmt: skip
@@ -213,9 +219,14 @@ def main() -> None:
     parser.add_argument("--beta", type=float, default=0.001)
     parser.add_argument("--fused-lm-head", action="store_true", help="linear_grpo_loss on hidden states")
     parser.add_argument("--output-dir", default="runs/trl_grpo_loss")
+    parser.add_argument(
+        "--init-from",
+        help="a Qwen2ForCausalLM directory (e.g. runs/bench_vs_trl/init-sft200/qwen2 from benchmarks/bench_vs_trl.py, "
+        "which earns rewards; a random model earns none, so its loss is 0)",
+    )
     a = parser.parse_args()
     torch.set_num_threads(1)
-    losses = _demo(a.steps, a.loss_type, a.beta, a.fused_lm_head, a.output_dir)
+    losses = _demo(a.steps, a.loss_type, a.beta, a.fused_lm_head, a.output_dir, a.init_from)
     print(f"R1EngineGRPOTrainer: {len(losses)} steps, losses {[round(x, 5) for x in losses]}")
 
 
