@@ -25,6 +25,7 @@ import json
 import os
 import platform
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -127,7 +128,6 @@ def training_state_bytes(trainer) -> dict[str, int]:
 
 def run_one(args: argparse.Namespace, run: str, run_dir: Path, sft_dir: Path) -> dict[str, Any]:
     from r1engine.trainer.grpo import GRPOTrainer
-    from r1engine.trainer.metrics import read_metrics
     from r1engine.trainer.ppo import PPOConfig, PPOTrainer
 
     cfg = _config(args, _overrides(args, run, run_dir, sft_dir))
@@ -143,33 +143,43 @@ def run_one(args: argparse.Namespace, run: str, run_dir: Path, sft_dir: Path) ->
         state = training_state_bytes(trainer)
     finally:
         trainer.close()
-    records = read_metrics(run_dir / "metrics.jsonl")
-    steps = [r for r in records if r["step"] > 0]
-    plain = [r for r in steps if "eval/accuracy" not in r] or steps  # steps without a held-out evaluation
-
-    def mean(key: str, rows: list[dict]) -> float | None:
-        vals = [r[key] for r in rows if r.get(key) is not None]
-        return sum(vals) / len(vals) if vals else None
-
     return {
         "run": run,
-        "accuracy": [(r["step"], r["eval/accuracy"]) for r in records if "eval/accuracy" in r],
-        "greedy_accuracy": [(r["step"], r["eval/greedy_accuracy"]) for r in records if "eval/greedy_accuracy" in r],
-        "reward": [(r["step"], r["reward/mean"]) for r in steps],
-        "value_explained_variance": [(r["step"], r.get("value/explained_variance")) for r in steps],
         "state_bytes": state,
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "rss_before_run_bytes": rss_before_kb * 1024,
-        "step_s": mean("time/step_s", plain),
-        "train_s": mean("time/train_s", plain),
-        "inference_s": mean("time/inference_s", plain),
-        "rollout_s": mean("time/rollout_s", plain),
         "wall_s": summary["wall_s"],
         "num_parameters": {
             "policy": trainer.model.num_parameters(),
             "value": sum(p.numel() for p in trainer.value_model.parameters()) if run != "grpo" else 0,
         },
+        **curves_and_times(run_dir),
     }
+
+
+def curves_and_times(run_dir: Path) -> dict[str, Any]:
+    """Held-out accuracy and reward curves, and step times (mean and median over steps without an evaluation),
+    from a run's metrics log."""
+    from r1engine.trainer.metrics import read_metrics
+
+    records = read_metrics(run_dir / "metrics.jsonl")
+    steps = [r for r in records if r["step"] > 0]
+    plain = [r for r in steps if "eval/accuracy" not in r] or steps  # steps without a held-out evaluation
+
+    def column(key: str) -> list[float]:
+        return [r[key] for r in plain if r.get(key) is not None]
+
+    out: dict[str, Any] = {
+        "accuracy": [(r["step"], r["eval/accuracy"]) for r in records if "eval/accuracy" in r],
+        "greedy_accuracy": [(r["step"], r["eval/greedy_accuracy"]) for r in records if "eval/greedy_accuracy" in r],
+        "reward": [(r["step"], r["reward/mean"]) for r in steps],
+        "value_explained_variance": [(r["step"], r.get("value/explained_variance")) for r in steps],
+        "step_s_median": statistics.median(column("time/step_s")),
+    }
+    for name in ("step", "train", "inference", "rollout"):
+        vals = column(f"time/{name}_s")
+        out[f"{name}_s"] = sum(vals) / len(vals)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- report
@@ -267,6 +277,7 @@ def write_markdown(args, results: dict[str, dict], sft: dict, path: Path, png: P
     row("process peak RSS (MiB)", lambda r: r["peak_rss_bytes"], _mb)
     row("process peak RSS - RSS before the run (MiB)", lambda r: r["peak_rss_bytes"] - r["rss_before_run_bytes"], _mb)
     row("**mean step time (s)**", lambda r: r["step_s"], lambda v: f"{v:.2f}")
+    row("median step time (s)", lambda r: r["step_s_median"], lambda v: f"{v:.2f}")
     row("  rollout (s)", lambda r: r["rollout_s"], lambda v: f"{v:.2f}")
     row("  inference: old/ref log-probs (+ values) (s)", lambda r: r["inference_s"], lambda v: f"{v:.2f}")
     row("  training: policy (+ value) steps (s)", lambda r: r["train_s"], lambda v: f"{v:.2f}")
@@ -276,8 +287,9 @@ def write_markdown(args, results: dict[str, dict], sft: dict, path: Path, png: P
         "parameter (all exist between backward and the optimizer step), and the AdamW moments. Peak RSS is the "
         "whole process (`ru_maxrss`: PyTorch runtime, rollout engine copy, activations, allocator caches "
         "included); the rollout engine's own weight copy is "
-        f"{_mb(g['state_bytes']['rollout_engine_weights'])} MiB in every run. Step time is the mean over steps "
-        "without a held-out evaluation.",
+        f"{_mb(g['state_bytes']['rollout_engine_weights'])} MiB in every run. Step times are over the steps "
+        "without a held-out evaluation; the machine is shared, so single steps vary (the median is the steadier "
+        "figure).",
         "",
         "## Reading",
         "",
@@ -299,6 +311,9 @@ def main() -> None:
     parser.add_argument("--work-dir", type=Path, default=ROOT / "runs" / "bench_grpo_vs_ppo")
     parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results" / "grpo_vs_ppo.md")
     parser.add_argument("--worker", choices=RUNS, help=argparse.SUPPRESS)  # one run in this process
+    parser.add_argument(
+        "--report-only", action="store_true", help="rebuild the plot and markdown from the runs in --work-dir"
+    )
     args = parser.parse_args()
     for name in ("steps", "sft_steps", "num_eval", "eval_every", "mini_batches"):
         if getattr(args, name) <= 0:
@@ -309,20 +324,31 @@ def main() -> None:
         (args.work_dir / f"{args.worker}.json").write_text(json.dumps(result, indent=1))
         return
 
-    args.work_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    sft = cold_start(args, sft_dir)
-    print(f"cold-start SFT: {sft['sft_steps']} steps, final CE {sft['final_ce']:.3f}, {sft['seconds']:.0f} s")
-    results = {}
-    passthrough = sys.argv[1:]
-    for run in RUNS:  # back to back, each in its own process (its own peak RSS)
-        t = time.perf_counter()
-        subprocess.run([sys.executable, __file__, *passthrough, "--worker", run], check=True)
-        results[run] = json.loads((args.work_dir / f"{run}.json").read_text())
-        r = results[run]
-        print(f"{run}: pass@1 {r['accuracy'][0][1]:.3f} -> {r['accuracy'][-1][1]:.3f}, step {r['step_s']:.2f} s, "
-              f"state {_mb(r['state_bytes']['total'])} MiB, peak RSS {_mb(r['peak_rss_bytes'])} MiB "
-              f"({time.perf_counter() - t:.0f} s)")  # fmt: skip
+    passthrough = [a for a in sys.argv[1:] if a != "--report-only"]
+    if args.report_only:
+        saved = json.loads((args.work_dir / "results.json").read_text())
+        sft, results = saved["sft"], saved["runs"]
+        for run in RUNS:  # re-derive the curves and times from the logs (this script's current definitions)
+            results[run].update(curves_and_times(args.work_dir / run))
+        command = saved.get("command") or ("python benchmarks/bench_grpo_vs_ppo.py " + " ".join(passthrough)).strip()
+    else:
+        args.work_dir.mkdir(parents=True, exist_ok=True)
+        sft = cold_start(args, sft_dir)
+        print(f"cold-start SFT: {sft['sft_steps']} steps, final CE {sft['final_ce']:.3f}, {sft['seconds']:.0f} s")
+        results = {}
+        for run in RUNS:  # back to back, each in its own process (its own peak RSS)
+            t = time.perf_counter()
+            subprocess.run([sys.executable, __file__, *passthrough, "--worker", run], check=True)
+            results[run] = json.loads((args.work_dir / f"{run}.json").read_text())
+            r = results[run]
+            print(f"{run}: pass@1 {r['accuracy'][0][1]:.3f} -> {r['accuracy'][-1][1]:.3f}, step {r['step_s']:.2f} s, "
+                  f"state {_mb(r['state_bytes']['total'])} MiB, peak RSS {_mb(r['peak_rss_bytes'])} MiB "
+                  f"({time.perf_counter() - t:.0f} s)")  # fmt: skip
+        command = ("python benchmarks/bench_grpo_vs_ppo.py " + " ".join(passthrough)).strip()
+        (args.work_dir / "results.json").write_text(
+            json.dumps({"sft": sft, "runs": results, "command": command}, indent=1)
+        )
     g = results["grpo"]
     for run in RUNS[1:]:
         r = results[run]
@@ -332,9 +358,7 @@ def main() -> None:
     args.results.parent.mkdir(parents=True, exist_ok=True)
     png = args.results.with_suffix(".png")
     plot(results, png)
-    command = "python benchmarks/bench_grpo_vs_ppo.py " + " ".join(passthrough)
-    write_markdown(args, results, sft, args.results, png, command.strip())
-    (args.work_dir / "results.json").write_text(json.dumps({"sft": sft, "runs": results}, indent=1))
+    write_markdown(args, results, sft, args.results, png, command)
     print(f"wrote {args.results} and {png} ({time.perf_counter() - t0:.0f} s in all)")
 
 

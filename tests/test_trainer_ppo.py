@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from r1engine.models import PolicyConfig, PolicyModel
+from r1engine.packing import collate, plan
 from r1engine.trainer.config import load_config
 from r1engine.trainer.metrics import read_metrics
 from r1engine.trainer.ppo import PPOConfig, PPOTrainer, ValueModel
@@ -55,11 +57,8 @@ def _trainer(out_dir: Path, ppo: PPOConfig, *extra: str) -> PPOTrainer:
 
 
 def test_value_model_is_the_policy_body_with_a_zero_head():
-    cfg = load_config(ROOT / "configs" / "demo.yaml", TINY)
-    from r1engine.models import PolicyConfig, PolicyModel
-
     policy = PolicyModel(PolicyConfig.tiny())
-    policy.reset_parameters(seed=cfg.seed)
+    policy.reset_parameters(seed=0)
     value = ValueModel(policy)
     names = {name for name, _ in value.named_parameters()}
     assert not any("mtp_layers" in n or "lm_head" in n for n in names)  # no drafter, no vocabulary head
@@ -67,8 +66,6 @@ def test_value_model_is_the_policy_body_with_a_zero_head():
         if name.startswith("model.") and "mtp_layers" not in name:
             assert torch.equal(dict(value.body.named_parameters())[name], p)
     ids = torch.randint(3, policy.config.vocab_size, (9,))
-    from r1engine.packing import collate, plan
-
     batch = collate(plan(torch.tensor([9]), 16, 1), 0, [ids], loss_mask=[torch.ones(9)])
     assert torch.all(value(batch) == 0)  # zero head: the first values are 0
     with pytest.raises(TypeError, match="policy"):
@@ -131,3 +128,7 @@ def test_bad_ppo_config_names_the_field():
         PPOConfig(lam=1.5)
     with pytest.raises(ValueError, match="value_clip"):
         PPOConfig(value_clip=0.0)
+    with pytest.raises(ValueError, match="training.deepspeed_zero_stage"):
+        _trainer(Path("unused"), PPOConfig(), "training.deepspeed_zero_stage=1")
+    with pytest.raises(TypeError, match="ppo"):
+        _trainer(Path("unused"), {"lam": 0.95})

@@ -201,16 +201,17 @@ class PPOTrainer(GRPOTrainer):
     """`GRPOTrainer` with a value model and GAE instead of group-relative advantages; see the module docstring."""
 
     def __init__(self, cfg: Config, ppo: PPOConfig | None = None, *, progress: bool = True) -> None:
-        super().__init__(cfg, progress=progress)
-        self.ppo = ppo or PPOConfig()
-        if not isinstance(self.ppo, PPOConfig):
-            raise TypeError(f"ppo: expected a PPOConfig, got {type(self.ppo).__name__}")
-        if self.world_size > 1 or cfg.training.deepspeed_zero_stage != 0:
+        ppo = ppo or PPOConfig()
+        if not isinstance(ppo, PPOConfig):
+            raise TypeError(f"ppo: expected a PPOConfig, got {type(ppo).__name__}")
+        if cfg.training.deepspeed_zero_stage != 0:  # checked before the base class starts reward workers
             raise ValueError(
                 "training.deepspeed_zero_stage: PPOTrainer trains in one process (stage 0); the value model's "
-                f"optimizer is not partitioned or checkpointed across ranks (got stage "
-                f"{cfg.training.deepspeed_zero_stage}, {self.world_size} ranks)"
+                f"optimizer is not partitioned or checkpointed across ranks, got stage "
+                f"{cfg.training.deepspeed_zero_stage}"
             )
+        super().__init__(cfg, progress=progress)
+        self.ppo = ppo
         # Built in `_start_training`, from the policy's weights at that point (the SFT start or a checkpoint's).
         self.value_model: ValueModel | None = None
         self.value_engine: TrainEngine | None = None
