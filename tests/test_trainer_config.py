@@ -57,6 +57,12 @@ def test_bad_configs_name_the_key(override, message):
         load_config(None, [override])
 
 
+def test_sampler_old_logprobs_need_temperature_one():
+    assert load_config(None, ["grpo.old_logprobs=sampler"]).grpo.old_logprobs == "sampler"
+    with pytest.raises(ConfigError, match=r"grpo\.old_logprobs: 'sampler' needs grpo\.temperature 1\.0"):
+        load_config(None, ["grpo.old_logprobs=sampler", "grpo.temperature=0.7"])
+
+
 def test_kl_without_a_reference_is_rejected():
     with pytest.raises(ConfigError, match="grpo.beta: a KL coefficient needs a reference"):
         load_config(None, ["grpo.beta=0.01", "grpo.ref_reset_every=0", "sft.steps=0"])

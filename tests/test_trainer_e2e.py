@@ -72,6 +72,19 @@ def test_short_run_moves_rewards_loss_and_weights(tmp_path):
     assert "lm_head.weight" in moved and any("mtp_layers" in k for k in moved)
 
 
+@pytest.mark.timeout(300)
+def test_sampler_log_probs_are_the_old_policy(tmp_path):
+    """With the rollout engine's log-probs as the old policy, one on-policy mini-batch sees ratios of 1: the
+    engine samples from exactly the weights being trained (sync after every step)."""
+    _run(tmp_path, "grpo.steps=2", "grpo.mini_batches=1", "grpo.old_logprobs=sampler", "rollout.backend=native",
+         "checkpoint.every=0")  # fmt: skip
+    records = read_metrics(tmp_path / "metrics.jsonl")[1:]
+    assert len(records) == 2
+    for r in records:
+        assert r["loss/ratio_mean"] == pytest.approx(1.0, abs=1e-4) and r["loss/clip_frac"] == 0.0
+        assert r["rollout/sampler_vs_trainer_logprob_absdiff"] is None  # nothing recomputed to compare with
+
+
 def _cli(out_dir: Path, steps: int) -> list[str]:
     overrides = [f"output_dir={out_dir}", *TINY, f"grpo.steps={steps}", "checkpoint.every=2",
                  "rollout.backend=native", "training.deterministic=true"]  # fmt: skip

@@ -67,6 +67,10 @@ class GRPOConfig:
     mini_batches: int = 16
     """Optimizer steps per rollout batch (the paper splits each rollout into 16 mini-batches)."""
     inner_epochs: int = 1
+    old_logprobs: Literal["recompute", "sampler"] = "recompute"
+    """Where the importance ratio's old log-probs come from: an inference pass of the trainer's model over the
+    rollout ("recompute"), or the rollout engine's own log-probs of the sampled tokens ("sampler": the exact
+    behaviour policy, one forward pass fewer per step; needs grpo.temperature 1.0, as engines report raw log-probs)."""
     ref_reset_every: int = 400
     """Every this many steps the reference policy becomes the current policy (0: never)."""
     temperature: float = 1.0
@@ -168,6 +172,11 @@ def validate(cfg: Config) -> None:
     g = cfg.grpo
     if g.temperature <= 0:
         raise ConfigError(f"grpo.temperature: must be > 0, got {g.temperature}")
+    if g.old_logprobs == "sampler" and g.temperature != 1.0:
+        raise ConfigError(
+            f"grpo.old_logprobs: 'sampler' needs grpo.temperature 1.0 (rollout engines report raw log-probs), got "
+            f"{g.temperature}"
+        )
     if not (0 <= g.eps_low < 1):
         raise ConfigError(f"grpo.eps_low: must be in [0, 1), got {g.eps_low}")
     if g.eps_high < 0:

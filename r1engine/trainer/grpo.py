@@ -303,10 +303,14 @@ class GRPOTrainer:
         seqs = build_sequences([prompts[i] for i in owner], rb.completion_ids, rb.logprobs)
         batch, pack_stats = pack(seqs, cfg.training.chunk_len, pad_id=self.tokenizer.pad_token_id)
         tokens = loss_tokens(batch)
-        self.model.eval()
-        with self.train_engine.full_weights():
-            old = packed_logprobs(self.model, batch, tokens, g.temperature, cfg.training.loss_backend)
-        old_seq = _per_sequence(batch, tokens, old, len(seqs))
+        sampler = batch.fields["sampler_logprobs"].reshape(-1)[tokens.index]
+        if g.old_logprobs == "sampler":  # the behaviour policy's own log-probs: no inference pass
+            old, old_seq = sampler, seqs.sampler_logprobs
+        else:
+            self.model.eval()
+            with self.train_engine.full_weights():
+                old = packed_logprobs(self.model, batch, tokens, g.temperature, cfg.training.loss_backend)
+            old_seq = _per_sequence(batch, tokens, old, len(seqs))
         ref_seq = None
         if self.ref_model is not None:
             ref = packed_logprobs(self.ref_model, batch, tokens, g.temperature, cfg.training.loss_backend)
@@ -319,7 +323,6 @@ class GRPOTrainer:
         rewards = torch.tensor(scored.scores, dtype=torch.float32)
         advantages = group_advantages(rewards.view(-1, g.group_size), g.group_size, method=g.advantage).reshape(-1)
 
-        sampler = batch.fields["sampler_logprobs"].reshape(-1)[tokens.index]
         lengths = torch.tensor([len(c) for c in rb.completion_ids], dtype=torch.float32)
         metrics = {
             "reward/mean": rewards.mean(),
@@ -335,7 +338,7 @@ class GRPOTrainer:
             "rollout/tokens_per_s": rb.stats.tokens_per_s,
             "rollout/acceptance_rate": rb.stats.acceptance_rate,
             "rollout/sampler_vs_trainer_logprob_absdiff": (sampler - old).abs().mean()
-            if g.temperature == 1.0
+            if g.temperature == 1.0 and g.old_logprobs == "recompute"
             else None,
             "time/rollout_s": t_rollout,
             "time/inference_s": t_infer,
