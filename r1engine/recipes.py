@@ -331,9 +331,9 @@ class RecipeRunner:
             cfg=cfg.eval, max_new_tokens=cfg.grpo.max_new_tokens, stop_token_ids=[codec.eos_id],
         )  # fmt: skip
 
-    def _say(self, text: str) -> None:
-        if self.progress:
-            tqdm.write(f"[r1engine recipe] {text}")
+    @staticmethod
+    def _say(text: str) -> None:
+        tqdm.write(f"[r1engine recipe] {text}")
 
 
 def write_summary(root: Path, records: list[dict[str, Any]]) -> Path:

@@ -35,9 +35,9 @@ def _batch():
     seqs = build_sequences(prompts, completions)
     batch, _ = pack(seqs, 32)
     tokens = loss_tokens(batch)
-    from r1engine.trainer.grpo import _per_sequence
+    from r1engine.trainer.sequences import per_sequence
 
-    old = _per_sequence(batch, tokens, packed_logprobs(model, batch, tokens, 1.0) - 0.05, len(seqs))
+    old = per_sequence(batch, tokens, packed_logprobs(model, batch, tokens, 1.0) - 0.05, len(seqs))
     advantages = torch.randn(8, generator=gen)
     return model, seqs, old, advantages
 

@@ -25,7 +25,6 @@ from r1engine.algo.advantages import group_advantages
 from r1engine.data import get_task
 from r1engine.models import PolicyConfig, PolicyModel, TextCodec, build_char_tokenizer
 from r1engine.ops import grpo_loss
-from r1engine.packing import uncollate
 from r1engine.rewards import RewardScheduler, get_reward
 from r1engine.rollout import create_engine
 from r1engine.trainer.checkpoint import CheckpointManager, rng_state, set_rng_state
@@ -41,14 +40,15 @@ from r1engine.trainer.engine import TrainEngine
 from r1engine.trainer.evaluation import held_out_accuracy
 from r1engine.trainer.metrics import MetricsLogger, plot_metrics, read_metrics
 from r1engine.trainer.sequences import (
-    PackedTokens,
     SequenceBatch,
     build_sequences,
     loss_tokens,
+    mean_entropy,
     pack,
     packed_forward,
     packed_logprobs,
     packed_mtp_loss,
+    per_sequence,
 )
 from r1engine.trainer.sft import cold_start_sft
 
@@ -61,28 +61,6 @@ def seed_everything(seed: int, deterministic: bool) -> None:
     torch.manual_seed(seed)
     if deterministic:
         torch.use_deterministic_algorithms(True)
-
-
-def _per_sequence(batch, tokens: PackedTokens, values: torch.Tensor, n: int) -> list[torch.Tensor]:
-    """Scatter loss-token values `[M]` back to per-sequence, position-aligned tensors (0 off the loss tokens)."""
-    full = torch.zeros(batch.input_ids.numel(), dtype=values.dtype)
-    full[tokens.index] = values
-    parts = uncollate(batch, full.view_as(batch.input_ids))
-    out: list[torch.Tensor] = [torch.empty(0)] * n
-    for seq, part in zip(batch.seq_ids.tolist(), parts, strict=True):
-        out[seq] = part
-    return out
-
-
-@torch.no_grad()
-def _mean_entropy(logits: torch.Tensor, temperature: float, rows_per_chunk: int = 1024) -> float:
-    """Mean policy entropy over the rows of `logits`, in row chunks so that no fp32 [M, V] copy is ever made
-    (the fused loss exists to avoid one)."""
-    total = 0.0
-    for chunk in logits.split(rows_per_chunk):
-        logp = torch.log_softmax(chunk.float() / temperature, -1)
-        total += float(-(logp.exp() * logp).sum())
-    return total / max(1, logits.shape[0])
 
 
 def grpo_train_step(
@@ -127,7 +105,7 @@ def grpo_train_step(
         segment_ids=tokens.segment_ids,
         backend=loss_backend,
     )
-    entropy = _mean_entropy(logits, cfg.temperature)
+    entropy = mean_entropy(logits, cfg.temperature)
     mtp = packed_mtp_loss(model, batch, out, cu, cfg.mtp_loss_coef)
     total = loss + mtp
     train_engine.backward(total)
@@ -144,6 +122,9 @@ def grpo_train_step(
 
 
 class GRPOTrainer:
+    algorithm = "GRPO"
+    """Shown in progress bars and plot titles (subclasses such as the PPO baseline rename it)."""
+
     def __init__(self, cfg: Config, *, progress: bool = True):
         self.cfg = cfg
         self.progress = progress
@@ -310,11 +291,11 @@ class GRPOTrainer:
             self.model.eval()
             with self.train_engine.full_weights():
                 old = packed_logprobs(self.model, batch, tokens, g.temperature, cfg.training.loss_backend)
-            old_seq = _per_sequence(batch, tokens, old, len(seqs))
+            old_seq = per_sequence(batch, tokens, old, len(seqs))
         ref_seq = None
         if self.ref_model is not None:
             ref = packed_logprobs(self.ref_model, batch, tokens, g.temperature, cfg.training.loss_backend)
-            ref_seq = _per_sequence(batch, tokens, ref, len(seqs))
+            ref_seq = per_sequence(batch, tokens, ref, len(seqs))
         t_infer = time.perf_counter() - t1
 
         t2 = time.perf_counter()
@@ -462,7 +443,7 @@ class GRPOTrainer:
         acc_start = acc if not resumed else self._first_accuracy()
         self._say(f"held-out {'at resume' if resumed else 'before RL'}: {self._describe(evaluation)}")
 
-        bar = tqdm(range(self.step, g.steps), desc="GRPO", disable=not (self.progress and self.is_main),
+        bar = tqdm(range(self.step, g.steps), desc=self.algorithm, disable=not (self.progress and self.is_main),
                    dynamic_ncols=True, initial=self.step, total=g.steps)  # fmt: skip
         for step in bar:
             t0 = time.perf_counter()
@@ -502,7 +483,7 @@ class GRPOTrainer:
             plot = plot_metrics(
                 read_metrics(logger.path),
                 self.out_dir / "metrics.png",
-                title=f"GRPO on {cfg.task.name}: held-out pass@1 {acc_start:.2f} -> {acc:.2f}",
+                title=f"{self.algorithm} on {cfg.task.name}: held-out pass@1 {acc_start:.2f} -> {acc:.2f}",
             )
             summary["plot"] = str(plot)
             self._say(

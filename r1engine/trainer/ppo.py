@@ -42,8 +42,16 @@ from r1engine.packing import PackedBatch
 from r1engine.trainer.checkpoint import CheckpointManager
 from r1engine.trainer.config import Config, GRPOConfig
 from r1engine.trainer.engine import TrainEngine
-from r1engine.trainer.grpo import GRPOTrainer, _mean_entropy, _per_sequence
-from r1engine.trainer.sequences import SequenceBatch, loss_tokens, pack, packed_forward, packed_mtp_loss
+from r1engine.trainer.grpo import GRPOTrainer
+from r1engine.trainer.sequences import (
+    SequenceBatch,
+    loss_tokens,
+    mean_entropy,
+    pack,
+    packed_forward,
+    packed_mtp_loss,
+    per_sequence,
+)
 
 __all__ = ["PPOConfig", "PPOTrainer", "ValueModel", "ppo_train_step"]
 
@@ -161,7 +169,7 @@ def ppo_train_step(
         segment_ids=tokens.segment_ids,
         backend=loss_backend,
     )
-    entropy = _mean_entropy(logits, cfg.temperature)
+    entropy = mean_entropy(logits, cfg.temperature)
     mtp = packed_mtp_loss(model, batch, out, cu, cfg.mtp_loss_coef)
     train_engine.backward(loss + mtp)
     grad_norm = train_engine.step()
@@ -198,6 +206,7 @@ class _CheckpointsWithValueModel(CheckpointManager):
 
 
 class PPOTrainer(GRPOTrainer):
+    algorithm = "PPO"
     """`GRPOTrainer` with a value model and GAE instead of group-relative advantages; see the module docstring."""
 
     def __init__(self, cfg: Config, ppo: PPOConfig | None = None, *, progress: bool = True) -> None:
@@ -244,7 +253,7 @@ class PPOTrainer(GRPOTrainer):
         tokens = loss_tokens(batch)
         self.value_model.eval()
         values = self.value_model(batch)[tokens.index.to(self.value_model.value_head.weight.device)].cpu()
-        return _per_sequence(batch, tokens, values, len(seqs))
+        return per_sequence(batch, tokens, values, len(seqs))
 
     # ------------------------------------------------------------------------------------------- the algorithm
     def generate_and_score(self, step: int) -> tuple[SequenceBatch, dict[str, Any], dict[str, Any]]:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from r1engine.models.policy import PolicyModel
-from r1engine.packing import PackedBatch, collate, plan
+from r1engine.packing import PackedBatch, collate, plan, uncollate
 
 
 @dataclass
@@ -147,3 +147,25 @@ def packed_logprobs(
     out, _ = packed_forward(model, batch)
     logits = model.logits(out.hidden[tokens.index.to(out.hidden.device)])
     return token_logprobs(logits, tokens.targets.to(logits.device), temperature, backend=loss_backend).float().cpu()
+
+
+def per_sequence(batch: PackedBatch, tokens: PackedTokens, values: torch.Tensor, n: int) -> list[torch.Tensor]:
+    """Scatter loss-token values `[M]` back to per-sequence, position-aligned tensors (0 off the loss tokens)."""
+    full = torch.zeros(batch.input_ids.numel(), dtype=values.dtype)
+    full[tokens.index] = values
+    parts = uncollate(batch, full.view_as(batch.input_ids))
+    out: list[torch.Tensor] = [torch.empty(0)] * n
+    for seq, part in zip(batch.seq_ids.tolist(), parts, strict=True):
+        out[seq] = part
+    return out
+
+
+@torch.no_grad()
+def mean_entropy(logits: torch.Tensor, temperature: float, rows_per_chunk: int = 1024) -> float:
+    """Mean policy entropy over the rows of `logits`, in row chunks so that no fp32 [M, V] copy is ever made
+    (the fused loss exists to avoid one)."""
+    total = 0.0
+    for chunk in logits.split(rows_per_chunk):
+        logp = torch.log_softmax(chunk.float() / temperature, -1)
+        total += float(-(logp.exp() * logp).sum())
+    return total / max(1, logits.shape[0])
