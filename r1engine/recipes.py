@@ -213,12 +213,13 @@ class RecipeRunner:
     def _run_sft(self, stage: Stage, cfg: Config) -> dict[str, Any]:
         import torch
 
+        from r1engine.trainer.distributed import training_device
         from r1engine.trainer.sft import supervised_finetune
 
         if cfg.training.num_threads:
             torch.set_num_threads(cfg.training.num_threads)
         torch.manual_seed(cfg.seed)
-        model = self._model(stage, cfg)
+        model = self._model(stage, cfg).to(training_device(cfg.training.device))
         codec = _codec()
         losses = supervised_finetune(
             model, self._examples(stage, cfg, _task(cfg)), codec.encode, codec.eos_id,

@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
+import itertools
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from r1engine.packing import collate, plan
-from r1engine.packing.attention import varlen_attention, varlen_attention_reference
+from r1engine.packing.attention import (
+    BucketCostModel,
+    _sdpa_bucket,
+    plan_length_buckets,
+    varlen_attention,
+    varlen_attention_reference,
+)
 
-BACKENDS = ["sdpa_loop", "sdpa_mask"]  # "reference" is checked against the oracle below
+BACKENDS = ["sdpa_bucket", "sdpa_loop", "sdpa_mask"]  # "reference" is checked against the oracle below
 
 
 def per_sequence_sdpa(q, k, v, lengths, causal=True, scale=None):
@@ -46,7 +55,7 @@ def test_matches_per_sequence_attention(backend, dtype, heads, causal) -> None:
     torch.testing.assert_close(out.double(), ref, atol=tol, rtol=tol)
 
 
-@pytest.mark.parametrize("backend", ["sdpa_loop", "sdpa_mask"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_no_leak_across_sequences_and_gradients(backend) -> None:
     lengths = [7, 1, 12, 4]
     cu = torch.tensor([0, 7, 8, 20, 24], dtype=torch.int32)
@@ -116,3 +125,107 @@ def test_cuda_auto_matches_reference() -> None:
     torch.testing.assert_close(
         out.double().cpu(), per_sequence_sdpa(q.cpu(), k.cpu(), v.cpu(), lengths), atol=2e-2, rtol=2e-2
     )
+
+
+# ---- "sdpa_bucket": length buckets under a cost model -----------------------------------------------------------
+
+ONE_BUCKET = BucketCostModel(call_us=1e9, row_us=0.0, score_us=1e-9)  # calls are all that cost: pad everything
+ONE_PER_LENGTH = BucketCostModel(call_us=1e-9, row_us=1.0, score_us=1.0)  # padding is all that costs: no padding
+
+
+def softmax_attention_fp64(q, k, v, lengths, causal=True):
+    """Plain per-sequence softmax attention in float64 (explicit scores, mask, softmax), the oracle."""
+    outs, a = [], 0
+    groups = q.shape[1] // k.shape[1]
+    for n in lengths:
+        qs = q[a : a + n].double().transpose(0, 1)
+        ks = k[a : a + n].double().transpose(0, 1).repeat_interleave(groups, 0)
+        vs = v[a : a + n].double().transpose(0, 1).repeat_interleave(groups, 0)
+        scores = qs @ ks.transpose(-1, -2) / math.sqrt(q.shape[-1])
+        if causal:
+            scores = scores.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf"))
+        outs.append((scores.softmax(-1) @ vs).transpose(0, 1))
+        a += n
+    return torch.cat(outs)
+
+
+def flat_collated_row(lengths: list[int], chunk_len: int) -> list[int]:
+    """Segment lengths of the flat row the trainer passes: chunks back to back, each padded tail its own segment."""
+    b = collate(plan(lengths, chunk_len, 1), 0, [torch.arange(n) for n in lengths])
+    return b.cu_seqlens_flat()[0].diff().tolist()
+
+
+ROWS = {
+    # several chunks; length-1 sequences; a chunk holding one sequence (33 of 40); padded tails
+    "collated": flat_collated_row([1, 17, 5, 1, 33, 2, 9, 17, 3, 1, 29, 6], 40),
+    "one_sequence": [23],
+    "all_length_one": [1, 1, 1, 1, 1],
+    "mixed_long_short": [3, 130, 1, 7, 64, 7, 2],
+}
+
+
+@pytest.mark.parametrize("row", list(ROWS))
+@pytest.mark.parametrize("model", [ONE_BUCKET, ONE_PER_LENGTH, None], ids=["one_bucket", "per_length", "calibrated"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("causal", [True, False])
+def test_bucket_forward_and_gradients_match_fp64_softmax(row, model, dtype, causal) -> None:
+    lengths = ROWS[row]
+    total = sum(lengths)
+    cu = [0, *itertools.accumulate(lengths)]
+    q, k, v = (t.requires_grad_() for t in make_qkv(total, 6, 2, 20, dtype, seed=len(lengths) + 7 * causal))
+    out = _sdpa_bucket(q, k, v, cu, causal, 1 / math.sqrt(20), model)
+    weight = torch.randn(out.shape, generator=torch.Generator().manual_seed(3))
+    (out.float() * weight).sum().backward()
+    qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref = softmax_attention_fp64(qd, kd, vd, lengths, causal)
+    (ref * weight.double()).sum().backward()
+    assert out.shape == (total, 6, 20) and out.dtype == dtype
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(out.double(), ref, atol=tol, rtol=tol)
+    for got, want in zip((q.grad, k.grad, v.grad), (qd.grad, kd.grad, vd.grad), strict=True):
+        torch.testing.assert_close(got.double(), want, atol=2 * tol, rtol=2 * tol)
+
+
+def test_auto_on_cpu_is_bucket_and_equals_loop() -> None:
+    lengths = flat_collated_row([41, 67, 52, 44, 70, 58, 63, 49, 55, 60], 256)
+    cu = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32)
+    q, k, v = make_qkv(sum(lengths), 6, 2, 32, torch.float32, seed=11)
+    auto = varlen_attention(q, k, v, cu, max(lengths))
+    torch.testing.assert_close(auto, varlen_attention(q, k, v, cu, max(lengths), backend="sdpa_bucket"), atol=0, rtol=0)
+    torch.testing.assert_close(auto, varlen_attention(q, k, v, cu, max(lengths), backend="sdpa_loop"))
+
+
+def brute_force_cost(lengths, model, causal) -> float:
+    """Cheapest split of the sorted distinct lengths into contiguous buckets, by enumerating every split."""
+    distinct = sorted(set(lengths))
+    best = math.inf
+    for cuts in itertools.product([False, True], repeat=len(distinct) - 1):
+        cost, first = 0.0, 0
+        for i, cut in enumerate([*cuts, True]):
+            if cut:
+                num_seqs = sum(n in distinct[first : i + 1] for n in lengths)
+                cost += model.cost(num_seqs, distinct[i], 6, 32, causal)
+                first = i + 1
+        best = min(best, cost)
+    return best
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_bucket_plan_is_optimal_under_its_cost_model(seed) -> None:
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, 300, (int(torch.randint(1, 25, (1,), generator=g)),), generator=g).tolist()
+    model = BucketCostModel(call_us=100.0 * (seed + 1), row_us=1e-3, score_us=1e-4)
+    for causal in (True, False):
+        ranges = plan_length_buckets(lengths, 6, 32, causal, model)
+        distinct = sorted(set(lengths))
+        assert [r[0] for r in ranges] == [0] + [r[1] + 1 for r in ranges[:-1]] and ranges[-1][1] == len(distinct) - 1
+        cost = sum(
+            model.cost(sum(n in distinct[a : b + 1] for n in lengths), distinct[b], 6, 32, causal) for a, b in ranges
+        )
+        assert cost == pytest.approx(brute_force_cost(lengths, model, causal))
+
+
+def test_bucket_plan_extremes() -> None:
+    lengths = [5, 9, 9, 200, 1, 5]
+    assert plan_length_buckets(lengths, 6, 32, True, ONE_BUCKET) == [(0, 3)]
+    assert plan_length_buckets(lengths, 6, 32, True, ONE_PER_LENGTH) == [(i, i) for i in range(4)]

@@ -50,11 +50,18 @@ def test_yaml_and_overrides(tmp_path):
         ("rewards.weights={}", "rewards.weights"),
         ("rewards.weights.acuracy=1.0", "rewards.weights.acuracy: unknown reward"),
         ("grpo.steps", "expected dotted.key=value"),
+        ("training.device=gpu0", "training.device: not a device name"),
     ],
 )
 def test_bad_configs_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(".", r"\.")):
         load_config(None, [override])
+
+
+def test_rollout_device_is_for_the_native_engine():
+    assert load_config(None, ["rollout.device=cpu", "rollout.backend=native"]).rollout.device == "cpu"
+    with pytest.raises(ConfigError, match=r"rollout\.device: applies to the native engine"):
+        load_config(None, ["rollout.device=cpu", "rollout.backend=vllm"])
 
 
 def test_sampler_old_logprobs_need_temperature_one():

@@ -77,7 +77,7 @@ def test_sampler_log_probs_are_the_old_policy(tmp_path):
     """With the rollout engine's log-probs as the old policy, one on-policy mini-batch sees ratios of 1: the
     engine samples from exactly the weights being trained (sync after every step)."""
     _run(tmp_path, "grpo.steps=2", "grpo.mini_batches=1", "grpo.old_logprobs=sampler", "rollout.backend=native",
-         "checkpoint.every=0")  # fmt: skip
+         "checkpoint.every=0", "training.device=cpu", "rollout.device=cpu")  # fmt: skip
     records = read_metrics(tmp_path / "metrics.jsonl")[1:]
     assert len(records) == 2
     for r in records:

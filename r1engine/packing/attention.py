@@ -5,12 +5,24 @@ k/v `[total, Hkv, D]` (grouped-query attention when Hq is a multiple of Hkv), an
 `[num_seqs + 1]` with the sequence boundaries. Backends:
 
 - "flash": flash-attn's `flash_attn_varlen_func` (CUDA tensors with flash-attn installed; "auto" picks it then).
+- "sdpa_bucket": the CPU default ("auto" picks it off CUDA). Sequences are sorted by length and split into
+  length buckets; each bucket is one batched SDPA call `[seqs, H, P, D]` with every sequence right-padded to the
+  bucket's longest length P. Causal attention needs no mask for that padding (real rows never see the later pad
+  rows), so the fused CPU kernel runs with `is_causal=True` and skips the upper triangle. The bucket boundaries
+  minimise a cost model `call + row * tokens + score * padded causal scores` calibrated by measurement
+  (benchmarks/bench_attention.py, results in benchmarks/results/attention.md): many short sequences share a few
+  calls instead of paying Python, dispatch and autograd overhead per sequence, while long sequences end up in
+  buckets of their own, which is the per-sequence loop. The plan depends only on `cu_seqlens`, so it is cached
+  and the layers of one forward share it.
 - "sdpa_loop": one `scaled_dot_product_attention` call per sequence. Work is sum(len^2), no mask tensor is
-  built, and PyTorch's fused CPU kernel (flash-attention style) runs each call. This is the CPU default:
-  measured fastest here (benchmarks/results/packing.md), the block-diagonal mask and FlexAttention both
-  spend total^2 work or memory (eager FlexAttention on CPU materialises the full score matrix).
+  built, and PyTorch's fused CPU kernel (flash-attention style) runs each call. The CPU default before
+  "sdpa_bucket": the block-diagonal mask and FlexAttention both spend total^2 work or memory
+  (benchmarks/results/packing.md), but with many short sequences the ~100 us of per-call overhead (forward +
+  backward) dominates.
 - "sdpa_mask": a single SDPA call with a dense block-diagonal (causal) boolean mask `[total, total]`: one kernel
-  launch, good for many tiny sequences on GPU, O(total^2) memory.
+  launch, good for many tiny sequences on GPU, O(total^2) memory. On CPU it loses to "sdpa_bucket" everywhere
+  measured: a block-diagonal mask over a window of W tokens holding sequences of length l spends ~2W/l times the
+  causal work, while padding sorted lengths to their bucket's maximum wastes only the spread within a bucket.
 - "reference": explicit float32 softmax per sequence (the test oracle).
 
 The policy model calls this for packed forwards; keep the signature stable.
@@ -19,12 +31,14 @@ The policy model calls this for packed forwards; keep the signature stable.
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
-Backend = Literal["auto", "flash", "sdpa_loop", "sdpa_mask", "reference"]
+Backend = Literal["auto", "flash", "sdpa_bucket", "sdpa_loop", "sdpa_mask", "reference"]
 
 
 def _flash_varlen():
@@ -96,6 +110,177 @@ def _sdpa_mask(q, k, v, cu, causal: bool, scale: float) -> torch.Tensor:
     return o.transpose(0, 1)
 
 
+# ---- "sdpa_bucket": length buckets, one padded batched SDPA call per bucket ------------------------------------
+
+
+@dataclass(frozen=True)
+class BucketCostModel:
+    """Predicted microseconds of one batched SDPA call over `n` sequences padded to length `P` (H query heads,
+    head dim D), forward + backward when autograd records it:
+
+        call_us + row_us * n*P*H*D + score_us * n*H*D*P*(P+1)/2      (P*P instead of P*(P+1)/2 when not causal)
+
+    `call_us` is Python, dispatch, the gathers and the autograd nodes of one call; `row_us` the copies and softmax
+    bookkeeping per padded element; `score_us` the QK^T and PV work per causal score. Only ratios between the
+    terms steer the plan, so constants fitted on one CPU transfer roughly to another.
+    """
+
+    call_us: float
+    row_us: float
+    score_us: float
+
+    def cost(self, num_seqs: int, padded_len: int, heads: int, head_dim: int, causal: bool) -> float:
+        scores = padded_len * (padded_len + 1) / 2 if causal else padded_len * padded_len
+        return self.call_us + num_seqs * heads * head_dim * (self.row_us * padded_len + self.score_us * scores)
+
+
+# Fitted by `python benchmarks/bench_attention.py --calibrate` (1 thread, AMD EPYC znver3, torch 2.13, see
+# benchmarks/results/attention.md). bf16 backward on a CPU without native bf16 dot products costs ~4x fp32 per score,
+# so bf16 pads less eagerly. Keys: (autograd records the call, dtype is fp32/fp64).
+COST_MODELS: dict[tuple[bool, bool], BucketCostModel] = {
+    (True, True): BucketCostModel(call_us=150.0, row_us=1.0e-3, score_us=1.0e-4),
+    (True, False): BucketCostModel(call_us=150.0, row_us=1.0e-3, score_us=4.0e-4),
+    (False, True): BucketCostModel(call_us=20.0, row_us=3.0e-4, score_us=3.0e-5),
+    (False, False): BucketCostModel(call_us=20.0, row_us=3.0e-4, score_us=3.0e-5),
+}
+
+
+def cost_model_for(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> BucketCostModel:
+    """The calibrated cost model that applies to this call (training vs inference, full vs reduced precision)."""
+    records_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    return COST_MODELS[(records_grad, q.dtype in (torch.float32, torch.float64))]
+
+
+@dataclass(frozen=True)
+class LengthBucket:
+    """Sequences (by start offset, all of length <= padded_len) that share one padded SDPA call."""
+
+    starts: tuple[int, ...]
+    lengths: tuple[int, ...]
+    padded_len: int
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.starts)
+
+
+def plan_length_buckets(
+    lengths: list[int], heads: int, head_dim: int, causal: bool, model: BucketCostModel
+) -> list[tuple[int, int]]:
+    """Optimal split of the sorted distinct lengths into contiguous buckets under `model`.
+
+    Returns `(first, last)` index ranges (inclusive) into `sorted(set(lengths))`. Dynamic programming over bucket
+    ends, O(distinct^2) worst case; the inner loop stops once a bucket alone costs more than the best split found,
+    since growing it downwards only adds sequences at the same padded length.
+    """
+    distinct = sorted(set(lengths))
+    count: dict[int, int] = {}
+    for n in lengths:
+        count[n] = count.get(n, 0) + 1
+    best = [0.0] * (len(distinct) + 1)  # best[j]: cheapest plan for distinct[:j]
+    split = [0] * (len(distinct) + 1)
+    for j in range(1, len(distinct) + 1):
+        padded_len, num_seqs, best[j] = distinct[j - 1], 0, math.inf
+        for i in range(j - 1, -1, -1):
+            num_seqs += count[distinct[i]]
+            bucket_cost = model.cost(num_seqs, padded_len, heads, head_dim, causal)
+            if bucket_cost >= best[j]:
+                break
+            if best[i] + bucket_cost < best[j]:
+                best[j], split[j] = best[i] + bucket_cost, i
+    ranges, j = [], len(distinct)
+    while j > 0:
+        ranges.append((split[j], j - 1))
+        j = split[j]
+    return ranges[::-1]
+
+
+@dataclass(frozen=True)
+class BucketPlan:
+    """Index tensors that move packed tokens into padded buckets and back (built once per `cu_seqlens`)."""
+
+    buckets: tuple[LengthBucket, ...]
+    gathers: tuple[torch.Tensor | None, ...]  # per bucket: packed row of each padded slot [n * P]; None = one slice
+    key_masks: tuple[torch.Tensor | None, ...]  # per bucket [n, 1, 1, P] real-key mask (non-causal, padded only)
+    token_rows: torch.Tensor  # [total]: row of each packed token in the concatenated bucket outputs
+
+
+def build_bucket_plan(
+    cu: list[int], heads: int, head_dim: int, causal: bool, model: BucketCostModel, device: torch.device
+) -> BucketPlan:
+    seqs = [(a, b - a) for a, b in zip(cu, cu[1:], strict=False) if b > a]
+    distinct = sorted({n for _, n in seqs})
+    by_len: dict[int, list[int]] = {}
+    for a, n in seqs:
+        by_len.setdefault(n, []).append(a)
+    buckets, gathers, key_masks, row_of_token = [], [], [], {}
+    offset = 0  # first row of this bucket in the concatenated outputs
+    for first, last in plan_length_buckets([n for _, n in seqs], heads, head_dim, causal, model):
+        members = [(a, n) for n in distinct[first : last + 1] for a in by_len[n]]
+        bucket = LengthBucket(tuple(a for a, _ in members), tuple(n for _, n in members), distinct[last])
+        padded_len = bucket.padded_len
+        slots = []
+        for s, (a, n) in enumerate(members):
+            for t in range(n):
+                row_of_token[a + t] = offset + s * padded_len + t
+            # pad slots read the sequence's last token: finite values, and (causal: later than every real row;
+            # non-causal: masked as keys) they neither change real outputs nor receive gradient
+            slots.extend(range(a, a + n))
+            slots.extend([a + n - 1] * (padded_len - n))
+        padded = bucket.num_seqs > 1
+        gathers.append(torch.tensor(slots, dtype=torch.long, device=device) if padded else None)
+        if padded and not causal:
+            lens = torch.tensor(bucket.lengths, device=device)
+            key_masks.append((torch.arange(padded_len, device=device) < lens[:, None])[:, None, None, :])
+        else:
+            key_masks.append(None)
+        buckets.append(bucket)
+        offset += bucket.num_seqs * padded_len
+    token_rows = torch.tensor([row_of_token[t] for t in range(cu[-1])], dtype=torch.long, device=device)
+    return BucketPlan(tuple(buckets), tuple(gathers), tuple(key_masks), token_rows)
+
+
+_PLAN_CACHE: OrderedDict[tuple, BucketPlan] = OrderedDict()
+_PLAN_CACHE_SIZE = 16  # a forward's layers share one entry; a few micro-batches stay warm for their backward
+
+
+def _cached_bucket_plan(
+    cu: list[int], heads: int, head_dim: int, causal: bool, model: BucketCostModel, device: torch.device
+) -> BucketPlan:
+    key = (tuple(cu), heads, head_dim, causal, model, str(device))
+    plan = _PLAN_CACHE.get(key)
+    if plan is None:
+        plan = build_bucket_plan(cu, heads, head_dim, causal, model, device)
+        _PLAN_CACHE[key] = plan
+        if len(_PLAN_CACHE) > _PLAN_CACHE_SIZE:
+            _PLAN_CACHE.popitem(last=False)
+    else:
+        _PLAN_CACHE.move_to_end(key)
+    return plan
+
+
+def _sdpa_bucket(q, k, v, cu, causal: bool, scale: float, model: BucketCostModel | None = None) -> torch.Tensor:
+    total, hq, d = q.shape
+    if total == 0:
+        return q.new_empty(0, hq, v.shape[2])
+    plan = _cached_bucket_plan(cu, hq, d, causal, model or cost_model_for(q, k, v), q.device)
+    outs = []
+    for bucket, gather, key_mask in zip(plan.buckets, plan.gathers, plan.key_masks, strict=True):
+        n, padded_len = bucket.num_seqs, bucket.padded_len
+        if gather is None:  # a lone sequence: views, no padding
+            a = bucket.starts[0]
+            qs, ks, vs = (t[a : a + padded_len].transpose(0, 1)[None] for t in (q, k, v))
+        else:
+            qs, ks, vs = (
+                t.index_select(0, gather).view(n, padded_len, t.shape[1], d).transpose(1, 2) for t in (q, k, v)
+            )
+        o = F.scaled_dot_product_attention(
+            qs, ks, vs, attn_mask=key_mask, is_causal=causal and padded_len > 1, scale=scale, enable_gqa=True
+        )
+        outs.append(o.transpose(1, 2).reshape(n * padded_len, hq, v.shape[2]))
+    return torch.cat(outs).index_select(0, plan.token_rows)
+
+
 def varlen_attention_reference(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -145,14 +330,14 @@ def varlen_attention(
         max_seqlen: longest sequence (used by the flash-attn kernel).
         causal: causal mask inside each sequence.
         scale: softmax scale, default 1/sqrt(D).
-        backend: see the module docstring; "auto" = flash-attn on CUDA when installed, else "sdpa_loop".
+        backend: see the module docstring; "auto" = flash-attn on CUDA when installed, else "sdpa_bucket".
 
     Returns:
         `[total, Hq, D]` in q's dtype. Differentiable (all backends are autograd-traced PyTorch or flash-attn).
     """
     _check(q, k, v, cu_seqlens)
     if backend == "auto":
-        backend = "flash" if (q.is_cuda and _flash_varlen() is not None) else "sdpa_loop"
+        backend = "flash" if (q.is_cuda and _flash_varlen() is not None) else "sdpa_bucket"
     if backend == "flash":
         fn = _flash_varlen()
         if fn is None or not q.is_cuda:
@@ -163,8 +348,12 @@ def varlen_attention(
     if backend == "reference":
         return varlen_attention_reference(q, k, v, cu_seqlens, max_seqlen, causal=causal, scale=scale_f)
     cu = _bounds(cu_seqlens, q.shape[0])
+    if backend == "sdpa_bucket":
+        return _sdpa_bucket(q, k, v, cu, causal, scale_f)
     if backend == "sdpa_loop":
         return _sdpa_loop(q, k, v, cu, causal, scale_f)
     if backend == "sdpa_mask":
         return _sdpa_mask(q, k, v, cu, causal, scale_f)
-    raise ValueError(f"backend must be one of auto, flash, sdpa_loop, sdpa_mask, reference; got {backend!r}")
+    raise ValueError(
+        f"backend must be one of auto, flash, sdpa_bucket, sdpa_loop, sdpa_mask, reference; got {backend!r}"
+    )

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
 import yaml
 
 
@@ -96,11 +97,17 @@ class RolloutConfig:
     top_p: float = 1.0
     top_k: int = -1
     offload_between_stages: bool = True
-    """Release the rollout engine's device memory while the trainer runs (rollout and training share devices)."""
+    """Release the rollout engine's device memory while the trainer runs (when rollout and training share a
+    device; ignored when `rollout.device` is another one)."""
+    device: str | None = None
+    """Where the native engine generates: None shares the training device; another device (e.g. "cuda:1")
+    gives rollouts their own, so nothing is offloaded between stages. vLLM places itself (CUDA_VISIBLE_DEVICES)."""
 
 
 @dataclass
 class TrainingConfig:
+    device: str = "auto"
+    """Training device: "auto" is cuda (this rank's local GPU) when available, else cpu; or e.g. "cpu", "cuda:0"."""
     loss_backend: Literal["auto", "torch", "cpp", "triton", "cuda"] = "auto"
     chunk_len: int = 1024
     """Packed chunk length in tokens; must hold the longest prompt + completion."""
@@ -205,6 +212,15 @@ def validate(cfg: Config) -> None:
             f"task.max_digits: need 1 <= task.min_digits <= task.max_digits, got {cfg.task.min_digits}, "
             f"{cfg.task.max_digits}"
         )
+    for key in ("training.device", "rollout.device"):
+        value = _get(cfg, key)
+        if value is not None and value != "auto":
+            try:
+                torch.device(value)
+            except (RuntimeError, TypeError) as exc:
+                raise ConfigError(f"{key}: not a device name: {value!r}") from exc
+    if cfg.rollout.device is not None and cfg.rollout.backend == "vllm":
+        raise ConfigError("rollout.device: applies to the native engine; vLLM places itself (CUDA_VISIBLE_DEVICES)")
     if not cfg.rewards.weights:
         raise ConfigError("rewards.weights: at least one reward function is needed")
     from r1engine.rewards import available_rewards

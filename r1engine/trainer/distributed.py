@@ -31,6 +31,16 @@ def init_distributed() -> tuple[int, int]:
     return rank(), world_size()
 
 
+def training_device(name: str = "auto") -> torch.device:
+    """The device this rank trains on: `name`, or for "auto" this rank's local GPU (LOCAL_RANK) when CUDA is
+    available, else the CPU."""
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
 def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 

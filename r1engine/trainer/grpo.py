@@ -35,6 +35,7 @@ from r1engine.trainer.distributed import (
     init_distributed,
     reduce_metrics,
     sum_across_ranks,
+    training_device,
 )
 from r1engine.trainer.engine import TrainEngine
 from r1engine.trainer.evaluation import held_out_accuracy
@@ -83,16 +84,18 @@ def grpo_train_step(
     """
     extra = {"old": old} if ref is None else {"old": old, "ref": ref}
     batch, _ = pack(seqs, chunk_len, fields=extra, pad_id=pad_id)
-    tokens = loss_tokens(batch)
+    tokens = loss_tokens(batch)  # gathered on the host, then moved: only [M] values travel to the model's device
+    device = model.device
+    old_tokens = batch.fields["old"].reshape(-1)[tokens.index].to(device)
+    ref_tokens = batch.fields["ref"].reshape(-1)[tokens.index].to(device) if ref is not None else None
     out, cu = packed_forward(model, batch)
-    logits = model.logits(out.hidden[tokens.index])
-    ref_tokens = batch.fields["ref"].reshape(-1)[tokens.index] if ref is not None else None
+    logits = model.logits(out.hidden[tokens.index.to(device)])
     loss, m = grpo_loss(
         logits,
-        tokens.targets,
-        advantages[tokens.seq_ids],
-        torch.ones(len(tokens.index), device=logits.device),
-        batch.fields["old"].reshape(-1)[tokens.index],
+        tokens.targets.to(device),
+        advantages[tokens.seq_ids].to(device),
+        torch.ones(len(tokens.index), device=device),
+        old_tokens,
         ref_tokens,
         eps_low=cfg.eps_low,
         eps_high=cfg.eps_high,
@@ -102,7 +105,7 @@ def grpo_train_step(
         temperature=cfg.temperature,
         agg=cfg.agg,
         max_len=cfg.max_new_tokens,
-        segment_ids=tokens.segment_ids,
+        segment_ids=tokens.segment_ids.to(device),
         backend=loss_backend,
     )
     entropy = mean_entropy(logits, cfg.temperature)
@@ -148,8 +151,9 @@ class GRPOTrainer:
             )
             self.model = PolicyModel(model_cfg)
             self.model.reset_parameters(seed=cfg.seed)
-        self.model.to(getattr(torch, cfg.model.dtype))
         self.rank, self.world_size = init_distributed()
+        self.device = training_device(cfg.training.device)
+        self.model.to(device=self.device, dtype=getattr(torch, cfg.model.dtype))
         if self.world_size > 1 and cfg.training.deepspeed_zero_stage == 0:
             raise ValueError(
                 f"training.deepspeed_zero_stage: {self.world_size} ranks train through DeepSpeed; set a ZeRO stage "
@@ -206,6 +210,7 @@ class GRPOTrainer:
                 tokenizer=self.tokenizer,
                 num_speculative_tokens=r.num_speculative_tokens,
                 max_model_len=self.cfg.training.chunk_len,
+                **({"device": r.device} if r.device is not None else {}),
             )
 
     def _cold_start(self) -> None:
@@ -225,7 +230,9 @@ class GRPOTrainer:
     def _rollout_awake(self):
         """The rollout engine holds its device memory only inside this block when offloading between stages
         (rollout and training share devices); a no-op on CPU."""
-        offload = self.cfg.rollout.offload_between_stages
+        r = self.cfg.rollout
+        shared = r.device is None or torch.device(r.device) == self.device
+        offload = r.offload_between_stages and shared
         if offload:
             self.rollout.onload()
         try:

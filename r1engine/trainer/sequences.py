@@ -124,15 +124,16 @@ def completion_token_mask(loss_mask: torch.Tensor) -> torch.Tensor:
 def packed_mtp_loss(model: PolicyModel, batch: PackedBatch, out, cu: torch.Tensor, coef: float) -> torch.Tensor:
     """The MTP head's loss on the completion tokens of a packed batch (`out`, `cu` from `packed_forward`);
     0 when `coef` is 0 or the model has no MTP layers."""
+    device = out.last_hidden.device
     if coef <= 0 or model.config.num_mtp_layers == 0:
-        return torch.zeros(())
+        return torch.zeros((), device=device)
     return model.mtp_loss(
-        batch.input_ids.reshape(-1),
+        batch.input_ids.reshape(-1).to(device),
         out.last_hidden,
-        position_ids=batch.position_ids.reshape(-1),
-        cu_seqlens=cu,
+        position_ids=batch.position_ids.reshape(-1).to(device),
+        cu_seqlens=cu.to(device),
         max_seqlen=max(batch.max_seqlen),
-        loss_mask=completion_token_mask(batch.loss_mask),
+        loss_mask=completion_token_mask(batch.loss_mask).to(device),
         lam=coef,
     )
 
