@@ -134,14 +134,14 @@ class BucketCostModel:
         return self.call_us + num_seqs * heads * head_dim * (self.row_us * padded_len + self.score_us * scores)
 
 
-# Fitted by `python benchmarks/bench_attention.py --calibrate` (1 thread, AMD EPYC znver3, torch 2.13, see
-# benchmarks/results/attention.md). bf16 backward on a CPU without native bf16 dot products costs ~4x fp32 per score,
-# so bf16 pads less eagerly. Keys: (autograd records the call, dtype is fp32/fp64).
+# Fitted by `python benchmarks/bench_attention.py --calibrate` (1 thread, AMD EPYC znver3 with AVX2, torch 2.13; see
+# benchmarks/results/attention.md). bf16 backward on a CPU without native bf16 dot products costs ~10x fp32 per
+# score, so bf16 training pads less eagerly. Keys: (autograd records the call, dtype is fp32/fp64).
 COST_MODELS: dict[tuple[bool, bool], BucketCostModel] = {
-    (True, True): BucketCostModel(call_us=150.0, row_us=1.0e-3, score_us=1.0e-4),
-    (True, False): BucketCostModel(call_us=150.0, row_us=1.0e-3, score_us=4.0e-4),
-    (False, True): BucketCostModel(call_us=20.0, row_us=3.0e-4, score_us=3.0e-5),
-    (False, False): BucketCostModel(call_us=20.0, row_us=3.0e-4, score_us=3.0e-5),
+    (True, True): BucketCostModel(call_us=300.0, row_us=1.0e-2, score_us=5.5e-4),
+    (True, False): BucketCostModel(call_us=280.0, row_us=7.0e-3, score_us=6.0e-3),
+    (False, True): BucketCostModel(call_us=100.0, row_us=1.2e-3, score_us=2.0e-4),
+    (False, False): BucketCostModel(call_us=100.0, row_us=1.6e-3, score_us=2.6e-4),
 }
 
 
