@@ -142,7 +142,7 @@ def main() -> None:
         + " | ".join(["ours", "ours+clip", "torch", "torch-foreach", "torch-fused", "torch+clip"])
         + " | torch/ours | foreach/ours | fused/ours | torch+clip / ours+clip | ours GB/s |"
     )
-    print("|---" * 11 + "|")
+    print("|---" * 12 + "|")
     for size in args.sizes:
         total = int(size)
         repeats = min(args.repeats, 3) if total >= 5e7 else args.repeats
