@@ -65,7 +65,14 @@ def main(argv: list[str] | None = None) -> int:
     show = sub.add_parser("config", help="print the resolved config as YAML")
     _add_config_args(show)
     sub.add_parser("info", help="which backends (torch, cpp, triton, cuda) and components are available")
-    args = parser.parse_args(argv)
+    # Overrides may come before or after the flags (`train --config F k=v --no-progress k2=v2`): argparse stops
+    # filling a positional list at the first flag, so the remaining key=value tokens are collected here.
+    args, extra = parser.parse_known_args(argv)
+    stray = [x for x in extra if x.startswith("-") or "=" not in x]
+    if stray or (extra and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
 
     if args.command == "info":
         from r1engine.info import main as info_main

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
+import yaml
 
 from r1engine.trainer.config import Config, ConfigError, load_config
 
@@ -85,3 +88,15 @@ def test_shipped_configs_load():
 
     for path in sorted((Path(__file__).parent.parent / "configs").glob("*.yaml")):
         load_config(path)
+
+
+def test_cli_takes_overrides_before_and_after_flags(capsys):
+    from r1engine.cli import main
+
+    demo = str(Path(__file__).resolve().parent.parent / "configs" / "demo.yaml")
+    assert main(["config", "grpo.steps=3", "--config", demo, "seed=4"]) == 0
+    shown = yaml.safe_load(capsys.readouterr().out)
+    assert shown["grpo"]["steps"] == 3 and shown["seed"] == 4 and shown["output_dir"] == "runs/demo"
+    with pytest.raises(SystemExit):
+        main(["config", "--config", demo, "--bogus"])
+    assert "unrecognized arguments: --bogus" in capsys.readouterr().err
