@@ -193,7 +193,7 @@ def run_r1engine(a: argparse.Namespace) -> dict[str, Any]:
         "rewards.weights={arithmetic: 1.0, format: 1.0}", "rewards.num_workers=1",
         f"rollout.backend={a.r1_rollout}", "rollout.num_speculative_tokens=0", "training.chunk_len=256",
         "training.num_threads=1", "checkpoint.every=0", "checkpoint.resume=false", f"eval.every={10**6}",
-        "task.num_eval=8", "eval.samples=1",
+        "task.num_eval=8", "eval.samples=1", f"grpo.old_logprobs={a.r1_old_logprobs}",
     ]  # fmt: skip
     cfg = load_config(None, overrides)
     with TreeRSSSampler() as tree:
@@ -397,6 +397,10 @@ def write_report(a: argparse.Namespace, results: dict[str, dict[str, Any]], stat
     phases = results["r1engine"].get("phases_s", {})
     phase_line = ", ".join(f"{k} {sorted(v[1:])[len(v[1:]) // 2]:.2f} s" for k, v in phases.items())
     settings = common_settings(a)
+    old_source = {
+        "sampler": "the rollout engine's (`grpo.old_logprobs=sampler`: no inference pass for them)",
+        "recompute": "recomputed by the trainer",
+    }[a.r1_old_logprobs]
     text = f"""# r1engine vs TRL GRPOTrainer (CPU)
 
 `benchmarks/bench_vs_trl.py`, {datetime.date.today()}, commit {git_commit()}, {cpu_name()}, {os.cpu_count()} cores
@@ -407,7 +411,8 @@ Command: `{" ".join(["python", "benchmarks/bench_vs_trl.py", *sys.argv[1:]])}`
 Setting (identical for both): {", ".join(f"{k} {v}" for k, v in settings.items())}. Model: `PolicyConfig.demo`
 body without MTP (hidden 192, 3 layers, 6/2 heads, MLP 512, vocab 101; {results["r1engine"].get("params", "?")}
 parameters), starting from the same {a.sft_steps}-step cold-start SFT checkpoint. r1engine: rollout backend
-`{a.r1_rollout}` (no speculation), rewards in 1 worker process, packing into 256-token chunks, fused C++ loss.
+`{a.r1_rollout}` (no speculation), rewards in 1 worker process, packing into 256-token chunks, fused C++ loss,
+old log-probs: {old_source}; TRL recomputes them.
 TRL: Hugging Face `generate` (TRL's vLLM path needs CUDA), padded batches, rewards in-process. Timed: rollouts
 2..{a.rollouts} (the first is the warm-up); each rollout = {a.prompts * a.group} completions and {a.mini_batches}
 optimizer steps. samples/s: median over the repeats (r1engine {fmt_list(r1["samples_per_s_repeats"])}, TRL
@@ -445,6 +450,10 @@ def main() -> None:
     parser.add_argument("--sft-steps", type=int, default=200)
     parser.add_argument("--repeats", type=int, default=2, help="runs per framework, interleaved ABBA")
     parser.add_argument("--r1-rollout", default="native", choices=["native", "vllm"])
+    parser.add_argument(
+        "--r1-old-logprobs", default="sampler", choices=["sampler", "recompute"],
+        help="r1engine's old log-probs: the rollout engine's (no inference pass) or recomputed by the trainer",
+    )  # fmt: skip
     parser.add_argument("--work-dir", default=str(ROOT / "runs" / "bench_vs_trl"))
     parser.add_argument("--run", choices=["prepare", "r1engine", "trl"], help=argparse.SUPPRESS)
     a = parser.parse_args()
