@@ -66,13 +66,16 @@ def packed_row(lengths: list[int], chunk_len: int) -> tuple[list[int], list[int]
 
 
 def make_case(kind: str, chunk_len: int, tokens: int, seed: int) -> tuple[list[int], list[int]]:
+    """Sequences drawn until `max(1, tokens // chunk_len)` chunks are full (a draw that would open one more chunk is
+    dropped), so no row ends in a nearly empty chunk whose padding segment would dominate the work."""
     lo, hi = LENGTH_RANGES[kind]
     g = torch.Generator().manual_seed(seed)
-    lengths, total = [], 0
-    while total < tokens:
+    num_chunks = max(1, tokens // chunk_len)
+    lengths: list[int] = []
+    for _ in range(20 * tokens // lo):  # enough draws to fill every chunk up to a few tokens
         n = int(torch.randint(lo, hi + 1, (1,), generator=g))
-        lengths.append(n)
-        total += n
+        if sum(packed_row([*lengths, n], chunk_len)[1]) <= num_chunks * chunk_len:
+            lengths.append(n)
     return packed_row(lengths, chunk_len)
 
 
