@@ -37,6 +37,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 Backend = Literal["auto", "flash", "sdpa_bucket", "sdpa_loop", "sdpa_mask", "reference"]
 
@@ -134,14 +135,14 @@ class BucketCostModel:
         return self.call_us + num_seqs * heads * head_dim * (self.row_us * padded_len + self.score_us * scores)
 
 
-# Fitted by `python benchmarks/bench_attention.py --calibrate` (1 thread, AMD EPYC znver3 with AVX2, torch 2.13; see
-# benchmarks/results/attention.md). bf16 backward on a CPU without native bf16 dot products costs ~10x fp32 per
-# score, so bf16 training pads less eagerly. Keys: (autograd records the call, dtype is fp32/fp64).
+# Fitted by `python benchmarks/bench_attention.py --calibrate` (1 thread, AMD EPYC znver3 with AVX2, torch 2.13, a
+# loaded shared box; see benchmarks/results/attention.md). Median relative error of the fits 7-16%. Keys: (autograd
+# records the call, dtype is fp32/fp64); reduced precision training runs the math kernel, see _bucket_kernels.
 COST_MODELS: dict[tuple[bool, bool], BucketCostModel] = {
-    (True, True): BucketCostModel(call_us=300.0, row_us=1.0e-2, score_us=5.5e-4),
-    (True, False): BucketCostModel(call_us=280.0, row_us=7.0e-3, score_us=6.0e-3),
-    (False, True): BucketCostModel(call_us=100.0, row_us=1.2e-3, score_us=2.0e-4),
-    (False, False): BucketCostModel(call_us=100.0, row_us=1.6e-3, score_us=2.6e-4),
+    (True, True): BucketCostModel(call_us=490.0, row_us=1.1e-2, score_us=4.4e-4),
+    (True, False): BucketCostModel(call_us=710.0, row_us=1.3e-2, score_us=4.6e-4),
+    (False, True): BucketCostModel(call_us=170.0, row_us=2.5e-3, score_us=1.2e-4),
+    (False, False): BucketCostModel(call_us=180.0, row_us=2.4e-3, score_us=1.2e-4),
 }
 
 
@@ -259,11 +260,26 @@ def _cached_bucket_plan(
     return plan
 
 
+_NO_BF16_DOT = ("DEFAULT", "AVX2", "AVX512")  # torch's CPU capability names below AVX512_BF16 / AMX
+
+
+def _bucket_kernels(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> list[SDPBackend]:
+    """SDPA kernels to allow. On CPUs without native bf16 dot products (AVX2) the fused flash kernel's bf16/fp16
+    backward measured 2.5-3x slower than the math kernel (which "sdpa_loop" reached through 3-D inputs)."""
+    reduced = q.dtype in (torch.bfloat16, torch.float16)
+    records_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    if q.device.type == "cpu" and reduced and records_grad and torch.backends.cpu.get_cpu_capability() in _NO_BF16_DOT:
+        return [SDPBackend.MATH]
+    return [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.MATH]
+
+
 def _sdpa_bucket(q, k, v, cu, causal: bool, scale: float, model: BucketCostModel | None = None) -> torch.Tensor:
     total, hq, d = q.shape
     if total == 0:
         return q.new_empty(0, hq, v.shape[2])
     plan = _cached_bucket_plan(cu, hq, d, causal, model or cost_model_for(q, k, v), q.device)
+    groups = hq // k.shape[1]
+    kernels = _bucket_kernels(q, k, v)
     outs = []
     for bucket, gather, key_mask in zip(plan.buckets, plan.gathers, plan.key_masks, strict=True):
         n, padded_len = bucket.num_seqs, bucket.padded_len
@@ -274,9 +290,12 @@ def _sdpa_bucket(q, k, v, cu, causal: bool, scale: float, model: BucketCostModel
             qs, ks, vs = (
                 t.index_select(0, gather).view(n, padded_len, t.shape[1], d).transpose(1, 2) for t in (q, k, v)
             )
-        o = F.scaled_dot_product_attention(
-            qs, ks, vs, attn_mask=key_mask, is_causal=causal and padded_len > 1, scale=scale, enable_gqa=True
-        )
+        if groups > 1:  # explicit KV heads, as "sdpa_loop" (the math kernel would repeat them anyway)
+            ks, vs = ks.repeat_interleave(groups, dim=1), vs.repeat_interleave(groups, dim=1)
+        with sdpa_kernel(kernels):
+            o = F.scaled_dot_product_attention(
+                qs, ks, vs, attn_mask=key_mask, is_causal=causal and padded_len > 1, scale=scale
+            )
         outs.append(o.transpose(1, 2).reshape(n * padded_len, hq, v.shape[2]))
     return torch.cat(outs).index_select(0, plan.token_rows)
 
