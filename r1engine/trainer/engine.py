@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from r1engine.optim import FusedAdamW, clip_coefficient
 from r1engine.trainer.distributed import rank, world_size
 
 
@@ -50,7 +51,8 @@ class TrainEngine:
         self.zero_stage = zero_stage
         self.ds_engine = None
         if zero_stage == 0:
-            self.optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+            # Not torch.optim.AdamW: one fused C++ pass per parameter (r1engine.optim), with the clip folded in.
+            self.optimizer = FusedAdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
         else:
             import deepspeed
 
@@ -80,8 +82,8 @@ class TrainEngine:
             self.ds_engine.step()
             norm = self.ds_engine.get_global_grad_norm()
             return float(norm) if norm is not None else float("nan")
-        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
-        self.optimizer.step()
+        norm = self.optimizer.grad_norm()
+        self.optimizer.step(grad_scale=clip_coefficient(norm, self.max_grad_norm))
         self.optimizer.zero_grad(set_to_none=True)
         return float(norm)
 
