@@ -8,7 +8,7 @@ PY=.venv/bin/python
 export PATH="$PWD/.venv/bin:$PATH"  # ninja, cmake helpers from the venv when the system lacks them
 
 echo "[test] ruff"
-.venv/bin/ruff check r1engine kernels tests benchmarks setup.py
+.venv/bin/ruff check r1engine kernels tests benchmarks examples setup.py
 
 echo "[test] C++ core (cmake + ctest)"
 cmake -S . -B build-cmake -G Ninja -DCMAKE_BUILD_TYPE=Release >/dev/null
