@@ -86,7 +86,8 @@ def test_tiny_multi_stage_recipe_runs_and_resumes(tmp_path):
         "stages": [
             {"name": "base", "kind": "sft", "data": {"source": "corpus", "mix": {"direct": 0.2, "compact": 0.8}},
              "overrides": {"sft.steps": 200}},
-            {"name": "rl", "kind": "grpo", "from": "base", "overrides": {"grpo.steps": 2}},
+            # a small step size: two steps must not wreck the base model the rejection sampling reads
+            {"name": "rl", "kind": "grpo", "from": "base", "overrides": {"grpo.steps": 2, "grpo.lr": 1.0e-5}},
             {"name": "rs", "kind": "sample", "from": "rl", "prompts": 32, "samples": 4, "temperature": 0.7},
             {"name": "rs_sft", "kind": "sft", "from": "base", "data": {"source": "traces", "stage": "rs"},
              "overrides": {"sft.steps": 3}},
