@@ -112,7 +112,8 @@ class TrainingConfig:
     chunk_len: int = 1024
     """Packed chunk length in tokens; must hold the longest prompt + completion."""
     deepspeed_zero_stage: int = 0
-    """0: plain PyTorch; 1-3: DeepSpeed ZeRO stage (launch with the deepspeed launcher for several ranks)."""
+    """0: plain PyTorch (one process); 1-3: DeepSpeed ZeRO stage, for one or several ranks (`r1engine train --nproc N`,
+    torchrun or the deepspeed launcher)."""
     offload_optimizer: bool = False
     deterministic: bool = False
     num_threads: int = 0
