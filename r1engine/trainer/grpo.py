@@ -231,7 +231,9 @@ class GRPOTrainer:
         """The rollout engine holds its device memory only inside this block when offloading between stages
         (rollout and training share devices); a no-op on CPU."""
         r = self.cfg.rollout
-        shared = r.device is None or torch.device(r.device) == self.device
+        rollout_device = torch.device(r.device) if r.device is not None else self.device
+        # "cuda" and "cuda:0" name the same device here (an index-less name means the first one)
+        shared = (rollout_device.type, rollout_device.index or 0) == (self.device.type, self.device.index or 0)
         offload = r.offload_between_stages and shared
         if offload:
             self.rollout.onload()
