@@ -43,9 +43,10 @@ from typing import Any
 import yaml
 from tqdm.auto import tqdm
 
-from r1engine.data import SOLUTION_STYLES, get_task
+from r1engine.data import SOLUTION_STYLES
 from r1engine.models import TextCodec, build_char_tokenizer
 from r1engine.trainer.config import Config, ConfigError, config_from_dict, set_dotted
+from r1engine.trainer.grpo import GRPOTrainer, build_policy, build_task
 
 STAGE_KINDS = ("sft", "grpo", "sample")
 DATA_SOURCES = ("corpus", "task", "traces")
@@ -200,15 +201,9 @@ class RecipeRunner:
 
     # ------------------------------------------------------------------------------------------- stages
     def _model(self, stage: Stage, cfg: Config):
-        from r1engine.models import PolicyModel
-        from r1engine.trainer.grpo import PRESETS
-
-        if stage.source is not None:
-            return PolicyModel.from_pretrained(self.stage_dir(stage.source) / "model")
-        vocab = len(build_char_tokenizer())
-        model = PolicyModel(PRESETS[cfg.model.preset](vocab_size=vocab, num_mtp_layers=cfg.model.num_mtp_layers))
-        model.reset_parameters(seed=cfg.seed)
-        return model
+        """`from`'s model, or a fresh model of the stage's `model.preset`."""
+        source = str(self.stage_dir(stage.source) / "model") if stage.source is not None else None
+        return build_policy(dataclasses.replace(cfg.model, init_from=source), len(build_char_tokenizer()), cfg.seed)
 
     def _run_sft(self, stage: Stage, cfg: Config) -> dict[str, Any]:
         import torch
@@ -222,7 +217,7 @@ class RecipeRunner:
         model = self._model(stage, cfg).to(training_device(cfg.training.device))
         codec = _codec()
         losses = supervised_finetune(
-            model, self._examples(stage, cfg, _task(cfg)), codec.encode, codec.eos_id,
+            model, self._examples(stage, cfg, build_task(cfg.task)), codec.encode, codec.eos_id,
             steps=cfg.sft.steps, batch_size=cfg.sft.batch_size, lr=cfg.sft.lr, chunk_len=cfg.training.chunk_len,
             mtp_coef=cfg.grpo.mtp_loss_coef, loss_backend=cfg.training.loss_backend, progress=self.progress,
             desc=f"{stage.name} (SFT)",
@@ -251,8 +246,6 @@ class RecipeRunner:
         return ((p.prompt, task.solution(p, rng.choices(styles, weights)[0])) for p in stream)
 
     def _run_grpo(self, stage: Stage, cfg: Config) -> dict[str, Any]:
-        from r1engine.trainer.grpo import GRPOTrainer
-
         out = self.stage_dir(stage.name)
         cfg = dataclasses.replace(cfg, output_dir=str(out), sft=dataclasses.replace(cfg.sft, steps=0))
         cfg.model = dataclasses.replace(cfg.model, init_from=str(self.stage_dir(stage.source) / "model"))
@@ -271,7 +264,7 @@ class RecipeRunner:
         from r1engine.rewards import CombinedReward, get_reward
         from r1engine.rollout import create_engine
 
-        codec, task = _codec(), _task(cfg)
+        codec, task = _codec(), build_task(cfg.task)
         problems = task.train_problems(seed=cfg.seed + 1).take(stage.prompts)
         engine = create_engine(cfg.rollout.backend, model_dir=str(self.stage_dir(stage.source) / "model"),
                                num_speculative_tokens=cfg.rollout.num_speculative_tokens,
@@ -324,7 +317,7 @@ class RecipeRunner:
         from r1engine.rollout import create_engine
         from r1engine.trainer.evaluation import held_out_accuracy
 
-        codec, task = _codec(), _task(cfg)
+        codec, task = _codec(), build_task(cfg.task)
         engine = create_engine("native", model_dir=str(self.stage_dir(stage.name) / "model"),
                                max_model_len=cfg.training.chunk_len)  # fmt: skip
         return held_out_accuracy(
@@ -399,8 +392,3 @@ def _write_json_atomic(path: Path, record: dict[str, Any]) -> None:
 
 def _codec() -> TextCodec:
     return TextCodec(build_char_tokenizer())
-
-
-def _task(cfg: Config):
-    t = cfg.task
-    return get_task(t.name, min_digits=t.min_digits, max_digits=t.max_digits, num_eval=t.num_eval)

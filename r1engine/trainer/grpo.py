@@ -25,10 +25,11 @@ from r1engine.algo.advantages import group_advantages
 from r1engine.data import get_task
 from r1engine.models import PolicyConfig, PolicyModel, TextCodec, build_char_tokenizer
 from r1engine.ops import grpo_loss
+from r1engine.packing import PackedBatch
 from r1engine.rewards import RewardScheduler, get_reward
 from r1engine.rollout import create_engine
 from r1engine.trainer.checkpoint import CheckpointManager, rng_state, set_rng_state
-from r1engine.trainer.config import Config, GRPOConfig
+from r1engine.trainer.config import Config, GRPOConfig, ModelConfig, TaskConfig
 from r1engine.trainer.distributed import (
     broadcast_module,
     broadcast_object,
@@ -41,6 +42,7 @@ from r1engine.trainer.engine import TrainEngine
 from r1engine.trainer.evaluation import held_out_accuracy
 from r1engine.trainer.metrics import MetricsLogger, plot_metrics, read_metrics
 from r1engine.trainer.sequences import (
+    PackedTokens,
     SequenceBatch,
     build_sequences,
     loss_tokens,
@@ -64,6 +66,66 @@ def seed_everything(seed: int, deterministic: bool) -> None:
         torch.use_deterministic_algorithms(True)
 
 
+def build_task(cfg: TaskConfig):
+    """The task a config names (`task.*`)."""
+    return get_task(cfg.name, min_digits=cfg.min_digits, max_digits=cfg.max_digits, num_eval=cfg.num_eval)
+
+
+def build_policy(cfg: ModelConfig, vocab_size: int, seed: int) -> PolicyModel:
+    """The policy a config names: `model.init_from`'s weights, else a fresh `model.preset` model seeded with `seed`."""
+    if cfg.init_from:
+        return PolicyModel.from_pretrained(cfg.init_from)
+    model = PolicyModel(PRESETS[cfg.preset](vocab_size=vocab_size, num_mtp_layers=cfg.num_mtp_layers))
+    model.reset_parameters(seed=seed)
+    return model
+
+
+def clipped_policy_loss(
+    model: PolicyModel,
+    batch: PackedBatch,
+    tokens: PackedTokens,
+    *,
+    advantages: torch.Tensor,
+    old: torch.Tensor,
+    ref: torch.Tensor | None,
+    cfg: GRPOConfig,
+    loss_backend: str = "auto",
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """The policy's training loss on a packed batch: the fused clipped surrogate (+ KL to `ref` when given) and the
+    MTP head's loss. `advantages`, `old`, `ref`: one value per loss token (`tokens`), on any device; the KL term is
+    off without `ref`. Returns (total loss, metrics); the caller runs backward and the optimizer step."""
+    device = model.device
+    out, cu = packed_forward(model, batch)
+    logits = model.logits(out.hidden[tokens.index.to(device)])
+    loss, m = grpo_loss(
+        logits,
+        tokens.targets.to(device),
+        advantages.to(device),
+        torch.ones(len(tokens.index), device=device),
+        old.to(device),
+        ref.to(device) if ref is not None else None,
+        eps_low=cfg.eps_low,
+        eps_high=cfg.eps_high,
+        dual_clip=cfg.dual_clip,
+        beta=cfg.beta if ref is not None else 0.0,
+        kl_estimator=cfg.kl_estimator,
+        temperature=cfg.temperature,
+        agg=cfg.agg,
+        max_len=cfg.max_new_tokens,
+        segment_ids=tokens.segment_ids.to(device),
+        backend=loss_backend,
+    )
+    mtp = packed_mtp_loss(model, batch, out, cu, cfg.mtp_loss_coef)
+    return loss + mtp, {
+        "loss/policy": float(loss.detach()),
+        "loss/mtp": float(mtp.detach()),
+        "loss/clip_frac": float(m.clip_frac),
+        "loss/kl_mean": float(m.kl_mean),
+        "loss/ratio_mean": float(m.ratio_mean),
+        "loss/entropy": mean_entropy(logits, cfg.temperature),
+    }
+
+
 def grpo_train_step(
     model: PolicyModel,
     train_engine: TrainEngine,
@@ -84,44 +146,20 @@ def grpo_train_step(
     """
     extra = {"old": old} if ref is None else {"old": old, "ref": ref}
     batch, _ = pack(seqs, chunk_len, fields=extra, pad_id=pad_id)
-    tokens = loss_tokens(batch)  # gathered on the host, then moved: only [M] values travel to the model's device
-    device = model.device
-    old_tokens = batch.fields["old"].reshape(-1)[tokens.index].to(device)
-    ref_tokens = batch.fields["ref"].reshape(-1)[tokens.index].to(device) if ref is not None else None
-    out, cu = packed_forward(model, batch)
-    logits = model.logits(out.hidden[tokens.index.to(device)])
-    loss, m = grpo_loss(
-        logits,
-        tokens.targets.to(device),
-        advantages[tokens.seq_ids].to(device),
-        torch.ones(len(tokens.index), device=device),
-        old_tokens,
-        ref_tokens,
-        eps_low=cfg.eps_low,
-        eps_high=cfg.eps_high,
-        dual_clip=cfg.dual_clip,
-        beta=cfg.beta if ref is not None else 0.0,
-        kl_estimator=cfg.kl_estimator,
-        temperature=cfg.temperature,
-        agg=cfg.agg,
-        max_len=cfg.max_new_tokens,
-        segment_ids=tokens.segment_ids.to(device),
-        backend=loss_backend,
+    tokens = loss_tokens(batch)  # gathered on the host: only [M] values travel to the model's device
+    total, stats = clipped_policy_loss(
+        model,
+        batch,
+        tokens,
+        advantages=advantages[tokens.seq_ids],
+        old=batch.fields["old"].reshape(-1)[tokens.index],
+        ref=batch.fields["ref"].reshape(-1)[tokens.index] if ref is not None else None,
+        cfg=cfg,
+        loss_backend=loss_backend,
     )
-    entropy = mean_entropy(logits, cfg.temperature)
-    mtp = packed_mtp_loss(model, batch, out, cu, cfg.mtp_loss_coef)
-    total = loss + mtp
     train_engine.backward(total)
-    grad_norm = train_engine.step()
-    return {
-        "loss/policy": float(loss.detach()),
-        "loss/mtp": float(mtp.detach()),
-        "loss/clip_frac": float(m.clip_frac),
-        "loss/kl_mean": float(m.kl_mean),
-        "loss/ratio_mean": float(m.ratio_mean),
-        "loss/entropy": float(entropy),
-        "loss/grad_norm": grad_norm,
-    }
+    stats["loss/grad_norm"] = train_engine.step()
+    return stats
 
 
 class GRPOTrainer:
@@ -136,21 +174,12 @@ class GRPOTrainer:
             torch.set_num_threads(cfg.training.num_threads)
         self.out_dir = Path(cfg.output_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        self.task = get_task(
-            cfg.task.name, min_digits=cfg.task.min_digits, max_digits=cfg.task.max_digits, num_eval=cfg.task.num_eval
-        )
+        self.task = build_task(cfg.task)
         self.stream = self.task.train_problems(seed=cfg.seed)
         self.tokenizer = build_char_tokenizer()
         self.codec = TextCodec(self.tokenizer)
-        self.bos_id, self.eos_id = self.tokenizer.bos_token_id, self.tokenizer.eos_token_id
-        if cfg.model.init_from:
-            self.model = PolicyModel.from_pretrained(cfg.model.init_from)
-        else:
-            model_cfg = PRESETS[cfg.model.preset](
-                vocab_size=len(self.tokenizer), num_mtp_layers=cfg.model.num_mtp_layers
-            )
-            self.model = PolicyModel(model_cfg)
-            self.model.reset_parameters(seed=cfg.seed)
+        self.eos_id = self.tokenizer.eos_token_id
+        self.model = build_policy(cfg.model, len(self.tokenizer), cfg.seed)
         self.rank, self.world_size = init_distributed()
         self.device = training_device(cfg.training.device)
         self.model.to(device=self.device, dtype=getattr(torch, cfg.model.dtype))

@@ -37,19 +37,15 @@ from torch.nn.utils.rnn import pad_sequence
 from r1engine.algo.gae import clipped_value_loss, gae_advantages, whiten
 from r1engine.algo.kl import kl_k3
 from r1engine.models import PolicyModel
-from r1engine.ops import grpo_loss
 from r1engine.packing import PackedBatch
 from r1engine.trainer.checkpoint import CheckpointManager
 from r1engine.trainer.config import Config, GRPOConfig
 from r1engine.trainer.engine import TrainEngine
-from r1engine.trainer.grpo import GRPOTrainer
+from r1engine.trainer.grpo import GRPOTrainer, clipped_policy_loss
 from r1engine.trainer.sequences import (
     SequenceBatch,
     loss_tokens,
-    mean_entropy,
     pack,
-    packed_forward,
-    packed_mtp_loss,
     per_sequence,
 )
 
@@ -150,29 +146,14 @@ def ppo_train_step(
     tokens = loss_tokens(batch)
     per_token = {name: batch.fields[name].reshape(-1)[tokens.index] for name in fields}
 
-    out, cu = packed_forward(model, batch)
-    logits = model.logits(out.hidden[tokens.index])
-    loss, m = grpo_loss(
-        logits,
-        tokens.targets,
-        per_token["adv"],
-        torch.ones(len(tokens.index)),
-        per_token["old"],
-        None,
-        eps_low=cfg.eps_low,
-        eps_high=cfg.eps_high,
-        dual_clip=cfg.dual_clip,
-        beta=0.0,
-        temperature=cfg.temperature,
-        agg=cfg.agg,
-        max_len=cfg.max_new_tokens,
-        segment_ids=tokens.segment_ids,
-        backend=loss_backend,
-    )
-    entropy = mean_entropy(logits, cfg.temperature)
-    mtp = packed_mtp_loss(model, batch, out, cu, cfg.mtp_loss_coef)
-    train_engine.backward(loss + mtp)
-    grad_norm = train_engine.step()
+    # the policy half is GRPO's loss with per-token advantages and no KL term (PPO has it in the reward)
+    total, stats = clipped_policy_loss(
+        model, batch, tokens, advantages=per_token["adv"], old=per_token["old"], ref=None, cfg=cfg,
+        loss_backend=loss_backend,
+    )  # fmt: skip
+    del stats["loss/kl_mean"]
+    train_engine.backward(total)
+    stats["loss/grad_norm"] = train_engine.step()
 
     values = value_model(batch)[tokens.index.to(value_model.value_head.weight.device)].cpu()
     value_loss, value_clip_frac = clipped_value_loss(
@@ -181,12 +162,7 @@ def ppo_train_step(
     value_engine.backward(value_loss)
     value_grad_norm = value_engine.step()
     return {
-        "loss/policy": float(loss.detach()),
-        "loss/mtp": float(mtp.detach()),
-        "loss/clip_frac": float(m.clip_frac),
-        "loss/ratio_mean": float(m.ratio_mean),
-        "loss/entropy": float(entropy),
-        "loss/grad_norm": grad_norm,
+        **stats,
         "value/loss": float(value_loss.detach()),
         "value/clip_frac": float(value_clip_frac),
         "value/grad_norm": value_grad_norm,
