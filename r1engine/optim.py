@@ -2,7 +2,7 @@
 
 Why not `torch.optim.AdamW`: constructing any `torch.optim.Optimizer` imports `torch._dynamo` (its
 `add_param_group` is wrapped by `torch._disable_dynamo`, which imports dynamo on first call), and with it sympy and
-the inductor/triton front end: about 146 MiB of resident memory in every CPU training process (measured in
+the inductor/triton front end: about 144 MiB of resident memory in every CPU training process (measured in
 benchmarks/results/optim.md) for an optimizer that never compiles anything. `FusedAdamW` therefore does NOT
 subclass `torch.optim.Optimizer`; it is a small duck-typed optimizer with the same hyperparameters, `param_groups`,
 `state`, `step()`, `zero_grad()` and a `state_dict()` in `torch.optim.AdamW`'s format (either can load the
