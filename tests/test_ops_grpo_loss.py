@@ -311,3 +311,28 @@ def test_backend_resolution():
     else:
         mod = load("triton")
         assert all(hasattr(mod, f) for f in ("token_logprobs_fwd", "grpo_fwd", "logprobs_bwd"))
+
+
+def test_eager_calls_do_not_load_the_compiler():
+    """Eager forward and backward of every fused op leave `torch._dynamo` unimported: `torch.library.custom_op`
+    would import it (about 144 MiB resident) on the first call; r1engine registers its ops without that wrapper."""
+    script = """
+import sys, torch
+import r1engine.ops as ops
+from r1engine.ops.linear_grpo_loss import linear_grpo_loss
+g = torch.Generator().manual_seed(0)
+x = torch.randn(2, 5, 11, generator=g, requires_grad=True)
+t = torch.randint(0, 11, (2, 5), generator=g)
+adv, mask = torch.randn(2, generator=g), torch.ones(2, 5)
+loss, _ = ops.grpo_loss(x, t, adv, mask, torch.randn(2, 5, generator=g) - 2, beta=0.1, backend="cpp")
+(loss + ops.token_logprobs(x, t, backend="cpp").sum()).backward()
+h, w = torch.randn(2, 5, 8, requires_grad=True), torch.randn(11, 8, requires_grad=True)
+linear_grpo_loss(h, w, t, adv, mask, backend="torch")[0].backward()
+assert x.grad is not None and h.grad is not None and w.grad is not None
+print(sorted(m for m in ("torch._dynamo", "sympy") if m in sys.modules))
+"""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr

@@ -1,10 +1,11 @@
 """Public fused GRPO-loss operators: ``grpo_loss`` and ``token_logprobs`` with a backend switch.
 
-Both are ``torch.library.custom_op``s (with ``register_fake`` and ``register_autograd``), so they work with autograd
-and ``torch.compile(fullgraph=True)``. The forward streams each vocabulary row once (online log-sum-exp) and saves
-only O(N) tensors (plus a reference to the logits); the backward writes ``(onehot - softmax) * g / T`` into a new
-tensor or, with ``inplace_backward=True``, into the logits buffer itself (no second ``[N, V]`` tensor; the caller
-must not need the logits afterwards; under ``torch.compile`` functionalization may copy instead).
+Both are ``torch.library`` operators (``r1engine.ops._library.custom_op``: a fake kernel and an autograd formula), so
+they work with autograd and ``torch.compile(fullgraph=True)``, and eager calls do not load the compiler. The forward
+streams each vocabulary row once (online log-sum-exp) and saves only O(N) tensors (plus a reference to the logits);
+the backward writes ``(onehot - softmax) * g / T`` into a new tensor or, with ``inplace_backward=True``, into the
+logits buffer itself (no second ``[N, V]`` tensor; the caller must not need the logits afterwards; under
+``torch.compile`` functionalization may copy instead).
 
 Backends (see ``r1engine.ops.backends``): ``"torch"`` (reference), ``"cpp"`` (C++ CPU kernel), ``"cuda"``,
 ``"triton"``, ``"auto"`` (the fastest available for the tensors' device).
@@ -16,6 +17,7 @@ import torch
 
 from r1engine.algo.kl import kl_estimator_id
 from r1engine.algo.loss import AGGREGATIONS, GRPOMetrics, aggregation_weights, grpo_metrics
+from r1engine.ops._library import custom_op
 from r1engine.ops.backends import BACKENDS, load, resolve
 
 __all__ = ["GRPOMetrics", "grpo_loss", "token_logprobs"]
@@ -52,7 +54,7 @@ def _check_finite_lse(lse: torch.Tensor, weights: torch.Tensor | None) -> None:
 # Custom operators. Inputs are already flattened: logits [N, V], per-token vectors [N].
 
 
-@torch.library.custom_op("r1engine::grpo_loss", mutates_args=())
+@custom_op("r1engine::grpo_loss", mutates_args=())
 def _grpo_loss_op(
     logits: torch.Tensor,
     targets: torch.Tensor,
@@ -116,7 +118,7 @@ def _grpo_backward(ctx, grad_loss, *unused):
 _grpo_loss_op.register_autograd(_grpo_backward, setup_context=_grpo_setup_context)
 
 
-@torch.library.custom_op("r1engine::token_logprobs", mutates_args=())
+@custom_op("r1engine::token_logprobs", mutates_args=())
 def _token_logprobs_op(
     logits: torch.Tensor, targets: torch.Tensor, temperature: float, backend: str, check_finite: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -150,7 +152,7 @@ def _token_logprobs_backward(ctx, grad_logp, grad_lse):
 _token_logprobs_op.register_autograd(_token_logprobs_backward, setup_context=_token_logprobs_setup_context)
 
 
-@torch.library.custom_op("r1engine::logprobs_backward", mutates_args=())
+@custom_op("r1engine::logprobs_backward", mutates_args=())
 def _logprobs_backward_op(
     logits: torch.Tensor,
     targets: torch.Tensor,
@@ -167,7 +169,7 @@ def _(logits, targets, lse, dlogp, temperature, backend):
     return torch.empty_like(logits)
 
 
-@torch.library.custom_op("r1engine::logprobs_backward_inplace", mutates_args=("logits",))
+@custom_op("r1engine::logprobs_backward_inplace", mutates_args=("logits",))
 def _logprobs_backward_inplace_op(
     logits: torch.Tensor,
     targets: torch.Tensor,

@@ -9,10 +9,10 @@
   recomputed per chunk), the oracle in tests and the path on CPU;
 * "auto": triton on CUDA tensors when triton imports, else torch.
 
-Only tokens with a non-zero aggregation weight are computed (they are compacted first), so prompt and padding
-tokens cost nothing. The op is one `torch.library.custom_op` (`r1engine::linear_grpo_fwd`, with a fake
-implementation and an autograd formula that calls `r1engine::linear_grpo_bwd`), so it works under autograd and
-`torch.compile`.
+Only tokens with a non-zero aggregation weight are computed (they are compacted first), so prompt and padding tokens
+cost nothing. The op is one `torch.library` operator (`r1engine::linear_grpo_fwd`, registered by
+`r1engine.ops._library`, with a fake implementation and an autograd formula that calls `r1engine::linear_grpo_bwd`),
+so it works under autograd and `torch.compile`.
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import torch
+
+from r1engine.ops._library import custom_op
 
 if TYPE_CHECKING:
     from r1engine.algo.loss import GRPOMetrics
@@ -113,7 +115,7 @@ def _logprobs_bwd(hidden, weight, targets, lse, grad_logp, temperature, backend)
 # the custom ops
 
 
-@torch.library.custom_op("r1engine::linear_grpo_fwd", mutates_args=())
+@custom_op("r1engine::linear_grpo_fwd", mutates_args=())
 def _linear_grpo_fwd(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -172,7 +174,7 @@ def _(hidden, weight, targets, advantages, old_logp, ref_logp, weights, *args):
     return tuple(hidden.new_empty(n, dtype=torch.float32) for _ in range(7))
 
 
-@torch.library.custom_op("r1engine::linear_grpo_bwd", mutates_args=())
+@custom_op("r1engine::linear_grpo_bwd", mutates_args=())
 def _linear_grpo_bwd(
     hidden: torch.Tensor,
     weight: torch.Tensor,
