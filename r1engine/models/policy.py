@@ -252,7 +252,7 @@ class PolicyModel(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.lm_head.weight.device
+        return self.model.embed_tokens.weight.device  # not lm_head: the value model replaces it with an identity
 
     @property
     def dtype(self) -> torch.dtype:
