@@ -84,6 +84,25 @@ def test_native_generate_shapes_stop_and_logprobs(models):
     assert again.completion_ids == b.completion_ids  # seeded: reproducible
 
 
+def test_native_finished_rows_leave_the_batch(models):
+    """Without speculation, rows that hit a stop token are dropped from the decode batch (their KV-cache rows
+    too): the model computes fewer rows per step, and every completion is still what the model would give alone."""
+    _, m1, _ = models
+    eng = create_engine("native", model=m1)
+    rows_seen = []
+    hook = eng.model.model.embed_tokens.register_forward_hook(lambda mod, inp, out: rows_seen.append(inp[0].shape[0]))
+    prompts, stop = _prompts(6, 4), [25, 33, 41]
+    b = eng.generate(prompts, n=4, max_new_tokens=30, temperature=1.0, stop_token_ids=stop, seed=11)
+    hook.remove()
+    lengths = sorted(len(c) for c in b.completion_ids)
+    assert lengths[0] < lengths[-1] and "stop" in b.finish_reason  # rows finish at different steps
+    assert rows_seen[0] == 24 and min(rows_seen) < 24  # prefill of all rows, then a shrinking batch
+    assert _max_logprob_diff(m1, b) < 1e-4  # the kept cache rows belong to the right sequences
+    greedy = eng.generate(prompts, n=1, max_new_tokens=30, temperature=0, stop_token_ids=stop)
+    alone = [eng.generate([p], n=1, max_new_tokens=30, temperature=0, stop_token_ids=stop) for p in prompts]
+    assert greedy.completion_ids == [a.completion_ids[0] for a in alone]
+
+
 @pytest.mark.parametrize("k", [1, 2])
 def test_native_greedy_speculation_equals_plain(models, k):
     for m in models[:2]:

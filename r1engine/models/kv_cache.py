@@ -68,6 +68,15 @@ class KVCache:
         """Commit `n` (per row, or for all rows) of the tokens written by the last forward."""
         self.lengths += n
 
+    def keep_rows(self, rows: torch.Tensor) -> None:
+        """Keep only the batch rows `rows` (int64 indices, in the new order): finished sequences leave the batch,
+        so later forwards stop computing them. Copies the kept rows' keys and values (`[L, len(rows), ...]`)."""
+        rows = rows.to(self.lengths.device)
+        self.k = self.k.index_select(1, rows)
+        self.v = self.v.index_select(1, rows)
+        self.lengths = self.lengths.index_select(0, rows)
+        self._pos = self._mask = None
+
     def reset(self) -> None:
         """Forget everything (the memory stays allocated)."""
         self.lengths.zero_()

@@ -137,7 +137,8 @@ class NativeEngine:
         ids = torch.zeros((bsz, width), dtype=torch.long, device=self.device)
         for i, r in enumerate(rows):
             ids[i, : len(r)] = torch.tensor(r, device=self.device)
-        cap = self.max_model_len + k + 1
+        # room for the longest row this call can produce (not max_model_len: the cache is zero-filled per call)
+        cap = max(len(r) + b for r, b in zip(rows, budget, strict=True)) + k + 1
         kv = dict(dtype=self.dtype, device=self.device)
         cache = KVCache(cfg.num_layers, bsz, cap, cfg.num_kv_heads, cfg.head_dim, **kv)
         mcache = KVCache(1, bsz, cap, cfg.num_kv_heads, cfg.head_dim, **kv) if k else None
@@ -182,18 +183,25 @@ class NativeEngine:
             mcache.advance(lens)
             drafts, dprobs = self._chain_drafts(mh[brange, last_pos], mcache, k, scfg, gen)
 
+        live = torch.arange(bsz, device=self.device)  # without speculation: the batch row of each cache row
         while bool(active.any()):
             stats.num_steps += 1
             if not k:
+                live_active = active[live]
+                if int(live_active.sum()) <= 3 * len(live) // 4:  # drop finished rows (copies the cache)
+                    keep = live_active.nonzero().squeeze(1)
+                    cache.keep_rows(keep)
+                    live, last, live_active = live[keep], last[keep], live_active[keep]
                 pos = cache.lengths[:, None].clamp(max=max_pos)
                 out = self.model(last[:, None], position_ids=pos, kv_cache=cache)
-                cache.advance(active.long())
+                cache.advance(live_active.long())
                 logits = self.model.logits(out.hidden[:, 0])
                 probs = processed_probs(logits, scfg)
                 tok = sample_from(probs, gen)
                 lp = self._logprob(logits, tok)
-                for i in torch.nonzero(active).flatten().tolist():
-                    emit(i, [int(tok[i])], [float(lp[i])])
+                for i, on, t, p in zip(live.tolist(), live_active.tolist(), tok.tolist(), lp.tolist(), strict=True):
+                    if on:
+                        emit(i, [t], [p])
                 last = tok
                 continue
             inp = torch.cat([last[:, None], drafts], 1)  # [B, k+1]

@@ -46,6 +46,7 @@ from r1engine.trainer.sequences import (
     SequenceBatch,
     loss_tokens,
     pack,
+    packed_forward,
     per_sequence,
 )
 
@@ -101,14 +102,7 @@ class ValueModel(nn.Module):
 
     def forward(self, batch: PackedBatch) -> torch.Tensor:
         """Values `[K*L]` (fp32) at every position of a packed batch (all chunks as one packed row)."""
-        cu, max_seqlen = batch.cu_seqlens_flat()
-        device = self.value_head.weight.device
-        out = self.body(
-            batch.input_ids.reshape(-1).to(device),
-            position_ids=batch.position_ids.reshape(-1).to(device),
-            cu_seqlens=cu.to(device),
-            max_seqlen=max_seqlen,
-        )
+        out, _ = packed_forward(self.body, batch)
         return self.value_head(out.hidden).squeeze(-1).float()
 
 

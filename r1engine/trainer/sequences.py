@@ -103,16 +103,42 @@ def loss_tokens(batch: PackedBatch) -> PackedTokens:
     return PackedTokens(index, batch.fields["targets"].reshape(-1)[index], segment_ids, seq_ids)
 
 
+def real_token_layout(batch: PackedBatch) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The batch's real tokens as one packed row without the chunks' padding tails: their flat `[K*L]` slots
+    (ascending), int32 cu_seqlens over them and the longest sequence."""
+    keep = batch.valid.reshape(-1).nonzero().squeeze(1).cpu()
+    seq = batch.seq_index.reshape(-1).cpu()[keep]
+    starts = torch.ones_like(seq, dtype=torch.bool)
+    starts[1:] = seq[1:] != seq[:-1]
+    cu = torch.cat([starts.nonzero().squeeze(1), torch.tensor([len(seq)])]).to(torch.int32)
+    return keep, cu, int(cu.diff().max()) if len(seq) else 0
+
+
 def packed_forward(model: PolicyModel, batch: PackedBatch):
-    """Run the model over all chunks as one packed row; returns `ModelOutput` with hidden `[K*L, H]`."""
-    cu, max_seqlen = batch.cu_seqlens_flat()
+    """Run the model over all chunks as one packed row; returns `ModelOutput` with hidden `[K*L, H]` and the
+    row's cu_seqlens.
+
+    Only the real tokens are computed: in one flat row the chunks' padding tails would cost every layer's work and
+    attention over a segment of their own for nothing (they are 19% of the slots for ~60-token sequences in
+    256-token chunks). The outputs are scattered back to the `[K*L]` layout (zeros on padding), so loss-token
+    indices, the MTP loss and uncollate keep working on it."""
+    cu, _ = batch.cu_seqlens_flat()
+    keep, real_cu, max_seqlen = real_token_layout(batch)
     device = model.device
-    return model(
-        batch.input_ids.reshape(-1).to(device),
-        position_ids=batch.position_ids.reshape(-1).to(device),
-        cu_seqlens=cu.to(device),
+    slots = keep.to(device)
+    out = model(
+        batch.input_ids.reshape(-1).to(device)[slots],
+        position_ids=batch.position_ids.reshape(-1).to(device)[slots],
+        cu_seqlens=real_cu.to(device),
         max_seqlen=max_seqlen,
-    ), cu
+    )
+    if len(keep) < batch.input_ids.numel():
+
+        def full(t: torch.Tensor) -> torch.Tensor:
+            return t.new_zeros(batch.input_ids.numel(), *t.shape[1:]).index_copy(0, slots, t)
+
+        out.hidden, out.last_hidden = full(out.hidden), full(out.last_hidden)
+    return out, cu
 
 
 def completion_token_mask(loss_mask: torch.Tensor) -> torch.Tensor:
