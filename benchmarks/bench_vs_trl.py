@@ -334,6 +334,57 @@ def summarize(runs: list[dict[str, Any]], completions: int) -> dict[str, float]:
     }
 
 
+def matmul_floor(a: argparse.Namespace, results: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """A lower bound on one rollout's time: the dense-layer FLOPs that any implementation of this GRPO step must
+    spend, at the GEMM throughput this CPU reaches on the model's own layer shapes (measured here, 1 thread).
+
+    Work counted per token of prompt + completion: one forward while generating, one for the reference log-probs
+    (beta > 0), and forward + backward (3 forwards) for training; a forward is 2 FLOPs per weight of every linear
+    layer (lm_head included). Attention, element-wise ops, sampling and the optimizer are left out."""
+    import time
+
+    import torch
+
+    from r1engine.models import PolicyModel
+
+    torch.set_num_threads(1)
+    model = PolicyModel.from_pretrained(a.init_dir)
+    shapes = [(m.in_features, m.out_features) for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    weights = sum(i * o for i, o in shapes)
+    tasks = problems(a.rollouts * a.prompts)
+    prompt_tokens = a.group * sum(len(p.prompt) + 1 for p in tasks) / a.rollouts  # BOS + one token per character
+    completion_tokens = a.prompts * a.group * statistics_mean(results["r1engine"]["response_len"])
+    tokens = prompt_tokens + completion_tokens
+
+    def gemm_flops_per_s(rows: int) -> float:
+        pairs = [(torch.randn(rows, i), torch.randn(i, o)) for i, o in shapes]
+        for x, w in pairs:  # warm-up
+            x @ w
+        best = float("inf")
+        for _ in range(5):
+            t0 = time.perf_counter()
+            for x, w in pairs:
+                x @ w
+            best = min(best, time.perf_counter() - t0)
+        return 2 * rows * weights / best
+
+    decode_rate = gemm_flops_per_s(a.prompts * a.group)  # generation: one row per sequence per step
+    batch_rate = gemm_flops_per_s(int(tokens) // a.mini_batches)  # reference pass and training: packed tokens
+    forward = 2 * weights * tokens
+    passes = 3 + (1 if a.beta > 0 else 0)
+    return {
+        "tokens": tokens,
+        "gflop": forward * (1 + passes) / 1e9,
+        "decode_gflops": decode_rate / 1e9,
+        "batch_gflops": batch_rate / 1e9,
+        "floor_s": forward / decode_rate + passes * forward / batch_rate,
+    }
+
+
+def statistics_mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
 def plot(results: dict[str, dict[str, Any]], path: Path, title: str) -> None:
     import matplotlib
 
@@ -373,7 +424,12 @@ def fmt_list(values: list[float]) -> str:
     return ", ".join(f"{v:.2f}" for v in values)
 
 
-def write_report(a: argparse.Namespace, results: dict[str, dict[str, Any]], stats: dict[str, dict[str, float]]):
+def write_report(
+    a: argparse.Namespace,
+    results: dict[str, dict[str, Any]],
+    stats: dict[str, dict[str, float]],
+    floor: dict[str, float],
+):
     r1, trl = stats["r1engine"], stats["trl"]
     speed = r1["samples_per_s"] / trl["samples_per_s"]
     mem = r1["peak_rss_mib"] / trl["peak_rss_mib"]
@@ -411,8 +467,8 @@ Command: `{" ".join(["python", "benchmarks/bench_vs_trl.py", *sys.argv[1:]])}`
 Setting (identical for both): {", ".join(f"{k} {v}" for k, v in settings.items())}. Model: `PolicyConfig.demo`
 body without MTP (hidden 192, 3 layers, 6/2 heads, MLP 512, vocab 101; {results["r1engine"].get("params", "?")}
 parameters), starting from the same {a.sft_steps}-step cold-start SFT checkpoint. r1engine: rollout backend
-`{a.r1_rollout}` (no speculation), rewards in 1 worker process, packing into 256-token chunks, fused C++ loss,
-old log-probs: {old_source}; TRL recomputes them.
+`{a.r1_rollout}` (no speculation), rewards in 1 worker process, packing into 256-token chunks (the forward skips
+their padding), fused C++ loss, old log-probs: {old_source}; TRL recomputes them.
 TRL: Hugging Face `generate` (TRL's vLLM path needs CUDA), padded batches, rewards in-process. Timed: rollouts
 2..{a.rollouts} (the first is the warm-up); each rollout = {a.prompts * a.group} completions and {a.mini_batches}
 optimizer steps. samples/s: median over the repeats (r1engine {fmt_list(r1["samples_per_s_repeats"])}, TRL
@@ -426,6 +482,15 @@ already hold what r1engine loads later, e.g. the torch compiler stack that AdamW
 <= 0.5x memory.
 
 r1engine per rollout (median): {phase_line}.
+
+**Matmul floor** (`matmul_floor`: the dense-layer FLOPs every implementation of this step spends, at the GEMM
+throughput measured on the model's layer shapes in this run): {floor["tokens"]:.0f} tokens per rollout,
+{floor["gflop"]:.1f} GFLOP (generation 1 + reference 1 + training 3 forwards) at {floor["decode_gflops"]:.0f} GFLOP/s
+(generation, {a.prompts * a.group} rows) and {floor["batch_gflops"]:.0f} GFLOP/s (packed batches) =
+**{floor["floor_s"]:.2f} s**.
+r1engine's step is {r1["rollout_s_median"] / floor["floor_s"]:.2f}x the floor, TRL's
+{trl["rollout_s_median"] / floor["floor_s"]:.2f}x; no implementation of this setting can be more than
+{trl["rollout_s_median"] / floor["floor_s"]:.2f}x TRL's speed on this CPU.
 
 Mean reward per rollout (the same prompts in the same order for both):
 
@@ -484,7 +549,7 @@ def main() -> None:
     stats = {name: summarize(r, n) for name, r in runs.items()}
     results = {name: r[0] for name, r in runs.items()}  # reward curves and details: the first repeat
     RESULTS.mkdir(parents=True, exist_ok=True)
-    write_report(a, results, stats)
+    write_report(a, results, stats, matmul_floor(a, results))
 
 
 if __name__ == "__main__":
