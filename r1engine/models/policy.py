@@ -12,6 +12,7 @@ Inputs are either a padded batch `[B, T]`, a packed row (`[1, total]` or `[total
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 from collections.abc import Iterator
@@ -23,6 +24,9 @@ from torch import nn
 
 from r1engine.models.config import PolicyConfig
 from r1engine.models.kv_cache import KVCache
+from r1engine.ops.rms_norm import rms_norm, rms_norm_reference
+from r1engine.ops.rope import rope, rope_reference
+from r1engine.ops.swiglu import swiglu, swiglu_reference
 
 
 # ----------------------------------------------------------------------------------------------- attention backends
@@ -54,6 +58,25 @@ def _varlen_attention():
 
 
 # ----------------------------------------------------------------------------------------------------- layers
+# The element-wise parts of a layer (RMSNorm, SwiGLU, RoPE) go through r1engine's fused operators (backend "auto":
+# the C++ kernels for fp32/bf16 CPU tensors, else the same formulas in PyTorch), which save fewer activations for the
+# backward pass than the op-by-op graph. `fused_layer_ops(False)` switches to the op-by-op references (same math) for
+# comparisons (benchmarks/bench_layers.py).
+_FUSED_LAYER_OPS = True
+
+
+@contextlib.contextmanager
+def fused_layer_ops(enabled: bool = True) -> Iterator[None]:
+    """Within the block, layers use the fused operators (`enabled=True`, the default outside any block) or the
+    op-by-op PyTorch references (`False`). Not thread-local: it switches every PolicyModel in the process."""
+    global _FUSED_LAYER_OPS
+    previous, _FUSED_LAYER_OPS = _FUSED_LAYER_OPS, bool(enabled)
+    try:
+        yield
+    finally:
+        _FUSED_LAYER_OPS = previous
+
+
 class RMSNorm(nn.Module):
     """y = x / sqrt(mean(x^2) + eps) * weight, computed in fp32 (as Qwen2 and vLLM do)."""
 
@@ -63,9 +86,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (xf * self.weight.float()).to(x.dtype)
+        if _FUSED_LAYER_OPS:
+            return rms_norm(x, self.weight, self.eps)
+        return rms_norm_reference(x, self.weight, self.eps)
 
 
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -77,11 +100,10 @@ def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x `[..., T, H, D]` rotated by cos/sin `[..., T, D]`."""
-    half = x.shape[-1] // 2
-    rot = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    c, s = cos.unsqueeze(-2), sin.unsqueeze(-2)
-    return (x.float() * c + rot.float() * s).to(x.dtype)
+    """x `[..., T, H, D]` rotated by cos/sin `[..., T, D]` (no gradient to cos/sin)."""
+    if _FUSED_LAYER_OPS:
+        return rope(x, cos, sin)
+    return rope_reference(x, cos, sin)
 
 
 @dataclass
@@ -129,7 +151,8 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        act = swiglu if _FUSED_LAYER_OPS else swiglu_reference
+        return self.down_proj(act(self.gate_proj(x), self.up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
