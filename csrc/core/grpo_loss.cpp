@@ -12,86 +12,16 @@
 #include <cmath>
 #include <limits>
 
-#if defined(__AVX2__) && defined(__FMA__)
-#include <immintrin.h>
-#define R1_GRPO_AVX2 1
-#endif
+#include "core/simd.h"
 
 namespace r1engine {
 namespace {
 
+using namespace simd;  // NOLINT(build/namespaces): the kernels below are written in its vocabulary
+
 constexpr int64_t kChunk = 2048;  // elements per online-LSE chunk (8 KiB of fp32: stays in L1)
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
-inline float load_scalar(const float* p, int64_t i) { return p[i]; }
-inline float load_scalar(const uint16_t* p, int64_t i) { return bf16_to_float(p[i]); }
-inline void store_scalar(float* p, int64_t i, float x) { p[i] = x; }
-inline void store_scalar(uint16_t* p, int64_t i, float x) { p[i] = float_to_bf16(x); }
-
-#ifdef R1_GRPO_AVX2
-// exp(x) for fp32 lanes: Cephes-style range reduction + degree-6 polynomial (~1e-7 relative error).
-// Inputs below -87.3 give exactly 0 (so -inf logits contribute nothing); NaN propagates.
-inline __m256 exp256(__m256 x) {
-  const __m256 lo = _mm256_set1_ps(-87.3365447505f);
-  const __m256 hi = _mm256_set1_ps(88.3762626647f);
-  const __m256 underflow = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
-  x = _mm256_max_ps(lo, x);  // second operand returned for NaN: NaN kept
-  x = _mm256_min_ps(hi, x);
-  const __m256 fx = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
-  r = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), r);
-  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-  const __m256 r2 = _mm256_mul_ps(r, r);
-  p = _mm256_fmadd_ps(p, r2, _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
-  __m256i e = _mm256_add_epi32(_mm256_cvttps_epi32(fx), _mm256_set1_epi32(127));
-  e = _mm256_slli_epi32(e, 23);
-  const __m256 res = _mm256_mul_ps(p, _mm256_castsi256_ps(e));
-  return _mm256_andnot_ps(underflow, res);
-}
-
-inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
-inline __m256 load8(const uint16_t* p) {
-  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-}
-
-inline void store8(float* p, __m256 x, bool stream) {
-  if (stream)
-    _mm256_stream_ps(p, x);
-  else
-    _mm256_storeu_ps(p, x);
-}
-inline void store8(uint16_t* p, __m256 x, bool stream) {
-  __m256i b = _mm256_castps_si256(x);
-  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(b, 16), _mm256_set1_epi32(1));
-  b = _mm256_add_epi32(b, _mm256_add_epi32(_mm256_set1_epi32(0x7fff), lsb));
-  b = _mm256_srli_epi32(b, 16);
-  const __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(b), _mm256_extracti128_si256(b, 1));
-  if (stream)
-    _mm_stream_si128(reinterpret_cast<__m128i*>(p), packed);
-  else
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), packed);
-}
-
-inline float hmax(__m256 v) {
-  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
-  m = _mm_max_ss(m, _mm_shuffle_ps(m, m, 1));
-  return _mm_cvtss_f32(m);
-}
-inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-  return _mm_cvtss_f32(s);
-}
-#endif
 
 // Max of x[0:len] and whether any element is NaN.
 template <class T>
@@ -99,7 +29,7 @@ inline float chunk_max(const T* x, int64_t len, bool* has_nan) {
   int64_t j = 0;
   float m = kNegInf;
   bool nan = false;
-#ifdef R1_GRPO_AVX2
+#ifdef R1_SIMD_AVX2
   __m256 m0 = _mm256_set1_ps(kNegInf), m1 = m0;
   __m256 n0 = _mm256_setzero_ps();
   for (; j + 16 <= len; j += 16) {
@@ -126,7 +56,7 @@ template <class T>
 inline float chunk_expsum(const T* x, int64_t len, float m, float inv_t, const T* next, int64_t next_len) {
   int64_t j = 0;
   float s = 0.0f;
-#ifdef R1_GRPO_AVX2
+#ifdef R1_SIMD_AVX2
   const __m256 vi = _mm256_set1_ps(inv_t);
   const __m256 vb = _mm256_set1_ps(m * inv_t);
   __m256 s0 = _mm256_setzero_ps(), s1 = s0;
@@ -173,7 +103,7 @@ void row_bwd(const T* x, int64_t v, int64_t target, float lse, float g, float in
   const float p_t = std::exp(load_scalar(x, target) * inv_t - lse);
   int64_t j = 0;
   (void)stream;
-#ifdef R1_GRPO_AVX2
+#ifdef R1_SIMD_AVX2
   const __m256 vi = _mm256_set1_ps(inv_t);
   const __m256 vl = _mm256_set1_ps(lse);
   const __m256 vg = _mm256_set1_ps(-g);
@@ -251,7 +181,7 @@ void logprobs_bwd_impl(const T* logits, int64_t n, int64_t v, int64_t rs, const 
       continue;
     }
     row_bwd(logits + i * rs, v, targets[i], lse[i], dlogp[i] * inv_t, inv_t, out, stream);
-#ifdef R1_GRPO_AVX2
+#ifdef R1_SIMD_AVX2
     if (stream) _mm_sfence();  // order this thread's non-temporal stores before the region ends
 #endif
   }

@@ -10,6 +10,23 @@ from __future__ import annotations
 
 import torch
 
+from r1engine import _ext
+
+
+USE_DECODE_KERNEL = True
+"""Single-query steps on the CPU go through the C++ decode-step attention (`torch.ops.r1engine.decode_attention`)
+rather than SDPA with a ragged mask (benchmarks/bench_decode_attention.py measures both). False: always SDPA."""
+
+
+def _use_decode_kernel(q: torch.Tensor, cache: torch.Tensor) -> bool:
+    return (
+        USE_DECODE_KERNEL
+        and q.device.type == "cpu"
+        and q.dtype == cache.dtype
+        and q.dtype in (torch.float32, torch.bfloat16)
+        and _ext.has_op("decode_attention")
+    )
+
 
 class KVCache:
     """Preallocated `[layers, batch, kv_heads, max_len, head_dim]` keys and values plus per-row lengths."""
@@ -57,6 +74,10 @@ class KVCache:
         b_idx = torch.arange(q.shape[0], device=q.device)[:, None].expand_as(self._pos)
         self.k[layer][b_idx, :, self._pos] = k_new.to(self.k.dtype)
         self.v[layer][b_idx, :, self._pos] = v_new.to(self.v.dtype)
+        if q.shape[1] == 1 and _use_decode_kernel(q, self.k):  # one query per row: the decode-step kernel
+            scale = q.shape[-1] ** -0.5
+            out = torch.ops.r1engine.decode_attention(q[:, 0], self.k[layer], self.v[layer], self._pos[:, 0] + 1, scale)
+            return out[:, None]
         k = self.k[layer][:, :, : self._used]
         v = self.v[layer][:, :, : self._used]
         out = torch.nn.functional.scaled_dot_product_attention(
