@@ -182,6 +182,29 @@ def test_rope_bf16_equals_bf16_reference():
     assert torch.equal(ops.rope(x, cos, sin), rope_reference(x, cos, sin))
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_calls_without_autograd_match(dtype):
+    """Without grad (no_grad, or inputs that need none) the entry points call the kernels directly: same results."""
+    x, w = _randn((3, 5, 33), dtype, seed=1), _randn((33,), dtype, seed=2)
+    g, u = _randn((4, 19), dtype, seed=3), _randn((4, 19), dtype, seed=4)
+    q = _randn((2, 6, 3, 8), dtype, seed=5)
+    cos, sin = _cos_sin((1, 6, 8), seed=6)
+    cases = [  # (op, differentiable inputs, other inputs, reference)
+        (ops.rms_norm, (x, w), (1e-6,), rms_norm_reference),
+        (ops.swiglu, (g, u), (), swiglu_reference),
+        (ops.rope, (q,), (cos, sin), rope_reference),
+    ]
+    for fused, inputs, rest, reference in cases:
+        with_graph = fused(*[_leaf(t) for t in inputs], *rest)
+        assert with_graph.requires_grad
+        plain = fused(*inputs, *rest)  # nothing requires grad
+        with torch.no_grad():
+            no_grad = fused(*[_leaf(t) for t in inputs], *rest)
+        assert not plain.requires_grad and not no_grad.requires_grad
+        assert torch.equal(plain, with_graph.detach()) and torch.equal(no_grad, plain)
+        _assert_close(plain, reference(*[t.float() for t in inputs], *rest), dtype)
+
+
 # -------------------------------------------------------------------------------------------------- torch.compile
 def test_torch_compile_fullgraph_all_three():
     torch._dynamo.reset()
@@ -256,8 +279,8 @@ def test_bad_inputs_raise_clear_errors():
     # The raw kernels check their inputs too (they take contiguous, pre-flattened tensors).
     with pytest.raises(RuntimeError, match="x: expected a contiguous tensor"):
         torch.ops.r1engine.rms_norm_fwd(torch.randn(8, 6).t(), torch.ones(8), 1e-6)
-    with pytest.raises(RuntimeError, match=r"cos: expected shape \[4, 8\]"):
-        torch.ops.r1engine.rope_fwd(q, cos, sin)
+    with pytest.raises(RuntimeError, match=r"cos: expected shape \[rows, D\] = \[4, 8\] .*got \[1, 3, 8\]"):
+        torch.ops.r1engine.rope_fwd(q, cos[:, :3], sin)
 
 
 def test_backend_auto_resolution():

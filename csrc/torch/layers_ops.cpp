@@ -39,6 +39,16 @@ void check_f32(const Tensor& t, const char* name, at::IntArrayRef shape) {
   TORCH_CHECK(t.is_contiguous(), name, ": expected a contiguous tensor");
 }
 
+// cos / sin of RoPE: contiguous fp32, one row of D per row of x: [rows, D] or any shape [..., D] of rows * D elements
+// (e.g. [B, T, D] for x [B, T, H, D]).
+void check_table(const Tensor& t, const char* name, int64_t rows, int64_t dim) {
+  TORCH_CHECK(t.device().is_cpu(), name, ": expected a CPU tensor, got device ", t.device());
+  TORCH_CHECK(t.scalar_type() == at::kFloat, name, ": expected dtype float32, got ", t.scalar_type());
+  TORCH_CHECK(t.dim() >= 1 && t.size(-1) == dim && t.numel() == rows * dim, name, ": expected shape [rows, D] = [",
+              rows, ", ", dim, "] (one row per row of x), got ", t.sizes());
+  TORCH_CHECK(t.is_contiguous(), name, ": expected a contiguous tensor");
+}
+
 // x [..., H] -> (rows, H)
 std::tuple<int64_t, int64_t> rows_cols(const Tensor& x) {
   TORCH_CHECK(x.dim() >= 1, "x: expected at least 1 dimension [..., H], got a scalar");
@@ -99,8 +109,8 @@ Tensor rope_cpu(const Tensor& x, const Tensor& cos, const Tensor& sin, bool tran
   for (int64_t i = 0; i < x.dim() - 2; ++i) rows *= x.size(i);
   TORCH_CHECK(dim % 2 == 0, x_name, ": expected an even head dim D (NeoX rotate_half), got D = ", dim, " in shape ",
               x.sizes());
-  check_f32(cos, "cos", {rows, dim});
-  check_f32(sin, "sin", {rows, dim});
+  check_table(cos, "cos", rows, dim);
+  check_table(sin, "sin", rows, dim);
   Tensor y = at::empty(x.sizes(), x.options());
   r1engine::rope_apply(x.data_ptr(), dt, rows, heads, dim, cos.data_ptr<float>(), sin.data_ptr<float>(), transpose,
                        y.data_ptr());
@@ -123,7 +133,7 @@ TORCH_LIBRARY_FRAGMENT(r1engine, m) {
   m.def("swiglu_fwd(Tensor gate, Tensor up) -> Tensor");
   // -> dgate, dup
   m.def("swiglu_bwd(Tensor dy, Tensor gate, Tensor up) -> (Tensor, Tensor)");
-  // x [..., H, D] (rows = prod of the leading dims), cos/sin [rows, D] fp32
+  // x [..., H, D] (rows = prod of the leading dims), cos/sin [rows, D] (or [..., D] with x's leading dims) fp32
   m.def("rope_fwd(Tensor x, Tensor cos, Tensor sin) -> Tensor");
   // the transpose of rope_fwd applied to dy [..., H, D]
   m.def("rope_bwd(Tensor dy, Tensor cos, Tensor sin) -> Tensor");
