@@ -205,6 +205,35 @@ def test_calls_without_autograd_match(dtype):
         _assert_close(plain, reference(*[t.float() for t in inputs], *rest), dtype)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cuda_tensors_take_the_torch_backend(dtype):
+    """CUDA tensors: "auto" resolves to the PyTorch formulas (no CUDA kernels yet); results match the references."""
+    rms_mod = importlib.import_module("r1engine.ops.rms_norm")
+    dev = torch.device("cuda")
+    x, w = _randn((3, 5, 33), dtype, seed=1).to(dev), _randn((33,), dtype, seed=2).to(dev)
+    g, u = _randn((4, 19), dtype, seed=3).to(dev), _randn((4, 19), dtype, seed=4).to(dev)
+    q = _randn((2, 6, 3, 8), dtype, seed=5).to(dev)
+    cos, sin = (t.to(dev) for t in _cos_sin((1, 6, 8), seed=6))
+    assert rms_mod._resolve("auto", x) == "torch"
+    cases = [
+        (ops.rms_norm, (x, w), (1e-6,), rms_norm_reference),
+        (ops.swiglu, (g, u), (), swiglu_reference),
+        (ops.rope, (q,), (cos, sin), rope_reference),
+    ]
+    for fused, inputs, rest, reference in cases:
+        leaves = [_leaf(t) for t in inputs]
+        y = fused(*leaves, *rest)
+        dy = torch.randn_like(y)
+        grads = _grads(y, leaves, dy)
+        ref_leaves = [_leaf(t.float()) for t in inputs]
+        yr = reference(*ref_leaves, *rest)
+        grads_r = _grads(yr, ref_leaves, dy.float())
+        _assert_close(y, yr, dtype)
+        for a, b in zip(grads, grads_r, strict=True):
+            _assert_close(a, b, dtype)
+
+
 # -------------------------------------------------------------------------------------------------- torch.compile
 def test_torch_compile_fullgraph_all_three():
     torch._dynamo.reset()
