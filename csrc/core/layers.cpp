@@ -11,23 +11,17 @@
 #include <cmath>
 #include <vector>
 
-#if defined(__AVX2__) && defined(__FMA__)
-#include <immintrin.h>
-#define R1_LAYERS_AVX2 1
-#endif
+#include "core/simd.h"
 
 namespace r1engine {
 namespace {
+
+using namespace simd;  // NOLINT(build/namespaces)
 
 constexpr int64_t kParallelMin = 1 << 15;  // below this many elements a call runs on one thread
 constexpr int64_t kSwigluChunk = 1 << 13;  // elements per SwiGLU work item
 constexpr int64_t kMaxDwBlocks = 64;       // row blocks of the RMSNorm dweight reduction
 constexpr int64_t kMinDwRows = 16;         // at least this many rows per block
-
-inline float load1(const float* p, int64_t i) { return p[i]; }
-inline float load1(const uint16_t* p, int64_t i) { return bf16_to_float(p[i]); }
-inline void store1(float* p, int64_t i, float x) { p[i] = x; }
-inline void store1(uint16_t* p, int64_t i, float x) { p[i] = float_to_bf16(x); }
 
 inline float sigmoid1(float g) {
   const float e = std::exp(-std::fabs(g));
@@ -35,59 +29,11 @@ inline float sigmoid1(float g) {
   return g < 0.0f ? e * inv : inv;
 }
 
-#ifdef R1_LAYERS_AVX2
-inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
-inline __m256 load8(const uint16_t* p) {
-  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-}
-inline void store8(float* p, __m256 x) { _mm256_storeu_ps(p, x); }
-// Round to nearest even; NaN stays NaN (as float_to_bf16).
-inline void store8(uint16_t* p, __m256 x) {
-  __m256i b = _mm256_castps_si256(x);
-  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(b, 16), _mm256_set1_epi32(1));
-  const __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(b, _mm256_add_epi32(_mm256_set1_epi32(0x7fff), lsb)), 16);
-  const __m256i quiet = _mm256_or_si256(_mm256_srli_epi32(b, 16), _mm256_set1_epi32(0x40));
-  const __m256 nan = _mm256_cmp_ps(x, x, _CMP_UNORD_Q);
-  b = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(rounded), _mm256_castsi256_ps(quiet), nan));
-  const __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(b), _mm256_extracti128_si256(b, 1));
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), packed);
-}
-
-inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-  return _mm_cvtss_f32(s);
-}
-
-// exp(x) for x <= 0 (the only use here): Cephes-style range reduction + degree-6 polynomial (~1e-7 relative
-// error, as csrc/core/grpo_loss.cpp). Inputs below -87.3 give 0; NaN propagates.
-inline __m256 exp256_nonpos(__m256 x) {
-  const __m256 lo = _mm256_set1_ps(-87.3365447505f);
-  const __m256 underflow = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
-  x = _mm256_max_ps(lo, x);  // second operand returned for NaN: NaN kept
-  const __m256 fx = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
-  r = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), r);
-  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-  const __m256 r2 = _mm256_mul_ps(r, r);
-  p = _mm256_fmadd_ps(p, r2, _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
-  __m256i e = _mm256_add_epi32(_mm256_cvttps_epi32(fx), _mm256_set1_epi32(127));
-  e = _mm256_slli_epi32(e, 23);
-  return _mm256_andnot_ps(underflow, _mm256_mul_ps(p, _mm256_castsi256_ps(e)));
-}
-
+#ifdef R1_SIMD_AVX2
 // sigmoid(g) = 1 / (1 + exp(-g)) through e = exp(-|g|) (never overflows): g >= 0 -> 1 / (1 + e), else e / (1 + e).
 inline __m256 sigmoid8(__m256 g) {
   const __m256 neg_abs = _mm256_or_ps(g, _mm256_set1_ps(-0.0f));
-  const __m256 e = exp256_nonpos(neg_abs);
+  const __m256 e = exp256(neg_abs);
   const __m256 inv = _mm256_div_ps(_mm256_set1_ps(1.0f), _mm256_add_ps(_mm256_set1_ps(1.0f), e));
   const __m256 neg = _mm256_cmp_ps(g, _mm256_setzero_ps(), _CMP_LT_OQ);
   return _mm256_blendv_ps(inv, _mm256_mul_ps(e, inv), neg);
@@ -100,7 +46,7 @@ template <class T>
 float sum_sq(const T* x, int64_t n) {
   int64_t j = 0;
   float total = 0.0f;
-#ifdef R1_LAYERS_AVX2
+#ifdef R1_SIMD_AVX2
   __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
   for (; j + 32 <= n; j += 32) {
     const __m256 x0 = load8(x + j), x1 = load8(x + j + 8), x2 = load8(x + j + 16), x3 = load8(x + j + 24);
@@ -116,7 +62,7 @@ float sum_sq(const T* x, int64_t n) {
   total = hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
 #endif
   for (; j < n; ++j) {
-    const float v = load1(x, j);
+    const float v = load_scalar(x, j);
     total += v * v;
   }
   return total;
@@ -127,7 +73,7 @@ template <class T>
 float dot_gwx(const T* dy, const T* x, const float* w, int64_t n) {
   int64_t j = 0;
   float total = 0.0f;
-#ifdef R1_LAYERS_AVX2
+#ifdef R1_SIMD_AVX2
   __m256 a0 = _mm256_setzero_ps(), a1 = a0;
   for (; j + 16 <= n; j += 16) {
     a0 = _mm256_fmadd_ps(_mm256_mul_ps(load8(dy + j), _mm256_loadu_ps(w + j)), load8(x + j), a0);
@@ -138,7 +84,7 @@ float dot_gwx(const T* dy, const T* x, const float* w, int64_t n) {
   }
   total = hsum(_mm256_add_ps(a0, a1));
 #endif
-  for (; j < n; ++j) total += load1(dy, j) * w[j] * load1(x, j);
+  for (; j < n; ++j) total += load_scalar(dy, j) * w[j] * load_scalar(x, j);
   return total;
 }
 
@@ -152,12 +98,12 @@ void rms_norm_fwd_impl(const T* x, int64_t rows, int64_t cols, const float* w, f
     const float r = 1.0f / std::sqrt(sum_sq(xi, cols) * inv_cols + eps);
     rstd[i] = r;
     int64_t j = 0;
-#ifdef R1_LAYERS_AVX2
+#ifdef R1_SIMD_AVX2
     const __m256 rv = _mm256_set1_ps(r);
     for (; j + 8 <= cols; j += 8)
       store8(yi + j, _mm256_mul_ps(_mm256_mul_ps(load8(xi + j), rv), _mm256_loadu_ps(w + j)));
 #endif
-    for (; j < cols; ++j) store1(yi, j, (load1(xi, j) * r) * w[j]);
+    for (; j < cols; ++j) store_scalar(yi, j, (load_scalar(xi, j) * r) * w[j]);
   }
 }
 
@@ -168,7 +114,7 @@ inline void rms_norm_bwd_row(const T* dy, const T* x, const float* w, float r, i
   // mean_j(gw_j * xhat_j) = r * dot(gw, x) / cols
   const float c = r * dot_gwx(dy, x, w, cols) * inv_cols;
   int64_t j = 0;
-#ifdef R1_LAYERS_AVX2
+#ifdef R1_SIMD_AVX2
   const __m256 rv = _mm256_set1_ps(r), cv = _mm256_set1_ps(c);
   for (; j + 8 <= cols; j += 8) {
     const __m256 g = load8(dy + j);
@@ -179,9 +125,9 @@ inline void rms_norm_bwd_row(const T* dy, const T* x, const float* w, float r, i
   }
 #endif
   for (; j < cols; ++j) {
-    const float g = load1(dy, j);
-    const float xhat = load1(x, j) * r;
-    store1(dx, j, r * (g * w[j] - xhat * c));
+    const float g = load_scalar(dy, j);
+    const float xhat = load_scalar(x, j) * r;
+    store_scalar(dx, j, r * (g * w[j] - xhat * c));
     dw[j] += g * xhat;
   }
 }
@@ -212,22 +158,22 @@ void rms_norm_bwd_impl(const T* dy, const T* x, int64_t rows, int64_t cols, cons
 template <class T>
 void swiglu_fwd_range(const T* gate, const T* up, int64_t begin, int64_t end, T* y) {
   int64_t j = begin;
-#ifdef R1_LAYERS_AVX2
+#ifdef R1_SIMD_AVX2
   for (; j + 8 <= end; j += 8) {
     const __m256 g = load8(gate + j);
     store8(y + j, _mm256_mul_ps(_mm256_mul_ps(g, sigmoid8(g)), load8(up + j)));
   }
 #endif
   for (; j < end; ++j) {
-    const float g = load1(gate, j);
-    store1(y, j, (g * sigmoid1(g)) * load1(up, j));
+    const float g = load_scalar(gate, j);
+    store_scalar(y, j, (g * sigmoid1(g)) * load_scalar(up, j));
   }
 }
 
 template <class T>
 void swiglu_bwd_range(const T* dy, const T* gate, const T* up, int64_t begin, int64_t end, T* dgate, T* dup) {
   int64_t j = begin;
-#ifdef R1_LAYERS_AVX2
+#ifdef R1_SIMD_AVX2
   const __m256 one = _mm256_set1_ps(1.0f);
   for (; j + 8 <= end; j += 8) {
     const __m256 g = load8(gate + j), u = load8(up + j), d = load8(dy + j);
@@ -240,10 +186,10 @@ void swiglu_bwd_range(const T* dy, const T* gate, const T* up, int64_t begin, in
   }
 #endif
   for (; j < end; ++j) {
-    const float g = load1(gate, j), u = load1(up, j), d = load1(dy, j);
+    const float g = load_scalar(gate, j), u = load_scalar(up, j), d = load_scalar(dy, j);
     const float s = sigmoid1(g);
-    store1(dgate, j, (d * u) * (s * (1.0f + g * (1.0f - s))));
-    store1(dup, j, d * (g * s));
+    store_scalar(dgate, j, (d * u) * (s * (1.0f + g * (1.0f - s))));
+    store_scalar(dup, j, d * (g * s));
   }
 }
 
@@ -265,7 +211,7 @@ inline float rounded(float v) {
 #endif
   return v;
 }
-#ifdef R1_LAYERS_AVX2
+#ifdef R1_SIMD_AVX2
 inline __m256 rounded(__m256 v) {
   asm("" : "+x"(v));
   return v;
@@ -279,7 +225,7 @@ inline void rope_head(const T* a, const float* c, const float* s, int64_t half, 
   const float* s1 = kTranspose ? s + half : s;
   const float* s2 = kTranspose ? s : s + half;
   int64_t j = 0;
-#ifdef R1_LAYERS_AVX2
+#ifdef R1_SIMD_AVX2
   for (; j + 8 <= half; j += 8) {
     const __m256 lo = load8(a + j), hi = load8(a + half + j);
     const __m256 p_lo = rounded(_mm256_mul_ps(lo, _mm256_loadu_ps(c + j)));
@@ -291,12 +237,12 @@ inline void rope_head(const T* a, const float* c, const float* s, int64_t half, 
   }
 #endif
   for (; j < half; ++j) {
-    const float lo = load1(a, j), hi = load1(a, half + j);
+    const float lo = load_scalar(a, j), hi = load_scalar(a, half + j);
     const float sign = kTranspose ? 1.0f : -1.0f;
     const float p_lo = rounded(lo * c[j]), q_lo = rounded((sign * hi) * s1[j]);
     const float p_hi = rounded(hi * c[half + j]), q_hi = rounded((-sign * lo) * s2[j]);
-    store1(out, j, p_lo + q_lo);
-    store1(out, half + j, p_hi + q_hi);
+    store_scalar(out, j, p_lo + q_lo);
+    store_scalar(out, half + j, p_hi + q_hi);
   }
 }
 

@@ -54,17 +54,20 @@ inline __m256 load8(const uint16_t* p) {
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
 }
 
-inline void store8(float* p, __m256 x, bool stream) {
+inline void store8(float* p, __m256 x, bool stream = false) {
   if (stream)
     _mm256_stream_ps(p, x);
   else
     _mm256_storeu_ps(p, x);
 }
-inline void store8(uint16_t* p, __m256 x, bool stream) {
+// Round to nearest even; NaN stays NaN (quieted, as float_to_bf16).
+inline void store8(uint16_t* p, __m256 x, bool stream = false) {
   __m256i b = _mm256_castps_si256(x);
   const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(b, 16), _mm256_set1_epi32(1));
-  b = _mm256_add_epi32(b, _mm256_add_epi32(_mm256_set1_epi32(0x7fff), lsb));
-  b = _mm256_srli_epi32(b, 16);
+  const __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(b, _mm256_add_epi32(_mm256_set1_epi32(0x7fff), lsb)), 16);
+  const __m256i quiet = _mm256_or_si256(_mm256_srli_epi32(b, 16), _mm256_set1_epi32(0x40));
+  const __m256 nan = _mm256_cmp_ps(x, x, _CMP_UNORD_Q);
+  b = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(rounded), _mm256_castsi256_ps(quiet), nan));
   const __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(b), _mm256_extracti128_si256(b, 1));
   if (stream)
     _mm_stream_si128(reinterpret_cast<__m128i*>(p), packed);
