@@ -477,8 +477,7 @@ optimizer steps. samples/s: median over the repeats (r1engine {fmt_list(r1["samp
 {chr(10).join(table)}
 
 **r1engine is {speed:.2f}x TRL's samples/s with {mem:.2f}x its peak process RSS** ({mem_tree:.2f}x for the process
-trees; {mem_above:.2f}x counting only what each adds above its own imports, but the baselines differ: TRL's imports
-already hold what r1engine loads later, e.g. the torch compiler stack that AdamW pulls in). Goal: >= 2x faster,
+trees; {mem_above:.2f}x counting only what each adds above its own imports). Goal: >= 2x faster,
 <= 0.5x memory.
 
 r1engine per rollout (median): {phase_line}.
