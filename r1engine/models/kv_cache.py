@@ -12,7 +12,6 @@ import torch
 
 from r1engine import _ext
 
-
 USE_DECODE_KERNEL = True
 """Single-query steps on the CPU go through the C++ decode-step attention (`torch.ops.r1engine.decode_attention`)
 rather than SDPA with a ragged mask (benchmarks/bench_decode_attention.py measures both). False: always SDPA."""
