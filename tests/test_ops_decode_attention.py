@@ -16,9 +16,9 @@ def _reference(q, k, v, n_keys):
     b, hq, d = q.shape
     s = k.shape[2]
     mask = (torch.arange(s)[None, :] < n_keys[:, None])[:, None, None, :]
-    out = F.scaled_dot_product_attention(
-        q.float()[:, :, None], k.float(), v.float(), attn_mask=mask, enable_gqa=True
-    )[:, :, 0]
+    out = F.scaled_dot_product_attention(q.float()[:, :, None], k.float(), v.float(), attn_mask=mask, enable_gqa=True)[
+        :, :, 0
+    ]
     return torch.where((n_keys > 0)[:, None, None], out, torch.zeros_like(out))
 
 
