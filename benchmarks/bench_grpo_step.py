@@ -358,7 +358,7 @@ def packed_fused_step(
     device = model.device
     batch, _ = pack(_to_device(seqs, device), chunk_len, fields={"old": [t.to(device) for t in old]}, pad_id=PAD_ID)
     tokens = loss_tokens(batch)
-    out, cu = packed_forward(model, batch)
+    out = packed_forward(model, batch)
     hidden = out.hidden[tokens.index]
     old_tokens = batch.fields["old"].reshape(-1)[tokens.index]
     args = (tokens.targets, advantages.to(device)[tokens.seq_ids], torch.ones(len(tokens.index), device=device))
@@ -375,7 +375,7 @@ def packed_fused_step(
         loss, _ = linear_grpo_loss(hidden, model.lm_head.weight, *args, old_tokens, None, **kwargs)
     else:
         loss, _ = grpo_loss(model.logits(hidden), *args, old_tokens, None, **kwargs)
-    mtp = packed_mtp_loss(model, batch, out, cu, cfg.mtp_loss_coef)
+    mtp = packed_mtp_loss(model, batch, out, cfg.mtp_loss_coef)
     train_engine.backward(loss + mtp)
     grad_norm = train_engine.step()
     return StepStats(float(loss.detach()), float(mtp.detach()), grad_norm, float(old_tokens.sum()))

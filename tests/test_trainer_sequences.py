@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from r1engine.models import PolicyConfig, PolicyModel
-from r1engine.trainer.sequences import build_sequences, pack, packed_forward, real_token_layout
+from r1engine.trainer.sequences import build_sequences, pack, packed_forward, packed_mtp_loss, real_token_layout
 
 
 def _batch(lengths: list[int], chunk_len: int, vocab: int):
@@ -26,10 +26,10 @@ def test_packed_forward_skips_padding_and_matches_each_sequence():
 
     seen = []
     handle = model.model.embed_tokens.register_forward_hook(lambda mod, inp, out: seen.append(inp[0].numel()))
-    out, cu = packed_forward(model, batch)
+    out = packed_forward(model, batch)
     handle.remove()
     assert seen == [sum(lengths)]  # the padding tails never entered the model
-    assert int(cu[-1]) == batch.input_ids.numel()  # the returned row layout is the full [K*L] one
+    assert out.hidden.shape == (batch.input_ids.numel(), model.config.hidden_size)  # the full [K*L] layout
 
     hidden = out.hidden.detach()
     valid = batch.valid.reshape(-1)
@@ -45,7 +45,7 @@ def test_packed_forward_gradients_match_an_unpadded_row():
     model = PolicyModel(PolicyConfig.tiny())
     lengths = [7, 11, 3, 8]
     seqs, batch = _batch(lengths, chunk_len=16, vocab=model.config.vocab_size)
-    out, _ = packed_forward(model, batch)
+    out = packed_forward(model, batch)
     out.hidden.square().sum().backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
@@ -63,3 +63,22 @@ def test_packed_forward_gradients_match_an_unpadded_row():
         if p.grad is not None:
             torch.testing.assert_close(grads[n], p.grad, rtol=1e-5, atol=1e-6, msg=n)
     assert cu.tolist() == [0, *torch.tensor([lengths[i] for i in batch.seq_ids]).cumsum(0).tolist()]
+
+
+def test_packed_mtp_loss_does_not_depend_on_the_padding():
+    """The MTP loss of the same sequences packed with padding tails (short chunks) and without (one exact chunk)."""
+    torch.manual_seed(2)
+    model = PolicyModel(PolicyConfig.tiny())
+    assert model.config.num_mtp_layers >= 1
+    lengths = [9, 4, 17, 6, 12, 5]
+    losses = []
+    for chunk_len in (24, sum(lengths)):
+        _, batch = _batch(lengths, chunk_len=chunk_len, vocab=model.config.vocab_size)
+        seen = []
+        proj = model.model.mtp_layers[0].input_proj
+        hook = proj.register_forward_hook(lambda mod, inp, out, seen=seen: seen.append(out.shape[-2]))
+        losses.append(packed_mtp_loss(model, batch, packed_forward(model, batch), coef=0.3))
+        hook.remove()
+        assert seen and all(n == sum(lengths) for n in seen)  # the MTP layer sees the real tokens only
+    assert losses[0] > 0
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-6)

@@ -95,7 +95,7 @@ def clipped_policy_loss(
     MTP head's loss. `advantages`, `old`, `ref`: one value per loss token (`tokens`), on any device; the KL term is
     off without `ref`. Returns (total loss, metrics); the caller runs backward and the optimizer step."""
     device = model.device
-    out, cu = packed_forward(model, batch)
+    out = packed_forward(model, batch)
     logits = model.logits(out.hidden[tokens.index.to(device)])
     loss, m = grpo_loss(
         logits,
@@ -115,7 +115,7 @@ def clipped_policy_loss(
         segment_ids=tokens.segment_ids.to(device),
         backend=loss_backend,
     )
-    mtp = packed_mtp_loss(model, batch, out, cu, cfg.mtp_loss_coef)
+    mtp = packed_mtp_loss(model, batch, out, cfg.mtp_loss_coef)
     return loss + mtp, {
         "loss/policy": float(loss.detach()),
         "loss/mtp": float(mtp.detach()),

@@ -102,7 +102,7 @@ class ValueModel(nn.Module):
 
     def forward(self, batch: PackedBatch) -> torch.Tensor:
         """Values `[K*L]` (fp32) at every position of a packed batch (all chunks as one packed row)."""
-        out, _ = packed_forward(self.body, batch)
+        out = packed_forward(self.body, batch)
         return self.value_head(out.hidden).squeeze(-1).float()
 
 

@@ -115,14 +115,12 @@ def real_token_layout(batch: PackedBatch) -> tuple[torch.Tensor, torch.Tensor, i
 
 
 def packed_forward(model: PolicyModel, batch: PackedBatch):
-    """Run the model over all chunks as one packed row; returns `ModelOutput` with hidden `[K*L, H]` and the
-    row's cu_seqlens.
+    """Run the model over all chunks as one packed row; returns `ModelOutput` with hidden `[K*L, H]`.
 
     Only the real tokens are computed: in one flat row the chunks' padding tails would cost every layer's work and
     attention over a segment of their own for nothing (they are 19% of the slots for ~60-token sequences in
     256-token chunks). The outputs are scattered back to the `[K*L]` layout (zeros on padding), so loss-token
     indices, the MTP loss and uncollate keep working on it."""
-    cu, _ = batch.cu_seqlens_flat()
     keep, real_cu, max_seqlen = real_token_layout(batch)
     device = model.device
     slots = keep.to(device)
@@ -138,7 +136,7 @@ def packed_forward(model: PolicyModel, batch: PackedBatch):
             return t.new_zeros(batch.input_ids.numel(), *t.shape[1:]).index_copy(0, slots, t)
 
         out.hidden, out.last_hidden = full(out.hidden), full(out.last_hidden)
-    return out, cu
+    return out
 
 
 def completion_token_mask(loss_mask: torch.Tensor) -> torch.Tensor:
@@ -147,19 +145,21 @@ def completion_token_mask(loss_mask: torch.Tensor) -> torch.Tensor:
     return torch.roll(loss_mask.reshape(-1), 1)
 
 
-def packed_mtp_loss(model: PolicyModel, batch: PackedBatch, out, cu: torch.Tensor, coef: float) -> torch.Tensor:
-    """The MTP head's loss on the completion tokens of a packed batch (`out`, `cu` from `packed_forward`);
-    0 when `coef` is 0 or the model has no MTP layers."""
+def packed_mtp_loss(model: PolicyModel, batch: PackedBatch, out, coef: float) -> torch.Tensor:
+    """The MTP head's loss on the completion tokens of a packed batch (`out` from `packed_forward`); 0 when `coef`
+    is 0 or the model has no MTP layers. Like the main forward, it runs on the real tokens only."""
     device = out.last_hidden.device
     if coef <= 0 or model.config.num_mtp_layers == 0:
         return torch.zeros((), device=device)
+    keep, real_cu, max_seqlen = real_token_layout(batch)
+    slots = keep.to(device)
     return model.mtp_loss(
-        batch.input_ids.reshape(-1).to(device),
-        out.last_hidden,
-        position_ids=batch.position_ids.reshape(-1).to(device),
-        cu_seqlens=cu.to(device),
-        max_seqlen=max(batch.max_seqlen),
-        loss_mask=completion_token_mask(batch.loss_mask).to(device),
+        batch.input_ids.reshape(-1).to(device)[slots],
+        out.last_hidden[slots],
+        position_ids=batch.position_ids.reshape(-1).to(device)[slots],
+        cu_seqlens=real_cu.to(device),
+        max_seqlen=max_seqlen,
+        loss_mask=completion_token_mask(batch.loss_mask).to(device)[slots],
         lam=coef,
     )
 
@@ -171,7 +171,7 @@ def packed_logprobs(
     """Log-probs `[M]` of the loss tokens under `model` (old-policy / reference inference)."""
     from r1engine.ops import token_logprobs
 
-    out, _ = packed_forward(model, batch)
+    out = packed_forward(model, batch)
     logits = model.logits(out.hidden[tokens.index.to(out.hidden.device)])
     return token_logprobs(logits, tokens.targets.to(logits.device), temperature, backend=loss_backend).float().cpu()
 

@@ -18,11 +18,11 @@ def sft_loss(model: PolicyModel, seqs, chunk_len: int, mtp_coef: float, loss_bac
     """Mean next-token cross-entropy on completion tokens (+ MTP loss); returns (total, ce, mtp)."""
     batch, _ = pack(seqs, chunk_len)
     tokens = loss_tokens(batch)
-    out, cu = packed_forward(model, batch)
+    out = packed_forward(model, batch)
     device = out.hidden.device
     logits = model.logits(out.hidden[tokens.index.to(device)])
     ce = -token_logprobs(logits, tokens.targets.to(device), backend=loss_backend).mean()
-    mtp = packed_mtp_loss(model, batch, out, cu, mtp_coef)
+    mtp = packed_mtp_loss(model, batch, out, mtp_coef)
     return ce + mtp, ce.detach(), mtp.detach()
 
 
