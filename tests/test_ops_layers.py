@@ -10,7 +10,6 @@ saved-activation bytes (fused < op-by-op), and PolicyModel with the fused ops eq
 
 from __future__ import annotations
 
-import importlib
 import subprocess
 import sys
 
@@ -20,6 +19,7 @@ import torch
 from r1engine import ops
 from r1engine.models.config import PolicyConfig
 from r1engine.models.policy import PolicyModel, fused_layer_ops
+from r1engine.ops.backends import resolve_cpu_kernel
 from r1engine.ops.rms_norm import rms_norm_reference
 from r1engine.ops.rope import rope_reference
 from r1engine.ops.swiglu import swiglu_reference
@@ -209,13 +209,12 @@ def test_calls_without_autograd_match(dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_cuda_tensors_take_the_torch_backend(dtype):
     """CUDA tensors: "auto" resolves to the PyTorch formulas (no CUDA kernels yet); results match the references."""
-    rms_mod = importlib.import_module("r1engine.ops.rms_norm")
     dev = torch.device("cuda")
     x, w = _randn((3, 5, 33), dtype, seed=1).to(dev), _randn((33,), dtype, seed=2).to(dev)
     g, u = _randn((4, 19), dtype, seed=3).to(dev), _randn((4, 19), dtype, seed=4).to(dev)
     q = _randn((2, 6, 3, 8), dtype, seed=5).to(dev)
     cos, sin = (t.to(dev) for t in _cos_sin((1, 6, 8), seed=6))
-    assert rms_mod._resolve("auto", x) == "torch"
+    assert resolve_cpu_kernel("auto", x, "x", "rms_norm_fwd") == "torch"
     cases = [
         (ops.rms_norm, (x, w), (1e-6,), rms_norm_reference),
         (ops.swiglu, (g, u), (), swiglu_reference),
@@ -313,11 +312,10 @@ def test_bad_inputs_raise_clear_errors():
 
 
 def test_backend_auto_resolution():
-    rms_mod = importlib.import_module("r1engine.ops.rms_norm")  # the module (r1engine.ops.rms_norm is the function)
     x = torch.randn(2, 3)
-    assert rms_mod._resolve("auto", x) == "cpp"
-    assert rms_mod._resolve("auto", x.half()) == "torch"  # no fp16 kernel: the PyTorch formulas
-    assert rms_mod._resolve("auto", x.double()) == "torch"
+    assert resolve_cpu_kernel("auto", x, "x", "rms_norm_fwd") == "cpp"
+    assert resolve_cpu_kernel("auto", x.half(), "x", "rms_norm_fwd") == "torch"  # no fp16 kernel: the PyTorch formulas
+    assert resolve_cpu_kernel("auto", x.double(), "x", "rms_norm_fwd") == "torch"
     y = ops.rms_norm(x.double(), torch.ones(3, dtype=torch.float64))
     torch.testing.assert_close(y, rms_norm_reference(x.double(), torch.ones(3, dtype=torch.float64)))
 

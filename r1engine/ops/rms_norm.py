@@ -22,13 +22,12 @@ from __future__ import annotations
 
 import torch
 
-from r1engine import _ext
 from r1engine.ops._library import custom_op
+from r1engine.ops.backends import LAYER_BACKENDS, resolve_cpu_kernel
 
 __all__ = ["rms_norm", "rms_norm_reference", "BACKENDS"]
 
-BACKENDS = ("auto", "torch", "cpp")
-_CPP_DTYPES = (torch.float32, torch.bfloat16)
+BACKENDS = LAYER_BACKENDS
 _CPP_OP = "rms_norm_fwd"
 
 
@@ -37,21 +36,6 @@ def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6)
     xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     return (xf * weight.float()).to(x.dtype)
-
-
-def _resolve(backend: str, x: torch.Tensor) -> str:
-    if backend not in BACKENDS:
-        raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
-    if backend == "auto":
-        cpp = x.device.type == "cpu" and x.dtype in _CPP_DTYPES and _ext.has_op(_CPP_OP)
-        return "cpp" if cpp else "torch"
-    if backend == "cpp":
-        _ext.require(_CPP_OP)
-        if x.device.type != "cpu":
-            raise ValueError(f"x: backend 'cpp' runs on CPU tensors, got device {x.device}; use backend='torch'")
-        if x.dtype not in _CPP_DTYPES:
-            raise TypeError(f"x: backend 'cpp' expects float32 or bfloat16, got {x.dtype}; use backend='torch'")
-    return backend
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -135,7 +119,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, backend: 
     ``"cpp"``; non-contiguous inputs are copied to contiguous), ``weight [H]``; returns ``[..., H]`` in x's dtype.
     Gradients reach ``x`` and ``weight`` (``dweight`` accumulated in fp32, returned in weight's dtype)."""
     _check(x, weight, eps)
-    name = _resolve(backend, x)
+    name = resolve_cpu_kernel(backend, x, "x", _CPP_OP)
     x = x.contiguous()
     grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
     if name == "cpp" and not grad and not torch.compiler.is_compiling():

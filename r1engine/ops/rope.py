@@ -24,13 +24,12 @@ from __future__ import annotations
 
 import torch
 
-from r1engine import _ext
 from r1engine.ops._library import custom_op
+from r1engine.ops.backends import LAYER_BACKENDS, resolve_cpu_kernel
 
 __all__ = ["rope", "rope_reference", "BACKENDS"]
 
-BACKENDS = ("auto", "torch", "cpp")
-_CPP_DTYPES = (torch.float32, torch.bfloat16)
+BACKENDS = LAYER_BACKENDS
 _CPP_OP = "rope_fwd"
 
 
@@ -40,21 +39,6 @@ def rope_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tor
     rot = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
     c, s = cos.unsqueeze(-2), sin.unsqueeze(-2)
     return (x.float() * c + rot.float() * s).to(x.dtype)
-
-
-def _resolve(backend: str, x: torch.Tensor) -> str:
-    if backend not in BACKENDS:
-        raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
-    if backend == "auto":
-        cpp = x.device.type == "cpu" and x.dtype in _CPP_DTYPES and _ext.has_op(_CPP_OP)
-        return "cpp" if cpp else "torch"
-    if backend == "cpp":
-        _ext.require(_CPP_OP)
-        if x.device.type != "cpu":
-            raise ValueError(f"x: backend 'cpp' runs on CPU tensors, got device {x.device}; use backend='torch'")
-        if x.dtype not in _CPP_DTYPES:
-            raise TypeError(f"x: backend 'cpp' expects float32 or bfloat16, got {x.dtype}; use backend='torch'")
-    return backend
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -159,7 +143,7 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backend: str = "
     any float dtype on ``"torch"``; non-contiguous inputs are copied to contiguous), ``cos/sin [..., T, D]`` whose
     leading dims broadcast to x's (e.g. ``[1, T, D]`` for a batch). Returns ``[..., T, H, D]`` in x's dtype."""
     _check(x, cos, sin)
-    name = _resolve(backend, x)
+    name = resolve_cpu_kernel(backend, x, "x", _CPP_OP)
     x = x.contiguous()
     if name == "cpp" and not (x.requires_grad and torch.is_grad_enabled()) and not torch.compiler.is_compiling():
         # nothing for autograd to record and not tracing: the kernel directly, without the operator's Python layers

@@ -21,34 +21,18 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from r1engine import _ext
 from r1engine.ops._library import custom_op
+from r1engine.ops.backends import LAYER_BACKENDS, resolve_cpu_kernel
 
 __all__ = ["swiglu", "swiglu_reference", "BACKENDS"]
 
-BACKENDS = ("auto", "torch", "cpp")
-_CPP_DTYPES = (torch.float32, torch.bfloat16)
+BACKENDS = LAYER_BACKENDS
 _CPP_OP = "swiglu_fwd"
 
 
 def swiglu_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """The op-by-op PyTorch SwiGLU (the oracle): ``F.silu(gate) * up``."""
     return F.silu(gate) * up
-
-
-def _resolve(backend: str, x: torch.Tensor) -> str:
-    if backend not in BACKENDS:
-        raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
-    if backend == "auto":
-        cpp = x.device.type == "cpu" and x.dtype in _CPP_DTYPES and _ext.has_op(_CPP_OP)
-        return "cpp" if cpp else "torch"
-    if backend == "cpp":
-        _ext.require(_CPP_OP)
-        if x.device.type != "cpu":
-            raise ValueError(f"gate: backend 'cpp' runs on CPU tensors, got device {x.device}; use backend='torch'")
-        if x.dtype not in _CPP_DTYPES:
-            raise TypeError(f"gate: backend 'cpp' expects float32 or bfloat16, got {x.dtype}; use backend='torch'")
-    return backend
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -121,7 +105,7 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor, backend: str = "auto") -> torch
     """Differentiable ``silu(gate) * up`` for ``gate`` and ``up`` of equal shape and dtype (fp32/bf16 on ``"cpp"``,
     any float dtype on ``"torch"``; non-contiguous inputs are copied to contiguous); result in their dtype."""
     _check(gate, up)
-    name = _resolve(backend, gate)
+    name = resolve_cpu_kernel(backend, gate, "gate", _CPP_OP)
     gate, up = gate.contiguous(), up.contiguous()
     grad = torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad)
     if name == "cpp" and not grad and not torch.compiler.is_compiling():

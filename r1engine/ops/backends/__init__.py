@@ -21,7 +21,7 @@ from r1engine import _ext
 
 BACKENDS = ("auto", "torch", "cpp", "cuda", "triton")
 
-__all__ = ["BACKENDS", "resolve", "load"]
+__all__ = ["BACKENDS", "LAYER_BACKENDS", "resolve", "resolve_cpu_kernel", "load"]
 
 
 def _triton_available() -> bool:
@@ -72,3 +72,27 @@ def load(backend: str) -> ModuleType:
                 "(and a GPU, or TRITON_INTERPRET=1 on CPU); use backend='cpp' or 'torch'"
             ) from exc
     raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+
+
+LAYER_BACKENDS = ("auto", "torch", "cpp")
+"""Backends of the fused layer ops (rms_norm, swiglu, rope): the C++ CPU kernel or the same formulas in PyTorch."""
+
+_CPU_KERNEL_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def resolve_cpu_kernel(backend: str, x: torch.Tensor, arg: str, kernel: str) -> str:
+    """The concrete backend ("cpp" or "torch") of a fused layer op whose C++ CPU kernel is
+    ``torch.ops.r1engine.<kernel>``, for its input ``x`` (named ``arg`` in errors). "auto" picks the kernel for
+    fp32/bf16 CPU tensors when the extension has it, else "torch" (CUDA tensors too, until they have kernels)."""
+    if backend not in LAYER_BACKENDS:
+        raise ValueError(f"backend: expected one of {LAYER_BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        cpp = x.device.type == "cpu" and x.dtype in _CPU_KERNEL_DTYPES and _ext.has_op(kernel)
+        return "cpp" if cpp else "torch"
+    if backend == "cpp":
+        _ext.require(kernel)
+        if x.device.type != "cpu":
+            raise ValueError(f"{arg}: backend 'cpp' runs on CPU tensors, got device {x.device}; use backend='torch'")
+        if x.dtype not in _CPU_KERNEL_DTYPES:
+            raise TypeError(f"{arg}: backend 'cpp' expects float32 or bfloat16, got {x.dtype}; use backend='torch'")
+    return backend
