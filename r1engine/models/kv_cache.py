@@ -49,6 +49,7 @@ class KVCache:
         self.max_len = max_len
         self._pos: torch.Tensor | None = None
         self._mask: torch.Tensor | None = None
+        self._rows: torch.Tensor | None = None  # [B, T] row index of each new token (for the cache writes)
         self._used = 0
 
     @property
@@ -61,22 +62,23 @@ class KVCache:
         used = int(pos.max().item()) + 1
         if used > self.max_len:
             raise ValueError(f"KVCache overflow: need {used} positions, cache holds max_len={self.max_len}")
-        keys = torch.arange(used, device=pos.device)
-        self._mask = (keys[None, None, :] <= pos[:, :, None])[:, None]  # [B, 1, T, used]
-        self._pos = pos
-        self._used = used
+        self._pos, self._used = pos, used
+        self._rows = torch.arange(pos.shape[0], device=pos.device)[:, None].expand_as(pos)
+        self._mask = None  # built by the first attend that needs it; the decode kernel takes lengths instead
         return pos
 
     def attend(self, layer: int, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor) -> torch.Tensor:
         """Write `k_new`/`v_new` `[B, T, Hkv, D]` into `layer`, attend `q` `[B, T, Hq, D]` -> `[B, T, Hq, D]`."""
         assert self._pos is not None, "call KVCache.begin() before the forward"
-        b_idx = torch.arange(q.shape[0], device=q.device)[:, None].expand_as(self._pos)
-        self.k[layer][b_idx, :, self._pos] = k_new.to(self.k.dtype)
-        self.v[layer][b_idx, :, self._pos] = v_new.to(self.v.dtype)
+        self.k[layer][self._rows, :, self._pos] = k_new.to(self.k.dtype)
+        self.v[layer][self._rows, :, self._pos] = v_new.to(self.v.dtype)
         if q.shape[1] == 1 and _use_decode_kernel(q, self.k):  # one query per row: the decode-step kernel
             scale = q.shape[-1] ** -0.5
             out = torch.ops.r1engine.decode_attention(q[:, 0], self.k[layer], self.v[layer], self._pos[:, 0] + 1, scale)
             return out[:, None]
+        if self._mask is None:
+            keys = torch.arange(self._used, device=q.device)
+            self._mask = (keys[None, None, :] <= self._pos[:, :, None])[:, None]  # [B, 1, T, used]
         k = self.k[layer][:, :, : self._used]
         v = self.v[layer][:, :, : self._used]
         out = torch.nn.functional.scaled_dot_product_attention(
@@ -95,7 +97,7 @@ class KVCache:
         self.k = self.k.index_select(1, rows)
         self.v = self.v.index_select(1, rows)
         self.lengths = self.lengths.index_select(0, rows)
-        self._pos = self._mask = None
+        self._pos = self._mask = self._rows = None
 
     def reset(self) -> None:
         """Forget everything (the memory stays allocated)."""
