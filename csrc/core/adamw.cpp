@@ -10,13 +10,12 @@
 #include <cmath>
 #include <vector>
 
-#if defined(__AVX2__) && defined(__FMA__)
-#include <immintrin.h>
-#define R1_ADAMW_AVX2 1
-#endif
+#include "core/simd.h"
 
 namespace r1engine {
 namespace {
+
+using namespace simd;  // NOLINT(build/namespaces)
 
 // Per-tensor scalars, rounded to float once.
 struct StepScalars {
@@ -44,48 +43,24 @@ StepScalars scalars_for(const AdamWHyper& h, int64_t step, float grad_scale) {
   return s;
 }
 
-inline float load1(const float* p, int64_t i) { return p[i]; }
-inline float load1(const uint16_t* p, int64_t i) { return bf16_to_float(p[i]); }
-inline void store1(float* p, int64_t i, float x) { p[i] = x; }
-inline void store1(uint16_t* p, int64_t i, float x) { p[i] = float_to_bf16(x); }
-
 // The update of one element (scalar path and vector tails). lerp as in ATen: the form depends on |weight| < 0.5.
 template <class T>
 inline void update1(T* param, const T* grad, float* m, float* v, int64_t i, const StepScalars& s) {
-  const float g = load1(grad, i) * s.grad_scale;
-  const float p = load1(param, i) * s.decay;
+  const float g = load_scalar(grad, i) * s.grad_scale;
+  const float p = load_scalar(param, i) * s.decay;
   const float mi = s.w1 < 0.5f ? m[i] + s.w1 * (g - m[i]) : g - (g - m[i]) * (1.0f - s.w1);
   const float vi = v[i] * s.beta2 + s.omb2 * g * g;
   const float denom = std::sqrt(vi) / s.bc2_sqrt + s.eps;
   m[i] = mi;
   v[i] = vi;
-  store1(param, i, p - s.step_size * (mi / denom));
+  store_scalar(param, i, p - s.step_size * (mi / denom));
 }
 
-#ifdef R1_ADAMW_AVX2
-inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
-inline __m256 load8(const uint16_t* p) {
-  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-}
-inline void store8(float* p, __m256 x) { _mm256_storeu_ps(p, x); }
-// Round to nearest even; NaN stays NaN (as float_to_bf16).
-inline void store8(uint16_t* p, __m256 x) {
-  __m256i b = _mm256_castps_si256(x);
-  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(b, 16), _mm256_set1_epi32(1));
-  const __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(b, _mm256_add_epi32(_mm256_set1_epi32(0x7fff), lsb)), 16);
-  const __m256i quiet = _mm256_or_si256(_mm256_srli_epi32(b, 16), _mm256_set1_epi32(0x40));
-  const __m256 nan = _mm256_cmp_ps(x, x, _CMP_UNORD_Q);
-  b = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(rounded), _mm256_castsi256_ps(quiet), nan));
-  const __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(b), _mm256_extracti128_si256(b, 1));
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), packed);
-}
-#endif
 
 template <class T>
 void update_range(T* param, const T* grad, float* m, float* v, int64_t begin, int64_t end, const StepScalars& s) {
   int64_t i = begin;
-#ifdef R1_ADAMW_AVX2
+#ifdef R1_SIMD_AVX2
   const __m256 gs = _mm256_set1_ps(s.grad_scale), decay = _mm256_set1_ps(s.decay), w1 = _mm256_set1_ps(s.w1),
                omw1 = _mm256_set1_ps(1.0f - s.w1), b2 = _mm256_set1_ps(s.beta2), omb2 = _mm256_set1_ps(s.omb2),
                bc2 = _mm256_set1_ps(s.bc2_sqrt), eps = _mm256_set1_ps(s.eps), ss = _mm256_set1_ps(s.step_size);
@@ -110,7 +85,7 @@ template <class T>
 double sq_sum_range(const T* g, int64_t begin, int64_t end) {
   double total = 0.0;
   int64_t i = begin;
-#ifdef R1_ADAMW_AVX2
+#ifdef R1_SIMD_AVX2
   // fp32 lanes over blocks of 1024 elements (32 adds per lane), then into the double total.
   while (i + 32 <= end) {
     const int64_t block_end = std::min(end, i + 1024);
@@ -128,7 +103,7 @@ double sq_sum_range(const T* g, int64_t begin, int64_t end) {
   }
 #endif
   for (; i < end; ++i) {
-    const double x = load1(g, i);
+    const double x = load_scalar(g, i);
     total += x * x;
   }
   return total;
