@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from r1engine.models import PolicyConfig, PolicyModel
-from r1engine.trainer.sequences import build_sequences, pack, packed_forward, packed_mtp_loss, real_token_layout
+from r1engine.trainer.sequences import build_sequences, pack, packed_forward, packed_mtp_loss
 
 
 def _batch(lengths: list[int], chunk_len: int, vocab: int):
@@ -50,7 +50,7 @@ def test_packed_forward_gradients_match_an_unpadded_row():
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
     model.zero_grad()
-    keep, cu, max_seqlen = real_token_layout(batch)
+    keep, cu, max_seqlen = batch.real_tokens()
     row = model(
         batch.input_ids.reshape(-1)[keep],
         position_ids=batch.position_ids.reshape(-1)[keep],
@@ -63,6 +63,11 @@ def test_packed_forward_gradients_match_an_unpadded_row():
         if p.grad is not None:
             torch.testing.assert_close(grads[n], p.grad, rtol=1e-5, atol=1e-6, msg=n)
     assert cu.tolist() == [0, *torch.tensor([lengths[i] for i in batch.seq_ids]).cumsum(0).tolist()]
+    # the row holds exactly the real tokens, and each cu segment is one whole sequence from position 0
+    assert torch.equal(keep.sort().values, batch.valid.reshape(-1).nonzero().squeeze(1))
+    seq, pos = batch.seq_index.reshape(-1)[keep], batch.position_ids.reshape(-1)[keep]
+    for a, b in zip(cu[:-1].tolist(), cu[1:].tolist(), strict=True):
+        assert len(set(seq[a:b].tolist())) == 1 and torch.equal(pos[a:b], torch.arange(b - a))
 
 
 def test_packed_mtp_loss_does_not_depend_on_the_padding():

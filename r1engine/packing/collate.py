@@ -59,6 +59,15 @@ class PackedBatch:
     def ref_logprobs(self) -> torch.Tensor | None:
         return self.fields.get("ref_logprobs")
 
+    def real_tokens(self) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """The real tokens as one packed row without the chunks' padding tails: their flat `[K*L]` slots, int32
+        cu_seqlens over them and the longest sequence. Each sequence's slots are consecutive and `_dst` lists the
+        sequences in `seq_ids` order, so the row is `_dst` and its bounds are the running sum of `seq_lengths`."""
+        assert self._dst is not None
+        cu = torch.zeros(len(self.seq_lengths) + 1, dtype=torch.int32)
+        cu[1:] = torch.cumsum(self.seq_lengths, 0)
+        return self._dst, cu, int(self.seq_lengths.max()) if len(self.seq_lengths) else 0
+
     def cu_seqlens_flat(self) -> tuple[torch.Tensor, int]:
         """cu_seqlens (int32) and max_seqlen for the whole batch flattened to `[K * L]` (chunks back to back)."""
         parts = [torch.zeros(1, dtype=torch.int32)]

@@ -103,17 +103,6 @@ def loss_tokens(batch: PackedBatch) -> PackedTokens:
     return PackedTokens(index, batch.fields["targets"].reshape(-1)[index], segment_ids, seq_ids)
 
 
-def real_token_layout(batch: PackedBatch) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """The batch's real tokens as one packed row without the chunks' padding tails: their flat `[K*L]` slots
-    (ascending), int32 cu_seqlens over them and the longest sequence."""
-    keep = batch.valid.reshape(-1).nonzero().squeeze(1).cpu()
-    seq = batch.seq_index.reshape(-1).cpu()[keep]
-    starts = torch.ones_like(seq, dtype=torch.bool)
-    starts[1:] = seq[1:] != seq[:-1]
-    cu = torch.cat([starts.nonzero().squeeze(1), torch.tensor([len(seq)])]).to(torch.int32)
-    return keep, cu, int(cu.diff().max()) if len(seq) else 0
-
-
 def packed_forward(model: PolicyModel, batch: PackedBatch):
     """Run the model over all chunks as one packed row; returns `ModelOutput` with hidden `[K*L, H]`.
 
@@ -121,7 +110,7 @@ def packed_forward(model: PolicyModel, batch: PackedBatch):
     attention over a segment of their own for nothing (they are 19% of the slots for ~60-token sequences in
     256-token chunks). The outputs are scattered back to the `[K*L]` layout (zeros on padding), so loss-token
     indices, the MTP loss and uncollate keep working on it."""
-    keep, real_cu, max_seqlen = real_token_layout(batch)
+    keep, real_cu, max_seqlen = batch.real_tokens()
     device = model.device
     slots = keep.to(device)
     out = model(
@@ -151,7 +140,7 @@ def packed_mtp_loss(model: PolicyModel, batch: PackedBatch, out, coef: float) ->
     device = out.last_hidden.device
     if coef <= 0 or model.config.num_mtp_layers == 0:
         return torch.zeros((), device=device)
-    keep, real_cu, max_seqlen = real_token_layout(batch)
+    keep, real_cu, max_seqlen = batch.real_tokens()
     slots = keep.to(device)
     return model.mtp_loss(
         batch.input_ids.reshape(-1).to(device)[slots],
