@@ -341,6 +341,7 @@ def matmul_floor(a: argparse.Namespace, results: dict[str, dict[str, Any]]) -> d
     Work counted per token of prompt + completion: one forward while generating, one for the reference log-probs
     (beta > 0), and forward + backward (3 forwards) for training; a forward is 2 FLOPs per weight of every linear
     layer (lm_head included). Attention, element-wise ops, sampling and the optimizer are left out."""
+    import statistics
     import time
 
     import torch
@@ -353,7 +354,7 @@ def matmul_floor(a: argparse.Namespace, results: dict[str, dict[str, Any]]) -> d
     weights = sum(i * o for i, o in shapes)
     tasks = problems(a.rollouts * a.prompts)
     prompt_tokens = a.group * sum(len(p.prompt) + 1 for p in tasks) / a.rollouts  # BOS + one token per character
-    completion_tokens = a.prompts * a.group * statistics_mean(results["r1engine"]["response_len"])
+    completion_tokens = a.prompts * a.group * statistics.mean(results["r1engine"]["response_len"])
     tokens = prompt_tokens + completion_tokens
 
     def gemm_flops_per_s(rows: int) -> float:
@@ -379,10 +380,6 @@ def matmul_floor(a: argparse.Namespace, results: dict[str, dict[str, Any]]) -> d
         "batch_gflops": batch_rate / 1e9,
         "floor_s": forward / decode_rate + passes * forward / batch_rate,
     }
-
-
-def statistics_mean(values: list[float]) -> float:
-    return sum(values) / len(values)
 
 
 def plot(results: dict[str, dict[str, Any]], path: Path, title: str) -> None:
