@@ -12,7 +12,7 @@ import importlib.util
 import pytest
 import torch
 
-from r1engine.models import PolicyConfig, PolicyModel, build_char_tokenizer
+from r1engine.models import KVCache, PolicyConfig, PolicyModel, build_char_tokenizer
 from r1engine.models.toy import (
     chi_square_pvalue,
     count_completions,
@@ -84,16 +84,17 @@ def test_native_generate_shapes_stop_and_logprobs(models):
     assert again.completion_ids == b.completion_ids  # seeded: reproducible
 
 
-def test_native_finished_rows_leave_the_batch(models):
+def test_native_finished_rows_leave_the_batch(models, monkeypatch):
     """Without speculation, rows that hit a stop token are dropped from the decode batch (their KV-cache rows
     too): the model computes fewer rows per step, and every completion is still what the model would give alone."""
     _, m1, _ = models
     eng = create_engine("native", model=m1)
-    rows_seen = []
-    hook = eng.model.model.embed_tokens.register_forward_hook(lambda mod, inp, out: rows_seen.append(inp[0].shape[0]))
+    rows_seen = []  # the cache's batch size at each step's commit (the fused and the eager step both commit)
+    advance = KVCache.advance
+    monkeypatch.setattr(KVCache, "advance", lambda cache, n: (rows_seen.append(cache.batch_size), advance(cache, n)))
     prompts, stop = _prompts(6, 4), [25, 33, 41]
     b = eng.generate(prompts, n=4, max_new_tokens=30, temperature=1.0, stop_token_ids=stop, seed=11)
-    hook.remove()
+    monkeypatch.undo()
     lengths = sorted(len(c) for c in b.completion_ids)
     assert lengths[0] < lengths[-1] and "stop" in b.finish_reason  # rows finish at different steps
     assert rows_seen[0] == 24 and min(rows_seen) < 24  # prefill of all rows, then a shrinking batch

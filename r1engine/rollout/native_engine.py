@@ -13,6 +13,7 @@ import time
 
 import torch
 
+from r1engine.models.decode_step import FusedDecodeStep
 from r1engine.models.kv_cache import KVCache
 from r1engine.models.policy import PolicyModel
 from r1engine.rollout.base import RolloutBatch, RolloutStats, validate_prompts
@@ -184,6 +185,7 @@ class NativeEngine:
             drafts, dprobs = self._chain_drafts(mh[brange, last_pos], mcache, k, scfg, gen)
 
         live = torch.arange(bsz, device=self.device)  # without speculation: the batch row of each cache row
+        fused_step = None if k else FusedDecodeStep.build(self.model, cache)  # one C++ call per step where it applies
         while bool(active.any()):
             stats.num_steps += 1
             if not k:
@@ -192,10 +194,12 @@ class NativeEngine:
                     keep = live_active.nonzero().squeeze(1)
                     cache.keep_rows(keep)
                     live, last, live_active = live[keep], last[keep], live_active[keep]
-                pos = cache.lengths[:, None].clamp(max=max_pos)
-                out = self.model(last[:, None], position_ids=pos, kv_cache=cache)
+                if fused_step is not None:
+                    logits = fused_step(last, cache)
+                else:
+                    pos = cache.lengths[:, None].clamp(max=max_pos)
+                    logits = self.model.logits(self.model(last[:, None], position_ids=pos, kv_cache=cache).hidden[:, 0])
                 cache.advance(live_active.long())
-                logits = self.model.logits(out.hidden[:, 0])
                 probs = processed_probs(logits, scfg)
                 tok = sample_from(probs, gen)
                 lp = self._logprob(logits, tok)
