@@ -92,7 +92,8 @@ class KVCache:
 
     def keep_rows(self, rows: torch.Tensor) -> None:
         """Keep only the batch rows `rows` (int64 indices, in the new order): finished sequences leave the batch,
-        so later forwards stop computing them. Copies the kept rows' keys and values (`[L, len(rows), ...]`)."""
+        so later forwards stop computing them. An index may repeat (the samples of one prompt each take a copy of
+        its prefilled rows). Copies the kept rows' keys and values (`[L, len(rows), ...]`)."""
         rows = rows.to(self.lengths.device)
         self.k = self.k.index_select(1, rows)
         self.v = self.v.index_select(1, rows)
