@@ -23,17 +23,21 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 if "--smoke" in sys.argv and os.environ.get("TRITON_INTERPRET") is None:
     os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
 
 import torch  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.common import cpu_name, git_commit  # noqa: E402
 
 HP = dict(eps_low=0.2, eps_high=0.28, beta=0.04, temperature=0.9)
 
@@ -322,16 +326,12 @@ def bench_linear(n: int, h: int, v: int, smoke: bool, device: torch.device) -> T
 
 
 def _header(device: torch.device) -> str:
-    try:
-        commit = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True).strip()
-    except Exception:  # noqa: BLE001
-        commit = "unknown"
-    dev = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor()})"
+    dev = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({cpu_name()})"
     import triton
 
     return (
         f"- device: {dev}\n- date: {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC\n"
-        f"- git commit: {commit}\n- torch {torch.__version__}, triton {triton.__version__}\n"
+        f"- git commit: {git_commit()}\n- torch {torch.__version__}, triton {triton.__version__}\n"
         f"- command: `{' '.join([os.path.basename(sys.executable)] + sys.argv)}`\n"
     )
 

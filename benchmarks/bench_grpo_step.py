@@ -61,7 +61,6 @@ import dataclasses
 import datetime
 import json
 import math
-import platform
 import shlex
 import statistics
 import subprocess
@@ -92,6 +91,11 @@ from r1engine.trainer.sequences import (
     packed_logprobs,
     packed_mtp_loss,
 )
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.common import cpu_name  # noqa: E402
 
 PATHS = ("packed+fused", "packed+fused-linear", "padded+eager")
 BASELINE = "padded+eager"
@@ -251,11 +255,7 @@ def _git_commit() -> str:
 def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()} ({torch.get_num_threads()} torch threads)"
-    return f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} torch threads)"
+    return f"{cpu_name()} ({torch.get_num_threads()} torch threads)"
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -35,6 +35,10 @@ from typing import Any
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.common import cpu_name, git_commit  # noqa: E402
+
 RUNS = ("grpo", "ppo-0.95", "ppo-1.0")
 COMPLETIONS_PER_STEP = 128
 GROUP_SIZE = 8
@@ -225,12 +229,10 @@ def _measured_summary(results: dict[str, dict]) -> list[str]:
 
 def write_markdown(args, results: dict[str, dict], sft: dict, path: Path, png: Path, command: str) -> str:
     g = results["grpo"]
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT)
-    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
     lines = [
         "# GRPO vs PPO (value model + GAE) on the addition task",
         "",
-        f"Date {datetime.date.today()}, commit {commit.stdout.strip()}, machine: {platform.node()} ({cpu}, "
+        f"Date {datetime.date.today()}, commit {git_commit()}, machine: {platform.node()} ({cpu_name()}, "
         f"{os.cpu_count()} cores shared with other jobs, no GPU), PyTorch {torch.__version__}, one thread per run.",
         f"Command: `{command}`",
         "",

@@ -27,9 +27,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -41,6 +39,7 @@ import torch.nn.functional as F  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from benchmarks.common import cpu_name, git_commit  # noqa: E402
 from r1engine import _ext, ops  # noqa: E402
 from r1engine.models.config import PolicyConfig  # noqa: E402
 from r1engine.models.policy import PolicyModel, fused_layer_ops  # noqa: E402
@@ -212,10 +211,9 @@ def main() -> None:
     for name in ("rms_norm_fwd", "swiglu_fwd", "rope_fwd"):
         _ext.require(name)
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     print(
-        f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, threads "
-        f"{torch.get_num_threads()}, extension {_ext.build_info()}, commit {commit}"
+        f"# {cpu_name()}, torch {torch.__version__}, threads "
+        f"{torch.get_num_threads()}, extension {_ext.build_info()}, commit {git_commit()}"
     )
 
     print(

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -38,6 +37,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from benchmarks.common import cpu_name  # noqa: E402
 from r1engine import _ext  # noqa: E402
 from r1engine.optim import FusedAdamW, clip_coefficient  # noqa: E402
 
@@ -133,8 +133,7 @@ def main() -> None:
     _ext.require("adamw_step_")
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     print(
-        f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, "
-        f"threads {torch.get_num_threads()}, extension {_ext.build_info()}"
+        f"# {cpu_name()}, torch {torch.__version__}, threads {torch.get_num_threads()}, extension {_ext.build_info()}"
     )
 
     print(

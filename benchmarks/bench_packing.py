@@ -26,8 +26,6 @@ import argparse
 import heapq
 import math
 import os
-import platform
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -36,6 +34,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from benchmarks.common import cpu_name, git_commit  # noqa: E402
 from r1engine.packing import best_fit_decreasing_reference, plan  # noqa: E402
 
 
@@ -304,8 +303,7 @@ def main() -> None:
     ap.add_argument("--bfd-max", type=int, default=1_000_000, help="largest n for the pure-Python BFD baseline")
     args = ap.parse_args()
     cap, R = args.chunk_len, args.ranks
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    print(f"# bench_packing  chunk_len={cap} ranks={R}  commit={commit}  {platform.processor() or platform.machine()}")
+    print(f"# bench_packing  chunk_len={cap} ranks={R}  commit={git_commit()}  {cpu_name()}")
     print(f"# torch threads={torch.get_num_threads()}  load avg={os.getloadavg()[0]:.1f}  cores={os.cpu_count()}")
     cols = f"{'chunks/LB':>10}{'padding':>9}{'load max/min':>13}{'wall s':>9}{'cpu s':>9}{'x wall':>8}{'x cpu':>8}"
     print(f"{'dist':<10}{'n':>9} {'method':<8}{cols}")

@@ -14,16 +14,20 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import platform
 import socket
 import statistics
-import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 
 from r1engine.pipeline import Costs, build_schedule, published_bubble, simulate
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.common import cpu_name, git_commit  # noqa: E402
 
 KINDS = ("1f1b", "zb1p", "dualpipe", "dualpipev")
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -169,10 +173,9 @@ def main() -> None:
     pps = (4, 8) if args.quick else (4, 8, 16)
     mults = (2, 4, 8) if args.quick else (2, 3, 4, 6, 8)
     lines = []
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     lines.append(
-        f"Machine: {platform.machine()} {platform.processor() or ''}, {os.cpu_count()} cores; "
-        f"torch {torch.__version__}; date {datetime.date.today()}; commit {commit}"
+        f"Machine: {cpu_name()}, {os.cpu_count()} cores; "
+        f"torch {torch.__version__}; date {datetime.date.today()}; commit {git_commit()}"
     )
     main_costs = Costs(f=1.0, b=2.0, w=1.0, fb=2.5)
     other_costs = Costs(f=1.0, b=2.4, w=0.6, fb=2.9)

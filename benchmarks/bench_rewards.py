@@ -20,14 +20,19 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import random
-import subprocess
+import sys
 import time
+from pathlib import Path
 
 import torch
 
 from r1engine.rewards import CombinedReward, RewardScheduler, sandbox_strength
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.common import cpu_name, git_commit  # noqa: E402
 
 # A generous per-test limit: on a loaded shared machine a 500 ms-CPU program can take several seconds of
 # wall time, and this benchmark measures throughput, not the timeout path.
@@ -144,9 +149,8 @@ def main() -> None:
     ap.add_argument("--throughput-n", type=int, default=16)
     args = ap.parse_args()
     torch.set_num_threads(1)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     print(
-        f"# bench_rewards  {time.strftime('%Y-%m-%d %H:%M')}  commit {commit}  {platform.machine()}"
+        f"# bench_rewards  {time.strftime('%Y-%m-%d %H:%M')}  commit {git_commit()}  {cpu_name()}"
         f"  cores={os.cpu_count()}  load={os.getloadavg()[0]:.1f}  sandbox={sandbox_strength()}"
     )
     batches = [make_batch(args.batch, seed) for seed in range(3)]

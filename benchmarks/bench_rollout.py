@@ -27,11 +27,11 @@ import copy
 import datetime
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +39,11 @@ import torch.nn.functional as F
 from r1engine.models import PolicyConfig, PolicyModel, build_char_tokenizer
 from r1engine.models.toy import fit_pattern, pattern_batch
 from r1engine.rollout import create_engine, vllm_available
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.common import cpu_name, git_commit  # noqa: E402
 
 SHIFTED = (4, 5)
 
@@ -154,8 +159,7 @@ def main() -> None:
             f"fitted model ({args.num_layers} layers + 1 MTP, hidden {args.hidden}) on the toy task: "
             f"{args.fit_steps} steps in {time.perf_counter() - t0:.0f}s"
         )
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    print(f"# bench_rollout  {datetime.date.today()}  commit {commit}  {platform.processor() or platform.machine()}")
+    print(f"# bench_rollout  {datetime.date.today()}  commit {git_commit()}  {cpu_name()}")
     print(f"# batch shapes (prompts x n) {args.shapes}, {args.new_tokens} new tokens, T=1.0, 1 torch thread")
     results: dict = {}
     for backend in args.backends:
