@@ -146,8 +146,9 @@ def main() -> None:
 Both arms give the same output (checked, fp32, 1e-5).
 
 The op: `torch.ops.r1engine.decode_attention` (csrc/core/decode_attention.*: one task per row and KV head, keys
-in blocks of 8 with one transpose-reduce, vectorized exp) against SDPA with a ragged key mask and `enable_gqa`,
-which `KVCache.attend` ran for every decode step before.
+in blocks of 8 with one transpose-reduce, vectorized exp, P.V with the accumulators in registers, fixed loop
+bounds for head dims 32/64/128) against SDPA with a ragged key mask and `enable_gqa`, which `KVCache.attend` ran
+for every decode step before.
 
 {chr(10).join(lines)}
 

@@ -42,6 +42,31 @@ def test_matches_masked_sdpa(batch, q_heads, kv_heads, head_dim, cache_len, dtyp
     torch.testing.assert_close(got.float(), _reference(q, k, v, n_keys), rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("head_dim", [32, 64, 128, 24, 40, 7])
+def test_key_counts_around_blocks_of_eight(head_dim, dtype):
+    """Fixed-size (32, 64, 128), runtime-size (24, 40) and scalar (7) head dims; 0, 1 and 7-9 keys, the full cache."""
+    g = torch.Generator().manual_seed(head_dim)
+    n_keys = torch.tensor([0, 1, 7, 8, 9, 15, 16, 17, 95, 100])
+    q = torch.randn(10, 6, head_dim, generator=g).to(dtype)
+    k, v = (torch.randn(10, 2, 100, head_dim, generator=g).to(dtype) for _ in range(2))
+    got = torch.ops.r1engine.decode_attention(q, k, v, n_keys, head_dim**-0.5)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got.float(), _reference(q, k, v, n_keys), rtol=tol, atol=tol)
+    assert torch.equal(got, torch.ops.r1engine.decode_attention(q, k, v, n_keys, head_dim**-0.5))  # deterministic
+
+
+@pytest.mark.parametrize("q_heads,cache_len", [(2, 1200), (64, 200)])
+def test_more_keys_than_one_chunk(q_heads, cache_len):
+    """Past one chunk of keys (512 for up to 8 query heads per KV head, 64 for 64) the chunks merge (online softmax)."""
+    g = torch.Generator().manual_seed(cache_len)
+    q = torch.randn(3, q_heads, 32, generator=g)
+    k, v = (torch.randn(3, 1, cache_len, 32, generator=g) for _ in range(2))
+    n_keys = torch.tensor([cache_len, cache_len // 2 + 1, 65])
+    got = torch.ops.r1engine.decode_attention(q, k, v, n_keys, 32**-0.5)
+    torch.testing.assert_close(got, _reference(q, k, v, n_keys), rtol=1e-5, atol=1e-5)
+
+
 def test_reads_a_strided_cache_layer():
     """The KV cache passes one layer of `[layers, B, Hkv, S, D]` and q as a view of `[B, 1, Hq, D]`."""
     g = torch.Generator().manual_seed(3)

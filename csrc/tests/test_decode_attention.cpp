@@ -1,6 +1,7 @@
 // Unit tests of the decode-step attention (csrc/core/decode_attention.*) against a double-precision softmax
-// attention: grouped-query heads (1, 2 and 3 query heads per KV head), ragged key counts including 0 and 1 and the
-// full cache, odd head dims, fp32 and bf16.
+// attention: grouped-query heads (1 to 64 query heads per KV head), ragged key counts including 0, 1, around the
+// blocks of 8 keys, the full cache and more than one chunk of keys, head dims of the fixed-size (32, 64, 128),
+// runtime-size (multiples of 8) and scalar (odd) paths, fp32 and bf16.
 #include <cmath>
 #include <cstdint>
 #include <random>
@@ -47,14 +48,17 @@ std::vector<double> reference(const std::vector<float>& q, const std::vector<flo
   return out;
 }
 
+// n_keys: one per row, or empty for 0, 1, all and then (b * 7) % cache_len keys
 void check_case(int64_t batch, int64_t q_heads, int64_t kv_heads, int64_t d, int64_t cache_len, bool bf16,
-                std::mt19937& rng) {
+                std::mt19937& rng, std::vector<int64_t> n_keys = {}) {
   const DecodeAttentionShape s{batch, q_heads, kv_heads, d, cache_len};
   auto q = randn(rng, batch * q_heads * d);
   auto k = randn(rng, batch * kv_heads * cache_len * d);
   auto v = randn(rng, batch * kv_heads * cache_len * d);
-  std::vector<int64_t> n_keys(static_cast<size_t>(batch));
-  for (int64_t b = 0; b < batch; ++b) n_keys[b] = b == 0 ? 0 : b == 1 ? 1 : b == 2 ? cache_len : (b * 7) % cache_len;
+  if (n_keys.empty()) {
+    n_keys.resize(static_cast<size_t>(batch));
+    for (int64_t b = 0; b < batch; ++b) n_keys[b] = b == 0 ? 0 : b == 1 ? 1 : b == 2 ? cache_len : (b * 7) % cache_len;
+  }
   const float scale = 1.0f / std::sqrt(static_cast<float>(d));
   std::vector<float> got(q.size());
   if (bf16) {  // round the inputs to bf16 first, so that the reference sees the same values
@@ -69,6 +73,9 @@ void check_case(int64_t batch, int64_t q_heads, int64_t kv_heads, int64_t d, int
     for (size_t i = 0; i < oh.size(); ++i) got[i] = r1engine::bf16_to_float(oh[i]);
   } else {
     r1engine::decode_attention(q.data(), k.data(), v.data(), n_keys.data(), got.data(), s, scale, FloatType::kF32);
+    std::vector<float> again(q.size());  // deterministic: the same bits on a second call
+    r1engine::decode_attention(q.data(), k.data(), v.data(), n_keys.data(), again.data(), s, scale, FloatType::kF32);
+    R1_CHECK(again == got);
   }
   const auto ref = reference(q, k, v, n_keys, s, scale);
   const double tol = bf16 ? 1e-2 : 1e-5;
@@ -83,6 +90,17 @@ int main() {
     check_case(5, 6, 2, 32, 40, bf16, rng);  // GQA 3:1, the demo model's heads
     check_case(4, 4, 4, 7, 9, bf16, rng);    // multi-head, odd head dim
     check_case(6, 2, 1, 16, 3, bf16, rng);   // tiny cache: 0, 1 and all keys
+    // the AVX2 path: fixed head dims 32, 64, 128 and runtime ones (3 and 5 vectors of 8), key counts around the
+    // blocks of 8 keys
+    const std::vector<int64_t> around8{0, 1, 7, 8, 9, 15, 16, 17, 95, 100};
+    check_case(10, 6, 2, 32, 100, bf16, rng, around8);
+    check_case(10, 7, 1, 64, 100, bf16, rng, around8);
+    check_case(10, 2, 2, 128, 100, bf16, rng, around8);
+    check_case(10, 8, 2, 24, 100, bf16, rng, around8);
+    check_case(10, 5, 1, 40, 100, bf16, rng, around8);
+    // longer than one chunk of keys (512 for 1-8 query heads per KV head, 64 for 64): the online-softmax merge
+    check_case(3, 2, 2, 32, 1200, bf16, rng, {1200, 513, 1025});
+    check_case(3, 64, 1, 8, 200, bf16, rng, {200, 64, 65});
   }
   return r1_check_report("test_decode_attention");
 }
