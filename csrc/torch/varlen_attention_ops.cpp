@@ -36,10 +36,11 @@ r1engine::VarlenAttentionShape check_inputs(const Tensor& q, const Tensor& k, co
   const Tensor cu = cu_seqlens.contiguous();
   const int32_t* c = cu.data_ptr<int32_t>();
   const int64_t seqs = cu.size(0) - 1;
-  TORCH_CHECK(c[0] == 0 && c[seqs] == total, "cu_seqlens: expected to rise from 0 to total=", total, ", got ", c[0],
+  // ValueError in Python, as r1engine.packing.attention's own check of cu_seqlens
+  TORCH_CHECK_VALUE(c[0] == 0 && c[seqs] == total, "cu_seqlens: expected to rise from 0 to total=", total, ", got ", c[0],
               " ... ", c[seqs]);
   for (int64_t b = 0; b < seqs; ++b) {
-    TORCH_CHECK(c[b + 1] >= c[b], "cu_seqlens: expected non-decreasing values, got ", c[b], " then ", c[b + 1],
+    TORCH_CHECK_VALUE(c[b + 1] >= c[b], "cu_seqlens: expected non-decreasing values, got ", c[b], " then ", c[b + 1],
                 " at index ", b);
   }
   return r1engine::VarlenAttentionShape{total, seqs, hq, hkv, d};
