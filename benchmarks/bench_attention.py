@@ -1,28 +1,38 @@
-"""CPU packed (varlen) attention: the length-bucketed dispatch against the per-sequence loop and padded SDPA.
+"""CPU packed (varlen) attention: the C++ kernel and the length-bucketed dispatch against the per-sequence loop and
+padded SDPA.
 
 Methods, all on the same packed row (sequences packed first-fit into chunks of `chunk_len`, each chunk's unused
 tail a padding segment of its own, one flat row with `cu_seqlens` spanning every chunk, as the trainer passes it):
 
-  bucket   varlen_attention(backend="sdpa_bucket"): the new CPU default, length buckets planned by a cost model
-  loop     varlen_attention(backend="sdpa_loop"): the previous default, one SDPA call per segment
+  cpu      varlen_attention(backend="cpu"): the C++ kernels (csrc/core/varlen_attention.*), the CPU default
+  bucket   varlen_attention(backend="sdpa_bucket"): length buckets planned by a cost model, the previous default
+  loop     varlen_attention(backend="sdpa_loop"): the default before that, one SDPA call per segment
   padded   a padded framework's attention: every real sequence right-padded to the longest, one causal SDPA call
            [num_seqs, H, max_len, D] on tensors already in that layout (TRL's layout; pad rows are wasted work)
 
 Grid: sequence lengths short 16-80 / medium 200-500 / long 2k-4k (uniform) x chunk_len 256 / 1024 / 8192 (those
 that hold the sequences) x head_dim 32 / 64 / 128 x fp32 / bf16; 6 query heads, 2 KV heads (GQA); about
 `--tokens` tokens per row. Forward (no autograd) and forward + backward are timed, methods interleaved within each
-repeat, median over repeats, on 1 thread. Prints times and loop/bucket and padded/bucket ratios (> 1: bucket
-faster) and writes benchmarks/results/attention.md.
+repeat, median over repeats, on 1 thread. Prints times and bucket/cpu, loop/bucket and padded/bucket ratios (> 1:
+the second named is faster) and writes benchmarks/results/attention.md.
+
+GRPO section (always run; alone with --grpo): the bench_vs_trl shape, 32 sequences of 50-90 tokens packed first-fit
+in 256-token chunks (6 query / 2 KV heads, head_dim 32), "cpu" vs "sdpa_bucket": the op forward (no_grad, as the
+reference pass) and forward + backward, and the whole demo PolicyModel (3 layers, vocab 101) forward (no_grad) and
+forward + backward of a cross-entropy over the same packed row with either backend, fp32 and bf16.
 
     nice python benchmarks/bench_attention.py                  # the full grid (~15 min on a shared 2-core box)
     nice python benchmarks/bench_attention.py --quick          # head_dim 32 only, fewer repeats
+    nice python benchmarks/bench_attention.py --grpo           # only the GRPO section (~1 min)
     nice python benchmarks/bench_attention.py --calibrate      # fit BucketCostModel constants on this machine
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
+import functools
 import os
 import platform
 import statistics
@@ -36,12 +46,19 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+import r1engine.models.policy as policy_module  # noqa: E402
+import r1engine.packing.attention as attention_module  # noqa: E402
+from r1engine import _ext  # noqa: E402
+from r1engine.models.config import PolicyConfig  # noqa: E402
+from r1engine.models.policy import PolicyModel  # noqa: E402
 from r1engine.packing.attention import (  # noqa: E402
     BucketCostModel,
     cost_model_for,
     plan_length_buckets,
     varlen_attention,
 )
+
+HAS_KERNEL = _ext.has_op("varlen_attention_fwd")
 
 LENGTH_RANGES = {"short": (16, 80), "medium": (200, 500), "long": (2000, 4000)}
 CHUNK_LENS = (256, 1024, 8192)
@@ -85,6 +102,15 @@ def time_us(fn: Callable[[], None]) -> float:
     return (time.perf_counter() - start) * 1e6
 
 
+def interleaved(fns: dict[str, Callable[[], None]], repeats: int) -> dict[str, float]:
+    """Median microseconds per method; methods interleaved within each repeat (ABC CBA: drift hits all alike)."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for r in range(repeats):
+        for name in list(fns) if r % 2 == 0 else list(fns)[::-1]:
+            times[name].append(time_us(fns[name]))
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
 def run_case(segments: list[int], real: list[int], head_dim: int, dtype: torch.dtype, repeats: int) -> dict:
     total = sum(segments)
     g = torch.Generator().manual_seed(0)
@@ -120,19 +146,130 @@ def run_case(segments: list[int], real: list[int], head_dim: int, dtype: torch.d
     result = {}
     for mode, grad in (("fwd", False), ("fwd+bwd", True)):
         fns = {"bucket": packed("sdpa_bucket", grad), "loop": packed("sdpa_loop", grad), "padded": padded(grad)}
+        if HAS_KERNEL:
+            fns["cpu"] = packed("cpu", grad)
         for fn in fns.values():  # warm-up; also builds and caches the bucket plan, as a forward's first layer does
             fn()
-        times: dict[str, list[float]] = {name: [] for name in fns}
-        for r in range(repeats):
-            order = list(fns) if r % 2 == 0 else list(fns)[::-1]  # ABC CBA: drift hits every method alike
-            for name in order:
-                times[name].append(time_us(fns[name]))
-        for name, ts in times.items():
-            result[(mode, name)] = statistics.median(ts)
+        for name, t in interleaved(fns, repeats).items():
+            result[(mode, name)] = t
     with torch.enable_grad():
         model = cost_model_for(q.requires_grad_(), k, v)
     result["buckets"] = len(plan_length_buckets(segments, HEADS_Q, head_dim, True, model))
     return result
+
+
+# ---- GRPO section: the bench_vs_trl shape, op and whole model -------------------------------------------------
+
+GRPO_SEQS, GRPO_LENGTHS, GRPO_CHUNK = 32, (50, 90), 256
+
+
+def grpo_row(seed: int = 0) -> tuple[list[int], list[int]]:
+    """32 sequences of 50-90 tokens (prompt + completion of the bench_vs_trl rollouts) packed first-fit in 256-token
+    chunks; returns (real lengths, all segment lengths incl. each chunk's padding tail)."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(GRPO_LENGTHS[0], GRPO_LENGTHS[1] + 1, (GRPO_SEQS,), generator=g).tolist()
+    return packed_row(lengths, GRPO_CHUNK)
+
+
+def grpo_op(segments: list[int], dtype: torch.dtype, repeats: int) -> dict:
+    total = sum(segments)
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(total, HEADS_Q, 32, generator=g).to(dtype)
+    k = torch.randn(total, HEADS_KV, 32, generator=g).to(dtype)
+    v = torch.randn(total, HEADS_KV, 32, generator=g).to(dtype)
+    dout = torch.randn(total, HEADS_Q, 32, generator=g).to(dtype)
+    cu = torch.tensor([0, *torch.tensor(segments).cumsum(0).tolist()], dtype=torch.int32)
+
+    def call(backend: str, grad: bool) -> Callable[[], None]:
+        def fn() -> None:
+            qs, ks, vs = (t.detach().requires_grad_(grad) for t in (q, k, v))
+            with torch.set_grad_enabled(grad):
+                out = varlen_attention(qs, ks, vs, cu, max(segments), backend=backend)  # type: ignore[arg-type]
+                if grad:
+                    out.backward(dout)
+
+        return fn
+
+    result = {}
+    for mode, grad in (("fwd", False), ("fwd+bwd", True)):
+        fns = {name: call(name, grad) for name in ("cpu", "sdpa_bucket")}
+        for fn in fns.values():
+            fn()
+        for name, t in interleaved(fns, repeats).items():
+            result[(mode, name)] = t
+    return result
+
+
+@contextlib.contextmanager
+def attention_backend(name: str):
+    """PolicyModel's attention layers call `policy._varlen_attention()` (a cached import of
+    r1engine.packing.attention.varlen_attention) on every forward: make it return one with `backend` pinned."""
+    original = policy_module._varlen_attention
+    pinned = functools.partial(attention_module.varlen_attention, backend=name)
+    policy_module._varlen_attention = lambda: pinned
+    try:
+        yield
+    finally:
+        policy_module._varlen_attention = original
+
+
+def grpo_model(segments: list[int], dtype: torch.dtype, repeats: int) -> dict:
+    cfg = PolicyConfig.demo(vocab_size=101, num_mtp_layers=0)
+    model = PolicyModel(cfg).to(dtype)
+    model.reset_parameters(seed=0)
+    total = sum(segments)
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, cfg.vocab_size, (1, total), generator=g)
+    targets = torch.randint(0, cfg.vocab_size, (total,), generator=g)
+    cu = torch.tensor([0, *torch.tensor(segments).cumsum(0).tolist()], dtype=torch.int32)
+
+    def call(backend: str, grad: bool) -> Callable[[], None]:
+        def fn() -> None:
+            with attention_backend(backend), torch.set_grad_enabled(grad):
+                logits = model(ids, cu_seqlens=cu).logits
+                if grad:
+                    model.zero_grad(set_to_none=True)
+                    F.cross_entropy(logits[0].float(), targets).backward()
+
+        return fn
+
+    result = {}
+    for mode, grad in (("fwd", False), ("fwd+bwd", True)):
+        fns = {name: call(name, grad) for name in ("cpu", "sdpa_bucket")}
+        for fn in fns.values():
+            fn()
+        for name, t in interleaved(fns, repeats).items():
+            result[(mode, name)] = t
+    return result
+
+
+def grpo_section(repeats: int) -> list[str]:
+    real, segments = grpo_row()
+    header = (
+        "| what | dtype | fwd cpu ms | fwd sdpa_bucket ms | fwd bucket/cpu | f+b cpu ms | f+b sdpa_bucket ms "
+        "| f+b bucket/cpu |"
+    )
+    lines = [
+        f"{len(real)} sequences of {min(real)}-{max(real)} tokens ({sum(real)} real tokens) in {len(segments)} "
+        f"segments of {GRPO_CHUNK}-token chunks ({sum(segments)} tokens with the padding tails); 6 query / 2 KV "
+        f"heads, head_dim 32; median of {repeats} interleaved repeats.",
+        "",
+        header,
+        "|" + "---|" * (header.count("|") - 1),
+    ]
+    print("\n".join(lines), flush=True)
+    for what, fn in (("varlen_attention op", grpo_op), ("PolicyModel demo, 3 layers", grpo_model)):
+        for dtype in (torch.float32, torch.bfloat16):
+            r = fn(segments, dtype, repeats)
+            row = (
+                f"| {what} | {str(dtype)[6:]} | {r[('fwd', 'cpu')] / 1e3:.2f} | {r[('fwd', 'sdpa_bucket')] / 1e3:.2f} "
+                f"| {r[('fwd', 'sdpa_bucket')] / r[('fwd', 'cpu')]:.2f} | {r[('fwd+bwd', 'cpu')] / 1e3:.2f} "
+                f"| {r[('fwd+bwd', 'sdpa_bucket')] / 1e3:.2f} "
+                f"| {r[('fwd+bwd', 'sdpa_bucket')] / r[('fwd+bwd', 'cpu')]:.2f} |"
+            )
+            print(row, flush=True)
+            lines.append(row)
+    return lines
 
 
 def calibrate(repeats: int) -> None:
@@ -193,6 +330,8 @@ def main() -> None:
     parser.add_argument("--head-dims", type=int, nargs="+", default=[32, 64, 128])
     parser.add_argument("--kinds", nargs="+", default=list(LENGTH_RANGES), choices=list(LENGTH_RANGES))
     parser.add_argument("--quick", action="store_true", help="head_dim 32, 3 repeats")
+    parser.add_argument("--grpo", action="store_true", help="only the GRPO section (bench_vs_trl shape, op + model)")
+    parser.add_argument("--grpo-repeats", type=int, default=15)
     parser.add_argument("--calibrate", action="store_true", help="fit the cost model constants and exit")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "attention.md"))
     args = parser.parse_args()
@@ -202,14 +341,19 @@ def main() -> None:
         return
     if args.quick:
         args.head_dims, args.repeats = [32], 3
+    if not HAS_KERNEL:
+        raise SystemExit("the compiled extension has no varlen_attention_fwd: build it first (setup.py build_ext)")
 
+    grpo_lines = grpo_section(args.grpo_repeats)
     header = (
-        "| lengths | chunk_len | D | dtype | seqs | segs | buckets | fwd bucket ms | fwd loop/bucket "
-        "| fwd padded/bucket | f+b bucket ms | f+b loop/bucket | f+b padded/bucket |"
+        "| lengths | chunk_len | D | dtype | seqs | segs | buckets | fwd cpu ms | fwd bucket ms | fwd bucket/cpu "
+        "| fwd loop/bucket | fwd padded/bucket | f+b cpu ms | f+b bucket ms | f+b bucket/cpu | f+b loop/bucket "
+        "| f+b padded/bucket |"
     )
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
-    print(header, flush=True)
-    for kind in args.kinds:
+    if not args.grpo:
+        print(header, flush=True)
+    for kind in [] if args.grpo else args.kinds:
         for chunk_len in CHUNK_LENS:
             if chunk_len < LENGTH_RANGES[kind][1]:
                 continue
@@ -218,25 +362,29 @@ def main() -> None:
                 for dtype in (torch.float32, torch.bfloat16):
                     repeats = 1 if kind == "long" else args.repeats  # one long fwd+bwd takes seconds
                     r = run_case(segments, real, head_dim, dtype, repeats)
-                    row = (
-                        f"| {kind} {LENGTH_RANGES[kind][0]}-{LENGTH_RANGES[kind][1]} | {chunk_len} | {head_dim} | "
-                        f"{str(dtype)[6:]} | {len(real)} | {len(segments)} | {r['buckets']} | "
-                        f"{r[('fwd', 'bucket')] / 1e3:.2f} | {r[('fwd', 'loop')] / r[('fwd', 'bucket')]:.2f} | "
-                        f"{r[('fwd', 'padded')] / r[('fwd', 'bucket')]:.2f} | {r[('fwd+bwd', 'bucket')] / 1e3:.2f} | "
-                        f"{r[('fwd+bwd', 'loop')] / r[('fwd+bwd', 'bucket')]:.2f} | "
-                        f"{r[('fwd+bwd', 'padded')] / r[('fwd+bwd', 'bucket')]:.2f} |"
-                    )
+                    cells = [f"{kind} {LENGTH_RANGES[kind][0]}-{LENGTH_RANGES[kind][1]}", chunk_len, head_dim]
+                    cells += [str(dtype)[6:], len(real), len(segments), r["buckets"]]
+                    for mode in ("fwd", "fwd+bwd"):
+                        bucket = r[(mode, "bucket")]
+                        cells += [f"{r[(mode, 'cpu')] / 1e3:.2f}", f"{bucket / 1e3:.2f}"]
+                        cells += [f"{bucket / r[(mode, name)]:.2f}" for name in ("cpu",)]
+                        cells += [f"{r[(mode, name)] / bucket:.2f}" for name in ("loop", "padded")]
+                    row = "| " + " | ".join(str(c) for c in cells) + " |"
                     print(row, flush=True)
                     lines.append(row)
 
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     command = "python benchmarks/bench_attention.py " + " ".join(sys.argv[1:])
     with open(args.out, "w") as f:
-        f.write("# CPU packed attention: length buckets vs per-sequence loop vs padded SDPA\n\n")
+        f.write("# CPU packed attention: C++ kernel vs length buckets vs per-sequence loop vs padded SDPA\n\n")
         f.write(f"- Command: `nice {command.strip()}` (1 thread)\n")
         f.write(f"- Date: {datetime.date.today()}; commit {commit}; machine: {machine()}\n")
         f.write(f"- Load average at the end: {os.getloadavg()[0]:.1f} (shared box; ratios are interleaved runs)\n\n")
-        f.write("\n".join(lines) + "\n")
+        f.write("## GRPO shape (bench_vs_trl): backend cpu vs sdpa_bucket\n\n")
+        f.write("\n".join(grpo_lines) + "\n")
+        if not args.grpo:
+            f.write("\n## Grid\n\n")
+            f.write("\n".join(lines) + "\n")
     print(f"wrote {args.out}")
 
 

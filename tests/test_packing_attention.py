@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from r1engine import _ext
 from r1engine.packing import collate, plan
 from r1engine.packing.attention import (
     BucketCostModel,
@@ -18,7 +19,7 @@ from r1engine.packing.attention import (
     varlen_attention_reference,
 )
 
-BACKENDS = ["sdpa_bucket", "sdpa_loop", "sdpa_mask"]  # "reference" is checked against the oracle below
+BACKENDS = ["cpu", "sdpa_bucket", "sdpa_loop", "sdpa_mask"]  # "reference" is checked against the oracle below
 
 
 def per_sequence_sdpa(q, k, v, lengths, causal=True, scale=None):
@@ -186,13 +187,24 @@ def test_bucket_forward_and_gradients_match_fp64_softmax(row, model, dtype, caus
         torch.testing.assert_close(got.double(), want, atol=2 * tol, rtol=2 * tol)
 
 
-def test_auto_on_cpu_is_bucket_and_equals_loop() -> None:
+def test_auto_on_cpu_is_the_kernel_and_equals_bucket_and_loop() -> None:
+    """Backend "auto" on CPU fp32/bf16 is the C++ kernel when the extension has it, else "sdpa_bucket"; all agree."""
     lengths = flat_collated_row([41, 67, 52, 44, 70, 58, 63, 49, 55, 60], 256)
     cu = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32)
     q, k, v = make_qkv(sum(lengths), 6, 2, 32, torch.float32, seed=11)
     auto = varlen_attention(q, k, v, cu, max(lengths))
-    torch.testing.assert_close(auto, varlen_attention(q, k, v, cu, max(lengths), backend="sdpa_bucket"), atol=0, rtol=0)
+    expected = "cpu" if _ext.has_op("varlen_attention_fwd") else "sdpa_bucket"
+    torch.testing.assert_close(auto, varlen_attention(q, k, v, cu, max(lengths), backend=expected), atol=0, rtol=0)
+    torch.testing.assert_close(auto, varlen_attention(q, k, v, cu, max(lengths), backend="sdpa_bucket"))
     torch.testing.assert_close(auto, varlen_attention(q, k, v, cu, max(lengths), backend="sdpa_loop"))
+    # other dtypes fall back to the buckets
+    qd, kd, vd = (t.double() for t in (q, k, v))
+    torch.testing.assert_close(
+        varlen_attention(qd, kd, vd, cu, max(lengths)),
+        varlen_attention(qd, kd, vd, cu, max(lengths), backend="sdpa_bucket"),
+        atol=0,
+        rtol=0,
+    )
 
 
 def brute_force_cost(lengths, model, causal) -> float:

@@ -5,15 +5,19 @@ k/v `[total, Hkv, D]` (grouped-query attention when Hq is a multiple of Hkv), an
 `[num_seqs + 1]` with the sequence boundaries. Backends:
 
 - "flash": flash-attn's `flash_attn_varlen_func` (CUDA tensors with flash-attn installed; "auto" picks it then).
-- "sdpa_bucket": the CPU default ("auto" picks it off CUDA). Sequences are sorted by length and split into
-  length buckets; each bucket is one batched SDPA call `[seqs, H, P, D]` with every sequence right-padded to the
-  bucket's longest length P. Causal attention needs no mask for that padding (real rows never see the later pad
-  rows), so the fused CPU kernel runs with `is_causal=True` and skips the upper triangle. The bucket boundaries
-  minimise a cost model `call + row * tokens + score * padded causal scores` calibrated by measurement
-  (benchmarks/bench_attention.py, results in benchmarks/results/attention.md): many short sequences share a few
-  calls instead of paying Python, dispatch and autograd overhead per sequence, while long sequences end up in
-  buckets of their own, which is the per-sequence loop. The plan depends only on `cu_seqlens`, so it is cached
-  and the layers of one forward share it.
+- "cpu": r1engine's C++ kernels (`r1engine.ops.varlen_attention`, csrc/core/varlen_attention.*), forward and
+  backward: one task per (sequence, KV head) materialises each head's small score block and runs the products with
+  a SIMD micro-kernel; no padding, gathers or GQA head copies. The CPU default: "auto" picks it for fp32/bf16 CPU
+  tensors when the extension is built (3-4x "sdpa_bucket" on the GRPO shapes, benchmarks/results/attention.md).
+- "sdpa_bucket": the CPU fallback ("auto" picks it off CUDA when the kernel is not built or for other dtypes).
+  Sequences are sorted by length and split into length buckets; each bucket is one batched SDPA call
+  `[seqs, H, P, D]` with every sequence right-padded to the bucket's longest length P. Causal attention needs no
+  mask for that padding (real rows never see the later pad rows), so the fused CPU kernel runs with
+  `is_causal=True` and skips the upper triangle. The bucket boundaries minimise a cost model
+  `call + row * tokens + score * padded causal scores` calibrated by measurement (benchmarks/bench_attention.py,
+  results in benchmarks/results/attention.md): many short sequences share a few calls instead of paying Python,
+  dispatch and autograd overhead per sequence, while long sequences end up in buckets of their own, which is the
+  per-sequence loop. The plan depends only on `cu_seqlens`, so it is cached and the layers of one forward share it.
 - "sdpa_loop": one `scaled_dot_product_attention` call per sequence. Work is sum(len^2), no mask tensor is
   built, and PyTorch's fused CPU kernel (flash-attention style) runs each call. The CPU default before
   "sdpa_bucket": the block-diagonal mask and FlexAttention both spend total^2 work or memory
@@ -39,7 +43,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-Backend = Literal["auto", "flash", "sdpa_bucket", "sdpa_loop", "sdpa_mask", "reference"]
+Backend = Literal["auto", "flash", "cpu", "sdpa_bucket", "sdpa_loop", "sdpa_mask", "reference"]
+_CPU_KERNEL_DTYPES = (torch.float32, torch.bfloat16)
 
 
 def _flash_varlen():
@@ -48,6 +53,12 @@ def _flash_varlen():
     except ImportError:
         return None
     return flash_attn_varlen_func
+
+
+def _cpu_kernel_built() -> bool:
+    from r1engine import _ext
+
+    return _ext.has_op("varlen_attention_fwd")
 
 
 def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor) -> None:
@@ -349,14 +360,21 @@ def varlen_attention(
         max_seqlen: longest sequence (used by the flash-attn kernel).
         causal: causal mask inside each sequence.
         scale: softmax scale, default 1/sqrt(D).
-        backend: see the module docstring; "auto" = flash-attn on CUDA when installed, else "sdpa_bucket".
+        backend: see the module docstring; "auto" = flash-attn on CUDA when installed, the C++ kernel ("cpu") for
+            fp32/bf16 CPU tensors when the extension has it, else "sdpa_bucket".
 
     Returns:
-        `[total, Hq, D]` in q's dtype. Differentiable (all backends are autograd-traced PyTorch or flash-attn).
+        `[total, Hq, D]` in q's dtype. Differentiable (autograd-traced PyTorch, flash-attn, or the C++ kernel's
+        registered backward).
     """
     _check(q, k, v, cu_seqlens)
     if backend == "auto":
-        backend = "flash" if (q.is_cuda and _flash_varlen() is not None) else "sdpa_bucket"
+        if q.is_cuda and _flash_varlen() is not None:
+            backend = "flash"
+        elif q.device.type == "cpu" and q.dtype in _CPU_KERNEL_DTYPES and _cpu_kernel_built():
+            backend = "cpu"
+        else:
+            backend = "sdpa_bucket"
     if backend == "flash":
         fn = _flash_varlen()
         if fn is None or not q.is_cuda:
@@ -364,6 +382,10 @@ def varlen_attention(
         cu = cu_seqlens.to(device=q.device, dtype=torch.int32)
         return fn(q, k, v, cu, cu, int(max_seqlen), int(max_seqlen), 0.0, softmax_scale=scale, causal=causal)
     scale_f = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    if backend == "cpu":
+        from r1engine.ops.varlen_attention import varlen_attention as cpu_varlen_attention  # (import cycle)
+
+        return cpu_varlen_attention(q, k, v, cu_seqlens, causal=causal, scale=scale_f)
     if backend == "reference":
         return varlen_attention_reference(q, k, v, cu_seqlens, max_seqlen, causal=causal, scale=scale_f)
     cu = _bounds(cu_seqlens, q.shape[0])
@@ -374,5 +396,5 @@ def varlen_attention(
     if backend == "sdpa_mask":
         return _sdpa_mask(q, k, v, cu, causal, scale_f)
     raise ValueError(
-        f"backend must be one of auto, flash, sdpa_bucket, sdpa_loop, sdpa_mask, reference; got {backend!r}"
+        f"backend must be one of auto, flash, cpu, sdpa_bucket, sdpa_loop, sdpa_mask, reference; got {backend!r}"
     )
