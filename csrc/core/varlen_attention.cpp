@@ -325,7 +325,17 @@ int64_t block_rows(int64_t n, int64_t np) {
 
 struct Scratch {
   std::vector<float> qs, dos, kt, vt, kp, vp, s, ds, o, dk, dv, rows;
+
+  // Frees the buffers after a task that needed more than `keep` floats in one (a very long sequence), so that the
+  // per-thread scratch does not hold that memory for the rest of the process.
+  void trim(int64_t keep) {
+    for (auto* v : {&qs, &dos, &kt, &vt, &kp, &vp, &s, &ds, &o, &dk, &dv, &rows}) {
+      if (static_cast<int64_t>(v->capacity()) > keep) std::vector<float>().swap(*v);
+    }
+  }
 };
+
+constexpr int64_t kKeepScratch = 1 << 22;  // floats (16 MiB) per buffer kept between tasks
 
 inline void grow(std::vector<float>& v, int64_t n) {
   if (static_cast<int64_t>(v.size()) < n) v.resize(static_cast<size_t>(n));
@@ -430,7 +440,7 @@ void for_each_task(const int32_t* cu, const VarlenAttentionShape& s, Fn fn) {
   // work ~ sum of n^2 per task; total * head_dim * heads is a cheap lower bound to decide on threads
 #pragma omp parallel if (tasks > 1 && s.total * s.q_heads * s.head_dim >= (1 << 16))
   {
-    // per thread, kept across calls: no allocation or page faults per call (grows to the longest sequence seen)
+    // per thread, kept across calls: no allocation or page faults per call (buffers over kKeepScratch are freed)
     thread_local Scratch w;
 #pragma omp for schedule(dynamic, 1)
     for (int64_t task = 0; task < tasks; ++task) {
@@ -439,6 +449,7 @@ void for_each_task(const int32_t* cu, const VarlenAttentionShape& s, Fn fn) {
       if (n <= 0) continue;
       const TaskView t{n, group, s.head_dim, s.q_heads * s.head_dim, s.kv_heads * s.head_dim, s.q_heads};
       fn(t, a, h, w);
+      w.trim(kKeepScratch);
     }
   }
 }
