@@ -6,7 +6,9 @@ Two measurements, both arms in the same run, interleaved, one thread:
    it, `F.scaled_dot_product_attention` over the cache slice with a per-row key mask and `enable_gqa=True`, at
    the decode shapes of the demo policy (64 rows, 6 query / 2 KV heads of 32, ~40-80 cached keys) and two more.
 2. Whole generations: `NativeEngine.generate` of the demo policy (64 completions of up to 72 tokens, no
-   speculation) with `r1engine.models.kv_cache.USE_DECODE_KERNEL` on and off.
+   speculation) with `r1engine.models.kv_cache.USE_DECODE_KERNEL` on and off, both through the eager decode step
+   (the fused C++ step, which needs the kernel, is off in both arms so that only the attention differs; its own
+   benchmark is bench_decode_step.py).
 
     python benchmarks/bench_decode_attention.py [--repeats 7]
 """
@@ -77,7 +79,7 @@ def op_case(rows: int, hq: int, hkv: int, d: int, lo: int, hi: int, repeats: int
 
 def generation_case(repeats: int) -> tuple[float, float, int]:
     from r1engine.data import AdditionTask
-    from r1engine.models import PolicyConfig, PolicyModel, build_char_tokenizer
+    from r1engine.models import PolicyConfig, PolicyModel, build_char_tokenizer, decode_step
     from r1engine.rollout import create_engine
 
     tok = build_char_tokenizer()
@@ -94,6 +96,7 @@ def generation_case(repeats: int) -> tuple[float, float, int]:
         assert out.stats.num_tokens > 0
         return time.perf_counter() - t0
 
+    decode_step.USE_FUSED_DECODE_STEP = False  # both arms step through the eager forward
     generate(True)
     generate(False)
     ours, base = [], []
@@ -101,6 +104,7 @@ def generation_case(repeats: int) -> tuple[float, float, int]:
         ours.append(generate(True))
         base.append(generate(False))
     kv_cache.USE_DECODE_KERNEL = True
+    decode_step.USE_FUSED_DECODE_STEP = True
     return statistics.median(ours), statistics.median(base), len(prompts) * 8
 
 
@@ -152,7 +156,8 @@ for every decode step before.
 
 {chr(10).join(lines)}
 
-Whole generation (`NativeEngine.generate`, demo policy, {n} completions of up to 72 tokens, no speculation):
+Whole generation (`NativeEngine.generate`, demo policy, {n} completions of up to 72 tokens, no speculation, both
+arms through the eager decode step):
 **{gen_ours:.3f} s with the kernel, {gen_base:.3f} s with SDPA ({gen_base / gen_ours:.2f}x)**.
 """
     Path(a.out).write_text(text)
