@@ -53,15 +53,8 @@ class FusedDecodeStep:
     """Decode steps of one model over one generation's cache; build with `FusedDecodeStep.build`."""
 
     def __init__(self, model: PolicyModel) -> None:
-        cfg = model.config
         self._weights = [w.detach() for w in decode_weights(model)]
-        self._heads, self._head_dim, self._theta, self._eps = (
-            cfg.num_heads,
-            cfg.head_dim,
-            cfg.rope_theta,
-            cfg.rms_norm_eps,
-        )
-        self._max_pos = cfg.max_position_embeddings - 1
+        self._config = model.config
 
     @classmethod
     def build(cls, model: PolicyModel, cache: KVCache) -> FusedDecodeStep | None:
@@ -85,8 +78,8 @@ class FusedDecodeStep:
         """Logits `[B, V]` of the next token after `tokens` `[B]`, each at its row's position `cache.lengths`
         (capped at the last position embedding, as the engine's eager steps); writes the new keys and values at
         slot `cache.lengths` and leaves committing them to the caller (`cache.advance`)."""
-        positions = cache.lengths[:, None].clamp(max=self._max_pos)
-        cos, sin = rope_cos_sin(positions, self._head_dim, self._theta)  # the eager step's tables, bit for bit
-        return torch.ops.r1engine.decode_step(
-            tokens, cos[:, 0], sin[:, 0], cache.k, cache.v, cache.lengths, self._weights, self._heads, self._eps
-        )
+        cfg = self._config
+        positions = cache.lengths[:, None].clamp(max=cfg.max_position_embeddings - 1)
+        cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta)  # the eager step's tables, bit for bit
+        step, weights, heads, eps = torch.ops.r1engine.decode_step, self._weights, cfg.num_heads, cfg.rms_norm_eps
+        return step(tokens, cos[:, 0], sin[:, 0], cache.k, cache.v, cache.lengths, weights, heads, eps)
