@@ -116,6 +116,18 @@ def test_native_greedy_speculation_equals_plain(models, k):
         assert out.stats.num_drafted > 0
 
 
+@pytest.mark.parametrize("k", [2, 3])
+def test_native_speculation_at_the_token_budget_stays_in_the_cache(models, k):
+    """A row that hits max_new_tokens in the middle of an accepted run commits up to k tokens past its budget, and
+    keeps being verified (k+1 more cache slots) while other rows go on: the per-call cache must hold that."""
+    _, m1, _ = models
+    eng = create_engine("native", model=m1, num_speculative_tokens=k)
+    for budget in (5, 6, 7, 9):
+        b = eng.generate(_prompts(6, budget), n=3, max_new_tokens=budget, temperature=1.0, seed=budget)
+        assert all(len(c) == budget for c in b.completion_ids)
+        assert b.stats.num_accepted > 0
+
+
 @pytest.mark.parametrize("k,draft", [(1, "greedy"), (2, "sample")])
 def test_native_speculation_is_exact(models, k, draft):
     """Chi-square of the first 3 sampled tokens (top-k=4 restricts the vocabulary) against exact enumeration."""

@@ -139,8 +139,10 @@ class NativeEngine:
         prompt_ids = torch.zeros((len(prompts), int(prompt_lens.max())), dtype=torch.long, device=self.device)
         for i, p in enumerate(prompts):
             prompt_ids[i, : len(p)] = torch.tensor(p, device=self.device)
-        # room for the longest row this call can produce (not max_model_len: the cache is zero-filled per call)
-        cap = max(len(r) + b for r, b in zip(rows, budget, strict=True)) + k + 1
+        # room for the longest row this call can produce (not max_model_len: the cache is zero-filled per call). With
+        # speculation a row's final step can commit up to k accepted tokens past its budget, and a finished row stays
+        # in the batch, so later verify forwards write k+1 more slots after those: 2k + 1 beyond the budget.
+        cap = max(len(r) + b for r, b in zip(rows, budget, strict=True)) + 2 * k + 1
         kv = dict(dtype=self.dtype, device=self.device)
         cache = KVCache(cfg.num_layers, len(prompts), cap, cfg.num_kv_heads, cfg.head_dim, **kv)
         mcache = KVCache(1, bsz, cap, cfg.num_kv_heads, cfg.head_dim, **kv) if k else None
