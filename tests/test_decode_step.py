@@ -49,6 +49,15 @@ def _caches(model: PolicyModel, lengths: list[int], cache_len: int, seed: int) -
     return a, b
 
 
+def _eager_logits(model: PolicyModel, tokens: torch.Tensor, cache: KVCache, positions: torch.Tensor) -> torch.Tensor:
+    """The eager forward's next-token logits, its layers one Python module at a time (no fused operator)."""
+    previous, decode_step_module.USE_FUSED_DECODE_STEP = decode_step_module.USE_FUSED_DECODE_STEP, False
+    try:
+        return model.logits(model(tokens[:, None], position_ids=positions, kv_cache=cache).hidden[:, 0])
+    finally:
+        decode_step_module.USE_FUSED_DECODE_STEP = previous
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_step_equals_the_eager_forward_bitwise(name, dtype):
@@ -60,8 +69,7 @@ def test_step_equals_the_eager_forward_bitwise(name, dtype):
     assert step is not None
     with torch.no_grad():
         got = step(tokens, fused_cache)
-        out = model(tokens[:, None], position_ids=eager_cache.lengths[:, None], kv_cache=eager_cache)
-        want = model.logits(out.hidden[:, 0])
+        want = _eager_logits(model, tokens, eager_cache, eager_cache.lengths[:, None])
     assert got.dtype == dtype and got.shape == (len(lengths), model.config.vocab_size)
     assert torch.equal(got, want)
     assert torch.equal(fused_cache.k, eager_cache.k) and torch.equal(fused_cache.v, eager_cache.v)
@@ -77,16 +85,85 @@ def test_positions_past_the_table_are_capped_as_the_engine_does():
     tokens = torch.tensor([3, 4, 5])
     with torch.no_grad():
         got = FusedDecodeStep.build(model, fused_cache)(tokens, fused_cache)
-        pos = eager_cache.lengths[:, None].clamp(max=cap)
-        want = model.logits(model(tokens[:, None], position_ids=pos, kv_cache=eager_cache).hidden[:, 0])
+        want = _eager_logits(model, tokens, eager_cache, eager_cache.lengths[:, None].clamp(max=cap))
     assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tokens_per_row", [1, 2, 5])
+def test_layers_over_several_tokens_match_the_eager_layers(tokens_per_row, dtype, monkeypatch):
+    """`decoder_layers` (what a cached forward of up to MAX_DECODE_TOKENS tokens per row runs, e.g. a speculative
+    verify) against the eager layers: bitwise for one token, within rounding for several (the eager layers attend
+    through SDPA there), the same keys and values written either way."""
+    model = _model("gqa", dtype, seed=5)
+    lengths = [0, 9, 3, 20]
+    fused_cache, eager_cache = _caches(model, lengths, cache_len=27, seed=4)
+    ids = torch.randint(0, model.config.vocab_size, (len(lengths), tokens_per_row), generator=torch.Generator())
+    with torch.no_grad():
+        got = model(ids, kv_cache=fused_cache)
+        assert decode_step_module.decoder_layers_apply(model.model.embed_tokens(ids), fused_cache)
+        monkeypatch.setattr(decode_step_module, "USE_FUSED_DECODE_STEP", False)
+        want = model(ids, kv_cache=eager_cache)
+    tol = dict(rtol=0, atol=0) if tokens_per_row == 1 else dict(rtol=1e-5, atol=1e-5)
+    if dtype == torch.bfloat16 and tokens_per_row > 1:
+        tol = dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(got.last_hidden, want.last_hidden, **tol)
+    torch.testing.assert_close(got.logits, want.logits, **tol)
+    # the first layer writes the same keys and values; later layers' inputs carry the attention's rounding
+    assert torch.equal(fused_cache.k[0], eager_cache.k[0]) and torch.equal(fused_cache.v[0], eager_cache.v[0])
+    torch.testing.assert_close(fused_cache.k, eager_cache.k, **tol)
+    torch.testing.assert_close(fused_cache.v, eager_cache.v, **tol)
+
+
+def test_mtp_layer_decodes_through_the_fused_layers(monkeypatch):
+    """The MTP layer with its one-layer cache (speculative drafting) takes `decoder_layers` too."""
+    model = PolicyModel(PolicyConfig(max_position_embeddings=64, num_mtp_layers=1, **CONFIGS["gqa"]))
+    model.reset_parameters(9)
+    model = model.eval().requires_grad_(False)
+    cfg = model.config
+    caches = []
+    for _ in range(2):
+        cache = KVCache(1, 3, 16, cfg.num_kv_heads, cfg.head_dim)
+        cache.k.copy_(torch.randn(cache.k.shape, generator=torch.Generator().manual_seed(2)))
+        cache.v.copy_(torch.randn(cache.v.shape, generator=torch.Generator().manual_seed(3)))
+        cache.advance(torch.tensor([4, 0, 9]))
+        caches.append(cache)
+    hidden = torch.randn(3, 2, cfg.hidden_size, generator=torch.Generator().manual_seed(4))
+    nxt = torch.tensor([[3, 4], [5, 6], [7, 8]])
+    calls = []
+    layers = decode_step_module.decoder_layers
+    monkeypatch.setattr(decode_step_module, "decoder_layers", lambda *a: (calls.append(1), layers(*a))[1])
+    with torch.no_grad():
+        got = model.mtp_hidden(
+            hidden, nxt, position_ids=caches[0].lengths[:, None] + torch.arange(2), kv_cache=caches[0]
+        )
+        assert calls == [1]
+        monkeypatch.setattr(decode_step_module, "USE_FUSED_DECODE_STEP", False)
+        want = model.mtp_hidden(
+            hidden, nxt, position_ids=caches[1].lengths[:, None] + torch.arange(2), kv_cache=caches[1]
+        )
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert torch.equal(caches[0].k, caches[1].k)
+
+
+def test_prefill_sized_forwards_keep_the_eager_layers():
+    model = _model("gqa", torch.float32)
+    cache, _ = _caches(model, [0, 0], cache_len=20, seed=0)
+    most = decode_step_module.MAX_DECODE_TOKENS
+    x = torch.zeros(2, most, model.config.hidden_size)
+    with torch.no_grad():
+        assert decode_step_module.decoder_layers_apply(x, cache)
+        assert not decode_step_module.decoder_layers_apply(torch.zeros(2, most + 1, model.config.hidden_size), cache)
+    assert not decode_step_module.decoder_layers_apply(x, cache)  # autograd on: training-style forwards stay eager
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_generations_with_and_without_the_fused_step_are_identical(dtype, monkeypatch):
     model = _model("gqa", dtype, seed=3)
     engine = NativeEngine(model)
-    prompts = [[1, 5, 9], [1, 7], [1, 3, 3, 3, 8, 2 + 20]]
+    # prompts longer than a decode step, so that the prefill takes the eager layers in both runs (see below for
+    # the fused layers over several tokens)
+    prompts = [[1, 5, 9, *range(10, 20)], [1, 7, *range(3, 12)], [1, 3, 3, 3, 8, 22, *range(4, 9)]]
     kwargs = dict(n=4, max_new_tokens=20, temperature=1.0, stop_token_ids=[2], seed=11)
     fused = engine.generate(prompts, **kwargs)
     monkeypatch.setattr(decode_step_module, "USE_FUSED_DECODE_STEP", False)
@@ -129,9 +206,12 @@ def test_bad_inputs_name_the_argument():
         call(weights=weights[:-1])
     with pytest.raises(RuntimeError, match=r"weights\[1\]: expected shape \[48, 48\]"):
         call(weights=[weights[0], weights[3], *weights[2:]])
-    with pytest.raises(RuntimeError, match=r"lengths\[1\] = 8: the new token's slot must lie in \[0, cache_len=8\)"):
+    with pytest.raises(
+        RuntimeError,
+        match=r"lengths\[1\] = 8: the 1 new token\(s\) must fit in slots \[0, cache_len=8\) \(KVCache overflow\)",
+    ):
         call(lengths=torch.tensor([1, 8]))
-    with pytest.raises(RuntimeError, match=r"cos: expected float32 CPU \[2, 8\]"):
+    with pytest.raises(RuntimeError, match=r"cos: expected float32 CPU with 2 rows of 8"):
         call(cos=torch.zeros(2, 4))
     with pytest.raises(RuntimeError, match=r"ids: expected int64 CPU \[2\]"):
         call(ids=ids.int())

@@ -1,28 +1,41 @@
-"""`FusedDecodeStep`: one single-token decode step of a `PolicyModel` in one C++ call.
+"""Decoding through the KV cache in one C++ call: `FusedDecodeStep` and `decoder_layers`.
 
 `torch.ops.r1engine.decode_step` (csrc/torch/decode_step_ops.cpp) runs the main model from the last sampled token
 of every row to its next-token logits, writing the new keys and values into the `KVCache`: the same GEMMs and
 the same fused kernels as the eager forward with a cache (`PolicyModel.forward(..., kv_cache=cache)` followed by
 `PolicyModel.logits`), so the logits and the cache are bitwise equal to it, without the eager forward's Python and
-dispatch overhead (~1.3 ms of a ~5 ms step at the demo policy's 64 rows; benchmarks/bench_decode_step.py).
+dispatch overhead (~1.3 ms of a ~5 ms step at the demo policy's 64 rows; benchmarks/bench_decode_step.py). The
+native rollout engine uses it for its non-speculative decode steps.
 
-The native rollout engine uses it for its non-speculative decode steps whenever `FusedDecodeStep.build` accepts
-the model and cache (CPU, fp32 or bf16, the operator compiled, and the eager path itself on its kernels: fused layer
-ops and the decode-attention kernel enabled). `USE_FUSED_DECODE_STEP = False` turns it off for comparisons.
+`torch.ops.r1engine.decode_layers` is the stack of decoder layers alone, over any number T of new tokens per row
+(hidden states in, hidden states out, the cache written): `PolicyModel` runs its layers and its MTP layer through it
+whenever it decodes with a cache where the operator applies (`decoder_layers_apply`), which is what speculative
+decoding does (verifying k+1 tokens per row, then drafting with the MTP layer). With one token per row it equals the
+eager layers bit for bit; with T > 1 the eager layers attend through SDPA with a ragged mask and the operator
+through the decode-attention kernel (one query per row at a time), equal to ~1e-7.
+
+Both apply on the CPU to fp32 and bf16 models without autograd, with the operators compiled, and only while the
+eager path itself runs on its kernels (fused layer ops and the decode-attention kernel enabled).
+`USE_FUSED_DECODE_STEP = False` turns both off for comparisons.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
 from r1engine import _ext
 from r1engine.models import kv_cache as kv_cache_module
-from r1engine.models import policy as policy_module
+from r1engine.models import policy as policy_module  # a module reference: policy.py imports this module too
 from r1engine.models.kv_cache import KVCache
-from r1engine.models.policy import PolicyModel, rope_cos_sin
+
+if TYPE_CHECKING:
+    from r1engine.models.policy import DecoderLayer, PolicyModel
 
 USE_FUSED_DECODE_STEP = True
-"""False: `FusedDecodeStep.build` returns None and decoding takes the eager forward."""
+"""False: `FusedDecodeStep.build` returns None and `decoder_layers_apply` False: decoding takes the eager forward."""
 
 _LAYER_WEIGHTS = (  # the operator's per-layer order (LayerSlot in decode_step_ops.cpp)
     "input_layernorm.weight",
@@ -40,37 +53,78 @@ _LAYER_WEIGHTS = (  # the operator's per-layer order (LayerSlot in decode_step_o
 )
 
 
-def decode_weights(model: PolicyModel) -> list[torch.Tensor]:
-    """The main model's weights in the operator's order: 12 per layer, then the final norm, lm_head, embedding."""
+def layer_weights(layers: Sequence[DecoderLayer]) -> list[torch.Tensor]:
+    """The weights of `layers` in the operators' order, 12 per layer."""
     weights: list[torch.Tensor] = []
-    for layer in model.model.layers:
+    for layer in layers:
         params = dict(layer.named_parameters())
-        weights += [params[name] for name in _LAYER_WEIGHTS]
-    return weights + [model.model.norm.weight, model.lm_head.weight, model.model.embed_tokens.weight]
+        weights += [params[name].detach() for name in _LAYER_WEIGHTS]
+    return weights
+
+
+def decode_weights(model: PolicyModel) -> list[torch.Tensor]:
+    """The main model's weights in `decode_step`'s order: 12 per layer, then the final norm, lm_head, embedding."""
+    tail = [model.model.norm.weight, model.lm_head.weight, model.model.embed_tokens.weight]
+    return layer_weights(model.model.layers) + [w.detach() for w in tail]
+
+
+def _kernels_apply(dtype: torch.dtype, cache: KVCache, op: str) -> bool:
+    return (
+        USE_FUSED_DECODE_STEP
+        and _ext.has_op(op)
+        and cache.k.device.type == "cpu"
+        and dtype == cache.k.dtype
+        and dtype in (torch.float32, torch.bfloat16)
+        and policy_module._FUSED_LAYER_OPS
+        and kv_cache_module.USE_DECODE_KERNEL
+    )
+
+
+MAX_DECODE_TOKENS = 8
+"""Forwards of at most this many new tokens per row are decode steps (one token, or a speculative verify of k+1);
+longer ones are prefills, which keep the eager layers: SDPA serves many queries per row at once, where the decode
+kernel takes one query per row and call."""
+
+
+def decoder_layers_apply(x: torch.Tensor, cache: KVCache) -> bool:
+    """Whether `decoder_layers` runs the layers of a cached forward of hidden states `x` `[B, T, H]`: a decode-sized
+    T (<= MAX_DECODE_TOKENS) without autograd, on the CPU, where the kernels apply."""
+    return (
+        x.dim() == 3
+        and x.shape[1] <= MAX_DECODE_TOKENS
+        and not torch.is_grad_enabled()
+        and x.device.type == "cpu"
+        and _kernels_apply(x.dtype, cache, "decode_layers")
+    )
+
+
+def decoder_layers(
+    layers: Sequence[DecoderLayer], x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache
+) -> torch.Tensor:
+    """`layers` (as many as `cache` holds) over the new tokens' hidden states `x` `[B, T, H]` at rotary tables
+    cos/sin `[B, T, D]`: token t of row b is written at cache slot `cache.lengths[b] + t` and attends to the slots
+    before it. Returns `[B, T, H]`; the caller commits the slots (`cache.advance`)."""
+    attn, norm = layers[0].self_attn, layers[0].input_layernorm
+    return torch.ops.r1engine.decode_layers(
+        x, cos.float(), sin.float(), cache.k, cache.v, cache.lengths, layer_weights(layers), attn.hq, norm.eps
+    )
 
 
 class FusedDecodeStep:
     """Decode steps of one model over one generation's cache; build with `FusedDecodeStep.build`."""
 
     def __init__(self, model: PolicyModel) -> None:
-        self._weights = [w.detach() for w in decode_weights(model)]
+        self._weights = decode_weights(model)
         self._config = model.config
 
     @classmethod
     def build(cls, model: PolicyModel, cache: KVCache) -> FusedDecodeStep | None:
         """A step function for `model` decoding into `cache`, or None where the operator does not apply (then the
         eager forward is the way, and it is what the fused step would have to equal)."""
-        dtype = cache.k.dtype
         supported = (
-            USE_FUSED_DECODE_STEP
-            and _ext.has_op("decode_step")
-            and cache.k.device.type == "cpu"
-            and model.device.type == "cpu"
-            and dtype in (torch.float32, torch.bfloat16)
-            and model.dtype == dtype
+            model.device.type == "cpu"
             and cache.k.shape[0] == model.config.num_layers
-            and policy_module._FUSED_LAYER_OPS
-            and kv_cache_module.USE_DECODE_KERNEL
+            and _kernels_apply(model.dtype, cache, "decode_step")
         )
         return cls(model) if supported else None
 
@@ -80,6 +134,6 @@ class FusedDecodeStep:
         slot `cache.lengths` and leaves committing them to the caller (`cache.advance`)."""
         cfg = self._config
         positions = cache.lengths[:, None].clamp(max=cfg.max_position_embeddings - 1)
-        cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta)  # the eager step's tables, bit for bit
+        cos, sin = policy_module.rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta)  # the eager step's, bit for bit
         step, weights, heads, eps = torch.ops.r1engine.decode_step, self._weights, cfg.num_heads, cfg.rms_norm_eps
         return step(tokens, cos[:, 0], sin[:, 0], cache.k, cache.v, cache.lengths, weights, heads, eps)

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from r1engine.models import decode_step as decode_step_module  # a module reference: it imports this module too
 from r1engine.models.config import PolicyConfig
 from r1engine.models.kv_cache import KVCache
 from r1engine.ops.rms_norm import rms_norm, rms_norm_reference
@@ -182,6 +183,8 @@ class MTPLayer(DecoderLayer):
 
     def forward_mtp(self, prev_hidden: torch.Tensor, next_embeds: torch.Tensor, ctx: _Ctx, idx: int) -> torch.Tensor:
         x = self.input_proj(torch.cat([self.hidden_layernorm(prev_hidden), self.token_layernorm(next_embeds)], -1))
+        if ctx.cache is not None and decode_step_module.decoder_layers_apply(x, ctx.cache):  # drafting: one C++ call
+            return self.final_layernorm(decode_step_module.decoder_layers([self], x, ctx.cos, ctx.sin, ctx.cache))
         return self.final_layernorm(DecoderLayer.forward(self, x, ctx, idx))
 
 
@@ -356,8 +359,11 @@ class PolicyModel(nn.Module):
         cos, sin = rope_cos_sin(pos, self.config.head_dim, self.config.rope_theta)
         ctx = _Ctx(cos=cos, sin=sin, cu_seqlens=cu, max_seqlen=mx, cache=kv_cache)
         x = self.model.embed_tokens(ids)
-        for i, layer in enumerate(self.model.layers):
-            x = layer(x, ctx, i)
+        if kv_cache is not None and decode_step_module.decoder_layers_apply(x, kv_cache):  # decoding: one C++ call
+            x = decode_step_module.decoder_layers(self.model.layers, x, cos, sin, kv_cache)
+        else:
+            for i, layer in enumerate(self.model.layers):
+                x = layer(x, ctx, i)
         hidden = self.model.norm(x)
         if squeeze:
             x, hidden = x[0], hidden[0]
