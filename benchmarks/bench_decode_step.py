@@ -10,6 +10,10 @@ thread.
    (~300 characters): the engine as it is (fused step, shared prefill); the fused step switched off; and the engine
    before both changes (fused step off, every sample prefilled on its own: each prompt passed 8 times with n=1,
    which is what the prefill did for n=8).
+3. Speculative decoding with the MTP layer (k = 1, 2) of the demo policy fitted for 200 steps on the toy pattern
+   task (`r1engine.models.toy`, so that drafts get accepted): verify and drafting forwards through the fused layers
+   (`torch.ops.r1engine.decode_layers`) against the eager layers, beside the plain fused step (k = 0), at one
+   prompt and at 16 prompts x 4 samples, 64 new tokens.
 
     python benchmarks/bench_decode_step.py [--repeats 7]
 """
@@ -116,6 +120,49 @@ def generation_case(model: PolicyModel, tok, template: str, repeats: int) -> tup
     return {name: statistics.median(t) for name, t in times.items()}, tokens, statistics.mean(map(len, prompts))
 
 
+def speculative_generate(engine, prompts: list[list[int]], n: int, k: int, fused: bool):
+    decode_step_module.USE_FUSED_DECODE_STEP = fused
+    return engine.generate(prompts, n=n, max_new_tokens=64, temperature=1.0, seed=3, num_speculative_tokens=k)
+
+
+def speculative_case(repeats: int) -> list[str]:
+    """Table rows: tokens/s of speculative generation with fused vs eager layers, and of the plain fused step."""
+    from r1engine.models.toy import fit_pattern, pattern_batch
+
+    torch.manual_seed(0)
+    model = PolicyModel(PolicyConfig.demo(num_mtp_layers=1, max_position_embeddings=256))
+    fit_pattern(model, 200, batch=16, length=24, lr=3e-3, seed=0)
+    model.eval().requires_grad_(False)
+    engine = create_engine("native", model=model)
+    rows = []
+    for n_prompts, n in ((1, 1), (16, 4)):
+        prompts = pattern_batch(n_prompts, 3, torch.Generator().manual_seed(7)).tolist()
+        arms = {"k=0, fused step": (0, True)}
+        for k in (1, 2):
+            arms[f"k={k}, fused layers"] = (k, True)
+            arms[f"k={k}, eager layers"] = (k, False)
+        times: dict[str, list[float]] = {name: [] for name in arms}
+        stats = {}
+
+        for k, fused in arms.values():
+            speculative_generate(engine, prompts, n, k, fused)
+        for _ in range(repeats):
+            for name, (k, fused) in arms.items():
+                out = speculative_generate(engine, prompts, n, k, fused)
+                times[name].append(out.stats.elapsed_s)
+                stats[name] = out.stats
+        decode_step_module.USE_FUSED_DECODE_STEP = True
+        for name, t in times.items():
+            st, eager = stats[name], name.replace("fused layers", "eager layers")
+            speedup = f"{statistics.median(times[eager]) / statistics.median(t):.2f}x" if eager != name else "-"
+            acc = f"{st.acceptance_rate:.2f}" if st.num_drafted else "-"
+            rows.append(
+                f"| {n_prompts}x{n} | {name} | {st.num_tokens / statistics.median(t):.0f} | {speedup} | {acc} |"
+            )
+            print(rows[-1], flush=True)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=7)
@@ -139,6 +186,12 @@ def main() -> None:
             gen_lines.append(f"| {label} ({prompt_len:.0f} tokens) | {name} | {t:.3f} | {t / now:.2f}x |")
             print(gen_lines[-1], f"{tokens} tokens generated", flush=True)
 
+    spec_lines = [
+        "| batch (prompts x n) | arm | tokens/s | fused / eager layers | acceptance |",
+        "|---|---|---|---|---|",
+    ]
+    spec_lines += speculative_case(a.repeats)
+
     text = f"""# Native engine decode path: fused C++ step and shared prefill (CPU)
 
 `benchmarks/bench_decode_step.py`, {datetime.date.today()}, commit {git_commit()}, {machine()}, one thread (a shared
@@ -158,6 +211,13 @@ dtypes in tests/test_decode_step.py).
 ## Whole rollouts (8 prompts x 8 samples, up to 72 new tokens, stop at EOS)
 
 {chr(10).join(gen_lines)}
+
+## Speculative decoding (MTP, demo policy + 1 MTP layer fitted 200 steps on the toy pattern task, 64 new tokens)
+
+Verify forwards (k+1 tokens per row) and drafting forwards of the MTP layer through the fused layers
+(`decode_layers`) against the eager layers; the plain fused step (k=0) beside them. Tokens/s from the median time.
+
+{chr(10).join(spec_lines)}
 """
     Path(a.out).write_text(text)
     print(f"wrote {a.out}")
