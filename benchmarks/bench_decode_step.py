@@ -75,8 +75,10 @@ def step_case(model: PolicyModel, rows: int, repeats: int) -> tuple[float, float
     def fused() -> torch.Tensor:
         return step(tokens, cache)
 
-    def eager() -> torch.Tensor:
+    def eager() -> torch.Tensor:  # the module-by-module forward (the switch also keeps decode_layers out of it)
+        decode_step_module.USE_FUSED_DECODE_STEP = False
         out = model(tokens[:, None], position_ids=cache.lengths[:, None], kv_cache=cache)
+        decode_step_module.USE_FUSED_DECODE_STEP = True
         return model.logits(out.hidden[:, 0])
 
     with torch.no_grad():
