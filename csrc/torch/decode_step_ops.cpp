@@ -1,5 +1,6 @@
 // torch.ops.r1engine.decode_step: one single-token decode step of the policy's main model on the CPU, from the
-// last sampled tokens to the next-token logits, in one call.
+// last sampled tokens to the next-token logits, in one call. torch.ops.r1engine.decode_layers: the decoder layers
+// alone over T new tokens per row (hidden states in and out), for speculative verify steps and the MTP layer.
 //
 // Why: at decode time a step of the small policies we roll out on CPUs does little arithmetic per operator (64 rows
 // through 192x512 matrices), and the Python forward spends ~1.3 ms per step on module calls, views, dispatch and
@@ -12,7 +13,9 @@
 // RoPE, SwiGLU MLP). `weights` lists, per layer, the 12 tensors of kLayerSlots and then the final norm, lm_head
 // and the embedding (r1engine/models/decode_step.py builds it). Row b reads token ids[b] at the rotary angles of
 // cos[b] / sin[b], writes its key and value at cache slot lengths[b] and attends to slots 0..lengths[b]. The caller
-// commits the new slot (KVCache.advance). Inference only: no autograd.
+// commits the new slot (KVCache.advance). decode_layers takes x [B, T, H] and cos/sin [B, T, D] and the 12 tensors
+// per layer only; token t of row b goes to slot lengths[b]+t, and the attention kernel, which takes one query per
+// row, runs once per t. Inference only: no autograd.
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 #include <torch/library.h>
