@@ -1,8 +1,12 @@
-// Minimal assertion helpers for the standalone C++ unit tests (run by ctest, no dependencies).
+// Minimal assertion helpers for the standalone C++ unit tests (run by ctest, no dependencies), and their random
+// inputs.
 #pragma once
 #include <cmath>
+#include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <random>
+#include <vector>
 
 inline int& r1_check_failures() {
   static int failures = 0;
@@ -35,4 +39,12 @@ inline int r1_check_report(const char* name) {
   }
   std::fprintf(stderr, "%s: %d check(s) failed\n", name, r1_check_failures());
   return 1;
+}
+
+// n draws of Normal(0, scale^2) from rng.
+inline std::vector<float> r1_randn(std::mt19937& rng, int64_t n, float scale = 1.0f) {
+  std::normal_distribution<float> nd(0.0f, scale);
+  std::vector<float> x(static_cast<size_t>(n));
+  for (auto& e : x) e = nd(rng);
+  return x;
 }

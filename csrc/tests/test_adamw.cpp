@@ -31,13 +31,6 @@ void ref_step(RefState& st, const std::vector<float>& grad, int64_t step, const 
   }
 }
 
-std::vector<float> randn(std::mt19937& rng, int64_t n, float scale) {
-  std::normal_distribution<float> nd(0.0f, scale);
-  std::vector<float> x(static_cast<size_t>(n));
-  for (auto& e : x) e = nd(rng);
-  return x;
-}
-
 // Several fp32 tensors of odd sizes updated together for `steps` steps; tensor 1 has no gradient on even steps.
 void test_fp32(double weight_decay, double beta1, float grad_scale) {
   const std::vector<int64_t> sizes = {1, 7, 8, 13, 1000, r1engine::kAdamWChunk * 2 + 5};
@@ -51,7 +44,7 @@ void test_fp32(double weight_decay, double beta1, float grad_scale) {
   std::vector<RefState> ref(nt);
   std::vector<int64_t> steps(nt, 0);
   for (size_t t = 0; t < nt; ++t) {
-    p[t] = randn(rng, sizes[t], 1.0f);
+    p[t] = r1_randn(rng, sizes[t], 1.0f);
     m[t].assign(p[t].size(), 0.0f);
     v[t].assign(p[t].size(), 0.0f);
     ref[t] = {std::vector<double>(p[t].begin(), p[t].end()), std::vector<double>(p[t].size(), 0.0),
@@ -62,7 +55,7 @@ void test_fp32(double weight_decay, double beta1, float grad_scale) {
     std::vector<AdamWTensor> batch;
     for (size_t t = 0; t < nt; ++t) {
       if (t == 1 && step % 2 == 0) continue;  // "grad is None": neither updated nor counted
-      g[t] = randn(rng, sizes[t], 0.1f * static_cast<float>(t + 1));
+      g[t] = r1_randn(rng, sizes[t], 0.1f * static_cast<float>(t + 1));
       ++steps[t];
       batch.push_back({p[t].data(), g[t].data(), m[t].data(), v[t].data(), sizes[t], steps[t], FloatType::kF32});
       ref_step(ref[t], g[t], steps[t], h, grad_scale);
@@ -96,7 +89,7 @@ void test_bf16() {
   h.lr = 3e-3;
   h.weight_decay = 0.1;
   std::mt19937 rng(7);
-  std::vector<float> p32 = randn(rng, n, 1.0f);
+  std::vector<float> p32 = r1_randn(rng, n, 1.0f);
   std::vector<uint16_t> pb(n);
   for (int64_t i = 0; i < n; ++i) {
     pb[i] = r1engine::float_to_bf16(p32[i]);
@@ -105,7 +98,7 @@ void test_bf16() {
   std::vector<float> mb(n, 0.0f), vb(n, 0.0f), m32(n, 0.0f), v32(n, 0.0f);
   int64_t mismatches = 0;
   for (int64_t step = 1; step <= 4; ++step) {
-    std::vector<float> g32 = randn(rng, n, 0.05f);
+    std::vector<float> g32 = r1_randn(rng, n, 0.05f);
     std::vector<uint16_t> gb(n);
     for (int64_t i = 0; i < n; ++i) {
       gb[i] = r1engine::float_to_bf16(g32[i]);
@@ -138,7 +131,7 @@ void test_grad_norm() {
   std::vector<r1engine::GradView> views;
   double ref = 0.0;
   for (int64_t n : sizes) {
-    g.push_back(randn(rng, n, 2.0f));
+    g.push_back(r1_randn(rng, n, 2.0f));
     for (float x : g.back()) ref += static_cast<double>(x) * x;
   }
   for (size_t t = 0; t < g.size(); ++t) views.push_back({g[t].data(), sizes[t], FloatType::kF32});

@@ -15,13 +15,6 @@ using r1engine::FloatType;
 
 namespace {
 
-std::vector<float> randn(std::mt19937& rng, int64_t n) {
-  std::normal_distribution<float> nd(0.0f, 1.0f);
-  std::vector<float> x(static_cast<size_t>(n));
-  for (auto& e : x) e = nd(rng);
-  return x;
-}
-
 // out[b, h, :] = softmax(scale * q . k_j, j < n_b) @ v, in double
 std::vector<double> reference(const std::vector<float>& q, const std::vector<float>& k, const std::vector<float>& v,
                               const std::vector<int64_t>& n_keys, const DecodeAttentionShape& s, double scale) {
@@ -52,9 +45,9 @@ std::vector<double> reference(const std::vector<float>& q, const std::vector<flo
 void check_case(int64_t batch, int64_t q_heads, int64_t kv_heads, int64_t d, int64_t cache_len, bool bf16,
                 std::mt19937& rng, std::vector<int64_t> n_keys = {}) {
   const DecodeAttentionShape s{batch, q_heads, kv_heads, d, cache_len};
-  auto q = randn(rng, batch * q_heads * d);
-  auto k = randn(rng, batch * kv_heads * cache_len * d);
-  auto v = randn(rng, batch * kv_heads * cache_len * d);
+  auto q = r1_randn(rng, batch * q_heads * d);
+  auto k = r1_randn(rng, batch * kv_heads * cache_len * d);
+  auto v = r1_randn(rng, batch * kv_heads * cache_len * d);
   if (n_keys.empty()) {
     n_keys.resize(static_cast<size_t>(batch));
     for (int64_t b = 0; b < batch; ++b) n_keys[b] = b == 0 ? 0 : b == 1 ? 1 : b == 2 ? cache_len : (b * 7) % cache_len;

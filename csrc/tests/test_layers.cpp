@@ -18,13 +18,6 @@ using r1engine::FloatType;
 
 namespace {
 
-std::vector<float> randn(std::mt19937& rng, int64_t n, float scale = 1.0f) {
-  std::normal_distribution<float> nd(0.0f, scale);
-  std::vector<float> x(static_cast<size_t>(n));
-  for (auto& e : x) e = nd(rng);
-  return x;
-}
-
 std::vector<uint16_t> to_bf16(std::vector<float>& x) {  // rounds x in place to bf16 values, returns the bits
   std::vector<uint16_t> b(x.size());
   for (size_t i = 0; i < x.size(); ++i) {
@@ -53,7 +46,7 @@ int64_t bf16_mismatches(const std::vector<uint16_t>& got, const std::vector<floa
 // ----------------------------------------------------------------------------------------------------- RMSNorm
 void test_rms_norm(int64_t rows, int64_t cols) {
   std::mt19937 rng(static_cast<unsigned>(rows * 1000 + cols));
-  std::vector<float> x = randn(rng, rows * cols, 2.0f), dy = randn(rng, rows * cols), w = randn(rng, cols);
+  std::vector<float> x = r1_randn(rng, rows * cols, 2.0f), dy = r1_randn(rng, rows * cols), w = r1_randn(rng, cols);
   const float eps = 1e-6f;
   std::vector<uint16_t> xb = to_bf16(x), dyb = to_bf16(dy);  // fp32 inputs hold the same (bf16) values
 
@@ -97,7 +90,7 @@ void test_rms_norm(int64_t rows, int64_t cols) {
 // ------------------------------------------------------------------------------------------------------ SwiGLU
 void test_swiglu(int64_t n, float gate_scale) {
   std::mt19937 rng(static_cast<unsigned>(n + 17));
-  std::vector<float> g = randn(rng, n, gate_scale), u = randn(rng, n), d = randn(rng, n);
+  std::vector<float> g = r1_randn(rng, n, gate_scale), u = r1_randn(rng, n), d = r1_randn(rng, n);
   std::vector<uint16_t> gb = to_bf16(g), ub = to_bf16(u), db = to_bf16(d);
   std::vector<double> y_ref(n), dg_ref(n), du_ref(n);
   for (int64_t i = 0; i < n; ++i) {
@@ -149,7 +142,7 @@ void test_swiglu_special() {
 void test_rope(int64_t rows, int64_t heads, int64_t dim) {
   std::mt19937 rng(static_cast<unsigned>(rows * 100 + heads * 10 + dim));
   const int64_t n = rows * heads * dim, half = dim / 2;
-  std::vector<float> x = randn(rng, n), g = randn(rng, n), ang = randn(rng, rows * dim, 3.0f);
+  std::vector<float> x = r1_randn(rng, n), g = r1_randn(rng, n), ang = r1_randn(rng, rows * dim, 3.0f);
   std::vector<float> cos(ang.size()), sin(ang.size());
   for (size_t i = 0; i < ang.size(); ++i) {  // independent halves: the kernel must not assume sin_lo == sin_hi
     cos[i] = std::cos(ang[i]);

@@ -16,13 +16,6 @@ using r1engine::VarlenAttentionShape;
 
 namespace {
 
-std::vector<float> randn(std::mt19937& rng, int64_t n) {
-  std::normal_distribution<float> nd(0.0f, 1.0f);
-  std::vector<float> x(static_cast<size_t>(n));
-  for (auto& e : x) e = nd(rng);
-  return x;
-}
-
 struct Ref {
   std::vector<double> out, lse, dq, dk, dv;
 };
@@ -100,8 +93,8 @@ void check_case(const std::vector<int32_t>& lengths, int64_t hq, int64_t hkv, in
   for (int32_t n : lengths) cu.push_back(cu.back() + n);
   const int64_t total = cu.back();
   const VarlenAttentionShape s{total, static_cast<int64_t>(lengths.size()), hq, hkv, d};
-  auto q = randn(rng, total * hq * d), k = randn(rng, total * hkv * d), v = randn(rng, total * hkv * d);
-  auto dout = randn(rng, total * hq * d);
+  auto q = r1_randn(rng, total * hq * d), k = r1_randn(rng, total * hkv * d), v = r1_randn(rng, total * hkv * d);
+  auto dout = r1_randn(rng, total * hq * d);
   const float scale = 1.0f / std::sqrt(static_cast<float>(d));
   std::vector<float> out(q.size()), lse(static_cast<size_t>(total * hq)), dq(q.size()), dk(k.size()), dv(k.size());
   if (bf16) {
