@@ -34,9 +34,7 @@ import contextlib
 import datetime
 import functools
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -48,6 +46,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import r1engine.models.policy as policy_module  # noqa: E402
 import r1engine.packing.attention as attention_module  # noqa: E402
+from benchmarks.common import git_commit, machine  # noqa: E402
 from r1engine import _ext  # noqa: E402
 from r1engine.models.config import PolicyConfig  # noqa: E402
 from r1engine.models.policy import PolicyModel  # noqa: E402
@@ -310,17 +309,8 @@ def calibrate(repeats: int) -> None:
             )
 
 
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    capability = torch.backends.cpu.get_cpu_capability()
-    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, CPU capability {capability}"
+def machine_with_capability() -> str:
+    return f"{machine()}, CPU capability {torch.backends.cpu.get_cpu_capability()}"
 
 
 def main() -> None:
@@ -373,12 +363,12 @@ def main() -> None:
                     print(row, flush=True)
                     lines.append(row)
 
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    commit = git_commit()
     command = "python benchmarks/bench_attention.py " + " ".join(sys.argv[1:])
     with open(args.out, "w") as f:
         f.write("# CPU packed attention: C++ kernel vs length buckets vs per-sequence loop vs padded SDPA\n\n")
         f.write(f"- Command: `nice {command.strip()}` (1 thread)\n")
-        f.write(f"- Date: {datetime.date.today()}; commit {commit}; machine: {machine()}\n")
+        f.write(f"- Date: {datetime.date.today()}; commit {commit}; machine: {machine_with_capability()}\n")
         f.write(f"- Load average at the end: {os.getloadavg()[0]:.1f} (shared box; ratios are interleaved runs)\n\n")
         f.write("## GRPO shape (bench_vs_trl): backend cpu vs sdpa_bucket\n\n")
         f.write("\n".join(grpo_lines) + "\n")

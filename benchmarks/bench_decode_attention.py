@@ -18,12 +18,9 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -34,6 +31,7 @@ import torch.nn.functional as F  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.common import git_commit, machine, time_per_call  # noqa: E402
 from r1engine import _ext  # noqa: E402
 from r1engine.models import kv_cache  # noqa: E402
 
@@ -42,14 +40,6 @@ SHAPES = [  # (name, rows, q heads, kv heads, head dim, keys: lowest, highest)
     ("Qwen2.5-0.5B heads, 256 keys", 16, 14, 2, 64, 128, 256),
     ("multi-head, 1k keys", 8, 8, 8, 64, 512, 1024),
 ]
-
-
-def time_us(fn: Callable[[], object], calls: int) -> float:
-    fn()
-    t0 = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    return (time.perf_counter() - t0) / calls * 1e6
 
 
 def op_case(rows: int, hq: int, hkv: int, d: int, lo: int, hi: int, repeats: int) -> tuple[float, float]:
@@ -72,8 +62,8 @@ def op_case(rows: int, hq: int, hkv: int, d: int, lo: int, hi: int, repeats: int
     calls = 50
     ours, base = [], []
     for _ in range(repeats):
-        ours.append(time_us(kernel, calls))
-        base.append(time_us(sdpa, calls))
+        ours.append(time_per_call(kernel, calls) * 1e6)
+        base.append(time_per_call(sdpa, calls) * 1e6)
     return statistics.median(ours), statistics.median(base)
 
 
@@ -106,22 +96,6 @@ def generation_case(repeats: int) -> tuple[float, float, int]:
     kv_cache.USE_DECODE_KERNEL = True
     decode_step.USE_FUSED_DECODE_STEP = True
     return statistics.median(ours), statistics.median(base), len(prompts) * 8
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
-        if line.startswith("model name"):
-            cpu = line.split(":", 1)[1].strip()
-            break
-    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}"
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True).strip()
-    except Exception:
-        return "unknown"
 
 
 def main() -> None:
