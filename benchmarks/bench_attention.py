@@ -189,6 +189,12 @@ def grpo_op(segments: list[int], dtype: torch.dtype, repeats: int) -> dict:
 
         return fn
 
+    return cpu_vs_bucket(call, repeats)
+
+
+def cpu_vs_bucket(call: Callable[[str, bool], Callable[[], None]], repeats: int) -> dict:
+    """Seconds of `call(backend, grad)()` for backends "cpu" and "sdpa_bucket", forward and forward+backward,
+    interleaved after one warm-up each: {(mode, backend): seconds}."""
     result = {}
     for mode, grad in (("fwd", False), ("fwd+bwd", True)):
         fns = {name: call(name, grad) for name in ("cpu", "sdpa_bucket")}
@@ -232,14 +238,7 @@ def grpo_model(segments: list[int], dtype: torch.dtype, repeats: int) -> dict:
 
         return fn
 
-    result = {}
-    for mode, grad in (("fwd", False), ("fwd+bwd", True)):
-        fns = {name: call(name, grad) for name in ("cpu", "sdpa_bucket")}
-        for fn in fns.values():
-            fn()
-        for name, t in interleaved(fns, repeats).items():
-            result[(mode, name)] = t
-    return result
+    return cpu_vs_bucket(call, repeats)
 
 
 def grpo_section(repeats: int) -> list[str]:

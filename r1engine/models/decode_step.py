@@ -22,6 +22,7 @@ eager path itself runs on its kernels (fused layer ops and the decode-attention 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from operator import attrgetter
 from typing import TYPE_CHECKING
 
 import torch
@@ -37,7 +38,7 @@ if TYPE_CHECKING:
 USE_FUSED_DECODE_STEP = True
 """False: `FusedDecodeStep.build` returns None and `decoder_layers_apply` False: decoding takes the eager forward."""
 
-_LAYER_WEIGHTS = (  # the operator's per-layer order (LayerSlot in decode_step_ops.cpp)
+_LAYER_WEIGHTS = attrgetter(  # the operators' per-layer order (LayerSlot in decode_step_ops.cpp)
     "input_layernorm.weight",
     "self_attn.q_proj.weight",
     "self_attn.q_proj.bias",
@@ -54,18 +55,15 @@ _LAYER_WEIGHTS = (  # the operator's per-layer order (LayerSlot in decode_step_o
 
 
 def layer_weights(layers: Sequence[DecoderLayer]) -> list[torch.Tensor]:
-    """The weights of `layers` in the operators' order, 12 per layer."""
-    weights: list[torch.Tensor] = []
-    for layer in layers:
-        params = dict(layer.named_parameters())
-        weights += [params[name].detach() for name in _LAYER_WEIGHTS]
-    return weights
+    """The weights of `layers` in the operators' order, 12 per layer (attribute reads: this runs every decode
+    step of `decoder_layers`)."""
+    return [w for layer in layers for w in _LAYER_WEIGHTS(layer)]
 
 
 def decode_weights(model: PolicyModel) -> list[torch.Tensor]:
     """The main model's weights in `decode_step`'s order: 12 per layer, then the final norm, lm_head, embedding."""
     tail = [model.model.norm.weight, model.lm_head.weight, model.model.embed_tokens.weight]
-    return layer_weights(model.model.layers) + [w.detach() for w in tail]
+    return [w.detach() for w in layer_weights(model.model.layers) + tail]
 
 
 def _kernels_apply(dtype: torch.dtype, cache: KVCache, op: str) -> bool:
