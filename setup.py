@@ -79,6 +79,8 @@ def main() -> None:
         entry_points={"console_scripts": ["r1engine=r1engine.cli:main"]},
         install_requires=[line.strip() for line in open(os.path.join(ROOT, "requirements/base.txt"))
                           if line.strip() and not line.startswith("#")],
+        # reading .gguf files (model.path=FILE.gguf, `r1engine convert`): pip install 'r1engine[gguf]'
+        extras_require={"gguf": ["gguf>=0.17"]},
     )
 
 

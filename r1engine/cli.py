@@ -5,6 +5,8 @@ r1engine train --nproc 2 --config ... training.deepspeed_zero_stage=2
                                                             the same on 2 data-parallel ranks (DeepSpeed ZeRO)
 r1engine recipe configs/recipes/r1.yaml [key=value ...]    run a multi-stage recipe (R1-Zero, R1, distillation)
 r1engine config [--config FILE] [key=value ...]            print the resolved config (defaults + file + overrides)
+r1engine export CHECKPOINT OUT [--keep-mtp]                 a checkpoint as a plain Hugging Face directory
+r1engine convert MODEL.gguf OUT                             a .gguf file as a Hugging Face safetensors directory
 r1engine info                                               backends and optional components on this machine
 """
 
@@ -65,6 +67,26 @@ def main(argv: list[str] | None = None) -> int:
     show = sub.add_parser("config", help="print the resolved config as YAML")
     _add_config_args(show)
     sub.add_parser("info", help="which backends (torch, cpp, triton, cuda) and components are available")
+    export = sub.add_parser(
+        "export",
+        help="write a checkpoint as a plain Hugging Face directory of its source architecture",
+        description="Write the policy of CHECKPOINT (a checkpoint directory, its model/ directory, or a run's "
+        "output_dir for its newest checkpoint) to OUT as a Hugging Face directory of the source architecture "
+        "(LlamaForCausalLM for a Llama source, ...): its original config.json fields, generation_config.json and "
+        "tokenizer files, no MTP layers unless --keep-mtp. transformers and vLLM load OUT as they load the source.",
+    )
+    export.add_argument("checkpoint")
+    export.add_argument("out")
+    export.add_argument("--keep-mtp", action="store_true", help="keep the MTP layers (num_nextn_predict_layers)")
+    convert = sub.add_parser(
+        "convert",
+        help="dequantize a .gguf file into a Hugging Face safetensors directory",
+        description="Dequantize MODEL.gguf (through transformers and the gguf package) to float32 and write OUT: "
+        "config.json, generation_config.json, model.safetensors and the tokenizer. model.path also takes a .gguf "
+        "file directly (converted once into a cache).",
+    )
+    convert.add_argument("gguf_file")
+    convert.add_argument("out")
     # Overrides may come before or after the flags (`train --config F k=v --no-progress k2=v2`): argparse stops
     # filling a positional list at the first flag, so the remaining key=value tokens are collected here.
     args, extra = parser.parse_known_args(argv)
@@ -78,6 +100,15 @@ def main(argv: list[str] | None = None) -> int:
         from r1engine.info import main as info_main
 
         info_main()
+        return 0
+
+    if args.command in ("export", "convert"):
+        try:
+            out = _export(args.checkpoint, args.out, args.keep_mtp) if args.command == "export" else _convert(args)
+        except (FileNotFoundError, ValueError, ImportError) as exc:
+            print(f"r1engine: {args.command} error: {exc}", file=sys.stderr)
+            return 2
+        print(out)
         return 0
 
     from r1engine.trainer.config import ConfigError, load_config
@@ -115,9 +146,14 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         return _launch(args.nproc, argv if argv is not None else sys.argv[1:])
 
+    from r1engine.models.source import ModelSourceError
     from r1engine.trainer.grpo import GRPOTrainer
 
-    trainer = GRPOTrainer(cfg, progress=not args.no_progress)
+    try:
+        trainer = GRPOTrainer(cfg, progress=not args.no_progress)
+    except (ModelSourceError, FileNotFoundError) as exc:  # a model or checkpoint that cannot be loaded
+        print(f"r1engine: model error: {exc}", file=sys.stderr)
+        return 2
     try:
         summary = trainer.run()
     finally:
@@ -125,6 +161,41 @@ def main(argv: list[str] | None = None) -> int:
     if trainer.is_main:
         print(json.dumps(summary, indent=2))
     return 0
+
+
+def _model_dir_of(checkpoint: str):
+    """The model directory of a checkpoint directory, of its model/ directory, or of a run's newest checkpoint."""
+    from pathlib import Path
+
+    from r1engine.trainer.checkpoint import CheckpointManager
+
+    root = Path(checkpoint)
+    for candidate in (root, root / "model"):
+        if (candidate / "config.json").is_file():
+            return candidate
+    latest = CheckpointManager(root).latest()
+    if latest is not None:
+        return latest / "model"
+    raise FileNotFoundError(f"CHECKPOINT: {checkpoint!r} is not a model directory, a checkpoint or a run directory")
+
+
+def _export(checkpoint: str, out: str, keep_mtp: bool) -> str:
+    from r1engine.models import PolicyModel
+    from r1engine.models.tokenizer import TOKENIZER_FILES, load_tokenizer
+
+    source = _model_dir_of(checkpoint)
+    model = PolicyModel.from_pretrained(source)
+    tokenizer = (
+        load_tokenizer(source, key="CHECKPOINT") if any((source / f).is_file() for f in TOKENIZER_FILES) else None
+    )
+    model.export_pretrained(out, tokenizer, keep_mtp=keep_mtp)
+    return out
+
+
+def _convert(args) -> str:
+    from r1engine.models.gguf import convert_gguf
+
+    return str(convert_gguf(args.gguf_file, args.out, key="MODEL.gguf"))
 
 
 def _launch(nproc: int, argv: list[str]) -> int:

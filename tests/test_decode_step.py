@@ -1,5 +1,7 @@
 """`torch.ops.r1engine.decode_step` / `FusedDecodeStep` (one C++ call per decode step) against the eager forward
-with a KV cache: the same logits and cache contents bit for bit, the same generations, and clear errors."""
+with a KV cache: the same logits and cache contents bit for bit, the same generations, and clear errors, for every
+family the policy loads (Qwen2/MiMo, Llama with and without attention biases, Qwen3 with its q/k norm and a
+head_dim other than hidden / heads)."""
 
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ from r1engine import _ext
 from r1engine.models import PolicyConfig, PolicyModel
 from r1engine.models import decode_step as decode_step_module
 from r1engine.models import kv_cache as kv_cache_module
-from r1engine.models.decode_step import FusedDecodeStep, decode_weights
+from r1engine.models.decode_step import LAYER_SLOTS, FusedDecodeStep, decode_weights, layer_weights
 from r1engine.models.kv_cache import KVCache
 from r1engine.models.policy import fused_layer_ops
 from r1engine.rollout.native_engine import NativeEngine
@@ -23,11 +25,32 @@ CONFIGS = {
         vocab_size=23, hidden_size=40, num_layers=1, num_heads=4, num_kv_heads=4, intermediate_size=24
     ),
     "one_kv_head": dict(vocab_size=50, hidden_size=64, num_layers=3, num_heads=4, num_kv_heads=1, intermediate_size=96),
-}
+    # Llama: no bias anywhere (at::mm for every projection), GQA, scaled RoPE tables from Python
+    "llama": dict(
+        vocab_size=41, hidden_size=48, num_layers=2, num_heads=6, num_kv_heads=3, intermediate_size=72,
+        qkv_bias=False, o_bias=False, architecture="LlamaForCausalLM",
+        rope_scaling={"rope_type": "linear", "factor": 2.0},
+    ),
+    # Llama with attention_bias: q/k/v and o_proj biases, odd sizes (head_dim 10, vocab 29)
+    "llama_attention_bias": dict(
+        vocab_size=29, hidden_size=40, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=56,
+        qkv_bias=True, o_bias=True, architecture="LlamaForCausalLM",
+    ),
+    # Qwen3: q/k RMSNorm per head, head_dim 16 != hidden / heads = 12
+    "qwen3": dict(
+        vocab_size=37, hidden_size=48, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=64, head_dim=16,
+        qkv_bias=False, o_bias=False, qk_norm=True, architecture="Qwen3ForCausalLM",
+    ),
+    # Qwen3 with attention_bias, one KV head for 3 query heads, head_dim 10 < hidden / heads = 12, odd sizes
+    "qwen3_attention_bias_odd": dict(
+        vocab_size=31, hidden_size=36, num_layers=3, num_heads=3, num_kv_heads=1, intermediate_size=20, head_dim=10,
+        qkv_bias=True, o_bias=True, qk_norm=True, architecture="Qwen3ForCausalLM",
+    ),
+}  # fmt: skip
 
 
-def _model(name: str, dtype: torch.dtype, seed: int = 0) -> PolicyModel:
-    model = PolicyModel(PolicyConfig(max_position_embeddings=64, **CONFIGS[name]))
+def _model(name: str, dtype: torch.dtype, seed: int = 0, **overrides) -> PolicyModel:
+    model = PolicyModel(PolicyConfig(max_position_embeddings=64, **CONFIGS[name] | overrides))
     model.reset_parameters(seed)
     with torch.no_grad():  # biases and norms away from their init values, so a mixed-up slot shows
         gen = torch.Generator().manual_seed(seed + 1)
@@ -91,11 +114,12 @@ def test_positions_past_the_table_are_capped_as_the_engine_does():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("tokens_per_row", [1, 2, 5])
-def test_layers_over_several_tokens_match_the_eager_layers(tokens_per_row, dtype, monkeypatch):
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_layers_over_several_tokens_match_the_eager_layers(name, tokens_per_row, dtype, monkeypatch):
     """`decoder_layers` (what a cached forward of up to MAX_DECODE_TOKENS tokens per row runs, e.g. a speculative
     verify) against the eager layers: bitwise for one token, within rounding for several (the eager layers attend
     through SDPA there), the same keys and values written either way."""
-    model = _model("gqa", dtype, seed=5)
+    model = _model(name, dtype, seed=5)
     lengths = [0, 9, 3, 20]
     fused_cache, eager_cache = _caches(model, lengths, cache_len=27, seed=4)
     ids = torch.randint(0, model.config.vocab_size, (len(lengths), tokens_per_row), generator=torch.Generator())
@@ -115,11 +139,10 @@ def test_layers_over_several_tokens_match_the_eager_layers(tokens_per_row, dtype
     torch.testing.assert_close(fused_cache.v, eager_cache.v, **tol)
 
 
-def test_mtp_layer_decodes_through_the_fused_layers(monkeypatch):
+@pytest.mark.parametrize("name", ["gqa", "qwen3", "llama_attention_bias"])
+def test_mtp_layer_decodes_through_the_fused_layers(name, monkeypatch):
     """The MTP layer with its one-layer cache (speculative drafting) takes `decoder_layers` too."""
-    model = PolicyModel(PolicyConfig(max_position_embeddings=64, num_mtp_layers=1, **CONFIGS["gqa"]))
-    model.reset_parameters(9)
-    model = model.eval().requires_grad_(False)
+    model = _model(name, torch.float32, seed=9, num_mtp_layers=1)
     cfg = model.config
     caches = []
     for _ in range(2):
@@ -158,8 +181,9 @@ def test_prefill_sized_forwards_keep_the_eager_layers():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_generations_with_and_without_the_fused_step_are_identical(dtype, monkeypatch):
-    model = _model("gqa", dtype, seed=3)
+@pytest.mark.parametrize("name", ["gqa", "llama", "llama_attention_bias", "qwen3", "qwen3_attention_bias_odd"])
+def test_generations_with_and_without_the_fused_step_are_identical(name, dtype, monkeypatch):
+    model = _model(name, dtype, seed=3)
     engine = NativeEngine(model)
     # prompts longer than a decode step, so that the prefill takes the eager layers in both runs (see below for
     # the fused layers over several tokens)
@@ -202,7 +226,7 @@ def test_bad_inputs_name_the_argument():
         a = dict(ids=ids, cos=cos, sin=sin, k=cache.k, v=cache.v, lengths=cache.lengths, weights=weights) | changes
         return op(a["ids"], a["cos"], a["sin"], a["k"], a["v"], a["lengths"], a["weights"], cfg.num_heads, 1e-6)
 
-    with pytest.raises(RuntimeError, match=r"weights: expected 27 tensors \(12 per layer for 2 layers"):
+    with pytest.raises(RuntimeError, match=r"weights: expected 33 tensors \(15 per layer for 2 layers"):
         call(weights=weights[:-1])
     with pytest.raises(RuntimeError, match=r"weights\[1\]: expected shape \[48, 48\]"):
         call(weights=[weights[0], weights[3], *weights[2:]])
@@ -217,3 +241,77 @@ def test_bad_inputs_name_the_argument():
         call(ids=ids.int())
     with pytest.raises(RuntimeError, match=r"weights\[0\]: expected dtype BFloat16 \(as the KV cache\), got Float"):
         call(k=cache.k.bfloat16(), v=cache.v.bfloat16())
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_layer_weights_follow_the_slot_layout(name):
+    """Slot i of every layer is the parameter LAYER_SLOTS[i] names, or the cached empty tensor where the family has
+    no such piece (the same object every call: building the list stays cheap)."""
+    model = _model(name, torch.bfloat16)
+    weights = layer_weights(model.model.layers)
+    assert len(LAYER_SLOTS) == 15 and len(weights) == len(LAYER_SLOTS) * model.config.num_layers
+    params = dict(model.named_parameters())
+    for i, w in enumerate(weights):
+        layer, slot = divmod(i, len(LAYER_SLOTS))
+        key = f"model.layers.{layer}.{LAYER_SLOTS[slot].rstrip('?')}"
+        if key in params:
+            assert w is params[key], key
+        else:
+            assert LAYER_SLOTS[slot].endswith("?") and w.numel() == 0 and w.dtype == torch.bfloat16, key
+            assert w is layer_weights(model.model.layers)[i]
+    present = {name for name in params if name.startswith("model.layers.")}
+    assert len(present) == sum(w.numel() > 0 for w in weights)  # nothing left out
+
+
+def test_eager_head_norm_equals_the_rows_of_the_kernel():
+    """The eager q/k norm runs r1engine.ops.rms_norm on [b, t, heads, D]; the operators run the kernel over the rows
+    of [b*t*heads, D]: the same bits."""
+    from r1engine.ops.rms_norm import rms_norm
+
+    gen = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(3, 2, 5, 16, generator=gen).to(dtype)
+        w = (1 + 0.1 * torch.randn(16, generator=gen)).to(dtype)
+        with torch.no_grad():
+            eager = rms_norm(x, w, 1e-6)
+            rows = torch.ops.r1engine.rms_norm_fwd(x.reshape(-1, 16), w.float().contiguous(), 1e-6)[0]
+        assert torch.equal(eager.reshape(-1, 16), rows)
+
+
+def test_bad_optional_slots_name_the_slot():
+    """A present optional piece of the wrong shape (or a required one left empty) names its slot and shape."""
+    model = _model("qwen3", torch.float32)
+    cfg = model.config
+    cache, _ = _caches(model, [1, 7], cache_len=8, seed=0)
+    weights = decode_weights(model)
+    cos = sin = torch.zeros(2, cfg.head_dim)
+    ids, op = torch.tensor([1, 2]), torch.ops.r1engine.decode_step
+
+    def call(ws):
+        return op(ids, cos, sin, cache.k, cache.v, cache.lengths, ws, cfg.num_heads, 1e-6)
+
+    call(weights)  # the layout as built runs
+    second = len(LAYER_SLOTS)  # layer 1's first slot
+    q_norm, o_bias = second + LAYER_SLOTS.index("self_attn.q_norm.weight?"), LAYER_SLOTS.index("self_attn.o_proj.bias?")
+    wrong = list(weights)
+    wrong[q_norm] = torch.ones(cfg.hidden_size)  # the hidden-sized norm where the per-head one goes
+    with pytest.raises(
+        RuntimeError, match=rf"weights\[{q_norm}\]: expected shape \[16\] or an empty tensor \(absent\)"
+    ):
+        call(wrong)
+    wrong = list(weights)
+    wrong[o_bias] = torch.zeros(cfg.num_heads * cfg.head_dim)  # an o bias of the attention's width, not hidden's
+    with pytest.raises(RuntimeError, match=rf"weights\[{o_bias}\]: expected shape \[48\] or an empty tensor"):
+        call(wrong)
+    wrong = list(weights)
+    wrong[o_bias] = torch.zeros(cfg.hidden_size, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match=rf"weights\[{o_bias}\]: expected dtype Float \(as the KV cache\)"):
+        call(wrong)
+    wrong = list(weights)
+    wrong[1] = torch.empty(0)  # q_proj.weight is required
+    with pytest.raises(RuntimeError, match=r"weights\[1\]: expected shape \[64, 48\], got \[0\]"):
+        call(wrong)
+    with pytest.raises(RuntimeError, match=r"weights\[1\]: expected shape \[48, 48\], got \[64, 48\]"):
+        # head_dim from the cache (16): a cache of hidden / heads = 12 wide heads does not fit these weights
+        small = KVCache(cfg.num_layers, 2, 8, cfg.num_kv_heads, 12)
+        op(ids, torch.zeros(2, 12), torch.zeros(2, 12), small.k, small.v, small.lengths, weights, cfg.num_heads, 1e-6)

@@ -2,20 +2,25 @@
 // last sampled tokens to the next-token logits, in one call. torch.ops.r1engine.decode_layers: the decoder layers
 // alone over T new tokens per row (hidden states in and out), for speculative verify steps and the MTP layer.
 //
-// Why: at decode time a step of the small policies we roll out on CPUs does little arithmetic per operator (64 rows
-// through 192x512 matrices), and the Python forward spends ~1.3 ms per step on module calls, views, dispatch and
-// the KV-cache bookkeeping of ~150 operators (benchmarks/bench_decode_step.py). Here the same operators run from
-// C++: the GEMMs through ATen (the very at::addmm / at::mm calls F.linear makes, so the bits are the same) and the
-// element-wise parts, the cache write and the attention straight through the core kernels the operators wrap
+// Why: at decode time a step of the small policies we roll out on CPUs does little arithmetic per operator, and the
+// Python forward spends a large share of each step on module calls, views, dispatch and the KV-cache bookkeeping of
+// ~150 operators (benchmarks/bench_decode_step.py). Here the same operators run from C++: the GEMMs through ATen (the
+// very at::addmm / at::mm calls F.linear makes with and without a bias, so the bits are the same) and the element-
+// wise parts, the cache write and the attention straight through the core kernels the operators wrap
 // (csrc/core/layers.*, csrc/core/decode_attention.*).
 //
-// The model is r1engine.models.policy.PolicyModel (Qwen2 block: RMSNorm, GQA attention with q/k/v biases and NeoX
-// RoPE, SwiGLU MLP). `weights` lists, per layer, the 12 tensors of kLayerSlots and then the final norm, lm_head
-// and the embedding (r1engine/models/decode_step.py builds it). Row b reads token ids[b] at the rotary angles of
-// cos[b] / sin[b], writes its key and value at cache slot lengths[b] and attends to slots 0..lengths[b]. The caller
-// commits the new slot (KVCache.advance). decode_layers takes x [B, T, H] and cos/sin [B, T, D] and the 12 tensors
-// per layer only; token t of row b goes to slot lengths[b]+t, and the attention kernel, which takes one query per
-// row, runs once per t. Inference only: no autograd.
+// The model is r1engine.models.policy.PolicyModel: RMSNorm, GQA attention with NeoX RoPE, SwiGLU MLP, in every
+// family it loads. The families differ only in optional pieces of the attention, so one fixed slot layout
+// (kLayerSlots tensors per layer, LayerSlot below) serves them all and an absent piece is an empty tensor:
+//   Qwen2 / MiMo: q/k/v biases;  Llama: no bias, or q/k/v and o biases (attention_bias);
+//   Qwen3: biases as Llama, plus per-head RMSNorm of q and k (q_norm, k_norm over head_dim) before RoPE.
+// The head width D is the cache's (Llama and Qwen3 may set head_dim != hidden / heads). `weights` lists, per layer,
+// the kLayerSlots tensors and then the final norm, lm_head and the embedding (r1engine/models/decode_step.py builds
+// it). Row b reads token ids[b] at the rotary angles of cos[b] / sin[b] (scaled RoPE tables come precomputed from
+// Python), writes its key and value at cache slot lengths[b] and attends to slots 0..lengths[b]. The caller commits
+// the new slot (KVCache.advance). decode_layers takes x [B, T, H] and cos/sin [B, T, D] and the layer slots only;
+// token t of row b goes to slot lengths[b]+t, and the attention kernel, which takes one query per row, runs once per
+// t. Inference only: no autograd.
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 #include <torch/library.h>
@@ -32,16 +37,20 @@ namespace {
 using at::Tensor;
 using r1engine::FloatType;
 
-// Order of one layer's tensors in `weights` (checkpoint names under model.layers.{i}.).
+// Order of one layer's tensors in `weights` (checkpoint names under model.layers.{i}.). (optional): an empty tensor
+// (numel 0) where the family has no such piece.
 enum LayerSlot : int64_t {
   kInputNorm,      // input_layernorm.weight [H]
   kQ,              // self_attn.q_proj.weight [Hq*D, H]
-  kQBias,          // self_attn.q_proj.bias [Hq*D]
+  kQBias,          // self_attn.q_proj.bias [Hq*D] (optional)
   kK,              // self_attn.k_proj.weight [Hkv*D, H]
-  kKBias,          // self_attn.k_proj.bias [Hkv*D]
+  kKBias,          // self_attn.k_proj.bias [Hkv*D] (optional)
   kV,              // self_attn.v_proj.weight [Hkv*D, H]
-  kVBias,          // self_attn.v_proj.bias [Hkv*D]
+  kVBias,          // self_attn.v_proj.bias [Hkv*D] (optional)
+  kQNorm,          // self_attn.q_norm.weight [D] (optional, Qwen3)
+  kKNorm,          // self_attn.k_norm.weight [D] (optional, Qwen3)
   kO,              // self_attn.o_proj.weight [H, Hq*D]
+  kOBias,          // self_attn.o_proj.bias [H] (optional)
   kPostNorm,       // post_attention_layernorm.weight [H]
   kGate,           // mlp.gate_proj.weight [I, H]
   kUp,             // mlp.up_proj.weight [I, H]
@@ -58,6 +67,19 @@ Tensor rms_norm(const Tensor& x, const Tensor& weight, float eps, Tensor& rstd) 
   r1engine::rms_norm_fwd(x.data_ptr(), float_type(x), x.size(0), x.size(1), w.data_ptr<float>(), eps, y.data_ptr(),
                          rstd.data_ptr<float>());
   return y;
+}
+
+// Per-head RMSNorm of x [B, heads*D] over each head's D values (Qwen3's q_norm / k_norm): the kernel's rows are the
+// B*heads heads, as r1engine.ops.rms_norm's rows are for the eager path's contiguous [b, t, heads, D] tensors.
+Tensor head_rms_norm(const Tensor& x, const Tensor& weight, int64_t dim, float eps) {
+  const int64_t rows = x.numel() / dim;
+  Tensor rstd = at::empty({rows}, at::kFloat);
+  return rms_norm(x.view({rows, dim}), weight, eps, rstd).view(x.sizes());
+}
+
+// x @ weight^T (+ bias): F.linear's own calls, at::addmm with a bias and at::mm without (an empty `bias`).
+Tensor linear(const Tensor& x, const Tensor& weight, const Tensor& bias) {
+  return bias.numel() ? at::addmm(bias, x, weight.t()) : at::mm(x, weight.t());
 }
 
 // NeoX rotary embedding of x [B, heads*D] in place of a copy, one cos/sin row per batch row.
@@ -89,6 +111,14 @@ void expect_weight(const std::vector<Tensor>& w, int64_t i, at::IntArrayRef shap
               w[i].scalar_type());
 }
 
+// An optional slot: an empty tensor (the piece is absent) or a present one as expect_weight checks it.
+void expect_optional(const std::vector<Tensor>& w, int64_t i, at::IntArrayRef shape, at::ScalarType dtype) {
+  if (w[i].numel() == 0) return;
+  TORCH_CHECK(w[i].sizes() == shape, "weights[", i, "]: expected shape ", shape,
+              " or an empty tensor (absent), got ", w[i].sizes());
+  expect_weight(w, i, shape, dtype);
+}
+
 // The first layers * kLayerSlots tensors of w: one decoder layer after another, in LayerSlot order.
 void check_layer_weights(const std::vector<Tensor>& w, int64_t layers, int64_t hidden, int64_t hq, int64_t hkv,
                          int64_t d, at::ScalarType dtype) {
@@ -97,12 +127,15 @@ void check_layer_weights(const std::vector<Tensor>& w, int64_t layers, int64_t h
     const int64_t o = l * kLayerSlots;
     expect_weight(w, o + kInputNorm, {hidden}, dtype);
     expect_weight(w, o + kQ, {hq * d, hidden}, dtype);
-    expect_weight(w, o + kQBias, {hq * d}, dtype);
+    expect_optional(w, o + kQBias, {hq * d}, dtype);
     expect_weight(w, o + kK, {hkv * d, hidden}, dtype);
-    expect_weight(w, o + kKBias, {hkv * d}, dtype);
+    expect_optional(w, o + kKBias, {hkv * d}, dtype);
     expect_weight(w, o + kV, {hkv * d, hidden}, dtype);
-    expect_weight(w, o + kVBias, {hkv * d}, dtype);
+    expect_optional(w, o + kVBias, {hkv * d}, dtype);
+    expect_optional(w, o + kQNorm, {d}, dtype);
+    expect_optional(w, o + kKNorm, {d}, dtype);
     expect_weight(w, o + kO, {hidden, hq * d}, dtype);
+    expect_optional(w, o + kOBias, {hidden}, dtype);
     expect_weight(w, o + kPostNorm, {hidden}, dtype);
     expect_weight(w, o + kGate, {inter, hidden}, dtype);
     expect_weight(w, o + kUp, {inter, hidden}, dtype);
@@ -181,9 +214,13 @@ Tensor run_layers(Tensor x, int64_t tokens, const Tensor& cos, const Tensor& sin
   for (int64_t l = 0; l < c.layers; ++l) {
     const Tensor* lw = w.data() + l * kLayerSlots;
     const Tensor h = rms_norm(x, lw[kInputNorm], eps, rstd);
-    const Tensor q = rope(at::addmm(lw[kQBias], h, lw[kQ].t()), num_heads, d, cos_c, sin_c);
-    const Tensor k = rope(at::addmm(lw[kKBias], h, lw[kK].t()), c.kv_heads, d, cos_c, sin_c);
-    const Tensor v = at::addmm(lw[kVBias], h, lw[kV].t());
+    Tensor q = linear(h, lw[kQ], lw[kQBias]);
+    Tensor k = linear(h, lw[kK], lw[kKBias]);
+    if (lw[kQNorm].numel()) q = head_rms_norm(q, lw[kQNorm], d, eps);  // Qwen3: before RoPE, as the eager path
+    if (lw[kKNorm].numel()) k = head_rms_norm(k, lw[kKNorm], d, eps);
+    q = rope(q, num_heads, d, cos_c, sin_c);
+    k = rope(k, c.kv_heads, d, cos_c, sin_c);
+    const Tensor v = linear(h, lw[kV], lw[kVBias]);
     write_cache(k, k_cache, l, slot.data(), tokens);
     write_cache(v, v_cache, l, slot.data(), tokens);
     const auto* k_layer = static_cast<const char*>(k_cache.data_ptr()) + l * kv_layer;
@@ -198,7 +235,7 @@ Tensor run_layers(Tensor x, int64_t tokens, const Tensor& cos, const Tensor& sin
                                  float_type(q));
       if (!one) attn.index_copy_(0, rows_of_token + t, out);
     }
-    x = x + at::mm(attn, lw[kO].t());
+    x = x + linear(attn, lw[kO], lw[kOBias]);
     const Tensor h2 = rms_norm(x, lw[kPostNorm], eps, rstd);
     const Tensor gate = at::mm(h2, lw[kGate].t()), up = at::mm(h2, lw[kUp].t());
     Tensor act = at::empty_like(gate);

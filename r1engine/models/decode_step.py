@@ -4,8 +4,8 @@
 of every row to its next-token logits, writing the new keys and values into the `KVCache`: the same GEMMs and
 the same fused kernels as the eager forward with a cache (`PolicyModel.forward(..., kv_cache=cache)` followed by
 `PolicyModel.logits`), so the logits and the cache are bitwise equal to it, without the eager forward's Python and
-dispatch overhead (~1.3 ms of a ~5 ms step at the demo policy's 64 rows; benchmarks/bench_decode_step.py). The
-native rollout engine uses it for its non-speculative decode steps.
+dispatch overhead (benchmarks/bench_decode_step.py). The native rollout engine uses it for its non-speculative
+decode steps.
 
 `torch.ops.r1engine.decode_layers` is the stack of decoder layers alone, over any number T of new tokens per row
 (hidden states in, hidden states out, the cache written): `PolicyModel` runs its layers and its MTP layer through it
@@ -14,6 +14,12 @@ decoding does (verifying k+1 tokens per row, then drafting with the MTP layer). 
 eager layers bit for bit; with T > 1 the eager layers attend through SDPA with a ragged mask and the operator
 through the decode-attention kernel (one query per row at a time), equal to ~1e-7.
 
+Both serve every family `PolicyModel` loads (Qwen2/MiMo, Llama, Qwen3): the families differ only in optional
+attention pieces (q/k/v biases, an o_proj bias, Qwen3's per-head q/k RMSNorm before RoPE, a head_dim other than
+hidden / heads), so the operators take one fixed slot layout per layer (`LAYER_SLOTS`) with an empty tensor where a
+piece is absent, and one compiled path covers all of them. The head width comes from the cache, never from hidden /
+heads.
+
 Both apply on the CPU to fp32 and bf16 models without autograd, with the operators compiled, and only while the
 eager path itself runs on its kernels (fused layer ops and the decode-attention kernel enabled).
 `USE_FUSED_DECODE_STEP = False` turns both off for comparisons.
@@ -21,8 +27,8 @@ eager path itself runs on its kernels (fused layer ops and the decode-attention 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
-from operator import attrgetter
 from typing import TYPE_CHECKING
 
 import torch
@@ -38,15 +44,18 @@ if TYPE_CHECKING:
 USE_FUSED_DECODE_STEP = True
 """False: `FusedDecodeStep.build` returns None and `decoder_layers_apply` False: decoding takes the eager forward."""
 
-_LAYER_WEIGHTS = attrgetter(  # the operators' per-layer order (LayerSlot in decode_step_ops.cpp)
+LAYER_SLOTS = (  # the operators' per-layer order (LayerSlot in decode_step_ops.cpp); "?": empty where absent
     "input_layernorm.weight",
     "self_attn.q_proj.weight",
-    "self_attn.q_proj.bias",
+    "self_attn.q_proj.bias?",
     "self_attn.k_proj.weight",
-    "self_attn.k_proj.bias",
+    "self_attn.k_proj.bias?",
     "self_attn.v_proj.weight",
-    "self_attn.v_proj.bias",
+    "self_attn.v_proj.bias?",
+    "self_attn.q_norm.weight?",
+    "self_attn.k_norm.weight?",
     "self_attn.o_proj.weight",
+    "self_attn.o_proj.bias?",
     "post_attention_layernorm.weight",
     "mlp.gate_proj.weight",
     "mlp.up_proj.weight",
@@ -54,14 +63,46 @@ _LAYER_WEIGHTS = attrgetter(  # the operators' per-layer order (LayerSlot in dec
 )
 
 
+@functools.cache
+def _absent(dtype: torch.dtype) -> torch.Tensor:
+    """The empty tensor that fills an absent slot (one per dtype, never written)."""
+    return torch.empty(0, dtype=dtype)
+
+
+def _layer_slots(layer: DecoderLayer) -> tuple[torch.Tensor, ...]:
+    attn, mlp = layer.self_attn, layer.mlp
+    q, k, v, o = attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj
+    none = _absent(q.weight.dtype)
+    qb, kb, vb, ob = q.bias, k.bias, v.bias, o.bias
+    qn, kn = (attn.q_norm.weight, attn.k_norm.weight) if attn.qk_norm else (none, none)
+    return (
+        layer.input_layernorm.weight,
+        q.weight,
+        none if qb is None else qb,
+        k.weight,
+        none if kb is None else kb,
+        v.weight,
+        none if vb is None else vb,
+        qn,
+        kn,
+        o.weight,
+        none if ob is None else ob,
+        layer.post_attention_layernorm.weight,
+        mlp.gate_proj.weight,
+        mlp.up_proj.weight,
+        mlp.down_proj.weight,
+    )
+
+
 def layer_weights(layers: Sequence[DecoderLayer]) -> list[torch.Tensor]:
-    """The weights of `layers` in the operators' order, 12 per layer (attribute reads: this runs every decode
-    step of `decoder_layers`)."""
-    return [w for layer in layers for w in _LAYER_WEIGHTS(layer)]
+    """The weights of `layers` in the operators' order, `len(LAYER_SLOTS)` per layer, an empty tensor for each piece
+    the family lacks (attribute reads and a cached empty tensor: this runs every decode step of `decoder_layers`)."""
+    return [w for layer in layers for w in _layer_slots(layer)]
 
 
 def decode_weights(model: PolicyModel) -> list[torch.Tensor]:
-    """The main model's weights in `decode_step`'s order: 12 per layer, then the final norm, lm_head, embedding."""
+    """The main model's weights in `decode_step`'s order: `len(LAYER_SLOTS)` per layer (empty tensors for absent
+    pieces), then the final norm, lm_head, embedding."""
     tail = [model.model.norm.weight, model.lm_head.weight, model.model.embed_tokens.weight]
     return [w.detach() for w in layer_weights(model.model.layers) + tail]
 
@@ -132,6 +173,6 @@ class FusedDecodeStep:
         slot `cache.lengths` and leaves committing them to the caller (`cache.advance`)."""
         cfg = self._config
         positions = cache.lengths[:, None].clamp(max=cfg.max_position_embeddings - 1)
-        cos, sin = policy_module.rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta)  # the eager step's, bit for bit
+        cos, sin = policy_module.rope_cos_sin(positions, cfg)  # the eager step's, bit for bit
         step, weights, heads, eps = torch.ops.r1engine.decode_step, self._weights, cfg.num_heads, cfg.rms_norm_eps
         return step(tokens, cos[:, 0], sin[:, 0], cache.k, cache.v, cache.lengths, weights, heads, eps)

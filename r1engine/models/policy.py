@@ -1,10 +1,13 @@
-"""`PolicyModel`: a Qwen2-style causal LM with DeepSeek-V3/MiMo multi-token-prediction (MTP) layers.
+"""`PolicyModel`: a decoder-only causal LM of the Qwen2 / Llama / Qwen3 family with DeepSeek-V3/MiMo
+multi-token-prediction (MTP) layers.
 
-Main model: token embedding -> N x [RMSNorm -> GQA attention with RoPE (q/k/v bias, as Qwen2) -> residual ->
-RMSNorm -> SwiGLU MLP -> residual] -> final RMSNorm -> lm_head. MTP layer k (MiMo structure, what vLLM's
+Main model: token embedding -> N x [RMSNorm -> GQA attention with RoPE (q/k/v and o biases and per-head q/k RMSNorm
+as `PolicyConfig` says: Qwen2, Llama, Qwen3) -> residual -> RMSNorm -> SwiGLU MLP -> residual] -> final RMSNorm ->
+lm_head. MTP layer k (MiMo structure, what vLLM's
 `MiMoMTP` computes): `final_layernorm(block(input_proj([hidden_layernorm(h_{k-1}); token_layernorm(emb(t_{+k}))])))`
 followed by the shared lm_head, where h_0 is the main model's last hidden state *before* its final norm; it predicts
-the token after next. Parameter names equal the MiMo checkpoint names, so `state_dict()` is the checkpoint.
+the token after next; its block is one decoder layer of the body's family. Parameter names equal the Hugging Face
+checkpoint names (MiMo's for the MTP layers), so `state_dict()` is the checkpoint.
 
 Inputs are either a padded batch `[B, T]`, a packed row (`[1, total]` or `[total]` with `cu_seqlens` and
 `position_ids` restarting at 0 per sequence), or a batch with a `KVCache` (incremental decoding).
@@ -23,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from r1engine.models import decode_step as decode_step_module  # a module reference: it imports this module too
+from r1engine.models import rotary
 from r1engine.models.config import PolicyConfig
 from r1engine.models.kv_cache import KVCache
 from r1engine.ops.rms_norm import rms_norm, rms_norm_reference
@@ -92,12 +96,9 @@ class RMSNorm(nn.Module):
         return rms_norm_reference(x, self.weight, self.eps)
 
 
-def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin `[..., head_dim]` for integer positions (NeoX half-rotation layout, as Qwen2)."""
-    inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float64) / head_dim))
-    ang = positions.to(torch.float64)[..., None] * inv
-    ang = torch.cat([ang, ang], dim=-1)
-    return ang.cos().float(), ang.sin().float()
+def rope_cos_sin(positions: torch.Tensor, cfg: PolicyConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin `[..., head_dim]` of `cfg`'s rotary embedding (scaling included) for integer positions."""
+    return rotary.rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, cfg.max_position_embeddings)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -120,18 +121,28 @@ class _Ctx:
 
 
 class Attention(nn.Module):
+    """GQA attention with RoPE; q/k/v and o biases and the per-head q/k RMSNorm (Qwen3) as the config says."""
+
     def __init__(self, cfg: PolicyConfig) -> None:
         super().__init__()
         self.hq, self.hkv, self.d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        self.q_proj = nn.Linear(cfg.hidden_size, self.hq * self.d, bias=True)
-        self.k_proj = nn.Linear(cfg.hidden_size, self.hkv * self.d, bias=True)
-        self.v_proj = nn.Linear(cfg.hidden_size, self.hkv * self.d, bias=True)
-        self.o_proj = nn.Linear(self.hq * self.d, cfg.hidden_size, bias=False)
+        self.q_proj = nn.Linear(cfg.hidden_size, self.hq * self.d, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.hkv * self.d, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.hkv * self.d, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(self.hq * self.d, cfg.hidden_size, bias=cfg.o_bias)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(self.d, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(self.d, cfg.rms_norm_eps)
+        self.qk_norm = cfg.qk_norm
 
     def forward(self, x: torch.Tensor, ctx: _Ctx, layer_idx: int) -> torch.Tensor:
         b, t, _ = x.shape
-        q = apply_rope(self.q_proj(x).view(b, t, self.hq, self.d), ctx.cos, ctx.sin)
-        k = apply_rope(self.k_proj(x).view(b, t, self.hkv, self.d), ctx.cos, ctx.sin)
+        q = self.q_proj(x).view(b, t, self.hq, self.d)
+        k = self.k_proj(x).view(b, t, self.hkv, self.d)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = apply_rope(q, ctx.cos, ctx.sin)
+        k = apply_rope(k, ctx.cos, ctx.sin)
         v = self.v_proj(x).view(b, t, self.hkv, self.d)
         if ctx.cache is not None:
             o = ctx.cache.attend(layer_idx - ctx.layer_offset, q, k, v)
@@ -251,7 +262,7 @@ class LMHead(nn.Linear):
 
 
 class PolicyModel(nn.Module):
-    """Qwen2-style decoder + MiMo MTP layers; see the module docstring."""
+    """Qwen2 / Llama / Qwen3 decoder + MiMo MTP layers; see the module docstring."""
 
     def __init__(self, config: PolicyConfig) -> None:
         super().__init__()
@@ -269,6 +280,8 @@ class PolicyModel(nn.Module):
         std = self.config.initializer_range
         with torch.no_grad():
             for name, p in self.named_parameters():
+                if p.is_meta:  # built on the meta device to be loaded from a checkpoint: nothing to initialise
+                    continue
                 if name.endswith("norm.weight"):
                     p.fill_(1.0)
                 elif name.endswith("bias"):
@@ -356,7 +369,7 @@ class PolicyModel(nn.Module):
         """
         self._check_ids(input_ids)
         ids, pos, cu, mx, squeeze = self._prepare(input_ids, position_ids, cu_seqlens, max_seqlen, kv_cache)
-        cos, sin = rope_cos_sin(pos, self.config.head_dim, self.config.rope_theta)
+        cos, sin = rope_cos_sin(pos, self.config)
         ctx = _Ctx(cos=cos, sin=sin, cu_seqlens=cu, max_seqlen=mx, cache=kv_cache)
         x = self.model.embed_tokens(ids)
         if kv_cache is not None and decode_step_module.decoder_layers_apply(x, kv_cache):  # decoding: one C++ call
@@ -405,7 +418,7 @@ class PolicyModel(nn.Module):
         if detach_main:  # the embedding's output carries the only gradient path to its weight
             e, h = e.detach(), h.detach()
         e = torch.where(pos.unsqueeze(-1) == 0, torch.zeros_like(e), e)
-        cos, sin = rope_cos_sin(pos, self.config.head_dim, self.config.rope_theta)
+        cos, sin = rope_cos_sin(pos, self.config)
         ctx = _Ctx(cos=cos, sin=sin, cu_seqlens=cu, max_seqlen=mx, cache=kv_cache, layer_offset=0)
         out = self.model.mtp_layers[layer].forward_mtp(h.to(e.dtype), e, ctx, 0)
         return out[0] if squeeze else out
@@ -480,19 +493,46 @@ class PolicyModel(nn.Module):
         return clone.to(device=device or self.device, dtype=dtype or self.dtype).eval().requires_grad_(False)
 
     def save_pretrained(self, path: str | os.PathLike, tokenizer=None) -> None:
-        """Write a MiMo-layout model directory (config.json, model.safetensors, tokenizer files) vLLM can load."""
+        """Write a model directory in the source's Hugging Face layout (MTP layers included) with the tokenizer's
+        files copied unchanged; see `r1engine.models.checkpoint`."""
         from r1engine.models.checkpoint import save_pretrained
 
         save_pretrained(self, path, tokenizer)
 
+    def export_pretrained(self, path: str | os.PathLike, tokenizer=None, keep_mtp: bool = False) -> None:
+        """Write a plain Hugging Face directory of the source architecture (no MTP layers unless `keep_mtp`)."""
+        from r1engine.models.checkpoint import save_pretrained
+
+        save_pretrained(self, path, tokenizer, keep_mtp=keep_mtp, export=True)
+
     @classmethod
     def from_pretrained(
-        cls, path: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str = "cpu"
+        cls,
+        path: str | os.PathLike,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+        *,
+        num_mtp_layers: int | None = None,
+        mtp_init: str = "last_layer",
+        seed: int = 0,
     ) -> PolicyModel:
-        """Load a directory written by `save_pretrained` (or any MiMo/Qwen2 checkpoint of the same layout)."""
+        """Load a Hugging Face model directory of a supported family (Qwen2, Llama, Qwen3, MiMo) or a `.gguf`
+        file; `num_mtp_layers` attaches (or drops) MTP layers, new ones initialised by `mtp_init`."""
         from r1engine.models.checkpoint import load_pretrained
 
-        return load_pretrained(cls, path, dtype=dtype, device=device)
+        return load_pretrained(
+            cls, path, dtype=dtype, device=device, num_mtp_layers=num_mtp_layers, mtp_init=mtp_init, seed=seed
+        )
+
+    @classmethod
+    def from_hf_model(
+        cls, hf_model, *, num_mtp_layers: int | None = None, mtp_init: str = "last_layer", seed: int = 0
+    ) -> PolicyModel:
+        """The policy holding a transformers `*ForCausalLM` of a supported family (its tensors shared, not copied);
+        `num_mtp_layers` attaches MTP layers as in `from_pretrained`."""
+        from r1engine.models.checkpoint import from_hf_model, resize_mtp_layers
+
+        return resize_mtp_layers(from_hf_model(cls, hf_model), num_mtp_layers, mtp_init, seed)
 
     def named_weights(self, include_mtp: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
         """(checkpoint name, tensor) pairs, tied weights once, in a stable order (weight sync uses this)."""

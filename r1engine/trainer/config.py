@@ -23,12 +23,37 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    preset: Literal["tiny", "demo"] = "demo"
-    """Size preset of r1engine.models.PolicyConfig (ignored when init_from is set)."""
+    path: str | None = None
+    """A Hugging Face model directory (Qwen2/2.5, Llama, Qwen3, MiMo; safetensors or .bin) or a `.gguf` file to start
+    from; None: a fresh `model.preset` model with the character tokenizer (the built-in toy tasks)."""
     init_from: str | None = None
-    """A model directory (MiMo layout) to start from instead of random weights."""
-    num_mtp_layers: int = 1
+    """Alias of `model.path` (older configs)."""
+    tokenizer: str | None = None
+    """A directory holding the tokenizer when it is not `model.path`'s own."""
+    preset: Literal["tiny", "demo"] = "demo"
+    """Size preset of r1engine.models.PolicyConfig (ignored with `model.path`)."""
+    mtp_layers: int | None = None
+    """MTP layers of the policy (the rollout's speculative drafter): a checkpoint with fewer gets new ones attached,
+    initialised by `model.mtp_init`; None: 1 for a preset, as many as the checkpoint has for `model.path`."""
+    num_mtp_layers: int | None = None
+    """Alias of `model.mtp_layers` (older configs)."""
+    mtp_init: Literal["last_layer", "random"] = "last_layer"
+    """How attached MTP layers start: a copy of the last decoder layer, or random as DeepSeek-V3 (models/mtp.py)."""
+    mtp_warmup_steps: int = 0
+    """Optimizer steps on the MTP layers alone (body frozen) before RL, on the policy's own samples of training
+    prompts, so speculation pays from the first step (0: none)."""
+    mtp_warmup_lr: float = 1e-3
     dtype: Literal["float32", "bfloat16"] = "float32"
+
+    @property
+    def source(self) -> str | None:
+        """The model to start from (`path`, or its alias `init_from`)."""
+        return self.path or self.init_from
+
+    @property
+    def num_mtp(self) -> int | None:
+        """`mtp_layers` (or its alias); None: the default of the source."""
+        return self.mtp_layers if self.mtp_layers is not None else self.num_mtp_layers
 
 
 @dataclass
@@ -199,7 +224,7 @@ def validate(cfg: Config) -> None:
         )
     if g.advantage == "grpo" and g.group_size < 2:
         raise ConfigError("grpo.group_size: GRPO normalises within a group, it needs at least 2 completions")
-    if g.beta > 0 and g.ref_reset_every == 0 and cfg.model.init_from is None and cfg.sft.steps == 0:
+    if g.beta > 0 and g.ref_reset_every == 0 and cfg.model.source is None and cfg.sft.steps == 0:
         raise ConfigError(
             "grpo.beta: a KL coefficient needs a reference model, but the policy starts from random weights with "
             "no SFT and the reference is never reset (grpo.ref_reset_every=0)"
@@ -231,8 +256,40 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"rewards.weights.{name}: unknown reward (known: {', '.join(available_rewards())})")
     if cfg.rollout.num_speculative_tokens < 0:
         raise ConfigError(f"rollout.num_speculative_tokens: must be >= 0, got {cfg.rollout.num_speculative_tokens}")
-    if cfg.rollout.num_speculative_tokens > 0 and cfg.model.num_mtp_layers == 0:
-        raise ConfigError("rollout.num_speculative_tokens: MTP speculation needs model.num_mtp_layers >= 1")
+    _validate_model(cfg)
+
+
+def _validate_model(cfg: Config) -> None:
+    """The model section, checked without loading any weights: the source's config.json and tokenizer are read, so
+    a wrong path, an unsupported architecture or a tokenizer that does not fit fails here, naming the key."""
+    m = cfg.model
+    if m.path and m.init_from and m.path != m.init_from:
+        raise ConfigError(f"model.init_from: an alias of model.path; both are set ({m.init_from!r}, {m.path!r})")
+    for key in ("mtp_layers", "num_mtp_layers"):
+        value = getattr(m, key)
+        if value is not None and value < 0:
+            raise ConfigError(f"model.{key}: must be >= 0, got {value}")
+    if m.mtp_warmup_steps < 0:
+        raise ConfigError(f"model.mtp_warmup_steps: must be >= 0, got {m.mtp_warmup_steps}")
+    mtp_layers = m.num_mtp if m.num_mtp is not None else 1
+    if m.source is not None:
+        from r1engine.models.source import ModelSourceError, inspect_source
+
+        try:
+            source = inspect_source(m.source, m.tokenizer)
+        except ModelSourceError as exc:
+            raise ConfigError(str(exc)) from exc
+        mtp_layers = m.num_mtp if m.num_mtp is not None else source.config.num_mtp_layers
+    elif m.tokenizer is not None:
+        raise ConfigError("model.tokenizer: applies with model.path (the presets use the character tokenizer)")
+    if mtp_layers == 0 and cfg.rollout.num_speculative_tokens > 0:
+        raise ConfigError(
+            f"rollout.num_speculative_tokens: MTP speculation ({cfg.rollout.num_speculative_tokens} tokens) needs MTP "
+            "layers, but the model has none: attach some with model.mtp_layers=1, or set "
+            "rollout.num_speculative_tokens=0"
+        )
+    if mtp_layers == 0 and m.mtp_warmup_steps > 0:
+        raise ConfigError("model.mtp_warmup_steps: needs MTP layers (model.mtp_layers >= 1)")
 
 
 # --- loading ---------------------------------------------------------------------------------------------------

@@ -24,6 +24,9 @@ from tqdm.auto import tqdm
 from r1engine.algo.advantages import group_advantages
 from r1engine.data import get_task
 from r1engine.models import PolicyConfig, PolicyModel, TextCodec, build_char_tokenizer
+from r1engine.models.checkpoint import resize_mtp_layers
+from r1engine.models.source import check_tokenizer_fits, inspect_source
+from r1engine.models.tokenizer import stop_token_ids
 from r1engine.ops import grpo_loss
 from r1engine.packing import PackedBatch
 from r1engine.rewards import RewardScheduler, get_reward
@@ -41,6 +44,7 @@ from r1engine.trainer.distributed import (
 from r1engine.trainer.engine import TrainEngine
 from r1engine.trainer.evaluation import held_out_accuracy
 from r1engine.trainer.metrics import MetricsLogger, plot_metrics, read_metrics
+from r1engine.trainer.script_guard import check_main_guard
 from r1engine.trainer.sequences import (
     PackedTokens,
     SequenceBatch,
@@ -72,12 +76,41 @@ def build_task(cfg: TaskConfig):
 
 
 def build_policy(cfg: ModelConfig, vocab_size: int, seed: int) -> PolicyModel:
-    """The policy a config names: `model.init_from`'s weights, else a fresh `model.preset` model seeded with `seed`."""
-    if cfg.init_from:
-        return PolicyModel.from_pretrained(cfg.init_from)
-    model = PolicyModel(PRESETS[cfg.preset](vocab_size=vocab_size, num_mtp_layers=cfg.num_mtp_layers))
+    """The policy a config names: `model.path`'s weights (MTP layers attached as `model.mtp_layers` says), else a
+    fresh `model.preset` model seeded with `seed`."""
+    if cfg.source:
+        return PolicyModel.from_pretrained(cfg.source, num_mtp_layers=cfg.num_mtp, mtp_init=cfg.mtp_init, seed=seed)
+    n_mtp = cfg.num_mtp if cfg.num_mtp is not None else 1
+    model = PolicyModel(PRESETS[cfg.preset](vocab_size=vocab_size, num_mtp_layers=n_mtp))
     model.reset_parameters(seed=seed)
     return model
+
+
+def build_policy_and_codec(
+    cfg: ModelConfig, seed: int, model: PolicyModel | Any = None, tokenizer: Any = None
+) -> tuple[PolicyModel, TextCodec]:
+    """The policy and its text codec: the caller's `model` (a PolicyModel or a transformers causal LM) and
+    `tokenizer`, else `model.path` with its own tokenizer (or `model.tokenizer`), else a preset with the character
+    tokenizer of the built-in tasks."""
+    if model is not None:
+        if not isinstance(model, PolicyModel):
+            model = PolicyModel.from_hf_model(model, num_mtp_layers=cfg.num_mtp, mtp_init=cfg.mtp_init, seed=seed)
+        elif cfg.num_mtp is not None and cfg.num_mtp != model.config.num_mtp_layers:
+            model = resize_mtp_layers(model, cfg.num_mtp, cfg.mtp_init, seed)
+        if tokenizer is None:
+            tokenizer = build_char_tokenizer()
+            if len(tokenizer) > model.config.vocab_size or model.config.source_config is not None:
+                raise ValueError("tokenizer: a model passed to the trainer needs its tokenizer (tokenizer=...)")
+        check_tokenizer_fits(tokenizer, model.config, "tokenizer")
+        stops = stop_token_ids(tokenizer, model.config.generation_config, {"eos_token_id": model.config.eos_token_id})
+        return model, TextCodec(tokenizer, stops if model.config.source_config is not None else None)
+    if tokenizer is not None:
+        raise ValueError("tokenizer: passed without model=...; set model.tokenizer in the config instead")
+    if cfg.source:
+        source = inspect_source(cfg.source, cfg.tokenizer)
+        return build_policy(cfg, source.config.vocab_size, seed), TextCodec(source.tokenizer, source.stop_ids)
+    tokenizer = build_char_tokenizer()
+    return build_policy(cfg, len(tokenizer), seed), TextCodec(tokenizer)
 
 
 def clipped_policy_loss(
@@ -166,7 +199,10 @@ class GRPOTrainer:
     algorithm = "GRPO"
     """Shown in progress bars and plot titles (subclasses such as the PPO baseline rename it)."""
 
-    def __init__(self, cfg: Config, *, progress: bool = True):
+    def __init__(self, cfg: Config, *, model: PolicyModel | Any = None, tokenizer: Any = None, progress: bool = True):
+        """`model` / `tokenizer`: a policy and its tokenizer from the caller (a `PolicyModel` or a transformers
+        causal LM of a supported family, and a transformers tokenizer) instead of `cfg.model`'s."""
+        check_main_guard(type(self).__name__)
         self.cfg = cfg
         self.progress = progress
         seed_everything(cfg.seed, cfg.training.deterministic)
@@ -176,10 +212,9 @@ class GRPOTrainer:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.task = build_task(cfg.task)
         self.stream = self.task.train_problems(seed=cfg.seed)
-        self.tokenizer = build_char_tokenizer()
-        self.codec = TextCodec(self.tokenizer)
-        self.eos_id = self.tokenizer.eos_token_id
-        self.model = build_policy(cfg.model, len(self.tokenizer), cfg.seed)
+        self.model, self.codec = build_policy_and_codec(cfg.model, cfg.seed, model, tokenizer)
+        self.tokenizer = self.codec.tokenizer
+        self.eos_id = self.codec.eos_id
         self.rank, self.world_size = init_distributed()
         self.device = training_device(cfg.training.device)
         self.model.to(device=self.device, dtype=getattr(torch, cfg.model.dtype))
@@ -290,7 +325,7 @@ class GRPOTrainer:
                 self.accuracy,
                 cfg=self.cfg.eval,
                 max_new_tokens=self.cfg.grpo.max_new_tokens,
-                stop_token_ids=[self.eos_id],
+                stop_token_ids=self.codec.stop_ids,
                 sum_over_ranks=sum_across_ranks,
             )
 
@@ -310,7 +345,7 @@ class GRPOTrainer:
                 temperature=g.temperature,
                 top_p=cfg.rollout.top_p,
                 top_k=cfg.rollout.top_k,
-                stop_token_ids=[self.eos_id],
+                stop_token_ids=self.codec.stop_ids,
                 seed=cfg.seed * 1_000_003 + step * self.world_size + self.rank,
             )
         t_rollout = time.perf_counter() - t0
@@ -320,7 +355,7 @@ class GRPOTrainer:
 
         t1 = time.perf_counter()
         seqs = build_sequences([prompts[i] for i in owner], rb.completion_ids, rb.logprobs)
-        batch, pack_stats = pack(seqs, cfg.training.chunk_len, pad_id=self.tokenizer.pad_token_id)
+        batch, pack_stats = pack(seqs, cfg.training.chunk_len, pad_id=self.codec.pad_id)
         tokens = loss_tokens(batch)
         sampler = batch.fields["sampler_logprobs"].reshape(-1)[tokens.index]
         if g.old_logprobs == "sampler":  # the behaviour policy's own log-probs: no inference pass
@@ -397,7 +432,7 @@ class GRPOTrainer:
             cfg=self.cfg.grpo,
             chunk_len=self.cfg.training.chunk_len,
             loss_backend=self.cfg.training.loss_backend,
-            pad_id=self.tokenizer.pad_token_id,
+            pad_id=self.codec.pad_id,
         )
 
     def sync_rollout_weights(self) -> None:

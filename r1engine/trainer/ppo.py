@@ -219,7 +219,7 @@ class PPOTrainer(GRPOTrainer):
     @torch.no_grad()
     def _token_values(self, seqs: SequenceBatch) -> list[torch.Tensor]:
         """The value model's V(s_t) per sequence, position-aligned (0 off the loss positions)."""
-        batch, _ = pack(seqs, self.cfg.training.chunk_len, pad_id=self.tokenizer.pad_token_id)
+        batch, _ = pack(seqs, self.cfg.training.chunk_len, pad_id=self.codec.pad_id)
         tokens = loss_tokens(batch)
         self.value_model.eval()
         values = self.value_model(batch)[tokens.index.to(self.value_model.value_head.weight.device)].cpu()
@@ -313,5 +313,5 @@ class PPOTrainer(GRPOTrainer):
             value_clip=self.ppo.value_clip,
             chunk_len=self.cfg.training.chunk_len,
             loss_backend=self.cfg.training.loss_backend,
-            pad_id=self.tokenizer.pad_token_id,
+            pad_id=self.codec.pad_id,
         )
