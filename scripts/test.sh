@@ -17,5 +17,8 @@ ctest --test-dir build-cmake --output-on-failure
 
 bash scripts/check_cuda.sh
 
+echo "[test] real-model example (SmolLM2-135M-Instruct; its tests are skipped, saying so, if this fails)"
+bash scripts/fetch_smollm2.sh || echo "[test] could not fetch SmolLM2-135M-Instruct" >&2
+
 echo "[test] pytest"
 $PY -m pytest tests "$@"

@@ -191,7 +191,11 @@ def test_attach_mtp_keeps_the_model_and_round_trips(hf_dirs, tmp_path, family, m
     assert torch.isfinite(loss) and loss > 0
     mtp = model.model.mtp_layers[0]
     if mtp_init == "last_layer":
-        torch.testing.assert_close(mtp.mlp.down_proj.weight, model.model.layers[-1].mlp.down_proj.weight)
+        torch.testing.assert_close(mtp.mlp.up_proj.weight, model.model.layers[-1].mlp.up_proj.weight)
+        assert not mtp.mlp.down_proj.weight.any() and not mtp.self_attn.o_proj.weight.any()  # the block starts as id
+        # so the drafter starts as the main model's next-token head one position back
+        h = model.mtp_hidden(out.last_hidden[:, :-1], ids[:, 1:])
+        torch.testing.assert_close(model.logits(h), out.logits[:, :-1], atol=1e-3, rtol=1e-3)  # RMSNorm twice
         if family == "qwen3":
             torch.testing.assert_close(mtp.self_attn.q_norm.weight, model.model.layers[-1].self_attn.q_norm.weight)
     tokenizer = load_tokenizer(path)

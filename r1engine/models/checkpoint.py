@@ -126,7 +126,9 @@ def from_state(cls: type[PolicyModel], config: PolicyConfig, state: dict[str, to
 
 def from_hf_model(cls: type[PolicyModel], hf_model: Any) -> PolicyModel:
     """The policy holding a transformers model's weights (a copy of its config, its tensors shared)."""
-    config = PolicyConfig.from_hf_dict(hf_model.config.to_dict())
+    raw = hf_model.config.to_dict()
+    raw["architectures"] = [type(hf_model).__name__]  # a model built from a config alone has none recorded
+    config = PolicyConfig.from_hf_dict(raw)
     gen = getattr(hf_model, "generation_config", None)
     if gen is not None:
         config.generation_config = gen.to_diff_dict()

@@ -3,9 +3,13 @@
 Two initialisations (`mtp_init`):
 
 - "random": as DeepSeek-V3 trains its MTP modules from scratch: Normal(0, initializer_range) projections, unit norms.
-- "last_layer": the block starts as a copy of the main model's last decoder layer and its final norm as the model's
-  final norm; `input_proj` adds the normalised hidden state and the normalised next-token embedding ([I | I]), so
-  from the first step the drafter sees both inputs through weights that already work on this model's hidden states.
+- "last_layer": the block starts as a copy of the main model's last decoder layer with its two residual output
+  projections (o_proj, down_proj) zeroed, so that it starts as the identity and learns its update from there;
+  `input_proj` passes the normalised hidden state through ([I | 0]) and the final norm is the model's. The drafter
+  thus starts out as the main model's own next-token head one position back (a sane guess for the token after next,
+  far better than the same block fed the sum of both inputs, whose confident wrong guesses cost 3-5x the
+  cross-entropy of a random start on SmolLM2), and every weight it needs to move is already shaped for this
+  model's hidden states.
 
 Either way the body is untouched, so the main model's outputs do not change; `benchmarks/bench_mtp_attach.py`
 measures the drafts' acceptance after each initialisation and after a warm-up of the MTP layers alone.
@@ -45,10 +49,14 @@ def init_mtp_layer(model: PolicyModel, index: int, how: str = "last_layer", seed
     for name, p in layer.named_parameters():
         if name in block:
             p.copy_(block[name])
+    layer.self_attn.o_proj.weight.zero_()
+    layer.mlp.down_proj.weight.zero_()
+    if layer.self_attn.o_proj.bias is not None:
+        layer.self_attn.o_proj.bias.zero_()
     layer.final_layernorm.weight.copy_(model.model.norm.weight)
     hidden = model.config.hidden_size
     eye = torch.eye(hidden, dtype=layer.input_proj.weight.dtype, device=layer.input_proj.weight.device)
-    layer.input_proj.weight.copy_(torch.cat([eye, eye], dim=1))
+    layer.input_proj.weight.copy_(torch.cat([eye, torch.zeros_like(eye)], dim=1))
 
 
 def mtp_parameters(model: PolicyModel) -> list[torch.nn.Parameter]:

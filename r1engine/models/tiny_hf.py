@@ -55,7 +55,7 @@ def build_bpe_tokenizer(style: str = "qwen", vocab_size: int = 320):
     return tok
 
 
-def tiny_config(family: str, vocab_size: int, **overrides: Any):
+def tiny_config(family: str, vocab_size: int = 320, **overrides: Any):
     """A small transformers config of `family` with odd sizes and GQA (overrides replace any field)."""
     from transformers import LlamaConfig, Qwen2Config, Qwen3Config
 
@@ -92,7 +92,8 @@ def make_tiny_hf_model(family: str, out_dir: str | Path, *, seed: int = 0, **ove
 
     tok = build_bpe_tokenizer("llama" if family == "llama" else "qwen")
     ids = {"eos_token_id": tok.eos_token_id, "bos_token_id": tok.bos_token_id, "pad_token_id": tok.pad_token_id}
-    config = tiny_config(family, len(tok), **{**ids, **overrides})
+    overrides = {"vocab_size": len(tok), **ids, **overrides}
+    config = tiny_config(family, **overrides)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     with torch.no_grad():

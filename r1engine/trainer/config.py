@@ -59,6 +59,11 @@ class ModelConfig:
 @dataclass
 class TaskConfig:
     name: Literal["addition"] = "addition"
+    template: Literal["plain", "chat"] = "plain"
+    """How a problem becomes prompt tokens: its text as the tokenizer encodes it, or one user message in the
+    tokenizer's chat template (instruct models) with the assistant's turn opened."""
+    system_prompt: str | None = None
+    """A system message before the user's with `task.template: chat`."""
     min_digits: int = 1
     max_digits: int = 3
     num_eval: int = 200
@@ -280,8 +285,12 @@ def _validate_model(cfg: Config) -> None:
         except ModelSourceError as exc:
             raise ConfigError(str(exc)) from exc
         mtp_layers = m.num_mtp if m.num_mtp is not None else source.config.num_mtp_layers
+        if cfg.task.template == "chat" and not getattr(source.tokenizer, "chat_template", None):
+            raise ConfigError("task.template: 'chat' needs a tokenizer with a chat template; the model's has none")
     elif m.tokenizer is not None:
         raise ConfigError("model.tokenizer: applies with model.path (the presets use the character tokenizer)")
+    elif cfg.task.template == "chat":
+        raise ConfigError("task.template: 'chat' needs a model.path whose tokenizer has a chat template")
     if mtp_layers == 0 and cfg.rollout.num_speculative_tokens > 0:
         raise ConfigError(
             f"rollout.num_speculative_tokens: MTP speculation ({cfg.rollout.num_speculative_tokens} tokens) needs MTP "

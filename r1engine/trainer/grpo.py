@@ -44,6 +44,7 @@ from r1engine.trainer.distributed import (
 from r1engine.trainer.engine import TrainEngine
 from r1engine.trainer.evaluation import held_out_accuracy
 from r1engine.trainer.metrics import MetricsLogger, plot_metrics, read_metrics
+from r1engine.trainer.mtp_warmup import mtp_warmup
 from r1engine.trainer.script_guard import check_main_guard
 from r1engine.trainer.sequences import (
     PackedTokens,
@@ -87,11 +88,12 @@ def build_policy(cfg: ModelConfig, vocab_size: int, seed: int) -> PolicyModel:
 
 
 def build_policy_and_codec(
-    cfg: ModelConfig, seed: int, model: PolicyModel | Any = None, tokenizer: Any = None
+    cfg: ModelConfig, seed: int, model: PolicyModel | Any = None, tokenizer: Any = None, task: TaskConfig | None = None
 ) -> tuple[PolicyModel, TextCodec]:
     """The policy and its text codec: the caller's `model` (a PolicyModel or a transformers causal LM) and
     `tokenizer`, else `model.path` with its own tokenizer (or `model.tokenizer`), else a preset with the character
-    tokenizer of the built-in tasks."""
+    tokenizer of the built-in tasks. `task` sets how prompts are templated."""
+    templ = {"template": task.template, "system_prompt": task.system_prompt} if task is not None else {}
     if model is not None:
         if not isinstance(model, PolicyModel):
             model = PolicyModel.from_hf_model(model, num_mtp_layers=cfg.num_mtp, mtp_init=cfg.mtp_init, seed=seed)
@@ -103,14 +105,14 @@ def build_policy_and_codec(
                 raise ValueError("tokenizer: a model passed to the trainer needs its tokenizer (tokenizer=...)")
         check_tokenizer_fits(tokenizer, model.config, "tokenizer")
         stops = stop_token_ids(tokenizer, model.config.generation_config, {"eos_token_id": model.config.eos_token_id})
-        return model, TextCodec(tokenizer, stops if model.config.source_config is not None else None)
+        return model, TextCodec(tokenizer, stops if model.config.source_config is not None else None, **templ)
     if tokenizer is not None:
         raise ValueError("tokenizer: passed without model=...; set model.tokenizer in the config instead")
     if cfg.source:
         source = inspect_source(cfg.source, cfg.tokenizer)
-        return build_policy(cfg, source.config.vocab_size, seed), TextCodec(source.tokenizer, source.stop_ids)
+        return build_policy(cfg, source.config.vocab_size, seed), TextCodec(source.tokenizer, source.stop_ids, **templ)
     tokenizer = build_char_tokenizer()
-    return build_policy(cfg, len(tokenizer), seed), TextCodec(tokenizer)
+    return build_policy(cfg, len(tokenizer), seed), TextCodec(tokenizer, **templ)
 
 
 def clipped_policy_loss(
@@ -147,6 +149,7 @@ def clipped_policy_loss(
         max_len=cfg.max_new_tokens,
         segment_ids=tokens.segment_ids.to(device),
         backend=loss_backend,
+        inplace_backward=True,  # the gradient takes the logits' buffer: nothing reads them after the entropy below
     )
     mtp = packed_mtp_loss(model, batch, out, cfg.mtp_loss_coef)
     return loss + mtp, {
@@ -212,7 +215,7 @@ class GRPOTrainer:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.task = build_task(cfg.task)
         self.stream = self.task.train_problems(seed=cfg.seed)
-        self.model, self.codec = build_policy_and_codec(cfg.model, cfg.seed, model, tokenizer)
+        self.model, self.codec = build_policy_and_codec(cfg.model, cfg.seed, model, tokenizer, cfg.task)
         self.tokenizer = self.codec.tokenizer
         self.eos_id = self.codec.eos_id
         self.rank, self.world_size = init_distributed()
@@ -267,7 +270,8 @@ class GRPOTrainer:
 
     def _start_rollout(self) -> None:
         r = self.cfg.rollout
-        with self.train_engine.full_weights():
+        weights = self.train_engine.full_weights() if self.train_engine is not None else contextlib.nullcontext()
+        with weights:
             self.rollout = create_engine(
                 r.backend,
                 model=self.model,
@@ -289,6 +293,32 @@ class GRPOTrainer:
             )  # fmt: skip
         self.sft_losses = broadcast_object(self.sft_losses)
         self.stream.set_state(broadcast_object(self.stream.state()))
+
+    def _warm_up_mtp(self) -> dict[str, float]:
+        """Rank 0 trains the MTP layers alone on the policy's samples (`model.mtp_warmup_steps`) before the training
+        engine exists; the other ranks receive the result with the weights in `_start_training`."""
+        m, g = self.cfg.model, self.cfg.grpo
+        metrics: dict[str, float] = {}
+        if self.is_main:
+            self._start_rollout()
+            # prompts of their own stream: the RL steps see the same data with or without a warm-up
+            problems = self.task.train_problems(seed=self.cfg.seed + 7919)
+            prompts = (self.encode(p.prompt) for p in problems)
+            with self._rollout_awake():
+                result = mtp_warmup(
+                    self.model, self.rollout, prompts, steps=m.mtp_warmup_steps, lr=m.mtp_warmup_lr,
+                    prompts_per_step=max(1, g.prompts_per_step // self.world_size), samples_per_prompt=g.group_size,
+                    max_new_tokens=g.max_new_tokens, stop_token_ids=self.codec.stop_ids,
+                    chunk_len=self.cfg.training.chunk_len, seed=self.cfg.seed + 7919, pad_id=self.codec.pad_id,
+                    temperature=g.temperature, progress=self.progress,
+                )  # fmt: skip
+            metrics = result.metrics()
+            self._say(
+                f"MTP warm-up: {m.mtp_warmup_steps} steps, MTP loss {metrics['mtp_warmup/loss_first']:.3f} -> "
+                f"{metrics['mtp_warmup/loss_last']:.3f}, draft acceptance {result.acceptance_before:.3f} -> "
+                f"{result.acceptance_after:.3f}"
+            )
+        return broadcast_object(metrics)
 
     @contextlib.contextmanager
     def _rollout_awake(self):
@@ -496,11 +526,14 @@ class GRPOTrainer:
             else None
         )
         t_start = time.perf_counter()
+        warmup: dict[str, float] = {}
         if resumed:
             checkpoint, state = self.checkpoints.load(checkpoint)
             self._load_weights(checkpoint, state)
         elif cfg.sft.steps:
             self._cold_start()
+        if not resumed and cfg.model.mtp_warmup_steps:
+            warmup = self._warm_up_mtp()
         self._start_training()
         if resumed:
             self._load_training_state(checkpoint, state)
@@ -508,11 +541,12 @@ class GRPOTrainer:
                 logger = MetricsLogger(self.out_dir, tensorboard=cfg.tensorboard, resume_step=self.step)
         else:
             self._reset_reference()
-        self._start_rollout()
+        if self.rollout is None:
+            self._start_rollout()
         evaluation = self.evaluate()
         acc = evaluation["eval/accuracy"]
         if not resumed and self.is_main:
-            logger.log(0, {**evaluation, "sft/final_ce": self.sft_losses[-1] if self.sft_losses else None})
+            logger.log(0, {**evaluation, **warmup, "sft/final_ce": self.sft_losses[-1] if self.sft_losses else None})
         acc_start = acc if not resumed else self._first_accuracy()
         self._say(f"held-out {'at resume' if resumed else 'before RL'}: {self._describe(evaluation)}")
 
