@@ -50,6 +50,7 @@ def components() -> dict[str, str | None]:
         "deepspeed": _version("deepspeed"),
         "flash_attn": _version("flash-attn") if importlib.util.find_spec("flash_attn") else None,
         "math_verify": _version("math-verify"),
+        "gguf": _version("gguf"),  # model.path=FILE.gguf, r1engine convert
         "bubblewrap": shutil.which("bwrap"),
     }
 
@@ -62,6 +63,10 @@ def main() -> None:
     print("components:")
     for name, version in components().items():
         print(f"  {name:<12} {version or 'absent'}")
+    from r1engine.models.config import SUPPORTED_ARCHITECTURES
+    from r1engine.models.rotary import SUPPORTED_ROPE_TYPES
+
+    print(f"model families: {', '.join(SUPPORTED_ARCHITECTURES)}; RoPE: {', '.join(SUPPORTED_ROPE_TYPES)}")
 
 
 if __name__ == "__main__":

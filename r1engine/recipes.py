@@ -203,7 +203,7 @@ class RecipeRunner:
     def _model(self, stage: Stage, cfg: Config):
         """`from`'s model, or a fresh model of the stage's `model.preset`."""
         source = str(self.stage_dir(stage.source) / "model") if stage.source is not None else None
-        return build_policy(dataclasses.replace(cfg.model, init_from=source), len(build_char_tokenizer()), cfg.seed)
+        return build_policy(dataclasses.replace(cfg.model, path=source), len(build_char_tokenizer()), cfg.seed)
 
     def _run_sft(self, stage: Stage, cfg: Config) -> dict[str, Any]:
         import torch
@@ -248,7 +248,7 @@ class RecipeRunner:
     def _run_grpo(self, stage: Stage, cfg: Config) -> dict[str, Any]:
         out = self.stage_dir(stage.name)
         cfg = dataclasses.replace(cfg, output_dir=str(out), sft=dataclasses.replace(cfg.sft, steps=0))
-        cfg.model = dataclasses.replace(cfg.model, init_from=str(self.stage_dir(stage.source) / "model"))
+        cfg.model = dataclasses.replace(cfg.model, path=str(self.stage_dir(stage.source) / "model"))
         trainer = GRPOTrainer(cfg, progress=self.progress)
         try:
             summary = trainer.run()

@@ -266,3 +266,10 @@ def test_bin_weights_load(hf_dirs, tmp_path):
     a, b = PolicyModel.from_pretrained(src), PolicyModel.from_pretrained(dst)
     for (_, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
         assert torch.equal(x, y)
+
+
+def test_tied_head_stays_tied_through_copies(hf_dirs):
+    model = PolicyModel.from_pretrained(hf_dirs["llama", True])
+    for m in (model, model.frozen_copy(), model.frozen_copy(dtype=torch.bfloat16), NativeEngine(model).model):
+        assert m.lm_head.weight is m.model.embed_tokens.weight
+        assert sum(1 for _ in m.parameters()) == len(list(m.named_weights()))  # one parameter, one checkpoint tensor

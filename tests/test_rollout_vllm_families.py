@@ -75,3 +75,17 @@ def test_auto_backend_falls_back_to_native_with_a_reason(tmp_path, caplog):
     small = make_tiny_hf_model("llama", tmp_path / "small", seed=1)  # head_dim 16: vLLM CPU attention lacks it
     with pytest.raises(ValueError, match="rollout.backend: vllm cannot serve this model: .*head_dim=16"):
         create_engine("vllm", model=PolicyModel.from_pretrained(small), max_model_len=128)
+
+
+@pytest.mark.timeout(600)
+def test_vllm_loads_an_export(tmp_path):
+    """`r1engine export`'s directory is a plain Llama checkpoint that vLLM serves as it is (no MTP layers)."""
+    path = make_tiny_hf_model("llama", tmp_path / "m", seed=3, **MIMO_SHAPE)
+    model = PolicyModel.from_pretrained(path, num_mtp_layers=1).eval()
+    _perturb(model, seed=7)
+    tokenizer = load_tokenizer(path)
+    model.export_pretrained(tmp_path / "export", tokenizer)
+    vllm = create_engine("vllm", model_dir=tmp_path / "export", max_model_len=128)
+    assert vllm.layout == SOURCE and vllm.config.num_mtp_layers == 0
+    prompts = [tokenizer.encode("What is 17 + 25?")]
+    assert _greedy(vllm, prompts) == _greedy(create_engine("native", model=model), prompts)

@@ -1,4 +1,5 @@
-"""Policy model with MTP layers (MiMo checkpoint layout), its KV cache and a character tokenizer."""
+"""The policy model (Qwen2 / Llama / Qwen3 / MiMo decoders read from Hugging Face directories, with MTP layers), its
+config and KV cache, the tokenizer seam (the model's own tokenizer; a character tokenizer for the built-in tasks)."""
 
 from __future__ import annotations
 

@@ -28,6 +28,7 @@ eager path itself runs on its kernels (fused layer ops and the decode-attention 
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -40,6 +41,8 @@ from r1engine.models.kv_cache import KVCache
 
 if TYPE_CHECKING:
     from r1engine.models.policy import DecoderLayer, PolicyModel
+
+log = logging.getLogger(__name__)
 
 USE_FUSED_DECODE_STEP = True
 """False: `FusedDecodeStep.build` returns None and `decoder_layers_apply` False: decoding takes the eager forward."""
@@ -149,6 +152,24 @@ def decoder_layers(
     )
 
 
+def _log_eager_once(model: PolicyModel, cache: KVCache) -> None:
+    """Say once per reason why decoding takes the eager forward (a missing operator is a build problem: a warning)."""
+    if not _ext.has_op("decode_step"):
+        reason, level = f"the compiled extension has no decode_step operator ({_ext.load_error()})", logging.WARNING
+    elif model.device.type != "cpu" or cache.k.device.type != "cpu":
+        reason, level = f"the model is on {model.device} (the operator is a CPU one)", logging.INFO
+    elif model.dtype not in (torch.float32, torch.bfloat16) or model.dtype != cache.k.dtype:
+        reason, level = f"dtype {model.dtype} with a {cache.k.dtype} cache (float32 / bfloat16 only)", logging.INFO
+    else:
+        reason, level = "the fused layer ops or the decode-attention kernel are switched off", logging.INFO
+    if reason not in _LOGGED:
+        _LOGGED.add(reason)
+        log.log(level, "fused decode step off, decoding through the eager forward: %s", reason)
+
+
+_LOGGED: set[str] = set()
+
+
 class FusedDecodeStep:
     """Decode steps of one model over one generation's cache; build with `FusedDecodeStep.build`."""
 
@@ -165,6 +186,8 @@ class FusedDecodeStep:
             and cache.k.shape[0] == model.config.num_layers
             and _kernels_apply(model.dtype, cache, "decode_step")
         )
+        if not supported and USE_FUSED_DECODE_STEP:
+            _log_eager_once(model, cache)
         return cls(model) if supported else None
 
     def __call__(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:

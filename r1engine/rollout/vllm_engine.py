@@ -1,7 +1,9 @@
 """`VLLMEngine`: an in-process `vllm.LLM` with MTP speculation and live weight sync (no checkpoint on disk).
 
-Start-up reads a MiMo-layout model directory (`PolicyModel.save_pretrained`). vLLM serves it as `MiMoForCausalLM`
-(main model) and, with `speculative_config={"method": "mtp"}`, as `MiMoMTP` (drafter, `model_runner.drafter.model`).
+Start-up writes the policy once into a directory in the layout `r1engine.rollout.vllm_layout` chooses: a body vLLM's
+MiMo model can express (the presets, Qwen2, and Llama / Qwen3 bodies of that shape) is served as `MiMoForCausalLM`
+(main model) and, with `speculative_config={"method": "mtp"}`, as `MiMoMTP` (drafter, `model_runner.drafter.model`);
+other bodies in their own architecture, without speculation (said in a warning).
 `sync_weights` streams the trainer's tensors in buckets straight into both modules through vLLM's layerwise reload
 (`initialize_layerwise_reload` -> each module's `load_weights` per bucket -> `finalize_layerwise_reload`, which
 re-runs the CPU weight repacking), the drafter too: peers that only update the verifier leave the draft head stale
