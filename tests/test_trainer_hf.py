@@ -160,7 +160,10 @@ def _break(path: Path, **changes) -> Path:
         ("gpt2", r"model.path: .*architectures\[0\]: 'GPT2LMHeadModel' is not supported"),
         ("rope", r"rope_scaling.rope_type: 'dynamic' is not supported"),
         ("no_vocab", r"vocab_size: missing from config.json"),
-        ("big_tokenizer", r"model.tokenizer: the tokenizer has 320 tokens but the model's embedding has vocab_size=100"),  # noqa: E501
+        (
+            "big_tokenizer",
+            r"model.tokenizer: the tokenizer has 320 tokens but the model's embedding has vocab_size=100",
+        ),  # noqa: E501
         ("small_tokenizer", r"model.tokenizer: the tokenizer has 101 tokens for a model with vocab_size=320"),
         ("negative_mtp", r"model.mtp_layers: must be >= 0, got -1"),
         ("spec_without_mtp", r"rollout.num_speculative_tokens: .* needs MTP layers"),
