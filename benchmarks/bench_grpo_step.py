@@ -374,7 +374,7 @@ def packed_fused_step(
     if linear:
         loss, _ = linear_grpo_loss(hidden, model.lm_head.weight, *args, old_tokens, None, **kwargs)
     else:
-        loss, _ = grpo_loss(model.logits(hidden), *args, old_tokens, None, **kwargs)
+        loss, _ = grpo_loss(model.logits(hidden), *args, old_tokens, None, inplace_backward=True, **kwargs)
     mtp = packed_mtp_loss(model, batch, out, cfg.mtp_loss_coef)
     train_engine.backward(loss + mtp)
     grad_norm = train_engine.step()

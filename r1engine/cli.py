@@ -146,12 +146,11 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         return _launch(args.nproc, argv if argv is not None else sys.argv[1:])
 
-    from r1engine.models.source import ModelSourceError
     from r1engine.trainer.grpo import GRPOTrainer
 
     try:
         trainer = GRPOTrainer(cfg, progress=not args.no_progress)
-    except (ModelSourceError, FileNotFoundError) as exc:  # a model or checkpoint that cannot be loaded
+    except (FileNotFoundError, ValueError) as exc:  # a model or checkpoint that cannot be loaded, named in the message
         print(f"r1engine: model error: {exc}", file=sys.stderr)
         return 2
     try:
