@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import git_commit, machine  # noqa: E402
-from r1engine.data import AdditionTask  # noqa: E402
+from r1engine.data import AdditionTask, PromptTemplate  # noqa: E402
 from r1engine.models import PolicyModel  # noqa: E402
 from r1engine.models.tokenizer import TextCodec, load_tokenizer  # noqa: E402
 from r1engine.rollout import create_engine  # noqa: E402
@@ -59,7 +59,7 @@ def main() -> None:
         return
     torch.manual_seed(0)
     tokenizer = load_tokenizer(MODEL)
-    codec = TextCodec(tokenizer, template="chat", system_prompt=SYSTEM)
+    codec = TextCodec(tokenizer, template=PromptTemplate("chat", SYSTEM))
     task = AdditionTask(1, 2, num_eval=16)
     held_out = [codec.encode(question(p.prompt)) for p in task.eval_problems]
     train = (codec.encode(question(p.prompt)) for p in task.train_problems(seed=5))

@@ -148,8 +148,13 @@ def main(argv: list[str] | None = None) -> int:
 
     from r1engine.trainer.grpo import GRPOTrainer
 
+    from r1engine.data import DataError, TemplateError
+
     try:
         trainer = GRPOTrainer(cfg, progress=not args.no_progress)
+    except (DataError, TemplateError) as exc:  # a data set that cannot be used, named in the message
+        print(f"r1engine: data error: {exc}", file=sys.stderr)
+        return 2
     except (FileNotFoundError, ValueError) as exc:  # a model or checkpoint that cannot be loaded, named in the message
         print(f"r1engine: model error: {exc}", file=sys.stderr)
         return 2

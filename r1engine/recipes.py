@@ -217,7 +217,7 @@ class RecipeRunner:
         model = self._model(stage, cfg).to(training_device(cfg.training.device))
         codec = _codec()
         losses = supervised_finetune(
-            model, self._examples(stage, cfg, build_task(cfg.task)), codec.encode, codec.eos_id,
+            model, self._examples(stage, cfg, build_task(cfg)), codec.encode, codec.eos_id,
             steps=cfg.sft.steps, batch_size=cfg.sft.batch_size, lr=cfg.sft.lr, chunk_len=cfg.training.chunk_len,
             mtp_coef=cfg.grpo.mtp_loss_coef, loss_backend=cfg.training.loss_backend, progress=self.progress,
             desc=f"{stage.name} (SFT)",
@@ -264,7 +264,7 @@ class RecipeRunner:
         from r1engine.rewards import CombinedReward, get_reward
         from r1engine.rollout import create_engine
 
-        codec, task = _codec(), build_task(cfg.task)
+        codec, task = _codec(), build_task(cfg)
         problems = task.train_problems(seed=cfg.seed + 1).take(stage.prompts)
         engine = create_engine(cfg.rollout.backend, model_dir=str(self.stage_dir(stage.source) / "model"),
                                num_speculative_tokens=cfg.rollout.num_speculative_tokens,
@@ -313,15 +313,16 @@ class RecipeRunner:
 
     def _evaluate(self, stage: Stage, cfg: Config) -> dict[str, float]:
         """Held-out accuracy of the stage's model, with the same protocol for every stage."""
-        from r1engine.rewards import get_reward
+        from r1engine.rewards.routing import RewardRoutes
         from r1engine.rollout import create_engine
-        from r1engine.trainer.evaluation import held_out_accuracy
+        from r1engine.trainer.evaluation import Correctness, held_out_accuracy
 
-        codec, task = _codec(), build_task(cfg.task)
+        codec, task = _codec(), build_task(cfg)
         engine = create_engine("native", model_dir=str(self.stage_dir(stage.name) / "model"),
                                max_model_len=cfg.training.chunk_len)  # fmt: skip
+        correct = Correctness(RewardRoutes({task.accuracy_reward: 1.0}))
         return held_out_accuracy(
-            engine.generate, task.eval_problems, codec.encode, codec.decode, get_reward(task.accuracy_reward),
+            engine.generate, task.eval_problems, codec.encode, codec.decode, correct,
             cfg=cfg.eval, max_new_tokens=cfg.grpo.max_new_tokens, stop_token_ids=[codec.eos_id],
         )  # fmt: skip
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from r1engine.data import PromptTemplate
 from r1engine.models import PolicyModel
 from r1engine.models.tokenizer import TextCodec, load_tokenizer
 from r1engine.rollout import create_engine, vllm_available
@@ -35,7 +36,7 @@ def models():
 
 
 def _question(tokenizer) -> list[int]:
-    return TextCodec(tokenizer, template="chat").encode("What is 17 + 25?")
+    return TextCodec(tokenizer, template=PromptTemplate("chat")).encode("What is 17 + 25?")
 
 
 def test_policy_equals_transformers(models):

@@ -167,7 +167,7 @@ def _break(path: Path, **changes) -> Path:
         ("small_tokenizer", r"model.tokenizer: the tokenizer has 101 tokens for a model with vocab_size=320"),
         ("negative_mtp", r"model.mtp_layers: must be >= 0, got -1"),
         ("spec_without_mtp", r"rollout.num_speculative_tokens: .* needs MTP layers"),
-        ("chat_on_preset", r"task.template: 'chat' needs a model.path"),
+        ("chat_on_preset", r"data.template: 'chat' needs a model.path"),
     ],
 )
 def test_bad_model_input_is_one_line_naming_the_key(hf_dirs, tmp_path, case, match):
@@ -199,7 +199,7 @@ def test_bad_model_input_is_one_line_naming_the_key(hf_dirs, tmp_path, case, mat
     elif case == "spec_without_mtp":
         args = [f"model.path={source}", "model.mtp_layers=0"]
     elif case == "chat_on_preset":
-        args = ["task.template=chat"]
+        args = ["data.template=chat"]
     with pytest.raises(ConfigError, match=match):
         load_config(DEMO, args)
     if case not in ("missing", "gpt2", "big_tokenizer"):  # the command line's handling, for a few of them

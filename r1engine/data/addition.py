@@ -13,21 +13,15 @@ Held-out problems are drawn from a separate random stream and excluded from trai
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
-from typing import Any
+
+from r1engine.data.problem import Problem, ProblemStream
 
 SOLUTION_STYLES = ("compact", "readable", "direct")
 _COLUMN_NAMES = ("ones", "tens", "hundreds", "thousands", "column")
 
 
-@dataclass(frozen=True)
-class Problem:
-    prompt: str
-    answer: str
-    """The reference the accuracy reward compares against."""
-
-
 class AdditionTask:
+    name = "addition"
     accuracy_reward = "arithmetic"
     """The `r1engine.rewards` function that checks an answer to this task (used for held-out accuracy)."""
 
@@ -49,7 +43,7 @@ class AdditionTask:
 
     def _draw(self, rng: random.Random) -> Problem:
         a, b = (self._number(rng) for _ in range(2))
-        return Problem(prompt=f"{a}+{b}=", answer=str(a + b))
+        return Problem(prompt=f"{a}+{b}=", answer=str(a + b), source=self.name)
 
     def _number(self, rng: random.Random) -> int:
         digits = rng.randint(self.min_digits, self.max_digits)
@@ -83,29 +77,3 @@ class AdditionTask:
         if style == "direct":
             return f"<answer>{answer}</answer>"
         return f"<think>{' '.join(steps)}</think><answer>{answer}</answer>"
-
-
-class ProblemStream:
-    """Training problems of a task, in a reproducible order; its position is checkpointable (`state`)."""
-
-    def __init__(self, task: AdditionTask, seed: int):
-        self.task = task
-        self.rng = random.Random(seed)
-
-    def __iter__(self) -> ProblemStream:
-        return self
-
-    def __next__(self) -> Problem:
-        while True:
-            problem = self.task._draw(self.rng)
-            if problem.prompt not in self.task._eval_prompts:
-                return problem
-
-    def take(self, n: int) -> list[Problem]:
-        return [next(self) for _ in range(n)]
-
-    def state(self) -> Any:
-        return self.rng.getstate()
-
-    def set_state(self, state: Any) -> None:
-        self.rng.setstate(state)

@@ -128,39 +128,36 @@ def stop_token_ids(tokenizer, *configs: dict | None) -> list[int]:
 class TextCodec:
     """Text <-> token ids the way the trainer feeds the model.
 
-    A prompt is encoded as the tokenizer says (`add_special_tokens=True`: Llama 3 adds its BOS, Qwen and SmolLM2 add
-    nothing), or, with `template="chat"`, as one user message (after `system_prompt`, if any) in the tokenizer's chat
-    template with the assistant's turn opened; the character tokenizer, which has no post-processor, gets its
-    `<bos>` prepended. Completions are generated until any of `stop_ids`, and decoding drops special tokens."""
+    A prompt (text, or chat messages) goes through the prompt template (`r1engine.data.templates`; plain text by
+    default): rendered text is encoded as the tokenizer says (`add_special_tokens=True`: Llama 3 adds its BOS, Qwen
+    and SmolLM2 add nothing), rendered messages through the tokenizer's chat template with the assistant's turn
+    opened; the character tokenizer, which has no post-processor, gets its `<bos>` prepended. Completions are
+    generated until any of `stop_ids`, and decoding drops special tokens."""
 
-    TEMPLATES = ("plain", "chat")
+    def __init__(self, tokenizer, stop_ids: list[int] | None = None, template=None):
+        from r1engine.data.templates import PromptTemplate, TemplateError
 
-    def __init__(
-        self, tokenizer, stop_ids: list[int] | None = None, template: str = "plain", system_prompt: str | None = None
-    ):
-        if template not in self.TEMPLATES:
-            raise ValueError(f"task.template: must be one of {', '.join(self.TEMPLATES)}, got {template!r}")
-        if template == "chat" and not getattr(tokenizer, "chat_template", None):
-            raise ValueError("task.template: 'chat' needs a tokenizer with a chat template; this one has none")
+        self.template = template if template is not None else PromptTemplate("plain")
+        if self.template.uses_chat and not getattr(tokenizer, "chat_template", None):
+            raise TemplateError(f"data.template: {self.template.spec!r} needs a tokenizer with a chat template")
         self.tokenizer = tokenizer
         self.stop_ids = list(stop_ids) if stop_ids else stop_token_ids(tokenizer)
         self.eos_id = self.stop_ids[0]
-        self.template, self.system_prompt = template, system_prompt
         self._prepend_bos = uses_char_vocab(tokenizer)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_id
 
-    def encode(self, text: str, bos: bool = True) -> list[int]:
-        """Token ids of `text`: a prompt (`bos=True`: special tokens and template as configured) or a continuation."""
+    def encode(self, prompt, bos: bool = True) -> list[int]:
+        """Token ids of a prompt (`bos=True`: templated, special tokens as the tokenizer adds them) or of a
+        continuation's text (`bos=False`: the text alone)."""
         if not bos:
-            return self.tokenizer.encode(text, add_special_tokens=False)
-        if self.template == "chat":
-            system = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
-            messages = [*system, {"role": "user", "content": text}]
-            out = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)
+            return self.tokenizer.encode(prompt, add_special_tokens=False)
+        rendered = self.template.render(prompt)
+        if not isinstance(rendered, str):
+            out = self.tokenizer.apply_chat_template(rendered, add_generation_prompt=True, return_dict=True)
             return list(out["input_ids"])
         if self._prepend_bos:
-            return [self.tokenizer.bos_token_id] + self.tokenizer.encode(text, add_special_tokens=False)
-        return self.tokenizer.encode(text, add_special_tokens=True)
+            return [self.tokenizer.bos_token_id] + self.tokenizer.encode(rendered, add_special_tokens=False)
+        return self.tokenizer.encode(rendered, add_special_tokens=True)
 
     def decode(self, ids: list[int]) -> str:
         stops = set(self.stop_ids)

@@ -8,10 +8,15 @@ reward by name (:func:`~r1engine.rewards.registry.get_reward`) and scores a batc
 References: when a sample's reference is a dict whose keys include reward names, each reward gets its
 own entry (``{"math_accuracy": "\\frac12", "code": {...}}``, missing -> None); otherwise the same
 reference goes to every reward.
+
+Row fields: ``evaluate(..., columns={"difficulty": [...], ...})`` hands the batch's other data-set columns (one list
+per column) as keyword arguments to every reward function that takes ``**kwargs`` (TRL's convention for custom
+rewards); the built-in rewards do not take them.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 from collections.abc import Mapping, Sequence
@@ -63,6 +68,15 @@ def reward_metrics(
     return out
 
 
+def takes_columns(fn: Any) -> bool:
+    """Whether a reward function accepts the row's other columns as keyword arguments (it takes ``**kwargs``)."""
+    try:
+        params = inspect.signature(fn).parameters.values()  # a callable object: its __call__'s signature
+    except (TypeError, ValueError):
+        return False
+    return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
+
+
 class CombinedReward:
     """Weighted sum of named rewards.
 
@@ -70,6 +84,7 @@ class CombinedReward:
         weights: reward name (or ``"pkg.mod:attr"``) -> weight.
         options: reward name -> keyword options for its constructor.
         failure_value: score given to every sample of a reward function that raised.
+        fns: reward functions already built, by name (shared by several routes); the others are built here.
     """
 
     def __init__(
@@ -77,16 +92,20 @@ class CombinedReward:
         weights: Mapping[str, float],
         options: Mapping[str, Mapping[str, Any]] | None = None,
         failure_value: float = 0.0,
+        fns: Mapping[str, RewardFn] | None = None,
     ):
         if not weights:
             raise ValueError("CombinedReward: weights must name at least one reward, got {}")
         options = dict(options or {})
-        unknown = set(options) - set(weights)
+        unknown = set(options) - set(weights) - set(fns or {})
         if unknown:
             raise ValueError(f"CombinedReward: options given for rewards not in weights: {sorted(unknown)}")
         self.weights = {str(k): float(v) for k, v in weights.items()}
         self.failure_value = float(failure_value)
-        self.fns: dict[str, RewardFn] = {name: get_reward(name, **options.get(name, {})) for name in self.weights}
+        built = dict(fns or {})
+        self.fns: dict[str, RewardFn] = {
+            name: built[name] if name in built else get_reward(name, **options.get(name, {})) for name in self.weights
+        }
 
     def _refs_for(self, name: str, references: Sequence[Any]) -> list[Any]:
         out = []
@@ -97,14 +116,17 @@ class CombinedReward:
                 out.append(ref)
         return out
 
-    def evaluate(self, completions: Sequence[str], references: Sequence[Any]) -> CombinedResult:
-        """Score a batch; never raises because a reward function failed."""
+    def evaluate(
+        self, completions: Sequence[str], references: Sequence[Any], columns: Mapping[str, Sequence[Any]] | None = None
+    ) -> CombinedResult:
+        """Score a batch; never raises because a reward function failed. `columns`: see the module docstring."""
         check_batch("CombinedReward", completions, references)
         n = len(completions)
         per: dict[str, list[RewardResult]] = {}
         for name, fn in self.fns.items():
             try:
-                res = list(fn(completions, self._refs_for(name, references)))
+                kwargs = dict(columns) if columns and takes_columns(fn) else {}
+                res = list(fn(completions, self._refs_for(name, references), **kwargs))
                 if len(res) != n:
                     raise ValueError(f"returned {len(res)} results for {n} completions")
                 res = [r if isinstance(r, RewardResult) else RewardResult(float(r)) for r in res]

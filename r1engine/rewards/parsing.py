@@ -60,15 +60,25 @@ def extract_last_boxed(text: str) -> str | None:
     return None
 
 
+GSM8K_MARKER = "####"
+
+
 def extract_answer(text: str) -> str | None:
     """The final answer: the last ``<answer>`` content (its last ``\\boxed{}`` if it has one), else the last
-    ``\\boxed{}`` anywhere; stripped. None when neither exists."""
+    ``\\boxed{}`` anywhere, else the rest of the line after the last GSM8K marker ``#### `` (what models tuned on
+    GSM8K write); stripped. None when there is none of these."""
     ans = extract_tag(text, "answer")
     if ans is not None:
         boxed = extract_last_boxed(ans)
         return (boxed if boxed is not None else ans).strip()
     boxed = extract_last_boxed(text)
-    return boxed.strip() if boxed is not None else None
+    if boxed is not None:
+        return boxed.strip()
+    marker = text.rfind(GSM8K_MARKER)
+    if marker < 0:
+        return None
+    line = text[marker + len(GSM8K_MARKER) :].split("\n", 1)[0].strip()
+    return line or None
 
 
 def _fenced_blocks(text: str) -> list[tuple[str, str]]:

@@ -6,6 +6,10 @@ asynchronously, overlapped with rollout and log-prob inference. :class:`RewardSc
 ``reward_config``. ``submit`` splits the batch into chunks and returns a :class:`RewardHandle` at once; a
 dispatcher thread feeds chunks to idle workers; ``handle.result()`` returns the scores in input order.
 
+Routing (:mod:`~r1engine.rewards.routing`): ``reward_config`` may name a route per data source beside the default
+weights; ``submit(..., sources=...)`` scores each row with its source's route (chunks never mix routes) and the
+batch reports per-source means besides the per-function ones.
+
 Failure policy (a reward must never kill a training step):
 - a reward function that raises: its samples get ``failure_value`` with reason ``"error: ..."`` (inside
   the worker, by CombinedReward);
@@ -31,22 +35,36 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .combined import CombinedReward, reward_metrics
-from .registry import RewardResult, check_batch
+from .registry import RewardResult, check_batch, get_reward
+from .routing import DEFAULT, RewardRoutes
 
 _log = logging.getLogger(__name__)
 
 
-def _split_config(reward_config: Mapping[str, Any]) -> tuple[dict, dict, list[str]]:
-    if "weights" in reward_config:
-        weights = dict(reward_config["weights"])
-        options = dict(reward_config.get("options") or {})
-        imports = list(reward_config.get("imports") or [])
-        extra = set(reward_config) - {"weights", "options", "imports"}
+_CONFIG_KEYS = {"weights", "routes", "options", "imports"}
+
+
+def _split_config(reward_config: Mapping[str, Any]) -> tuple[RewardRoutes, dict, list[str]]:
+    if _CONFIG_KEYS & set(reward_config):
+        extra = set(reward_config) - _CONFIG_KEYS
         if extra:
             raise ValueError(f"RewardScheduler: unknown reward_config keys {sorted(extra)}")
-    else:
-        weights, options, imports = dict(reward_config), {}, []
-    return weights, options, imports
+        routes = RewardRoutes(reward_config.get("weights") or {}, reward_config.get("routes") or {})
+        return routes, dict(reward_config.get("options") or {}), list(reward_config.get("imports") or [])
+    return RewardRoutes(reward_config), {}, []
+
+
+def _build_rewards(routes: RewardRoutes, options: Mapping[str, Any], failure_value: float) -> dict[str, CombinedReward]:
+    """One CombinedReward per route, the reward functions built once and shared between routes."""
+    unknown = set(options) - set(routes.names)
+    if unknown:
+        raise ValueError(f"RewardScheduler: options given for rewards no route uses: {sorted(unknown)}")
+    fns = {name: get_reward(name, **options.get(name, {})) for name in routes.names}
+    return {
+        key: CombinedReward(routes.weights(key), failure_value=failure_value, fns=fns)
+        for key in routes.keys
+        if routes.weights(key)
+    }
 
 
 def _worker_main(conn: mpc.Connection, config: dict, failure_value: float) -> None:
@@ -54,10 +72,10 @@ def _worker_main(conn: mpc.Connection, config: dict, failure_value: float) -> No
 
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     try:
-        weights, options, imports = _split_config(config)
+        routes, options, imports = _split_config(config)
         for mod in imports:
             importlib.import_module(mod)
-        reward = CombinedReward(weights, options, failure_value=failure_value)
+        rewards = _build_rewards(routes, options, failure_value)
     except BaseException as e:  # noqa: BLE001 - reported to the parent
         conn.send(("init_error", f"{type(e).__name__}: {e}"))
         return
@@ -69,9 +87,9 @@ def _worker_main(conn: mpc.Connection, config: dict, failure_value: float) -> No
             return
         if msg is None:
             return
-        key, completions, references = msg
+        key, completions, references, route, columns = msg
         try:
-            res = reward.evaluate(completions, references)
+            res = rewards[route].evaluate(completions, references, columns)
             conn.send(("result", key, res.per_function))
         except BaseException as e:  # noqa: BLE001 - e.g. mismatched batch; reported per chunk
             conn.send(("failed", key, f"error: {type(e).__name__}: {str(e)[:160]}"))
@@ -81,9 +99,10 @@ def _worker_main(conn: mpc.Connection, config: dict, failure_value: float) -> No
 class RewardBatch:
     """Scores of one submitted batch, in input order.
 
-    ``scores[i]``: weighted sum; ``per_function[name][i]``: that reward's score; ``reasons[name][i]``: its
-    reason (None for a clean pass/fail); ``metrics``: logging dict (see ``reward_metrics``) plus
-    ``scheduler/latency_s``, ``scheduler/failed_chunks``.
+    ``scores[i]``: weighted sum of row i's route; ``per_function[name][i]``: that reward's score (NaN where row i's
+    route does not use it); ``reasons[name][i]``: its reason (None for a clean pass/fail or an unused reward);
+    ``metrics``: logging dict (see ``reward_metrics``, over the rows each reward scored), ``reward/source/<source>/
+    mean`` per data source, ``scheduler/latency_s``, ``scheduler/failed_chunks``.
     """
 
     scores: list[float]
@@ -95,11 +114,10 @@ class RewardBatch:
 class RewardHandle:
     """A submitted batch; ``result(timeout)`` blocks until every chunk is scored."""
 
-    def __init__(self, n: int, names: list[str], weights: dict[str, float], n_chunks: int):
-        self._n = n
-        self._names = names
-        self._weights = weights
-        self._results: dict[str, list[RewardResult | None]] = {k: [None] * n for k in names}
+    def __init__(self, sources: list[str], route_of: list[str], routes: RewardRoutes, n_chunks: int):
+        self._n = len(route_of)
+        self._sources, self._route_of, self._routes = sources, route_of, routes
+        self._results: dict[str, list[RewardResult | None]] = {k: [None] * self._n for k in routes.names}
         self._left = n_chunks
         self._failed_chunks = 0
         self._done = threading.Event()
@@ -108,15 +126,15 @@ class RewardHandle:
         if n_chunks == 0:
             self._done.set()
 
-    def _fill(self, start: int, per_function: Mapping[str, Sequence[RewardResult]]) -> None:
-        for name in self._names:
-            for j, r in enumerate(per_function[name]):
-                self._results[name][start + j] = r
+    def _fill(self, rows: Sequence[int], per_function: Mapping[str, Sequence[RewardResult]]) -> None:
+        for name, results in per_function.items():
+            for i, r in zip(rows, results, strict=True):
+                self._results[name][i] = r
         self._chunk_done()
 
-    def _fail(self, start: int, end: int, value: float, reason: str) -> None:
-        for name in self._names:
-            for i in range(start, end):
+    def _fail(self, rows: Sequence[int], route: str, value: float, reason: str) -> None:
+        for name in self._routes.weights(route):
+            for i in rows:
                 self._results[name][i] = RewardResult(value, reason)
         self._failed_chunks += 1
         self._chunk_done()
@@ -135,15 +153,24 @@ class RewardHandle:
         """Wait (at most ``timeout`` seconds) and return the batch's scores; TimeoutError if not done."""
         if not self._done.wait(timeout):
             raise TimeoutError(f"RewardHandle.result: batch of {self._n} not scored within {timeout}s")
-        per = {k: [r for r in v if r is not None] for k, v in self._results.items()}
-        scores = [sum(self._weights[k] * per[k][i].score for k in per) for i in range(self._n)]
-        metrics = reward_metrics(per, scores, self._weights)
+        weights = {route: self._routes.weights(route) for route in set(self._route_of)}
+        scores = [
+            sum(w * self._results[name][i].score for name, w in weights[self._route_of[i]].items())
+            for i in range(self._n)
+        ]
+        scored = {k: [r for r in v if r is not None] for k, v in self._results.items()}
+        default = self._routes.weights(DEFAULT)
+        metrics = reward_metrics(scored, scores, {k: default.get(k, 0.0) for k in scored})
+        for source in sorted(set(self._sources)):
+            rows = [s for s, src in zip(scores, self._sources, strict=True) if src == source]
+            metrics[f"reward/source/{source or 'default'}/mean"] = sum(rows) / len(rows)
         metrics["scheduler/latency_s"] = self._latency
         metrics["scheduler/failed_chunks"] = float(self._failed_chunks)
+        nan = float("nan")
         return RewardBatch(
             scores=scores,
-            per_function={k: [r.score for r in v] for k, v in per.items()},
-            reasons={k: [r.reason for r in v] for k, v in per.items()},
+            per_function={k: [r.score if r is not None else nan for r in v] for k, v in self._results.items()},
+            reasons={k: [r.reason if r is not None else None for r in v] for k, v in self._results.items()},
             metrics=metrics,
         )
 
@@ -151,10 +178,11 @@ class RewardHandle:
 @dataclass
 class _Task:
     handle: RewardHandle
-    start: int
-    end: int
+    rows: list[int]
+    route: str
     completions: list[str]
     references: list[Any]
+    columns: dict[str, list[Any]] | None
 
 
 @dataclass
@@ -172,8 +200,10 @@ class RewardScheduler:
     """Pool of reward worker processes; see the module docstring.
 
     Args:
-        reward_config: ``{"weights": {name: w}, "options": {name: {...}}, "imports": [module, ...]}`` or
-            just ``{name: w}``. ``imports`` are imported in each worker first (to register custom rewards).
+        reward_config: ``{"weights": {name: w}, "routes": {source: {name: w}}, "options": {name: {...}},
+            "imports": [module, ...]}`` or just ``{name: w}``. ``weights`` is the default route (may be empty when
+            the routes cover every source); ``imports`` are imported in each worker first (to register custom
+            rewards).
         num_workers: worker processes.
         timeout_s: limit for one chunk in a worker (the worker is killed past it).
         failure_value: score of every reward of a failed/timed-out sample.
@@ -196,13 +226,17 @@ class RewardScheduler:
         if chunk_size is not None and chunk_size < 1:
             raise ValueError(f"RewardScheduler: chunk_size must be >= 1 or None, got {chunk_size}")
         self.config = dict(reward_config)
-        weights, options, imports = _split_config(self.config)
+        self.routes, options, imports = _split_config(self.config)
         import importlib
 
         for mod in imports:
             importlib.import_module(mod)
-        CombinedReward(weights, options)  # validate names/options here, in the caller, early
-        self.weights = {k: float(v) for k, v in weights.items()}
+        unknown = set(options) - set(self.routes.names)
+        if unknown:
+            raise ValueError(f"RewardScheduler: options given for rewards no route uses: {sorted(unknown)}")
+        for name in self.routes.names:  # validate names and options here, in the caller, early
+            get_reward(name, **options.get(name, {}))
+        self.weights = self.routes.weights(DEFAULT)
         self.num_workers = int(num_workers)
         self.timeout_s = float(timeout_s)
         self.failure_value = float(failure_value)
@@ -223,24 +257,50 @@ class RewardScheduler:
         self._thread.start()
 
     # ------------------------------------------------------------------------------------ public API
-    def submit(self, completions: Sequence[str], references: Sequence[Any]) -> RewardHandle:
-        """Queue a batch for scoring and return at once."""
+    def submit(
+        self,
+        completions: Sequence[str],
+        references: Sequence[Any],
+        sources: Sequence[str] | None = None,
+        columns: Mapping[str, Sequence[Any]] | None = None,
+    ) -> RewardHandle:
+        """Queue a batch for scoring and return at once. `sources[i]`: row i's data source (None: the default
+        route for every row); `columns`: the rows' other data-set fields, one list per column, for custom rewards
+        that take them (`CombinedReward.evaluate`)."""
         check_batch("RewardScheduler.submit", completions, references)
         if self._closed:
             raise RuntimeError("RewardScheduler.submit: the scheduler is closed")
         n = len(completions)
+        sources = [""] * n if sources is None else [str(s) for s in sources]
+        if len(sources) != n:
+            raise ValueError(f"RewardScheduler.submit: {len(sources)} sources for {n} completions")
+        for name, values in (columns or {}).items():
+            if len(values) != n:
+                raise ValueError(f"RewardScheduler.submit: column {name!r} has {len(values)} values for {n} rows")
+        route_of = [self.routes.route_of(s) for s in sources]
+        by_route: dict[str, list[int]] = {}
+        for i, route in enumerate(route_of):
+            by_route.setdefault(route, []).append(i)
         size = self.chunk_size or max(1, math.ceil(n / (2 * self.num_workers)))
-        bounds = [(s, min(n, s + size)) for s in range(0, n, size)]
-        handle = RewardHandle(n, list(self.weights), self.weights, len(bounds))
+        chunks = [(route, rows[s : s + size]) for route, rows in by_route.items() for s in range(0, len(rows), size)]
+        handle = RewardHandle(sources, route_of, self.routes, len(chunks))
         with self._lock:
-            for s, e in bounds:
-                self._pending.append(_Task(handle, s, e, list(completions[s:e]), list(references[s:e])))
+            for route, rows in chunks:
+                cols = {k: [v[i] for i in rows] for k, v in columns.items()} if columns else None
+                task = _Task(handle, rows, route, [completions[i] for i in rows], [references[i] for i in rows], cols)
+                self._pending.append(task)
         os.write(self._wake_w, b"x")
         return handle
 
-    def score(self, completions: Sequence[str], references: Sequence[Any], timeout: float | None = None) -> RewardBatch:
+    def score(
+        self,
+        completions: Sequence[str],
+        references: Sequence[Any],
+        timeout: float | None = None,
+        sources: Sequence[str] | None = None,
+    ) -> RewardBatch:
         """Synchronous convenience: ``submit(...).result(timeout)``."""
-        return self.submit(completions, references).result(timeout)
+        return self.submit(completions, references, sources).result(timeout)
 
     def close(self) -> None:
         """Stop the dispatcher and the workers; pending batches fail with reason "scheduler closed"."""
@@ -266,13 +326,13 @@ class RewardScheduler:
                 slot.proc.join(timeout=5)
             slot.conn.close()
             if slot.task is not None:
-                slot.task.handle._fail(slot.task.start, slot.task.end, self.failure_value, "scheduler closed")
+                slot.task.handle._fail(slot.task.rows, slot.task.route, self.failure_value, "scheduler closed")
                 slot.task = None
         self._slots = []
         with self._lock:
             while self._pending:
                 t = self._pending.popleft()
-                t.handle._fail(t.start, t.end, self.failure_value, "scheduler closed")
+                t.handle._fail(t.rows, t.route, self.failure_value, "scheduler closed")
         os.close(self._wake_r)
         os.close(self._wake_w)
 
@@ -308,13 +368,10 @@ class RewardScheduler:
         if slot.task is not None:
             t = slot.task
             _log.warning(
-                "reward scheduler: chunk [%d:%d) failed (%s); scored %s, worker replaced",
-                t.start,
-                t.end,
-                reason,
-                self.failure_value,
-            )
-            t.handle._fail(t.start, t.end, self.failure_value, reason)
+                "reward scheduler: a chunk of %d rows (route %r) failed (%s); scored %s, worker replaced",
+                len(t.rows), t.route or "default", reason, self.failure_value,
+            )  # fmt: skip
+            t.handle._fail(t.rows, t.route, self.failure_value, reason)
         self.workers_replaced += 1
         self._slots[i] = self._spawn()
 
@@ -328,7 +385,7 @@ class RewardScheduler:
                 self._keys += 1
                 slot.key, slot.task, slot.started = self._keys, task, time.monotonic()
                 try:
-                    slot.conn.send((slot.key, task.completions, task.references))
+                    slot.conn.send((slot.key, task.completions, task.references, task.route, task.columns))
                 except (OSError, ValueError):
                     pass  # noticed as a dead worker below
 
@@ -377,10 +434,10 @@ class RewardScheduler:
         elif kind in ("result", "failed") and slot.task is not None and msg[1] == slot.key:
             t, slot.task = slot.task, None
             if kind == "result":
-                t.handle._fill(t.start, msg[2])
+                t.handle._fill(t.rows, msg[2])
             else:
-                _log.warning("reward scheduler: chunk [%d:%d) failed: %s", t.start, t.end, msg[2])
-                t.handle._fail(t.start, t.end, self.failure_value, msg[2])
+                _log.warning("reward scheduler: a chunk of %d rows failed: %s", len(t.rows), msg[2])
+                t.handle._fail(t.rows, t.route, self.failure_value, msg[2])
 
     def _closed_by_error(self, err: str) -> None:
         # Workers cannot build the rewards (the parent could): fail everything rather than respawn forever.
@@ -388,8 +445,10 @@ class RewardScheduler:
         with self._lock:
             while self._pending:
                 t = self._pending.popleft()
-                t.handle._fail(t.start, t.end, self.failure_value, f"error: worker init: {err}")
+                t.handle._fail(t.rows, t.route, self.failure_value, f"error: worker init: {err}")
         for slot in self._slots:
             if slot.task is not None:
-                slot.task.handle._fail(slot.task.start, slot.task.end, self.failure_value, f"error: worker init: {err}")
+                slot.task.handle._fail(
+                    slot.task.rows, slot.task.route, self.failure_value, f"error: worker init: {err}"
+                )
                 slot.task = None

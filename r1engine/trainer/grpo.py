@@ -22,17 +22,18 @@ import torch
 from tqdm.auto import tqdm
 
 from r1engine.algo.advantages import group_advantages
-from r1engine.data import get_task
+from r1engine.data import DataError, DatasetTask, PromptTemplate, get_task
 from r1engine.models import PolicyConfig, PolicyModel, TextCodec, build_char_tokenizer
 from r1engine.models.checkpoint import resize_mtp_layers
 from r1engine.models.source import check_tokenizer_fits, inspect_source
 from r1engine.models.tokenizer import stop_token_ids
 from r1engine.ops import grpo_loss
 from r1engine.packing import PackedBatch
-from r1engine.rewards import RewardScheduler, get_reward
+from r1engine.rewards import RewardScheduler
+from r1engine.rewards.routing import RewardRoutes
 from r1engine.rollout import create_engine
 from r1engine.trainer.checkpoint import CheckpointManager, rng_state, set_rng_state
-from r1engine.trainer.config import Config, GRPOConfig, ModelConfig, TaskConfig
+from r1engine.trainer.config import Config, GRPOConfig, ModelConfig
 from r1engine.trainer.distributed import (
     broadcast_module,
     broadcast_object,
@@ -42,7 +43,7 @@ from r1engine.trainer.distributed import (
     training_device,
 )
 from r1engine.trainer.engine import TrainEngine
-from r1engine.trainer.evaluation import held_out_accuracy
+from r1engine.trainer.evaluation import Correctness, held_out_accuracy
 from r1engine.trainer.metrics import MetricsLogger, plot_metrics, read_metrics
 from r1engine.trainer.mtp_warmup import mtp_warmup
 from r1engine.trainer.script_guard import check_main_guard
@@ -71,9 +72,27 @@ def seed_everything(seed: int, deterministic: bool) -> None:
         torch.use_deterministic_algorithms(True)
 
 
-def build_task(cfg: TaskConfig):
-    """The task a config names (`task.*`)."""
-    return get_task(cfg.name, min_digits=cfg.min_digits, max_digits=cfg.max_digits, num_eval=cfg.num_eval)
+def build_task(cfg: Config):
+    """The task of a config: the data set of `data.train_files` when given, else the built-in generator
+    `task.name`."""
+    d, t = cfg.data, cfg.task
+    if d.train_files:
+        return DatasetTask(
+            d.train_files, d.eval_files, prompt_key=d.prompt_key, answer_key=d.answer_key, source_key=d.source_key,
+            eval_size=d.eval_size, shuffle=d.shuffle,
+        )  # fmt: skip
+    if t.name == "countdown":
+        return get_task(t.name, min_numbers=t.min_numbers, max_numbers=t.max_numbers, num_eval=t.num_eval)
+    return get_task(t.name, min_digits=t.min_digits, max_digits=t.max_digits, num_eval=t.num_eval)
+
+
+def reward_options(cfg: Config, template: PromptTemplate) -> dict[str, dict[str, Any]]:
+    """`rewards.options`, with the format reward told when the template's prompt ends inside the thought."""
+    options = {k: dict(v) for k, v in cfg.rewards.options.items()}
+    uses_format = "format" in cfg.rewards.weights or any("format" in w for w in cfg.rewards.routes.values())
+    if template.think_in_prompt and uses_format:
+        options.setdefault("format", {}).setdefault("think_in_prompt", True)
+    return options
 
 
 def build_policy(cfg: ModelConfig, vocab_size: int, seed: int) -> PolicyModel:
@@ -88,12 +107,16 @@ def build_policy(cfg: ModelConfig, vocab_size: int, seed: int) -> PolicyModel:
 
 
 def build_policy_and_codec(
-    cfg: ModelConfig, seed: int, model: PolicyModel | Any = None, tokenizer: Any = None, task: TaskConfig | None = None
+    cfg: ModelConfig,
+    seed: int,
+    model: PolicyModel | Any = None,
+    tokenizer: Any = None,
+    template: PromptTemplate | None = None,
 ) -> tuple[PolicyModel, TextCodec]:
     """The policy and its text codec: the caller's `model` (a PolicyModel or a transformers causal LM) and
     `tokenizer`, else `model.path` with its own tokenizer (or `model.tokenizer`), else a preset with the character
-    tokenizer of the built-in tasks. `task` sets how prompts are templated."""
-    templ = {"template": task.template, "system_prompt": task.system_prompt} if task is not None else {}
+    tokenizer of the built-in tasks. `template` renders the prompts (plain text by default)."""
+    templ = {"template": template} if template is not None else {}
     if model is not None:
         if not isinstance(model, PolicyModel):
             model = PolicyModel.from_hf_model(model, num_mtp_layers=cfg.num_mtp, mtp_init=cfg.mtp_init, seed=seed)
@@ -121,14 +144,15 @@ def clipped_policy_loss(
     tokens: PackedTokens,
     *,
     advantages: torch.Tensor,
-    old: torch.Tensor,
+    old: torch.Tensor | None,
     ref: torch.Tensor | None,
     cfg: GRPOConfig,
     loss_backend: str = "auto",
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The policy's training loss on a packed batch: the fused clipped surrogate (+ KL to `ref` when given) and the
-    MTP head's loss. `advantages`, `old`, `ref`: one value per loss token (`tokens`), on any device; the KL term is
-    off without `ref`. Returns (total loss, metrics); the caller runs backward and the optimizer step."""
+    MTP head's loss. `advantages`, `old`, `ref`: one value per loss token (`tokens`), on any device; `old=None` is an
+    on-policy step (ratio 1: the weights that sampled are the ones trained); the KL term is off without `ref`.
+    Returns (total loss, metrics); the caller runs backward and the optimizer step."""
     device = model.device
     out = packed_forward(model, batch)
     logits = model.logits(out.hidden[tokens.index.to(device)])
@@ -137,7 +161,7 @@ def clipped_policy_loss(
         tokens.targets.to(device),
         advantages.to(device),
         torch.ones(len(tokens.index), device=device),
-        old.to(device),
+        old.to(device) if old is not None else None,
         ref.to(device) if ref is not None else None,
         eps_low=cfg.eps_low,
         eps_high=cfg.eps_high,
@@ -167,7 +191,7 @@ def grpo_train_step(
     train_engine: TrainEngine,
     seqs: SequenceBatch,
     *,
-    old: list[torch.Tensor],
+    old: list[torch.Tensor] | None,
     ref: list[torch.Tensor] | None,
     advantages: torch.Tensor,
     cfg: GRPOConfig,
@@ -177,10 +201,10 @@ def grpo_train_step(
 ) -> dict[str, float]:
     """One optimizer step of GRPO on a mini-batch of sequences: pack, forward, fused loss (+ MTP loss), step.
 
-    `old`/`ref`: per-sequence, position-aligned log-probs (as `SequenceBatch` fields); `advantages`: one per
-    sequence. Usable on its own by any trainer that owns a `PolicyModel` and a `TrainEngine`.
+    `old`/`ref`: per-sequence, position-aligned log-probs (as `SequenceBatch` fields; `old=None`: on-policy);
+    `advantages`: one per sequence. Usable on its own by any trainer that owns a `PolicyModel` and a `TrainEngine`.
     """
-    extra = {"old": old} if ref is None else {"old": old, "ref": ref}
+    extra = {name: v for name, v in (("old", old), ("ref", ref)) if v is not None}
     batch, _ = pack(seqs, chunk_len, fields=extra, pad_id=pad_id)
     tokens = loss_tokens(batch)  # gathered on the host: only [M] values travel to the model's device
     total, stats = clipped_policy_loss(
@@ -188,7 +212,7 @@ def grpo_train_step(
         batch,
         tokens,
         advantages=advantages[tokens.seq_ids],
-        old=batch.fields["old"].reshape(-1)[tokens.index],
+        old=batch.fields["old"].reshape(-1)[tokens.index] if old is not None else None,
         ref=batch.fields["ref"].reshape(-1)[tokens.index] if ref is not None else None,
         cfg=cfg,
         loss_backend=loss_backend,
@@ -198,9 +222,18 @@ def grpo_train_step(
     return stats
 
 
+def _columns(rows: list) -> dict[str, list[Any]]:
+    """The rows' other data-set fields, one list per column (None where a row lacks one), for custom rewards."""
+    names = sorted({k for p in rows for k in p.extra})
+    return {k: [p.extra.get(k) for p in rows] for k in names}
+
+
 class GRPOTrainer:
     algorithm = "GRPO"
     """Shown in progress bars and plot titles (subclasses such as the PPO baseline rename it)."""
+    needs_old_logprobs = False
+    """Whether the old policy's log-probs are needed even when each rollout gets a single optimizer step (PPO puts
+    them in its reward)."""
 
     def __init__(self, cfg: Config, *, model: PolicyModel | Any = None, tokenizer: Any = None, progress: bool = True):
         """`model` / `tokenizer`: a policy and its tokenizer from the caller (a `PolicyModel` or a transformers
@@ -213,9 +246,24 @@ class GRPOTrainer:
             torch.set_num_threads(cfg.training.num_threads)
         self.out_dir = Path(cfg.output_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        self.task = build_task(cfg.task)
+        self.task = build_task(cfg)
+        self.template = PromptTemplate(cfg.data.template, cfg.data.system_prompt)
+        self.model, self.codec = build_policy_and_codec(cfg.model, cfg.seed, model, tokenizer, self.template)
+        self.data_stats: dict[str, int] = {}
+        if isinstance(self.task, DatasetTask):  # a prompt must leave room for a completion in a packed chunk
+            limit = min(cfg.data.max_prompt_tokens or cfg.training.chunk_len - 1, cfg.training.chunk_len - 1)
+            self.data_stats = self.task.drop_long_prompts(
+                lambda prompt: len(self.encode(prompt)), limit, cfg.data.overlong_prompts
+            )
         self.stream = self.task.train_problems(seed=cfg.seed)
-        self.model, self.codec = build_policy_and_codec(cfg.model, cfg.seed, model, tokenizer, cfg.task)
+        routes = RewardRoutes(cfg.rewards.weights, cfg.rewards.routes)
+        sources = self.task.sources if isinstance(self.task, DatasetTask) else {self.task.name}
+        try:
+            routes.check_sources(sources)  # before any rollout: a row nobody can score
+        except ValueError as exc:
+            raise DataError(str(exc)) from exc
+        self._eval_sources = sorted({p.source for p in self.task.eval_problems})
+        self._pass_columns = any(":" in name for name in routes.names)  # custom rewards may take the row's fields
         self.tokenizer = self.codec.tokenizer
         self.eos_id = self.codec.eos_id
         self.rank, self.world_size = init_distributed()
@@ -235,10 +283,12 @@ class GRPOTrainer:
         self.train_engine: TrainEngine | None = None
         self.ref_model: PolicyModel | None = None
         self.rollout = None
+        options = reward_options(cfg, self.template)
         self.rewards = RewardScheduler(
-            {"weights": cfg.rewards.weights}, num_workers=cfg.rewards.num_workers, timeout_s=cfg.rewards.timeout_s
-        )
-        self.accuracy = get_reward(self.task.accuracy_reward)
+            {"weights": cfg.rewards.weights, "routes": cfg.rewards.routes, "options": options},
+            num_workers=cfg.rewards.num_workers, timeout_s=cfg.rewards.timeout_s,
+        )  # fmt: skip
+        self.correct = Correctness(routes, options)
         self.checkpoints = CheckpointManager(self.out_dir, keep=cfg.checkpoint.keep, rank=self.rank)
         self.step = 0
         self.sft_losses: list[float] = []
@@ -352,11 +402,12 @@ class GRPOTrainer:
                 self.task.eval_problems[self.rank :: self.world_size],
                 self.encode,
                 self.decode,
-                self.accuracy,
+                self.correct,
                 cfg=self.cfg.eval,
                 max_new_tokens=self.cfg.grpo.max_new_tokens,
                 stop_token_ids=self.codec.stop_ids,
                 sum_over_ranks=sum_across_ranks,
+                sources=self._eval_sources,
             )
 
     def generate_and_score(self, step: int) -> tuple[SequenceBatch, dict[str, Any], dict[str, Any]]:
@@ -381,7 +432,11 @@ class GRPOTrainer:
         t_rollout = time.perf_counter() - t0
         owner = rb.prompt_index.tolist()
         texts = [self.decode(c) for c in rb.completion_ids]
-        handle = self.rewards.submit(texts, [problems[i].answer for i in owner])  # scored while we infer below
+        rows = [problems[i] for i in owner]
+        columns = _columns(rows) if self._pass_columns else None
+        handle = self.rewards.submit(  # scored while we infer below
+            texts, [p.answer for p in rows], sources=[p.source for p in rows], columns=columns
+        )
 
         t1 = time.perf_counter()
         seqs = build_sequences([prompts[i] for i in owner], rb.completion_ids, rb.logprobs)
@@ -390,6 +445,10 @@ class GRPOTrainer:
         sampler = batch.fields["sampler_logprobs"].reshape(-1)[tokens.index]
         if g.old_logprobs == "sampler":  # the behaviour policy's own log-probs: no inference pass
             old, old_seq = sampler, seqs.sampler_logprobs
+        elif g.mini_batches == 1 and g.inner_epochs == 1 and not self.needs_old_logprobs:
+            # one optimizer step per rollout: the weights that sampled are the ones trained, so the ratio is 1 and the
+            # inference pass would recompute the training forward's own log-probs (grpo_loss with old=None)
+            old = old_seq = None
         else:
             self.model.eval()
             with self.train_engine.full_weights():
@@ -411,7 +470,7 @@ class GRPOTrainer:
         metrics = {
             "reward/mean": rewards.mean(),
             "reward/std": rewards.std(),
-            **{f"reward/{name}/mean": float(np.mean(v)) for name, v in scored.per_function.items()},
+            **{f"reward/{name}/mean": float(np.nanmean(v)) for name, v in scored.per_function.items()},
             **{k: v for k, v in scored.metrics.items() if k.startswith(("reward", "scheduler"))},
             "adv/mean": advantages.mean(),
             "adv/abs_mean": advantages.abs().mean(),
@@ -422,8 +481,9 @@ class GRPOTrainer:
             "rollout/tokens_per_s": rb.stats.tokens_per_s,
             "rollout/acceptance_rate": rb.stats.acceptance_rate,
             "rollout/sampler_vs_trainer_logprob_absdiff": (sampler - old).abs().mean()
-            if g.temperature == 1.0 and g.old_logprobs == "recompute"
+            if g.temperature == 1.0 and g.old_logprobs == "recompute" and old is not None
             else None,
+            "data/epoch": getattr(self.stream, "epoch", None),
             "time/rollout_s": t_rollout,
             "time/inference_s": t_infer,
             "time/reward_wait_s": t_reward_wait,
@@ -456,7 +516,7 @@ class GRPOTrainer:
             self.model,
             self.train_engine,
             seqs,
-            old=[fields["old"][i] for i in index],
+            old=[fields["old"][i] for i in index] if fields["old"] is not None else None,
             ref=[fields["ref"][i] for i in index] if fields["ref"] is not None else None,
             advantages=fields["adv"][torch.tensor(index)],
             cfg=self.cfg.grpo,
@@ -546,7 +606,8 @@ class GRPOTrainer:
         evaluation = self.evaluate()
         acc = evaluation["eval/accuracy"]
         if not resumed and self.is_main:
-            logger.log(0, {**evaluation, **warmup, "sft/final_ce": self.sft_losses[-1] if self.sft_losses else None})
+            sft_ce = self.sft_losses[-1] if self.sft_losses else None
+            logger.log(0, {**evaluation, **warmup, **self.data_stats, "sft/final_ce": sft_ce})
         acc_start = acc if not resumed else self._first_accuracy()
         self._say(f"held-out {'at resume' if resumed else 'before RL'}: {self._describe(evaluation)}")
 

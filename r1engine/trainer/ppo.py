@@ -177,6 +177,7 @@ class _CheckpointsWithValueModel(CheckpointManager):
 
 class PPOTrainer(GRPOTrainer):
     algorithm = "PPO"
+    needs_old_logprobs = True  # the KL term of its per-token reward
     """`GRPOTrainer` with a value model and GAE instead of group-relative advantages; see the module docstring."""
 
     def __init__(self, cfg: Config, ppo: PPOConfig | None = None, *, progress: bool = True) -> None:

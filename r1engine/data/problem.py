@@ -1,0 +1,98 @@
+"""`Problem`: one row of a task or data set, as the trainer consumes it, and `EpochStream`, the training order."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+
+@dataclass(frozen=True)
+class Problem:
+    """A prompt, the reference its rewards compare against, where it comes from, and the row's other fields.
+
+    `prompt`: text, or a list of chat messages (`{"role": ..., "content": ...}`) as verl and TRL store them.
+    `answer`: what the correctness rewards get as the reference (a string, a number, a dict of test cases...).
+    `source`: the row's data source (verl's `data_source`), which picks its rewards (`rewards.routes`).
+    `extra`: the row's other columns, handed to custom rewards that accept them as keyword arguments.
+    """
+
+    prompt: Any
+    answer: Any
+    source: str = ""
+    extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+
+class EpochStream:
+    """The training rows in a shuffled order, reshuffled each epoch (reproducibly from `seed`); its position is
+    checkpointable (`state`), so a resumed run continues exactly where it stopped."""
+
+    def __init__(self, problems: Sequence[Problem], seed: int, shuffle: bool = True) -> None:
+        if not problems:
+            raise ValueError("EpochStream: no problems to draw from")
+        self.problems, self.seed, self.shuffle = list(problems), int(seed), bool(shuffle)
+        self.epoch, self.index = 0, 0
+        self._order = self._order_of(0)
+
+    def _order_of(self, epoch: int) -> list[int]:
+        order = list(range(len(self.problems)))
+        if self.shuffle:
+            random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
+        return order
+
+    def __iter__(self) -> EpochStream:
+        return self
+
+    def __next__(self) -> Problem:
+        if self.index == len(self.problems):
+            self.epoch, self.index = self.epoch + 1, 0
+            self._order = self._order_of(self.epoch)
+        problem = self.problems[self._order[self.index]]
+        self.index += 1
+        return problem
+
+    def take(self, n: int) -> list[Problem]:
+        return [next(self) for _ in range(n)]
+
+    def state(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "index": self.index}
+
+    def set_state(self, state: dict[str, int]) -> None:
+        self.epoch, self.index = int(state["epoch"]), int(state["index"])
+        self._order = self._order_of(self.epoch)
+
+
+class GeneratorTask(Protocol):
+    """A task that draws problems from a random generator (addition, countdown), its held-out prompts excluded."""
+
+    _eval_prompts: frozenset[str]
+
+    def _draw(self, rng: random.Random) -> Problem: ...
+
+
+class ProblemStream:
+    """Training problems of a generator task, in a reproducible order, held-out prompts skipped; its position is
+    checkpointable (`state`)."""
+
+    def __init__(self, task: GeneratorTask, seed: int):
+        self.task = task
+        self.rng = random.Random(seed)
+
+    def __iter__(self) -> ProblemStream:
+        return self
+
+    def __next__(self) -> Problem:
+        while True:
+            problem = self.task._draw(self.rng)
+            if problem.prompt not in self.task._eval_prompts:
+                return problem
+
+    def take(self, n: int) -> list[Problem]:
+        return [next(self) for _ in range(n)]
+
+    def state(self) -> Any:
+        return self.rng.getstate()
+
+    def set_state(self, state: Any) -> None:
+        self.rng.setstate(state)
