@@ -146,9 +146,8 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         return _launch(args.nproc, argv if argv is not None else sys.argv[1:])
 
-    from r1engine.trainer.grpo import GRPOTrainer
-
     from r1engine.data import DataError, TemplateError
+    from r1engine.trainer.grpo import GRPOTrainer
 
     try:
         trainer = GRPOTrainer(cfg, progress=not args.no_progress)

@@ -146,8 +146,9 @@ def test_templates_render_text_and_messages():
     assert PromptTemplate("plain").render("2+2?") == "2+2?"
     r1 = PromptTemplate("r1_zero").render("2+2?")
     assert r1.startswith("A conversation between User and Assistant.") and r1.endswith("User: 2+2?. Assistant:")
-    assert PromptTemplate("Q: {prompt}\nA: <think>").render([{"role": "user", "content": "2+2?"}]) == "Q: 2+2?\nA: <think>"
-    assert PromptTemplate("Q: {prompt}\nA: <think>").think_in_prompt and not PromptTemplate("r1_zero").think_in_prompt
+    custom = PromptTemplate("Q: {prompt}\nA: <think>")
+    assert custom.render([{"role": "user", "content": "2+2?"}]) == "Q: 2+2?\nA: <think>"
+    assert custom.think_in_prompt and not PromptTemplate("r1_zero").think_in_prompt
     chat = PromptTemplate("chat", "Be brief.").render("2+2?")
     assert chat == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"}]
     own = [{"role": "system", "content": "Mine."}, {"role": "user", "content": "2+2?"}]
