@@ -98,3 +98,29 @@ def test_bad_data_keys_fail_in_the_config(tmp_path):
     data.write_text(json.dumps({"prompt": "p", "solution": "1"}) + "\n")
     with pytest.raises(ConfigError, match="sft.steps: the cold-start SFT trains on a built-in task"):
         load_config(ROOT / "configs" / "demo.yaml", [f"data.train_files={data}"])
+
+
+def right_number(completions, references, **columns):
+    """A caller's reward in TRL's style: 1 when the reference number appears, times the row's `weight` column."""
+    return [float(str(r) in c) * w for c, r, w in zip(completions, references, columns["weight"], strict=True)]
+
+
+@pytest.mark.timeout(600)
+def test_python_entry_point_takes_model_tokenizer_dataset_and_rewards(tmp_path, model_dir):
+    import transformers
+
+    from r1engine.models.tokenizer import load_tokenizer
+
+    rows = [{"question": q, "answer": str(a), "weight": 0.5} for q, a in generate(30, seed=5)]
+    hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir)
+    cfg = load_config(None, [f"output_dir={tmp_path}", *SMALL, "grpo.steps=1", "data.prompt_key=question"])
+    trainer = GRPOTrainer(cfg, model=hf, tokenizer=load_tokenizer(model_dir), dataset=rows, reward_fns=[right_number],
+                          progress=False)  # fmt: skip
+    try:
+        assert len(trainer.task.train) == 26 and trainer.rewards.routes.weights("") == {"right_number": 1.0}
+        summary = trainer.run()
+    finally:
+        trainer.close()
+    assert summary["steps"] == 1
+    last = read_metrics(tmp_path / "metrics.jsonl")[-1]
+    assert 0.0 <= last["reward/right_number/mean"] <= 0.5  # the weight column reached the reward

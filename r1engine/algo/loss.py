@@ -23,6 +23,8 @@ __all__ = [
     "AGGREGATIONS",
     "GRPOMetrics",
     "aggregation_weights",
+    "loss_share",
+    "sequences_with_gradient",
     "clipped_surrogate",
     "grpo_loss_reference",
     "grpo_metrics",
@@ -136,6 +138,53 @@ def aggregation_weights(
     num_seqs = (sizes > 0).sum().clamp(min=1).to(torch.float32)
     horizon = torch.tensor(float(max_len), device=mask.device) if max_len is not None else sizes.max().clamp(min=1)
     return m / (num_seqs * horizon)
+
+
+def loss_share(loss_tokens: torch.Tensor, index: list[int], agg: str, *, max_len: int | None = None) -> float:
+    """The factor that turns the loss of the sequences `index` alone into their part of the whole batch's loss.
+
+    `loss_tokens`: the number of loss tokens of each of the batch's S sequences, ``[S]``. Whatever `agg` is, the
+    aggregate of a subset differs from its part of the batch's aggregate only by the normaliser (the batch's token
+    count, sequence count or horizon), so one factor, taken from `aggregation_weights` on both, converts it: micro-
+    batches weighted this way sum to the batch's loss and gradient."""
+    counts = loss_tokens.to(torch.int64).cpu()
+    if counts.dim() != 1:
+        raise ValueError(f"loss_tokens: expected an [S] tensor, got shape {tuple(loss_tokens.shape)}")
+
+    def weights(rows: list[int]) -> torch.Tensor:
+        seg = torch.repeat_interleave(torch.arange(len(rows)), counts[rows])
+        seg = torch.unique(seg, return_inverse=True)[1]  # sequences without loss tokens are absent, as when packed
+        return aggregation_weights(torch.ones(len(seg)), agg, max_len=max_len, segment_ids=seg)
+
+    chosen = torch.zeros(len(counts), dtype=torch.bool)
+    chosen[index] = True
+    part = weights(list(range(len(counts))))[torch.repeat_interleave(chosen, counts)].sum()
+    alone = weights(list(index)).sum()
+    return float(part / alone) if alone > 0 else 1.0
+
+
+def sequences_with_gradient(
+    advantages: torch.Tensor, loss_tokens: torch.Tensor, agg: str, *, max_len: int | None = None
+) -> tuple[list[int], float]:
+    """The sequences whose policy loss has a gradient, and their `loss_share`.
+
+    Without a KL term, a sequence whose advantage is exactly 0 (every completion of a GRPO group scored alike) adds
+    nothing to the clipped surrogate or its gradient, at any ratio; it only enters the aggregation's normaliser.
+    Training on the returned subset and multiplying its loss by the factor gives the batch's loss and gradient
+    (equal up to summation order). When no sequence has a gradient the shortest one is kept, so that the optimizer
+    still takes its (zero-gradient) step as it would on the whole batch.
+
+    `advantages` and `loss_tokens` (the number of loss tokens of each sequence): ``[S]``. Returns
+    (indices in ascending order, factor)."""
+    if advantages.dim() != 1 or loss_tokens.shape != advantages.shape:
+        raise ValueError(
+            f"advantages and loss_tokens: expected two [S] tensors, got shapes {tuple(advantages.shape)} and "
+            f"{tuple(loss_tokens.shape)}"
+        )
+    keep = torch.nonzero(advantages != 0).flatten().tolist()
+    if not keep:
+        keep = [int(torch.argmin(loss_tokens))]
+    return keep, loss_share(loss_tokens, keep, agg, max_len=max_len)
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

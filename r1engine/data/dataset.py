@@ -74,6 +74,22 @@ def read_table(path: str | Path, key: str):
             datasets.enable_progress_bars()
 
 
+def _as_table(item: Any, key: str, index: int):
+    """(table, name for messages) of a file path, a `datasets.Dataset` or a list of row dicts."""
+    import datasets
+
+    if isinstance(item, str | Path):
+        return read_table(item, key), str(item)
+    if isinstance(item, datasets.Dataset):
+        return item, f"{key}[{index}] (a datasets.Dataset)"
+    if isinstance(item, list | tuple) and all(isinstance(r, dict) for r in item):
+        if not item:
+            raise DataError(f"{key}[{index}]: an empty list of rows")
+        return datasets.Dataset.from_list(list(item)), f"{key}[{index}] (a list of rows)"
+    raise DataError(f"{key}[{index}]: expected a file path, a datasets.Dataset or a list of row dicts, got "
+                    f"{type(item).__name__}")  # fmt: skip
+
+
 def _get(row: dict[str, Any], dotted: str) -> Any:
     value: Any = row
     for part in dotted.split("."):
@@ -112,17 +128,18 @@ def _resolve_answer_key(answer_key: str | list[str] | None, columns: Sequence[st
 
 
 def read_problems(
-    files: Sequence[str],
+    files: Sequence[Any],
     *,
     key: str,
     prompt_key: str = "prompt",
     answer_key: str | list[str] | None = None,
     source_key: str | None = None,
 ) -> list[Problem]:
-    """Every row of `files` as a `Problem` (see the module docstring); `key` is the config key naming the files."""
+    """Every row of `files` as a `Problem` (see the module docstring); `key` is the config key naming the files.
+    An entry may also be a `datasets.Dataset` or a list of row dicts (a caller's data, `GRPOTrainer(dataset=...)`)."""
     problems: list[Problem] = []
-    for f in files:
-        table = read_table(f, key)
+    for n, item in enumerate(files):
+        table, f = _as_table(item, key, n)
         columns = list(table.column_names)
         if len(table) == 0:
             raise DataError(f"{key}: {f} has no rows")

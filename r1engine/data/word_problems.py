@@ -24,15 +24,15 @@ def _pronoun(name: str) -> str:
     return "She" if name in ("Mia", "Ava", "Zoe", "Ivy", "Ana", "Kim", "Lea", "Ella") else "He"
 
 
-def _one_step(rng: random.Random) -> tuple[str, int]:
+def _one_step(rng: random.Random, max_number: int = 30) -> tuple[str, int]:
     name, obj = rng.choice(NAMES), rng.choice(OBJECTS)
     he = _pronoun(name)
     kind = rng.choice(("add", "sub", "mul"))
     if kind == "add":
-        a, b = rng.randint(2, 30), rng.randint(2, 30)
+        a, b = rng.randint(2, max_number), rng.randint(2, max_number)
         return f"{name} has {a} {obj}. {he} gets {b} more. How many {obj} does {name} have now?", a + b
     if kind == "sub":
-        a = rng.randint(5, 40)
+        a = rng.randint(5, max(5, max_number + 10))
         b = rng.randint(1, a - 1)
         return f"{name} has {a} {obj}. {he} gives away {b}. How many {obj} does {name} have left?", a - b
     a, b = rng.randint(2, 9), rng.randint(2, 9)
@@ -48,13 +48,14 @@ def _two_steps(rng: random.Random) -> tuple[str, int]:
             "have now?", a + b - c)  # fmt: skip
 
 
-def generate(rows: int, seed: int = 0, two_step_frac: float = 0.3) -> list[tuple[str, int]]:
-    """`rows` distinct (question, answer) pairs, reproducible from `seed`."""
+def generate(rows: int, seed: int = 0, two_step_frac: float = 0.3, max_number: int = 30) -> list[tuple[str, int]]:
+    """`rows` distinct (question, answer) pairs, reproducible from `seed`: a `two_step_frac` share of two-step
+    problems, the others one step with operands up to about `max_number`."""
     rng = random.Random(seed)
     seen: set[str] = set()
     out: list[tuple[str, int]] = []
     while len(out) < rows:
-        question, answer = _two_steps(rng) if rng.random() < two_step_frac else _one_step(rng)
+        question, answer = _two_steps(rng) if rng.random() < two_step_frac else _one_step(rng, max_number)
         if question not in seen:
             seen.add(question)
             out.append((question, answer))
@@ -101,8 +102,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rows", type=int, default=3000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--layout", choices=("trl", "verl"), default="trl")
+    parser.add_argument("--two-step-frac", type=float, default=0.3, help="share of two-step problems")
+    parser.add_argument("--max-number", type=int, default=30, help="largest operand of one-step problems (about)")
     args = parser.parse_args(argv)
-    print(write(args.out, to_rows(generate(args.rows, args.seed), args.layout)))
+    pairs = generate(args.rows, args.seed, two_step_frac=args.two_step_frac, max_number=args.max_number)
+    print(write(args.out, to_rows(pairs, args.layout)))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Math accuracy reward: is the final answer equivalent to the reference?
 
-Extraction: the last ``<answer>`` content (its ``\\boxed{}`` if any), else the last ``\\boxed{}``.
+Extraction (``parsing.extract_answer``): the last ``<answer>`` content (its ``\\boxed{}`` if any), else the last
+``\\boxed{}``, else the line after GSM8K's ``####`` marker.
 Equivalence is decided by math-verify (ANTLR LaTeX -> SymPy; numbers, fractions, decimals, percentages,
 ``\\frac``, ``\\sqrt``, ``\\pi``, sets, intervals...), never by hand-written LaTeX parsing, with the gold
 answer first (``verify`` is asymmetric on purpose, against reward hacking). Plain ASCII notation, on either

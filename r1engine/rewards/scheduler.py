@@ -41,25 +41,36 @@ from .routing import DEFAULT, RewardRoutes
 _log = logging.getLogger(__name__)
 
 
-_CONFIG_KEYS = {"weights", "routes", "options", "imports"}
+_CONFIG_KEYS = {"weights", "routes", "options", "imports", "functions"}
 
 
-def _split_config(reward_config: Mapping[str, Any]) -> tuple[RewardRoutes, dict, list[str]]:
+def _split_config(reward_config: Mapping[str, Any]) -> tuple[RewardRoutes, dict, list[str], dict]:
     if _CONFIG_KEYS & set(reward_config):
         extra = set(reward_config) - _CONFIG_KEYS
         if extra:
             raise ValueError(f"RewardScheduler: unknown reward_config keys {sorted(extra)}")
         routes = RewardRoutes(reward_config.get("weights") or {}, reward_config.get("routes") or {})
-        return routes, dict(reward_config.get("options") or {}), list(reward_config.get("imports") or [])
-    return RewardRoutes(reward_config), {}, []
+        options, imports = dict(reward_config.get("options") or {}), list(reward_config.get("imports") or [])
+        return routes, options, imports, dict(reward_config.get("functions") or {})
+    return RewardRoutes(reward_config), {}, [], {}
 
 
-def _build_rewards(routes: RewardRoutes, options: Mapping[str, Any], failure_value: float) -> dict[str, CombinedReward]:
-    """One CombinedReward per route, the reward functions built once and shared between routes."""
-    unknown = set(options) - set(routes.names)
+def build_reward_fns(
+    names: Sequence[str], options: Mapping[str, Any], functions: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """The reward functions of `names`: the caller's `functions` by name, the others built by name with `options`."""
+    functions = functions or {}
+    unknown = set(options) - set(names)
     if unknown:
         raise ValueError(f"RewardScheduler: options given for rewards no route uses: {sorted(unknown)}")
-    fns = {name: get_reward(name, **options.get(name, {})) for name in routes.names}
+    return {name: functions[name] if name in functions else get_reward(name, **options.get(name, {})) for name in names}
+
+
+def _build_rewards(
+    routes: RewardRoutes, options: Mapping[str, Any], failure_value: float, functions: Mapping[str, Any]
+) -> dict[str, CombinedReward]:
+    """One CombinedReward per route, the reward functions built once and shared between routes."""
+    fns = build_reward_fns(routes.names, options, functions)
     return {
         key: CombinedReward(routes.weights(key), failure_value=failure_value, fns=fns)
         for key in routes.keys
@@ -72,10 +83,10 @@ def _worker_main(conn: mpc.Connection, config: dict, failure_value: float) -> No
 
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     try:
-        routes, options, imports = _split_config(config)
+        routes, options, imports, functions = _split_config(config)
         for mod in imports:
             importlib.import_module(mod)
-        rewards = _build_rewards(routes, options, failure_value)
+        rewards = _build_rewards(routes, options, failure_value, functions)
     except BaseException as e:  # noqa: BLE001 - reported to the parent
         conn.send(("init_error", f"{type(e).__name__}: {e}"))
         return
@@ -201,9 +212,10 @@ class RewardScheduler:
 
     Args:
         reward_config: ``{"weights": {name: w}, "routes": {source: {name: w}}, "options": {name: {...}},
-            "imports": [module, ...]}`` or just ``{name: w}``. ``weights`` is the default route (may be empty when
-            the routes cover every source); ``imports`` are imported in each worker first (to register custom
-            rewards).
+            "imports": [module, ...], "functions": {name: callable}}`` or just ``{name: w}``. ``functions`` are
+            reward functions of the caller's, by the name the routes use (module-level, so they pickle).
+            ``weights`` is the default route (may be empty when the routes cover every source); ``imports`` are
+            imported in each worker first (to register custom rewards).
         num_workers: worker processes.
         timeout_s: limit for one chunk in a worker (the worker is killed past it).
         failure_value: score of every reward of a failed/timed-out sample.
@@ -226,16 +238,21 @@ class RewardScheduler:
         if chunk_size is not None and chunk_size < 1:
             raise ValueError(f"RewardScheduler: chunk_size must be >= 1 or None, got {chunk_size}")
         self.config = dict(reward_config)
-        self.routes, options, imports = _split_config(self.config)
+        self.routes, options, imports, functions = _split_config(self.config)
         import importlib
+        import pickle
 
         for mod in imports:
             importlib.import_module(mod)
-        unknown = set(options) - set(self.routes.names)
-        if unknown:
-            raise ValueError(f"RewardScheduler: options given for rewards no route uses: {sorted(unknown)}")
-        for name in self.routes.names:  # validate names and options here, in the caller, early
-            get_reward(name, **options.get(name, {}))
+        build_reward_fns(self.routes.names, options, functions)  # validate names and options here, early
+        for name, fn in functions.items():  # the workers are spawned processes: they get the functions pickled
+            try:
+                pickle.dumps(fn)
+            except Exception as exc:
+                raise ValueError(
+                    f"reward_fns.{name}: the reward workers are separate processes and get reward functions by "
+                    f"reference: define {name!r} at the top level of a module (not a lambda or a local function)"
+                ) from exc
         self.weights = self.routes.weights(DEFAULT)
         self.num_workers = int(num_workers)
         self.timeout_s = float(timeout_s)

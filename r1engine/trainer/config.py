@@ -138,6 +138,10 @@ class GRPOConfig:
     max_new_tokens: int = 32768
     mtp_loss_coef: float = 0.1
     """Weight of the MTP head's next-next-token loss, which keeps the rollout drafter fresh."""
+    skip_zero_advantage: bool = True
+    """Leave sequences with advantage 0 (groups whose completions all scored alike) out of the training forward and
+    backward when nothing else needs them (no KL term, no MTP loss): the loss and gradient are unchanged (the kept
+    sequences' loss is rescaled to the whole batch's normaliser); loss metrics then cover the trained sequences."""
 
 
 @dataclass
@@ -177,6 +181,10 @@ class TrainingConfig:
     loss_backend: Literal["auto", "torch", "cpp", "triton", "cuda"] = "auto"
     chunk_len: int = 1024
     """Packed chunk length in tokens; must hold the longest prompt + completion."""
+    micro_batch_tokens: int | None = 8192
+    """At most this many packed tokens (whole chunks, at least one) per forward + backward; a mini-batch larger than
+    that accumulates the gradients of several passes into its one optimizer step (the same step: the losses are
+    weighted by their share of the mini-batch's). Bounds the activation memory; null: the whole mini-batch at once."""
     deepspeed_zero_stage: int = 0
     """0: plain PyTorch (one process); 1-3: DeepSpeed ZeRO stage, for one or several ranks (`r1engine train --nproc N`,
     torchrun or the deepspeed launcher)."""
@@ -239,6 +247,8 @@ def _check_positive(cfg: Config) -> None:
     for key in ("sft.steps", "grpo.ref_reset_every", "grpo.beta", "grpo.mtp_loss_coef", "checkpoint.every"):
         if _get(cfg, key) < 0:
             raise ConfigError(f"{key}: must be >= 0, got {_get(cfg, key)}")
+    if cfg.training.micro_batch_tokens is not None and cfg.training.micro_batch_tokens <= 0:
+        raise ConfigError(f"training.micro_batch_tokens: must be > 0 or null, got {cfg.training.micro_batch_tokens}")
 
 
 def validate(cfg: Config) -> None:

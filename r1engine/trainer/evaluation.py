@@ -14,6 +14,7 @@ from typing import Any
 from r1engine.data import Problem
 from r1engine.rewards import CombinedReward
 from r1engine.rewards.routing import RewardRoutes
+from r1engine.rewards.scheduler import build_reward_fns
 from r1engine.trainer.config import EvalConfig
 
 EVAL_SEED = 12345  # the same samples for every evaluation of the same weights
@@ -22,14 +23,16 @@ EVAL_SEED = 12345  # the same samples for every evaluation of the same weights
 class Correctness:
     """Judges answers of rows from any source: 1.0 when every correctness reward of the row's route scores 1."""
 
-    def __init__(self, routes: RewardRoutes, options: Mapping[str, Mapping[str, Any]] | None = None) -> None:
+    def __init__(
+        self,
+        routes: RewardRoutes,
+        options: Mapping[str, Mapping[str, Any]] | None = None,
+        functions: Mapping[str, Any] | None = None,
+    ) -> None:
         self.routes = routes.correctness()
-        options = options or {}
-        self._rewards = {
-            key: CombinedReward(w, {k: options[k] for k in w if k in options})
-            for key in self.routes.keys
-            if (w := self.routes.weights(key))
-        }
+        options = {k: v for k, v in (options or {}).items() if k in self.routes.names}
+        fns = build_reward_fns(self.routes.names, options, functions)
+        self._rewards = {key: CombinedReward(w, fns=fns) for key in self.routes.keys if (w := self.routes.weights(key))}
 
     def __call__(self, texts: Sequence[str], problems: Sequence[Problem]) -> list[float]:
         out = [0.0] * len(texts)

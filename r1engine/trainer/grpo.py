@@ -14,6 +14,7 @@ import contextlib
 import math
 import random
 import time
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,13 +23,14 @@ import torch
 from tqdm.auto import tqdm
 
 from r1engine.algo.advantages import group_advantages
+from r1engine.algo.loss import loss_share, sequences_with_gradient
 from r1engine.data import DataError, DatasetTask, PromptTemplate, get_task
 from r1engine.models import PolicyConfig, PolicyModel, TextCodec, build_char_tokenizer
 from r1engine.models.checkpoint import resize_mtp_layers
 from r1engine.models.source import check_tokenizer_fits, inspect_source
 from r1engine.models.tokenizer import stop_token_ids
 from r1engine.ops import grpo_loss
-from r1engine.packing import PackedBatch
+from r1engine.packing import PackedBatch, plan
 from r1engine.rewards import RewardScheduler
 from r1engine.rewards.routing import RewardRoutes
 from r1engine.rollout import create_engine
@@ -72,14 +74,16 @@ def seed_everything(seed: int, deterministic: bool) -> None:
         torch.use_deterministic_algorithms(True)
 
 
-def build_task(cfg: Config):
-    """The task of a config: the data set of `data.train_files` when given, else the built-in generator
-    `task.name`."""
+def build_task(cfg: Config, dataset: Any = None):
+    """The task of a config: `dataset` (a `DatasetTask`, a `datasets.Dataset` or a list of row dicts, read with the
+    `data.*` keys), else the data set of `data.train_files`, else the built-in generator `task.name`."""
     d, t = cfg.data, cfg.task
-    if d.train_files:
+    if isinstance(dataset, DatasetTask):
+        return dataset
+    if dataset is not None or d.train_files:
         return DatasetTask(
-            d.train_files, d.eval_files, prompt_key=d.prompt_key, answer_key=d.answer_key, source_key=d.source_key,
-            eval_size=d.eval_size, shuffle=d.shuffle,
+            [dataset] if dataset is not None else d.train_files, d.eval_files, prompt_key=d.prompt_key,
+            answer_key=d.answer_key, source_key=d.source_key, eval_size=d.eval_size, shuffle=d.shuffle,
         )  # fmt: skip
     if t.name == "countdown":
         return get_task(t.name, min_numbers=t.min_numbers, max_numbers=t.max_numbers, num_eval=t.num_eval)
@@ -148,10 +152,13 @@ def clipped_policy_loss(
     ref: torch.Tensor | None,
     cfg: GRPOConfig,
     loss_backend: str = "auto",
+    policy_weight: float = 1.0,
+    mtp_weight: float = 1.0,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The policy's training loss on a packed batch: the fused clipped surrogate (+ KL to `ref` when given) and the
     MTP head's loss. `advantages`, `old`, `ref`: one value per loss token (`tokens`), on any device; `old=None` is an
     on-policy step (ratio 1: the weights that sampled are the ones trained); the KL term is off without `ref`.
+    `policy_weight` / `mtp_weight` scale the two losses (a micro-batch's share of its batch's loss).
     Returns (total loss, metrics); the caller runs backward and the optimizer step."""
     device = model.device
     out = packed_forward(model, batch)
@@ -176,6 +183,8 @@ def clipped_policy_loss(
         inplace_backward=True,  # the gradient takes the logits' buffer: nothing reads them after the entropy below
     )
     mtp = packed_mtp_loss(model, batch, out, cfg.mtp_loss_coef)
+    if policy_weight != 1.0 or mtp_weight != 1.0:
+        loss, mtp = loss * policy_weight, mtp * mtp_weight
     return loss + mtp, {
         "loss/policy": float(loss.detach()),
         "loss/mtp": float(mtp.detach()),
@@ -198,28 +207,89 @@ def grpo_train_step(
     chunk_len: int,
     loss_backend: str = "auto",
     pad_id: int = 0,
+    micro_batch_tokens: int | None = None,
 ) -> dict[str, float]:
-    """One optimizer step of GRPO on a mini-batch of sequences: pack, forward, fused loss (+ MTP loss), step.
+    """One optimizer step of GRPO on a mini-batch of sequences: pack, forward, fused loss (+ MTP loss), backward,
+    step. Sequences without a gradient are left out (`GRPOConfig.skip_zero_advantage`); with `micro_batch_tokens`
+    the rest run forward + backward in groups of at most that many packed tokens, their losses weighted by their
+    share of the mini-batch's (`loss_share`), the gradients accumulated: one step, the activations of one group.
 
     `old`/`ref`: per-sequence, position-aligned log-probs (as `SequenceBatch` fields; `old=None`: on-policy);
     `advantages`: one per sequence. Usable on its own by any trainer that owns a `PolicyModel` and a `TrainEngine`.
     """
-    extra = {name: v for name, v in (("old", old), ("ref", ref)) if v is not None}
-    batch, _ = pack(seqs, chunk_len, fields=extra, pad_id=pad_id)
-    tokens = loss_tokens(batch)  # gathered on the host: only [M] values travel to the model's device
-    total, stats = clipped_policy_loss(
-        model,
-        batch,
-        tokens,
-        advantages=advantages[tokens.seq_ids],
-        old=batch.fields["old"].reshape(-1)[tokens.index] if old is not None else None,
-        ref=batch.fields["ref"].reshape(-1)[tokens.index] if ref is not None else None,
-        cfg=cfg,
-        loss_backend=loss_backend,
-    )
-    train_engine.backward(total)
-    stats["loss/grad_norm"] = train_engine.step()
-    return stats
+    counts = torch.tensor([int((m > 0).sum()) for m in seqs.loss_mask])  # loss tokens per sequence
+    keep = _sequences_to_train(model, counts, advantages, with_kl=ref is not None and cfg.beta > 0, cfg=cfg)
+    groups = micro_batches(seqs.lengths[keep], chunk_len, micro_batch_tokens)
+    sums: dict[str, float] = {}
+    for group in groups:
+        index = [keep[i] for i in group]
+        whole = len(index) == len(seqs)
+        policy_weight = 1.0 if whole else loss_share(counts, index, cfg.agg, max_len=cfg.max_new_tokens)
+        mtp_weight = 1.0 if whole else loss_share(counts, index, "token-mean")
+        sub = seqs if whole else seqs.subset(index)
+        extra = {name: [v[i] for i in index] for name, v in (("old", old), ("ref", ref)) if v is not None}
+        batch, _ = pack(sub, chunk_len, fields=extra, pad_id=pad_id)
+        tokens = loss_tokens(batch)  # gathered on the host: only [M] values travel to the model's device
+        total, stats = clipped_policy_loss(
+            model,
+            batch,
+            tokens,
+            advantages=advantages[torch.tensor(index)][tokens.seq_ids],
+            old=batch.fields["old"].reshape(-1)[tokens.index] if old is not None else None,
+            ref=batch.fields["ref"].reshape(-1)[tokens.index] if ref is not None else None,
+            cfg=cfg,
+            loss_backend=loss_backend,
+            policy_weight=policy_weight,
+            mtp_weight=mtp_weight,
+        )
+        train_engine.backward(total)
+        # the losses add up over the micro-batches; the other metrics are token means over the trained sequences
+        share = len(tokens.index) / max(1, int(counts[keep].sum()))
+        for key, value in stats.items():
+            sums[key] = sums.get(key, 0.0) + (value if key in ("loss/policy", "loss/mtp") else value * share)
+    sums["loss/grad_norm"] = train_engine.step()
+    sums["train/skipped_seq_frac"] = 1.0 - len(keep) / len(seqs)
+    sums["train/micro_batches"] = float(len(groups))
+    return sums
+
+
+def micro_batches(lengths: torch.Tensor, chunk_len: int, max_tokens: int | None) -> list[list[int]]:
+    """Sequences (positions in `lengths`) grouped for forward + backward passes of at most `max_tokens` packed
+    tokens each (whole chunks of `chunk_len`, at least one), following the best-fit packing plan; one group when
+    `max_tokens` is None."""
+    everyone = list(range(len(lengths)))
+    if max_tokens is None:
+        return [everyone]
+    chunks = plan(lengths, chunk_len, 1)
+    per_group = max(1, max_tokens // chunk_len)
+    if chunks.num_chunks <= per_group:
+        return [everyone]
+    groups = []
+    for first in range(0, chunks.num_chunks, per_group):
+        lo, hi = int(chunks.chunk_ptr[first]), int(chunks.chunk_ptr[min(first + per_group, chunks.num_chunks)])
+        groups.append(sorted(chunks.seq_index[lo:hi].tolist()))
+    return groups
+
+
+def _sequences_to_train(
+    model: PolicyModel, loss_tokens: torch.Tensor, advantages: torch.Tensor, *, with_kl: bool, cfg: GRPOConfig
+) -> list[int]:
+    """The sequences the step must run forward and backward (see `sequences_with_gradient`): all of them when the
+    KL term or the MTP loss reads every sequence."""
+    if not cfg.skip_zero_advantage or with_kl or (cfg.mtp_loss_coef > 0 and model.config.num_mtp_layers > 0):
+        return list(range(len(loss_tokens)))
+    return sequences_with_gradient(advantages, loss_tokens, cfg.agg, max_len=cfg.max_new_tokens)[0]
+
+
+def _named_reward_fns(reward_fns: Mapping[str, Callable] | Sequence[Callable] | None) -> dict[str, Callable]:
+    if reward_fns is None:
+        return {}
+    if isinstance(reward_fns, Mapping):
+        return dict(reward_fns)
+    named = {getattr(fn, "__name__", ""): fn for fn in reward_fns}
+    if "" in named or len(named) != len(reward_fns):
+        raise ValueError("reward_fns: a list needs functions with distinct __name__s; pass a {name: fn} dict instead")
+    return named
 
 
 def _columns(rows: list) -> dict[str, list[Any]]:
@@ -235,9 +305,24 @@ class GRPOTrainer:
     """Whether the old policy's log-probs are needed even when each rollout gets a single optimizer step (PPO puts
     them in its reward)."""
 
-    def __init__(self, cfg: Config, *, model: PolicyModel | Any = None, tokenizer: Any = None, progress: bool = True):
-        """`model` / `tokenizer`: a policy and its tokenizer from the caller (a `PolicyModel` or a transformers
-        causal LM of a supported family, and a transformers tokenizer) instead of `cfg.model`'s."""
+    def __init__(
+        self,
+        cfg: Config,
+        *,
+        model: PolicyModel | Any = None,
+        tokenizer: Any = None,
+        dataset: Any = None,
+        reward_fns: Mapping[str, Callable] | Sequence[Callable] | None = None,
+        progress: bool = True,
+    ):
+        """Pieces from the caller instead of the config's:
+
+        `model` / `tokenizer`: a `PolicyModel` or a transformers causal LM of a supported family, and its
+        tokenizer. `dataset`: a `datasets.Dataset`, a list of row dicts or a `DatasetTask` (columns named by
+        `data.*` as for files). `reward_fns`: reward functions `fn(completions, references, **columns)` by name (or a
+        list, named by `__name__`); they form the default route, weighted by `rewards.weights` where it names them
+        and 1 otherwise (`rewards.routes` still apply). They must be module-level functions: the reward workers are
+        separate processes."""
         check_main_guard(type(self).__name__)
         self.cfg = cfg
         self.progress = progress
@@ -246,7 +331,7 @@ class GRPOTrainer:
             torch.set_num_threads(cfg.training.num_threads)
         self.out_dir = Path(cfg.output_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        self.task = build_task(cfg)
+        self.task = build_task(cfg, dataset)
         self.template = PromptTemplate(cfg.data.template, cfg.data.system_prompt)
         self.model, self.codec = build_policy_and_codec(cfg.model, cfg.seed, model, tokenizer, self.template)
         self.data_stats: dict[str, int] = {}
@@ -256,14 +341,17 @@ class GRPOTrainer:
                 lambda prompt: len(self.encode(prompt)), limit, cfg.data.overlong_prompts
             )
         self.stream = self.task.train_problems(seed=cfg.seed)
-        routes = RewardRoutes(cfg.rewards.weights, cfg.rewards.routes)
+        functions = _named_reward_fns(reward_fns)
+        default = {n: cfg.rewards.weights.get(n, 1.0) for n in functions} if functions else cfg.rewards.weights
+        routes = RewardRoutes(default, cfg.rewards.routes)
         sources = self.task.sources if isinstance(self.task, DatasetTask) else {self.task.name}
         try:
             routes.check_sources(sources)  # before any rollout: a row nobody can score
         except ValueError as exc:
             raise DataError(str(exc)) from exc
         self._eval_sources = sorted({p.source for p in self.task.eval_problems})
-        self._pass_columns = any(":" in name for name in routes.names)  # custom rewards may take the row's fields
+        # custom rewards may take the row's other fields
+        self._pass_columns = bool(functions) or any(":" in name for name in routes.names)
         self.tokenizer = self.codec.tokenizer
         self.eos_id = self.codec.eos_id
         self.rank, self.world_size = init_distributed()
@@ -283,12 +371,12 @@ class GRPOTrainer:
         self.train_engine: TrainEngine | None = None
         self.ref_model: PolicyModel | None = None
         self.rollout = None
-        options = reward_options(cfg, self.template)
+        options = {k: v for k, v in reward_options(cfg, self.template).items() if k in routes.names}
         self.rewards = RewardScheduler(
-            {"weights": cfg.rewards.weights, "routes": cfg.rewards.routes, "options": options},
+            {"weights": default, "routes": cfg.rewards.routes, "options": options, "functions": functions},
             num_workers=cfg.rewards.num_workers, timeout_s=cfg.rewards.timeout_s,
         )  # fmt: skip
-        self.correct = Correctness(routes, options)
+        self.correct = Correctness(routes, options, functions)
         self.checkpoints = CheckpointManager(self.out_dir, keep=cfg.checkpoint.keep, rank=self.rank)
         self.step = 0
         self.sft_losses: list[float] = []
@@ -523,6 +611,7 @@ class GRPOTrainer:
             chunk_len=self.cfg.training.chunk_len,
             loss_backend=self.cfg.training.loss_backend,
             pad_id=self.codec.pad_id,
+            micro_batch_tokens=self.cfg.training.micro_batch_tokens,
         )
 
     def sync_rollout_weights(self) -> None:
@@ -651,7 +740,7 @@ class GRPOTrainer:
             plot = plot_metrics(
                 read_metrics(logger.path),
                 self.out_dir / "metrics.png",
-                title=f"{self.algorithm} on {cfg.task.name}: held-out pass@1 {acc_start:.2f} -> {acc:.2f}",
+                title=f"{self.algorithm} on {self._run_label()}: held-out pass@1 {acc_start:.2f} -> {acc:.2f}",
             )
             summary["plot"] = str(plot)
             self._say(
@@ -659,6 +748,15 @@ class GRPOTrainer:
                 f"during RL | metrics {logger.path} | plot {plot}"
             )
         return summary
+
+    def _run_label(self) -> str:
+        """What was trained on what, for the plot's title: the data files (or task) and the model directory."""
+        cfg = self.cfg
+        if isinstance(self.task, DatasetTask):
+            data = ", ".join(Path(str(f)).name for f in cfg.data.train_files) or "the caller's data set"
+        else:
+            data = cfg.task.name
+        return f"{data} ({Path(cfg.model.source).name})" if cfg.model.source else data
 
     def _describe(self, evaluation: dict[str, float]) -> str:
         e = self.cfg.eval

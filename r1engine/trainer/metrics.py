@@ -78,10 +78,14 @@ def plot_metrics(records: list[dict[str, Any]], out_path: str | Path, title: str
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.0 * rows), squeeze=False)
     for ax, (name, keys) in zip(axes.flat, panels, strict=False):
         for key in keys:
-            points = [(r["step"], r[key]) for r in records if r.get(key) is not None]
+            points = [(r["step"], r[key], r.get(f"{key}_stderr")) for r in records if r.get(key) is not None]
             if points:
-                xs, ys = zip(*points, strict=True)
-                ax.plot(xs, ys, marker="o" if len(points) < 30 else None, markersize=3, label=key)
+                xs, ys, errs = zip(*points, strict=True)
+                marker = "o" if len(points) < 30 else None
+                if all(e is not None and math.isfinite(e) for e in errs):  # a mean with its standard error
+                    ax.errorbar(xs, ys, yerr=errs, marker=marker, markersize=3, capsize=3, label=key)
+                else:
+                    ax.plot(xs, ys, marker=marker, markersize=3, label=key)
         ax.set_title(name)
         ax.set_xlabel("GRPO step")
         ax.grid(alpha=0.3)
