@@ -74,6 +74,19 @@ def _rollout(vocab: int = 61):
     return build_sequences(prompts, completions)
 
 
+def _model_and_rollout(seed: int):
+    """A tiny policy without MTP layers, 12 sequences and the policy's log-probs of them (per sequence,
+    position-aligned; 0 off the completion tokens)."""
+    model = PolicyModel(PolicyConfig.tiny(vocab_size=61, num_layers=1, num_mtp_layers=0))
+    model.reset_parameters(seed=seed)
+    seqs = _rollout()
+    batch, _ = pack(seqs, 32)
+    tokens = loss_tokens(batch)
+    with torch.no_grad():
+        logprobs = per_sequence(batch, tokens, packed_logprobs(model, batch, tokens, 1.0), len(seqs))
+    return model, seqs, logprobs
+
+
 class RecordingEngine(TrainEngine):
     """Keeps each step's gradients and the weights after it."""
 
@@ -96,13 +109,8 @@ def test_train_step_with_and_without_the_skip_update_alike(agg, all_zero):
     gradients agree to fp32 rounding; AdamW's first steps turn a rounding difference on a near-zero gradient into
     a sign flip of a whole `lr`-sized update, so the weights are compared to 2 lr with a tiny lr."""
     lr = 1e-6
-    model = PolicyModel(PolicyConfig.tiny(vocab_size=61, num_layers=1, num_mtp_layers=0))
-    model.reset_parameters(seed=1)
-    seqs = _rollout()
-    batch, _ = pack(seqs, 32)
-    tokens = loss_tokens(batch)
-    with torch.no_grad():
-        old = per_sequence(batch, tokens, packed_logprobs(model, batch, tokens, 1.0) - 0.05, len(seqs))
+    model, seqs, logprobs = _model_and_rollout(seed=1)
+    old = [lp - 0.05 for lp in logprobs]
     advantages = [torch.tensor([0.0, 1.0, -1.0, 0.0] * 3), torch.zeros(12) if all_zero else torch.randn(12)]
     advantages[1][::3] = 0.0
 
@@ -156,15 +164,8 @@ def test_kl_or_mtp_loss_trains_every_sequence():
 @pytest.mark.parametrize("beta", [0.0, 0.05])
 def test_micro_batches_accumulate_the_same_step(agg, beta):
     """Forward + backward chunk by chunk (gradients accumulated) is the step of the whole mini-batch, KL included."""
-    model = PolicyModel(PolicyConfig.tiny(vocab_size=61, num_layers=1, num_mtp_layers=0))
-    model.reset_parameters(seed=3)
-    seqs = _rollout()
-    batch, _ = pack(seqs, 32)
-    tokens = loss_tokens(batch)
-    with torch.no_grad():
-        logprobs = packed_logprobs(model, batch, tokens, 1.0)
-    old = per_sequence(batch, tokens, logprobs - 0.05, len(seqs))
-    ref = per_sequence(batch, tokens, logprobs + 0.1, len(seqs))
+    model, seqs, logprobs = _model_and_rollout(seed=3)
+    old, ref = [lp - 0.05 for lp in logprobs], [lp + 0.1 for lp in logprobs]
     adv = torch.tensor([0.0, 1.0, -1.0, 0.5] * 3)
     runs = {}
     for budget in (None, 32, 70):
