@@ -33,6 +33,7 @@ def _want_cuda() -> bool:
 
 
 def _extensions():
+    import torch
     from torch.utils.cpp_extension import CppExtension, CUDAExtension
 
     march = os.environ.get("R1ENGINE_MARCH", "native")
@@ -41,6 +42,10 @@ def _extensions():
         cxx.append(f"-march={march}")
     sources = _sources("csrc/core/*.cpp") + _sources("csrc/torch/*.cpp")
     include_dirs = [os.path.join(ROOT, "csrc")]
+    # libc10/libtorch are found through torch's own directory, so that `import r1engine._C` works before `import
+    # torch`: the build's torch (an in-place build) and the one beside an installed package ($ORIGIN/../torch).
+    torch_lib = os.path.join(os.path.dirname(torch.__file__), "lib")
+    link = ["-fopenmp", f"-Wl,-rpath,{torch_lib}", "-Wl,-rpath,$ORIGIN/../torch/lib"]
     if _want_cuda():
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", os.environ.get("R1ENGINE_CUDA_ARCH", "9.0"))
         nvcc = ["-O3", "-std=c++20", "--use_fast_math", "-lineinfo", "-DR1ENGINE_WITH_CUDA"]
@@ -50,7 +55,7 @@ def _extensions():
                 sources + _sources("csrc/cuda/*.cu"),
                 include_dirs=include_dirs,
                 extra_compile_args={"cxx": cxx + ["-DR1ENGINE_WITH_CUDA"], "nvcc": nvcc},
-                extra_link_args=["-fopenmp"],
+                extra_link_args=link,
             )
         ]
     return [
@@ -59,7 +64,7 @@ def _extensions():
             sources,
             include_dirs=include_dirs,
             extra_compile_args={"cxx": cxx},
-            extra_link_args=["-fopenmp"],
+            extra_link_args=link,
         )
     ]
 

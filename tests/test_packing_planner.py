@@ -165,6 +165,25 @@ def test_errors(backend: str) -> None:
         plan([3], 10.0, backend=backend)  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_numpy_lengths_and_integers_are_accepted(backend: str) -> None:
+    import numpy as np
+
+    expected = plan([5, 6, 7], 16, 2, backend=backend)
+    for lengths in (np.array([5, 6, 7]), np.array([5, 6, 7], dtype=np.int32), [np.int64(5), np.int32(6), 7]):
+        got = plan(lengths, np.int64(16), np.int32(2), min_chunks_per_rank=np.int16(1), backend=backend)
+        assert got.chunk_len == 16 and type(got.chunk_len) is int
+        assert torch.equal(got.seq_index, expected.seq_index) and torch.equal(got.chunk_ptr, expected.chunk_ptr)
+    with pytest.raises(TypeError, match="integer array, got dtype float64"):
+        plan(np.array([5.0, 6.0]), 16, backend=backend)
+    with pytest.raises(ValueError, match="1-D"):
+        plan(np.array([[5, 6]]), 16, backend=backend)
+    with pytest.raises(TypeError, match=r"lengths\[1\] must be an int, got float"):
+        plan([5, 6.5], 16, backend=backend)
+    with pytest.raises(TypeError, match=r"lengths\[0\] must be an int, got bool"):
+        plan([True], 16, backend=backend)
+
+
 @needs_cpp
 def test_op_errors_directly() -> None:
     """The compiled op validates on its own too (for callers that bypass the Python wrapper)."""

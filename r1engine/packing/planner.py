@@ -13,9 +13,10 @@ from __future__ import annotations
 import bisect
 import heapq
 import math
+import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -171,11 +172,26 @@ def _as_lengths(lengths: torch.Tensor | Sequence[int]) -> torch.Tensor:
         if lengths.dim() != 1:
             raise ValueError(f"lengths must be 1-D [num_sequences], got shape {tuple(lengths.shape)}")
         return lengths.detach().to(device="cpu", dtype=torch.int64).contiguous()
+    if type(lengths).__module__ == "numpy" and hasattr(lengths, "dtype"):  # an array: checked as a whole
+        if lengths.dtype.kind not in "iu":
+            raise TypeError(f"lengths must be an integer array, got dtype {lengths.dtype}")
+        if lengths.ndim != 1:
+            raise ValueError(f"lengths must be 1-D [num_sequences], got shape {tuple(lengths.shape)}")
+        return torch.from_numpy(lengths.astype("int64")).contiguous()
     values = list(lengths)
     for i, v in enumerate(values):
-        if isinstance(v, bool) or not isinstance(v, int):
-            raise TypeError(f"lengths must hold ints, got {type(v).__name__} at index {i}")
+        values[i] = _as_int(v, f"lengths[{i}]")
     return torch.tensor(values, dtype=torch.int64).reshape(-1)
+
+
+def _as_int(value: Any, name: str) -> int:
+    """`value` as a Python int: ints and integer scalars of numpy or torch (anything with `__index__`), not bools."""
+    if isinstance(value, bool) or type(value).__name__ == "bool_":
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}") from None
 
 
 def _check_lengths(lens: torch.Tensor, chunk_len: int) -> None:
@@ -190,8 +206,7 @@ def _check_lengths(lens: torch.Tensor, chunk_len: int) -> None:
 
 
 def _check_int(name: str, value: int, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    value = _as_int(value, name)
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
     return value
@@ -225,10 +240,10 @@ def plan(
     only when there are fewer sequences than chunks required. Deterministic for the same input.
     """
     lens = _as_lengths(lengths)
-    _check_int("chunk_len", chunk_len, 1)
-    _check_int("num_ranks", num_ranks, 1)
-    _check_int("min_chunks_per_rank", min_chunks_per_rank, 0)
-    _check_int("chunk_multiple", chunk_multiple, 1)
+    chunk_len = _check_int("chunk_len", chunk_len, 1)
+    num_ranks = _check_int("num_ranks", num_ranks, 1)
+    min_chunks_per_rank = _check_int("min_chunks_per_rank", min_chunks_per_rank, 0)
+    chunk_multiple = _check_int("chunk_multiple", chunk_multiple, 1)
     if cost not in ("tokens", "attention"):
         raise ValueError(f"cost must be 'tokens' or 'attention', got {cost!r}")
     attn_coef = float(attn_coef)

@@ -4,6 +4,7 @@ optional TensorBoard, and PNG plots of the curves people look at."""
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 from typing import Any
@@ -60,7 +61,19 @@ def _plain(value: Any) -> Any:
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    """The records of a metrics.jsonl file. A damaged last line (a crash in the middle of writing it) is left out
+    with a warning; a damaged line before it is an error naming the file and the line."""
+    lines = [(n, line) for n, line in enumerate(Path(path).read_text().splitlines(), 1) if line.strip()]
+    records = []
+    for i, (n, line) in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            if i == len(lines) - 1:
+                logging.getLogger(__name__).warning("%s: line %d is cut short (left out): %s", path, n, exc)
+                break
+            raise ValueError(f"{path}: line {n} is not a JSON record ({exc})") from None
+    return records
 
 
 def plot_metrics(records: list[dict[str, Any]], out_path: str | Path, title: str = "GRPO training") -> Path:
