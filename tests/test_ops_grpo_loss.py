@@ -210,6 +210,46 @@ def test_torch_compile_fullgraph():
     torch.testing.assert_close(g, g2)
 
 
+@pytest.mark.parametrize("name", ["advantages", "old_logprobs", "ref_logprobs", "mask"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nonfinite_inputs_other_than_logits_are_named(name, bad):
+    logits, targets, adv, mask, old_lp, ref_lp = _inputs(2, 5, 64, torch.float32, seed=4)
+    mask[:] = 1
+    adv = adv[:, None].expand(2, 5).clone()  # per token, so that one token's value can be bad
+    args = {"advantages": adv, "old_logprobs": old_lp, "ref_logprobs": ref_lp, "mask": mask}
+    args[name] = args[name].clone()
+    args[name].reshape(-1)[3] = bad
+    kwargs = dict(beta=0.1, backend="torch")
+    with pytest.raises(
+        ValueError, match=rf"{name}: expected finite values" + ("" if name == "mask" else ".* position 3")
+    ):
+        ops.grpo_loss(logits, targets, args["advantages"], args["mask"], args["old_logprobs"], args["ref_logprobs"],
+                      **kwargs)  # fmt: skip
+    if name != "mask":  # at a masked-out token the value is never read: no error
+        args["mask"] = mask.clone()
+        args["mask"].reshape(-1)[3] = 0
+        loss, _ = ops.grpo_loss(logits, targets, args["advantages"], args["mask"], args["old_logprobs"],
+                                args["ref_logprobs"], **kwargs)  # fmt: skip
+        assert torch.isfinite(loss)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (dict(eps_low=float("nan")), "eps_low/eps_high"),
+        (dict(eps_high=float("inf")), "eps_low/eps_high"),
+        (dict(beta=float("nan")), "beta"),
+        (dict(beta=-0.1), "beta"),
+        (dict(temperature=float("inf")), "temperature"),
+        (dict(dual_clip=float("nan")), "dual_clip"),
+    ],
+)
+def test_nonfinite_hyperparameters_are_named(kwargs, match):
+    logits, targets, adv, mask, old_lp, ref_lp = _inputs(2, 5, 64, torch.float32, seed=5)
+    with pytest.raises(ValueError, match=match):
+        ops.grpo_loss(logits, targets, adv, mask, old_lp, ref_lp, **kwargs)
+
+
 def test_nonfinite_logits_raise_unless_disabled():
     logits, targets, adv, mask, old_lp, ref_lp = _inputs(2, 5, 64, torch.float32, seed=2)
     mask[:] = 1
@@ -263,7 +303,7 @@ def _bad_cases():
         ((lg, tg, adv, m), {"agg": "mean"}, ValueError, "agg: expected one of"),
         ((lg, tg, adv, m), {"backend": "tpu"}, ValueError, "backend: expected one of"),
         ((lg, tg, adv, m), {"kl_estimator": "k5"}, ValueError, "kl_estimator: expected one of"),
-        ((lg, tg, adv, m), {"temperature": 0.0}, ValueError, "temperature: expected a positive float"),
+        ((lg, tg, adv, m), {"temperature": 0.0}, ValueError, "temperature: expected a positive finite float"),
         ((lg, tg, adv, m), {"dual_clip": 0.5}, ValueError, "dual_clip: expected None, 0"),
         (
             (lg, tg, adv, m),

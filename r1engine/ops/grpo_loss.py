@@ -13,6 +13,8 @@ Backends (see ``r1engine.ops.backends``): ``"torch"`` (reference), ``"cpp"`` (C+
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from r1engine.algo.kl import kl_estimator_id
@@ -73,6 +75,8 @@ def _grpo_loss_op(
     check_finite: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     _check_targets_range(targets, logits.shape[1])
+    if check_finite:  # here, inside the op: data-dependent checks do not break a torch.compile graph
+        _check_finite_inputs(weights, advantages=advantages, old_logprobs=old_logp, ref_logprobs=ref_logp)
     loss_tok, logp, lse, dlogp, ratio, kl, clipped = load(backend).grpo_fwd(
         logits,
         targets,
@@ -197,6 +201,22 @@ def _logits_grad(logits, targets, lse, dlogp, temperature, backend, inplace):
 # Public entry points.
 
 
+def _check_finite_inputs(weights: torch.Tensor, **tensors: torch.Tensor | None) -> None:
+    """NaN/inf in the mask (hence the aggregation weights), or in an advantage or log-prob at a token the mask keeps,
+    would make the loss NaN with no error: name the argument and the first such position (one O(N) pass each)."""
+    if not bool(torch.isfinite(weights).all()):
+        raise ValueError("mask: expected finite values, got NaN/inf; pass check_finite=False to skip this check")
+    kept = weights != 0
+    for name, t in tensors.items():
+        if t is None:
+            continue
+        bad = ~torch.isfinite(t) & kept
+        if bool(bad.any()):
+            raise ValueError(f"{name}: expected finite values where mask != 0, got {t[bad][0].item()} at flat "
+                             f"position {int(bad.nonzero()[0, 0])}; pass check_finite=False to skip this "
+                             "check")  # fmt: skip
+
+
 def _check_logits(logits: torch.Tensor, backend: str) -> None:
     if not isinstance(logits, torch.Tensor):
         raise TypeError(f"logits: expected a torch.Tensor, got {type(logits).__name__}")
@@ -308,12 +328,14 @@ def grpo_loss(
     _check_like("mask", mask, tok_shape, what)
     _check_like("old_logprobs", old_logprobs, tok_shape, what)
     _check_like("ref_logprobs", ref_logprobs, tok_shape, what)
-    if not temperature > 0:
-        raise ValueError(f"temperature: expected a positive float, got {temperature!r}")
-    if eps_low < 0 or eps_high < 0:
-        raise ValueError(f"eps_low/eps_high: expected values >= 0, got {eps_low!r}/{eps_high!r}")
-    if dual_clip is not None and dual_clip != 0 and not dual_clip > 1.0:
-        raise ValueError(f"dual_clip: expected None, 0 (off) or a value > 1, got {dual_clip!r}")
+    if not (temperature > 0 and math.isfinite(temperature)):
+        raise ValueError(f"temperature: expected a positive finite float, got {temperature!r}")
+    if not (eps_low >= 0 and eps_high >= 0 and math.isfinite(eps_low) and math.isfinite(eps_high)):
+        raise ValueError(f"eps_low/eps_high: expected finite values >= 0, got {eps_low!r}/{eps_high!r}")
+    if dual_clip is not None and dual_clip != 0 and not (dual_clip > 1.0 and math.isfinite(dual_clip)):
+        raise ValueError(f"dual_clip: expected None, 0 (off) or a finite value > 1, got {dual_clip!r}")
+    if not (beta >= 0 and math.isfinite(beta)):
+        raise ValueError(f"beta: expected a finite value >= 0, got {beta!r}")
     if not isinstance(advantages, torch.Tensor):
         raise TypeError(f"advantages: expected a torch.Tensor, got {type(advantages).__name__}")
 
