@@ -376,3 +376,19 @@ print(sorted(m for m in ("torch._dynamo", "sympy") if m in sys.modules))
 
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_linear_grpo_loss_names_nonfinite_inputs_too():
+    from r1engine.ops.linear_grpo_loss import linear_grpo_loss
+
+    g = torch.Generator().manual_seed(6)
+    hidden, weight = torch.randn(7, 8, generator=g), torch.randn(13, 8, generator=g)
+    targets, mask = torch.randint(0, 13, (7,), generator=g), torch.ones(7)
+    for name in ("advantages", "old_logprobs", "ref_logprobs"):
+        args = {"advantages": torch.randn(7, generator=g), "old_logprobs": -torch.rand(7, generator=g),
+                "ref_logprobs": -torch.rand(7, generator=g)}  # fmt: skip
+        args[name][4] = float("nan")
+        with pytest.raises(ValueError, match=rf"{name}: expected finite values.* position 4"):
+            linear_grpo_loss(hidden, weight, targets, mask=mask, beta=0.1, **args)
+    with pytest.raises(ValueError, match="beta"):
+        linear_grpo_loss(hidden, weight, targets, torch.randn(7), mask, beta=float("inf"))

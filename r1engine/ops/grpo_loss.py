@@ -76,7 +76,7 @@ def _grpo_loss_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     _check_targets_range(targets, logits.shape[1])
     if check_finite:  # here, inside the op: data-dependent checks do not break a torch.compile graph
-        _check_finite_inputs(weights, advantages=advantages, old_logprobs=old_logp, ref_logprobs=ref_logp)
+        check_finite_inputs(weights, advantages=advantages, old_logprobs=old_logp, ref_logprobs=ref_logp)
     loss_tok, logp, lse, dlogp, ratio, kl, clipped = load(backend).grpo_fwd(
         logits,
         targets,
@@ -201,11 +201,23 @@ def _logits_grad(logits, targets, lse, dlogp, temperature, backend, inplace):
 # Public entry points.
 
 
-def _check_finite_inputs(weights: torch.Tensor, **tensors: torch.Tensor | None) -> None:
+def check_hyperparameters(*, eps_low: float, eps_high: float, dual_clip: float | None, beta: float, temperature: float):
+    """The loss's scalar settings, each named when it is NaN, infinite or out of range."""
+    if not (temperature > 0 and math.isfinite(temperature)):
+        raise ValueError(f"temperature: expected a positive finite float, got {temperature!r}")
+    if not (eps_low >= 0 and eps_high >= 0 and math.isfinite(eps_low) and math.isfinite(eps_high)):
+        raise ValueError(f"eps_low/eps_high: expected finite values >= 0, got {eps_low!r}/{eps_high!r}")
+    if dual_clip is not None and dual_clip != 0 and not (dual_clip > 1.0 and math.isfinite(dual_clip)):
+        raise ValueError(f"dual_clip: expected None, 0 (off) or a finite value > 1, got {dual_clip!r}")
+    if not (beta >= 0 and math.isfinite(beta)):
+        raise ValueError(f"beta: expected a finite value >= 0, got {beta!r}")
+
+
+def check_finite_inputs(weights: torch.Tensor, **tensors: torch.Tensor | None) -> None:
     """NaN/inf in the mask (hence the aggregation weights), or in an advantage or log-prob at a token the mask keeps,
     would make the loss NaN with no error: name the argument and the first such position (one O(N) pass each)."""
     if not bool(torch.isfinite(weights).all()):
-        raise ValueError("mask: expected finite values, got NaN/inf; pass check_finite=False to skip this check")
+        raise ValueError("mask: expected finite values, got NaN/inf")
     kept = weights != 0
     for name, t in tensors.items():
         if t is None:
@@ -213,8 +225,7 @@ def _check_finite_inputs(weights: torch.Tensor, **tensors: torch.Tensor | None) 
         bad = ~torch.isfinite(t) & kept
         if bool(bad.any()):
             raise ValueError(f"{name}: expected finite values where mask != 0, got {t[bad][0].item()} at flat "
-                             f"position {int(bad.nonzero()[0, 0])}; pass check_finite=False to skip this "
-                             "check")  # fmt: skip
+                             f"position {int(bad.nonzero()[0, 0])}")  # fmt: skip
 
 
 def _check_logits(logits: torch.Tensor, backend: str) -> None:
@@ -328,14 +339,7 @@ def grpo_loss(
     _check_like("mask", mask, tok_shape, what)
     _check_like("old_logprobs", old_logprobs, tok_shape, what)
     _check_like("ref_logprobs", ref_logprobs, tok_shape, what)
-    if not (temperature > 0 and math.isfinite(temperature)):
-        raise ValueError(f"temperature: expected a positive finite float, got {temperature!r}")
-    if not (eps_low >= 0 and eps_high >= 0 and math.isfinite(eps_low) and math.isfinite(eps_high)):
-        raise ValueError(f"eps_low/eps_high: expected finite values >= 0, got {eps_low!r}/{eps_high!r}")
-    if dual_clip is not None and dual_clip != 0 and not (dual_clip > 1.0 and math.isfinite(dual_clip)):
-        raise ValueError(f"dual_clip: expected None, 0 (off) or a finite value > 1, got {dual_clip!r}")
-    if not (beta >= 0 and math.isfinite(beta)):
-        raise ValueError(f"beta: expected a finite value >= 0, got {beta!r}")
+    check_hyperparameters(eps_low=eps_low, eps_high=eps_high, dual_clip=dual_clip, beta=beta, temperature=temperature)
     if not isinstance(advantages, torch.Tensor):
         raise TypeError(f"advantages: expected a torch.Tensor, got {type(advantages).__name__}")
 

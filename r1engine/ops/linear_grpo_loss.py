@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from r1engine.ops._library import custom_op
+from r1engine.ops.grpo_loss import check_finite_inputs, check_hyperparameters
 
 if TYPE_CHECKING:
     from r1engine.algo.loss import GRPOMetrics
@@ -138,6 +139,7 @@ def _linear_grpo_fwd(
     dev = hidden.device
     if n and (int(targets.min()) < 0 or int(targets.max()) >= v):  # checked here, eagerly, also under torch.compile
         raise ValueError(f"targets: expected ids in [0, {v}), got [{int(targets.min())}, {int(targets.max())}]")
+    check_finite_inputs(weights, advantages=advantages, old_logprobs=old_logp, ref_logprobs=ref_logp)
     logp = torch.zeros(n, dtype=torch.float32, device=dev)
     lse = torch.zeros(n, dtype=torch.float32, device=dev)
     live = torch.nonzero(weights != 0).squeeze(1)
@@ -290,8 +292,7 @@ def linear_grpo_loss(
         raise ValueError(f"weight: expected dtype {hidden.dtype} (like hidden), got {weight.dtype}")
     if weight.device != hidden.device:
         raise ValueError(f"weight: expected device {hidden.device} (like hidden), got {weight.device}")
-    if not temperature > 0:
-        raise ValueError(f"temperature: expected > 0, got {temperature}")
+    check_hyperparameters(eps_low=eps_low, eps_high=eps_high, dual_clip=dual_clip, beta=beta, temperature=temperature)
     tok_shape = tuple(hidden.shape[:-1])
     dev = hidden.device
     if tuple(targets.shape) != tok_shape:
