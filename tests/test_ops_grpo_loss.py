@@ -392,3 +392,47 @@ def test_linear_grpo_loss_names_nonfinite_inputs_too():
             linear_grpo_loss(hidden, weight, targets, mask=mask, beta=0.1, **args)
     with pytest.raises(ValueError, match="beta"):
         linear_grpo_loss(hidden, weight, targets, torch.randn(7), mask, beta=float("inf"))
+
+
+def _issue_example():
+    g = torch.Generator().manual_seed(0)
+    logits, targets = torch.randn(4, 5, generator=g), torch.randint(0, 5, (4,), generator=g)
+    seg, adv = torch.tensor([0, 1, 1, 3]), torch.tensor([1.0, 2.0, 3.0, 4.0])  # sequence 2 has no token here
+    return logits, targets, seg, adv
+
+
+@pytest.mark.parametrize("impl", ["op", "reference", "linear"])
+def test_advantages_of_length_n_and_s_at_once_must_say_which(impl):
+    """[S] advantages with S = N used to be read per token by the shape alone."""
+    from r1engine.ops.linear_grpo_loss import linear_grpo_loss
+
+    logits, targets, seg, adv = _issue_example()
+    mask = torch.ones(4)
+    if impl == "linear":
+        hidden, weight = logits, torch.eye(5)  # logits = hidden @ I
+        call = lambda **kw: linear_grpo_loss(hidden, weight, targets, adv, mask, segment_ids=seg, **kw)  # noqa: E731
+    else:
+        fn = ops.grpo_loss if impl == "op" else grpo_loss_reference
+        call = lambda **kw: fn(logits, targets, adv, mask, segment_ids=seg, **kw)  # noqa: E731
+    with pytest.raises(ValueError, match="advantages_per"):
+        call(agg="token-mean")
+    per_seq, _ = call(agg="token-mean", advantages_per="sequence")
+    per_tok, _ = call(agg="token-mean", advantages_per="token")
+    assert per_seq.item() == pytest.approx(-(1 + 2 + 2 + 4) / 4)  # on-policy: the loss is -mean(A) per token
+    assert per_tok.item() == pytest.approx(-(1 + 2 + 3 + 4) / 4)
+    with pytest.raises(ValueError, match="advantages_per"):
+        call(agg="token-mean", advantages_per="seq")
+    # one token per sequence: both readings are the same, no keyword needed
+    ones = torch.arange(4)
+    alone = (linear_grpo_loss(logits, torch.eye(5), targets, adv, mask, segment_ids=ones) if impl == "linear"
+             else (ops.grpo_loss if impl == "op" else grpo_loss_reference)(logits, targets, adv, mask,
+                                                                            segment_ids=ones))  # fmt: skip
+    assert alone[0].item() == pytest.approx(-(1 + 2 + 3 + 4) / 4)
+
+
+def test_packed_drgrpo_counts_every_sequence_id():
+    """Dr.GRPO divides by the number of sequences, masked or absent: segment ids [0, 1, 1, 3] are 4 sequences."""
+    logits, targets, seg, adv = _issue_example()
+    loss, _ = ops.grpo_loss(logits, targets, adv, torch.ones(4), segment_ids=seg, advantages_per="sequence",
+                            agg="seq-mean-token-sum-norm", max_len=2)  # fmt: skip
+    assert loss.item() == pytest.approx(-(1 + 2 + 2 + 4) / (4 * 2))

@@ -22,9 +22,11 @@ from r1engine.algo.kl import kl_estimate
 __all__ = [
     "AGGREGATIONS",
     "GRPOMetrics",
+    "ADVANTAGE_LAYOUTS",
     "aggregation_weights",
     "loss_share",
     "sequences_with_gradient",
+    "token_advantages",
     "clipped_surrogate",
     "grpo_loss_reference",
     "grpo_metrics",
@@ -81,6 +83,55 @@ def _check_mask(mask: torch.Tensor) -> None:
         raise ValueError(f"mask: expected shape [B, T] or [N], got shape {tuple(mask.shape)}")
 
 
+ADVANTAGE_LAYOUTS = ("token", "sequence")
+
+
+def token_advantages(
+    advantages: torch.Tensor,
+    num_tokens: int,
+    segment_ids: torch.Tensor | None = None,
+    advantages_per: str | None = None,
+) -> torch.Tensor:
+    """Packed advantages, one per token ``[N]``, from ``advantages`` given per token (``[N]``) or per sequence
+    (``[S]`` with ``segment_ids``, S > max(segment_ids)).
+
+    ``advantages_per`` ("token" | "sequence") says which; None infers it from the shape, and refuses the one case
+    where the shape cannot tell: ``[N]`` when N = max(segment_ids) + 1 and the segments are not one token each
+    (then both readings fit and give different losses)."""
+    if advantages_per not in (None, *ADVANTAGE_LAYOUTS):
+        raise ValueError(f"advantages_per: expected None, 'token' or 'sequence', got {advantages_per!r}")
+    n = num_tokens
+    if advantages.dim() != 1:
+        raise ValueError(f"advantages: expected shape [{n}] (per token) or [S] (per sequence), got "
+                         f"{list(advantages.shape)}")  # fmt: skip
+    k = advantages.shape[0]
+    if segment_ids is None:
+        if advantages_per == "sequence":
+            raise ValueError("advantages_per='sequence': needs segment_ids (which sequence each token belongs to)")
+        if k != n:
+            raise ValueError(f"advantages: expected shape [{n}] (per token) or [S] with segment_ids, got [{k}]")
+        return advantages
+    num_seqs = int(segment_ids.max()) + 1 if n else 0
+    per = advantages_per
+    if per is None:
+        if k == n == num_seqs and not torch.equal(segment_ids.long(), torch.arange(n, device=segment_ids.device)):
+            raise ValueError(
+                f"advantages: shape [{k}] is one per token (N = {n}) and one per sequence (max(segment_ids) + 1 = "
+                f"{num_seqs}) at once; say which with advantages_per='token' or advantages_per='sequence'"
+            )
+        per = "token" if k == n else "sequence"
+    if per == "token":
+        if k != n:
+            raise ValueError(f"advantages: advantages_per='token' needs shape [{n}], got [{k}]")
+        return advantages
+    if k < num_seqs:
+        raise ValueError(
+            f"advantages: expected one value per sequence ([S] with S > max(segment_ids) = {num_seqs - 1}), got "
+            f"shape [{k}]"
+        )
+    return advantages[segment_ids.long()]
+
+
 def aggregation_weights(
     mask: torch.Tensor,
     agg: str,
@@ -94,11 +145,14 @@ def aggregation_weights(
     gives each token's sequence index, values in ``[0, N)``; without it all N tokens form one sequence).
 
     * ``"seq-mean-token-mean"`` (paper GRPO): mean over each sequence's unmasked tokens, then mean over the
-      sequences that have any; fully masked sequences contribute nothing.
+      sequences that have any; fully masked sequences contribute nothing and are not counted. Peers differ here:
+      verl divides by the non-empty sequences (as here), TRL and Liger-Kernel by all rows of the batch, so a batch
+      with empty rows gets a smaller loss from them.
     * ``"token-mean"`` (DAPO): mean over all unmasked tokens of the batch.
     * ``"seq-mean-token-sum-norm"`` (Dr.GRPO): sum over tokens / (num_seqs * horizon) with a constant horizon:
       ``max_len`` if given, else ``T`` (padded) or the longest sequence in tokens (packed); num_seqs counts every
-      sequence, masked or not.
+      sequence, masked or not (packed: ``max(segment_ids) + 1``, so a sequence with no token present counts too).
+      Dr.GRPO's paper uses the generation budget as the constant: pass ``max_len``.
 
     All-masked input gives all-zero weights (a zero loss), never NaN.
     """
@@ -135,7 +189,7 @@ def aggregation_weights(
         num_seqs = (lens > 0).sum().clamp(min=1).to(torch.float32)
         return m / (lens[seg].clamp(min=1.0) * num_seqs)
     sizes = torch.zeros(n, dtype=torch.float32, device=mask.device).index_add_(0, seg, torch.ones_like(m))
-    num_seqs = (sizes > 0).sum().clamp(min=1).to(torch.float32)
+    num_seqs = (seg.max() + 1).clamp(min=1).to(torch.float32) if n else torch.ones((), device=mask.device)
     horizon = torch.tensor(float(max_len), device=mask.device) if max_len is not None else sizes.max().clamp(min=1)
     return m / (num_seqs * horizon)
 
@@ -221,18 +275,20 @@ def grpo_loss_reference(
     agg: str = "seq-mean-token-mean",
     max_len: int | None = None,
     segment_ids: torch.Tensor | None = None,
+    advantages_per: str | None = None,
 ) -> tuple[torch.Tensor, GRPOMetrics]:
     """The GRPO loss and its metrics, in plain autograd-able PyTorch (same arguments as ``r1engine.ops.grpo_loss``).
 
     ``logits [B, T, V]`` with ``targets/mask/old/ref [B, T]`` and ``advantages [B]`` or ``[B, T]``; or packed
-    ``logits [N, V]`` with per-token ``[N]`` tensors, ``advantages [N]`` (or ``[S]`` with ``segment_ids``).
+    ``logits [N, V]`` with per-token ``[N]`` tensors, ``advantages [N]`` (or ``[S]`` with ``segment_ids``;
+    ``advantages_per`` says which where the shape cannot, see :func:`token_advantages`).
     """
     logp = token_logprobs(logits, targets, temperature)
     adv = advantages.float()
     if mask.dim() == 2 and adv.dim() == 1:
         adv = adv[:, None].expand_as(logp)
-    elif mask.dim() == 1 and segment_ids is not None and adv.shape != mask.shape:
-        adv = adv[segment_ids.long()]
+    elif mask.dim() == 1:
+        adv = token_advantages(adv, mask.shape[0], segment_ids, advantages_per)
     old = logp.detach() if old_logprobs is None else old_logprobs.float()
     ratio = torch.exp(logp - old)
     s, clipped = clipped_surrogate(ratio, adv, eps_low, eps_high, dual_clip)

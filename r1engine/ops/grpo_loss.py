@@ -18,7 +18,7 @@ import math
 import torch
 
 from r1engine.algo.kl import kl_estimator_id
-from r1engine.algo.loss import AGGREGATIONS, GRPOMetrics, aggregation_weights, grpo_metrics
+from r1engine.algo.loss import AGGREGATIONS, GRPOMetrics, aggregation_weights, grpo_metrics, token_advantages
 from r1engine.ops._library import custom_op
 from r1engine.ops.backends import BACKENDS, load, resolve
 
@@ -303,6 +303,7 @@ def grpo_loss(
     agg: str = "seq-mean-token-mean",
     max_len: int | None = None,
     segment_ids: torch.Tensor | None = None,
+    advantages_per: str | None = None,
     inplace_backward: bool = False,
     check_finite: bool = True,
     backend: str = "auto",
@@ -312,8 +313,9 @@ def grpo_loss(
     Shapes: padded ``logits [B, T, V]`` with ``targets, mask, old_logprobs, ref_logprobs [B, T]`` and
     ``advantages [B]`` (per sequence) or ``[B, T]`` (per token); or packed ``logits [N, V]`` with per-token
     ``[N]`` tensors, ``advantages [N]`` or, with ``segment_ids [N]`` (each token's sequence index in ``[0, S)``),
-    ``advantages [S]``. ``segment_ids`` also defines the sequences for the per-sequence aggregations; without
-    it, packed tokens count as one sequence.
+    ``advantages [S]``; ``advantages_per`` ("token" | "sequence") says which where the shape cannot (N = S, see
+    ``r1engine.algo.loss.token_advantages``). ``segment_ids`` also defines the sequences for the per-sequence
+    aggregations; without it, packed tokens count as one sequence.
 
     Math (see ``r1engine.algo.loss``): clipped surrogate with ``eps_low``/``eps_high`` and optional ``dual_clip``
     (> 1), KL penalty ``beta * kl_estimator`` ("k1"|"k2"|"k3") against ``ref_logprobs``, aggregation ``agg``
@@ -362,19 +364,7 @@ def grpo_loss(
             _check_like("segment_ids", segment_ids, tok_shape, what)
             if segment_ids.dtype not in (torch.int32, torch.int64):
                 raise TypeError(f"segment_ids: expected an integer tensor, got {segment_ids.dtype}")
-        if advantages.dim() == 1 and advantages.shape[0] == n:
-            adv = advantages.float()
-        elif advantages.dim() == 1 and segment_ids is not None:
-            if n > 0 and int(segment_ids.max()) >= advantages.shape[0]:
-                raise ValueError(
-                    f"advantages: expected one value per sequence ([S] with S > max(segment_ids) = "
-                    f"{int(segment_ids.max())}), got shape {list(advantages.shape)}"
-                )
-            adv = advantages.float()[segment_ids.long()]
-        else:
-            raise ValueError(
-                f"advantages: expected shape [{n}] (per token) or [S] with segment_ids, got {list(advantages.shape)}"
-            )
+        adv = token_advantages(advantages.float(), n, segment_ids, advantages_per)
 
     weights = aggregation_weights(mask, agg, max_len=max_len, segment_ids=segment_ids)
     flat = _flat_rows(logits)

@@ -263,6 +263,7 @@ def linear_grpo_loss(
     agg: str = "seq-mean-token-mean",
     max_len: int | None = None,
     segment_ids: torch.Tensor | None = None,
+    advantages_per: str | None = None,
     backend: str = "auto",
 ) -> tuple[torch.Tensor, GRPOMetrics]:
     """GRPO loss of ``logits = hidden @ weight.T`` without materializing the logits.
@@ -271,7 +272,8 @@ def linear_grpo_loss(
     logits replaced by ``hidden`` and ``weight``:
 
     * ``hidden [B, T, H]`` with ``targets/mask/old/ref [B, T]`` and ``advantages [B]`` or ``[B, T]``; or packed
-      ``hidden [N, H]`` with per-token ``[N]`` tensors and ``advantages [N]`` (or ``[S]`` with ``segment_ids``).
+      ``hidden [N, H]`` with per-token ``[N]`` tensors and ``advantages [N]`` (or ``[S]`` with ``segment_ids``;
+      ``advantages_per`` says which where the shape cannot).
     * ``weight [V, H]``: the lm_head weight, same dtype (fp32 or bf16); both ``hidden`` and ``weight`` get
       gradients (fp32-accumulated, deterministic).
     * ``mask``: 1 on completion tokens; tokens with 0 are never computed. ``agg``/``max_len``/``segment_ids``: see
@@ -282,7 +284,7 @@ def linear_grpo_loss(
     Returns ``(loss, GRPOMetrics)`` (clip fraction, mean KL, mean ratio, token count; detached).
     """
     from r1engine.algo.kl import kl_estimator_id
-    from r1engine.algo.loss import aggregation_weights, grpo_metrics
+    from r1engine.algo.loss import aggregation_weights, grpo_metrics, token_advantages
 
     if hidden.dim() not in (2, 3):
         raise ValueError(f"hidden: expected [B, T, H] or [N, H], got shape {tuple(hidden.shape)}")
@@ -302,8 +304,8 @@ def linear_grpo_loss(
     adv = advantages
     if mask.dim() == 2 and adv.dim() == 1 and adv.shape[0] == mask.shape[0]:
         adv = adv[:, None].expand(tok_shape)
-    elif mask.dim() == 1 and segment_ids is not None and adv.shape != mask.shape:
-        adv = adv[segment_ids.long()]
+    elif mask.dim() == 1:
+        adv = token_advantages(adv, mask.shape[0], segment_ids, advantages_per)
     adv = _as_tokens("advantages", adv, tok_shape, dev)
     old = _as_tokens("old_logprobs", old_logprobs, tok_shape, dev)
     ref = _as_tokens("ref_logprobs", ref_logprobs, tok_shape, dev)
