@@ -70,6 +70,15 @@ SMOLLM2 = ROOT / "models" / "SmolLM2-135M-Instruct"
 SYSTEM_PROMPT = "Solve the problem step by step. End with the final answer as: #### <number>"
 CHUNK_LEN = 320  # smollm2: packed chunk = vLLM's max model length (configs/smollm2_math.yaml)
 MAX_PROMPT_TOKENS = 160
+# the rows of the results table: (label, key of `summarize`, format)
+REPORT_ROWS = [
+    ("samples/s (completions per wall second)", "samples_per_s", "{:.2f}"),
+    ("rollout step, median (s)", "rollout_s_median", "{:.2f}"),
+    ("peak RSS, process (MiB)", "peak_rss_mib", "{:.0f}"),
+    ("peak RSS, process tree (MiB)", "peak_tree_rss_mib", "{:.0f}"),
+    ("RSS after imports (MiB)", "rss_after_imports_mib", "{:.0f}"),
+    ("peak RSS above imports (MiB)", "peak_above_imports_mib", "{:.0f}"),
+]
 # per mode: defaults of the arguments whose value depends on the model (None in the parser)
 MODE_DEFAULTS: dict[str, dict[str, Any]] = {
     "toy": dict(rollouts=12, max_new_tokens=72, mini_batches=2, lr=1e-4, beta=0.001, temperature=1.0,
@@ -696,16 +705,8 @@ def write_report(
     mem = r1["peak_rss_mib"] / trl["peak_rss_mib"]
     mem_tree = r1["peak_tree_rss_mib"] / trl["peak_tree_rss_mib"]
     mem_above = r1["peak_above_imports_mib"] / trl["peak_above_imports_mib"]
-    rows = [
-        ("samples/s (completions per wall second)", "samples_per_s", "{:.2f}"),
-        ("rollout step, median (s)", "rollout_s_median", "{:.2f}"),
-        ("peak RSS, process (MiB)", "peak_rss_mib", "{:.0f}"),
-        ("peak RSS, process tree (MiB)", "peak_tree_rss_mib", "{:.0f}"),
-        ("RSS after imports (MiB)", "rss_after_imports_mib", "{:.0f}"),
-        ("peak RSS above imports (MiB)", "peak_above_imports_mib", "{:.0f}"),
-    ]
     table = ["| | r1engine | TRL | r1engine / TRL |", "|---|---|---|---|"]
-    for label, key, f in rows:
+    for label, key, f in REPORT_ROWS:
         table.append(f"| {label} | {f.format(r1[key])} | {f.format(trl[key])} | {r1[key] / trl[key]:.2f} |")
     curves = ["| rollout | " + " | ".join(str(i + 1) for i in range(a.rollouts)) + " |",
               "|---|" + "---|" * a.rollouts]  # fmt: skip
@@ -838,15 +839,8 @@ def write_report_smollm2(
     trl = stats["trl"]
     label = {"r1engine": "r1engine (vLLM)", "trl": "TRL", "r1engine_native": "r1engine (native)"}
     r1_names = [n for n in names if n != "trl"]
-    rows = [
-        ("samples/s (completions per wall second)", "samples_per_s", "{:.2f}"),
-        ("rollout step, median (s)", "rollout_s_median", "{:.2f}"),
-        ("peak RSS, process (MiB)", "peak_rss_mib", "{:.0f}"),
-        ("peak RSS, process tree (MiB)", "peak_tree_rss_mib", "{:.0f}"),
-        ("RSS after imports (MiB)", "rss_after_imports_mib", "{:.0f}"),
-        ("RSS with model (+ engine) built (MiB)", "rss_after_build_mib", "{:.0f}"),
-        ("peak RSS above imports (MiB)", "peak_above_imports_mib", "{:.0f}"),
-    ]
+    built = ("RSS with model (+ engine) built (MiB)", "rss_after_build_mib", "{:.0f}")
+    rows = [*REPORT_ROWS[:5], built, REPORT_ROWS[5]]
     head = "| | " + " | ".join(label[n] for n in names) + " | " + " | ".join(f"{label[n]} / TRL" for n in r1_names)
     table = [head + " |", "|---|" + "---|" * (len(names) + len(r1_names))]
     for text, key, f in rows:
