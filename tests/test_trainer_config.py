@@ -54,6 +54,19 @@ def test_yaml_and_overrides(tmp_path):
         ("rewards.weights.acuracy=1.0", "rewards.weights.acuracy: unknown reward"),
         ("grpo.steps", "expected dotted.key=value"),
         ("training.device=gpu0", "training.device: not a device name"),
+        # accepted before, then crashed later or misbehaved silently (issue 17, item 9)
+        ("rewards.timeout_s=0", "rewards.timeout_s: must be a finite value > 0"),
+        ("checkpoint.keep=0", "checkpoint.keep: must be >= 1"),
+        ("seed=-1", "seed: must be >= 0"),
+        ("training.num_threads=-4", "training.num_threads: must be >= 0"),
+        ("eval.temperature=-1", "eval.temperature: must be a finite value > 0"),
+        ("rollout.top_k=0", "rollout.top_k: must be -1"),
+        ("rollout.top_p=0", "rollout.top_p: must be in (0, 1]"),
+        ("eval.top_p=1.5", "eval.top_p: must be in (0, 1]"),
+        ("grpo.lr=.nan", "grpo.lr: must be a finite value > 0"),
+        ("sft.lr=.inf", "sft.lr: must be a finite value > 0"),
+        ("grpo.max_grad_norm=-1", "grpo.max_grad_norm: must be a finite value > 0"),
+        ("grpo.beta=.nan", "grpo.beta: must be >= 0"),
     ],
 )
 def test_bad_configs_name_the_key(override, message):

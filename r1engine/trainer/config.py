@@ -7,6 +7,7 @@ reference reset every 400 steps, temperature 1.0); `configs/demo.yaml` overrides
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -242,11 +243,24 @@ def _check_positive(cfg: Config) -> None:
         "rewards.num_workers", "eval.samples",
     ):  # fmt: skip
         value = _get(cfg, key)
-        if value <= 0:
+        if not value > 0:
             raise ConfigError(f"{key}: must be > 0, got {value}")
-    for key in ("sft.steps", "grpo.ref_reset_every", "grpo.beta", "grpo.mtp_loss_coef", "checkpoint.every"):
-        if _get(cfg, key) < 0:
+    for key in ("sft.steps", "grpo.ref_reset_every", "grpo.beta", "grpo.mtp_loss_coef", "checkpoint.every", "seed",
+                "training.num_threads"):  # fmt: skip
+        if not _get(cfg, key) >= 0:
             raise ConfigError(f"{key}: must be >= 0, got {_get(cfg, key)}")
+    # finite and > 0 (max_grad_norm may be .inf: no clipping; 0 or less would stop or flip the update)
+    for key in ("grpo.lr", "sft.lr", "rewards.timeout_s", "eval.temperature", "grpo.max_grad_norm"):
+        value = _get(cfg, key)
+        if not (value > 0 and (math.isfinite(value) or key == "grpo.max_grad_norm")):
+            raise ConfigError(f"{key}: must be a finite value > 0, got {value}")
+    for key in ("rollout.top_p", "eval.top_p"):
+        if not 0 < _get(cfg, key) <= 1:
+            raise ConfigError(f"{key}: must be in (0, 1], got {_get(cfg, key)}")
+    if not (cfg.rollout.top_k == -1 or cfg.rollout.top_k >= 1):
+        raise ConfigError(f"rollout.top_k: must be -1 (off) or >= 1, got {cfg.rollout.top_k}")
+    if cfg.checkpoint.keep < 1:
+        raise ConfigError(f"checkpoint.keep: must be >= 1 (the checkpoint to resume from), got {cfg.checkpoint.keep}")
     if cfg.training.micro_batch_tokens is not None and cfg.training.micro_batch_tokens <= 0:
         raise ConfigError(f"training.micro_batch_tokens: must be > 0 or null, got {cfg.training.micro_batch_tokens}")
 
