@@ -117,3 +117,17 @@ def test_cli_takes_overrides_before_and_after_flags(capsys):
     with pytest.raises(SystemExit):
         main(["config", "--config", demo, "--bogus"])
     assert "unrecognized arguments: --bogus" in capsys.readouterr().err
+
+
+def test_broken_yaml_is_one_line_naming_the_file_and_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("grpo:\n  steps: 3\n  lr: {a: 1\nseed: 0\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml': not valid YAML: .* at line \d+, column \d+") as info:
+        load_config(bad)
+    assert "\n" not in str(info.value)
+    with pytest.raises(ConfigError, match=r"grpo\.lr: the value '\[1,' is not valid YAML"):
+        load_config(None, ["grpo.lr=[1,"])
+    listed = tmp_path / "list.yaml"
+    listed.write_text("- grpo\n")
+    with pytest.raises(ConfigError, match="expected a mapping of keys at the top, got list"):
+        load_config(listed)

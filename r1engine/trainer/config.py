@@ -492,7 +492,18 @@ def apply_override(data: dict, override: str) -> dict:
     if "=" not in override:
         raise ConfigError(f"override {override!r}: expected dotted.key=value")
     key, raw = override.split("=", 1)
-    return set_dotted(data, key, yaml.safe_load(raw) if raw else "")
+    try:
+        value = yaml.safe_load(raw) if raw else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{key.strip()}: the value {raw!r} is not valid YAML ({_yaml_problem(exc)})") from None
+    return set_dotted(data, key, value)
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """The parser's complaint in one line, with the line and column where it has them (1-based)."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or type(exc).__name__
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else problem
 
 
 def set_dotted(data: dict, key: str, value: Any) -> dict:
@@ -524,7 +535,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {str(path)!r} does not exist")
-        data = yaml.safe_load(path.read_text()) or {}
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {str(path)!r}: not valid YAML: {_yaml_problem(exc)}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {str(path)!r}: expected a mapping of keys at the top, got "
+                              f"{type(data).__name__}")  # fmt: skip
     for override in overrides:
         data = apply_override(data, override)
     return config_from_dict(data)
