@@ -44,28 +44,31 @@ def check_tokenizer_fits(tokenizer: Any, config: PolicyConfig, key: str) -> None
             raise ModelSourceError(f"{key}: the tokenizer's {name}={value} lies outside vocab_size={vocab}")
 
 
-def inspect_source(path: str | Path, tokenizer_path: str | Path | None = None) -> ModelSource:
+def inspect_source(
+    path: str | Path, tokenizer_path: str | Path | None = None, *, key: str = "model.path"
+) -> ModelSource:
     """Resolve `path` (converting a `.gguf` file once, cached), read its config and load its tokenizer (or the one
-    in `tokenizer_path`); raise ModelSourceError naming `model.path` or `model.tokenizer` when something is off."""
+    in `tokenizer_path`); raise ModelSourceError naming `key` (the config key that gave `path`: `model.path` or its
+    alias `model.init_from`) or `model.tokenizer` when something is off."""
     from r1engine.models.checkpoint import read_config, resolve_model_dir
     from r1engine.models.tokenizer import load_tokenizer, stop_token_ids
 
     try:
-        root = resolve_model_dir(path, key="model.path")
-        config = read_config(root, key="model.path")
+        root = resolve_model_dir(path, key=key)
+        config = read_config(root, key=key)
     except (FileNotFoundError, ValueError, ImportError) as exc:
         raise ModelSourceError(str(exc)) from exc
-    key = "model.tokenizer" if tokenizer_path is not None else "model.path"
+    tok_key = "model.tokenizer" if tokenizer_path is not None else key
     try:
-        tokenizer = load_tokenizer(Path(tokenizer_path) if tokenizer_path is not None else root, key=key)
+        tokenizer = load_tokenizer(Path(tokenizer_path) if tokenizer_path is not None else root, key=tok_key)
     except (FileNotFoundError, ValueError) as exc:
         raise ModelSourceError(str(exc)) from exc
-    check_tokenizer_fits(tokenizer, config, key)
+    check_tokenizer_fits(tokenizer, config, tok_key)
     try:
         stops = stop_token_ids(tokenizer, config.generation_config, {"eos_token_id": config.eos_token_id})
     except ValueError as exc:
-        raise ModelSourceError(f"{key}: {exc}") from exc
+        raise ModelSourceError(f"{tok_key}: {exc}") from exc
     bad = [i for i in stops if not 0 <= i < config.vocab_size]
     if bad:
-        raise ModelSourceError(f"model.path: eos_token_id {bad} lies outside vocab_size={config.vocab_size}")
+        raise ModelSourceError(f"{key}: eos_token_id {bad} lies outside vocab_size={config.vocab_size}")
     return ModelSource(root, config, tokenizer, stops)

@@ -384,7 +384,7 @@ def _validate_model(cfg: Config) -> None:
         from r1engine.models.source import ModelSourceError, inspect_source
 
         try:
-            source = inspect_source(m.source, m.tokenizer)
+            source = inspect_source(m.source, m.tokenizer, key="model.path" if m.path else "model.init_from")
         except ModelSourceError as exc:
             raise ConfigError(str(exc)) from exc
         mtp_layers = m.num_mtp if m.num_mtp is not None else source.config.num_mtp_layers
