@@ -151,6 +151,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         trainer = GRPOTrainer(cfg, progress=not args.no_progress)
+    except ConfigError as exc:  # e.g. an output_dir that cannot be written, named in the message
+        print(f"r1engine: config error: {exc}", file=sys.stderr)
+        return 2
     except (DataError, TemplateError) as exc:  # a data set that cannot be used, named in the message
         print(f"r1engine: data error: {exc}", file=sys.stderr)
         return 2

@@ -34,6 +34,26 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
 
 
+def writable_output_dir(path: str | Path, key: str = "output_dir") -> Path:
+    """`path` created if needed and checked writable; otherwise a ConfigError naming `key`, the path and why."""
+    from r1engine.trainer.config import ConfigError
+
+    out = Path(path).expanduser()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        blocker = next((p for p in (out, *out.parents) if p.exists()), None)
+        if blocker is not None and not blocker.is_dir():
+            why = f"{str(blocker)!r} is a file, not a directory"
+        else:
+            why = exc.strerror or str(exc)
+        raise ConfigError(f"{key}: cannot write to {str(out)!r}: {why}") from None
+    return out
+
+
 def _fsync_tree(path: Path) -> None:
     for root, _, files in os.walk(path):
         for name in files:

@@ -34,7 +34,7 @@ from r1engine.packing import PackedBatch, plan
 from r1engine.rewards import RewardScheduler
 from r1engine.rewards.routing import RewardRoutes
 from r1engine.rollout import create_engine
-from r1engine.trainer.checkpoint import CheckpointManager, rng_state, set_rng_state
+from r1engine.trainer.checkpoint import CheckpointManager, rng_state, set_rng_state, writable_output_dir
 from r1engine.trainer.config import Config, GRPOConfig, ModelConfig
 from r1engine.trainer.distributed import (
     broadcast_module,
@@ -329,8 +329,7 @@ class GRPOTrainer:
         seed_everything(cfg.seed, cfg.training.deterministic)
         if cfg.training.num_threads:
             torch.set_num_threads(cfg.training.num_threads)
-        self.out_dir = Path(cfg.output_dir)
-        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.out_dir = writable_output_dir(cfg.output_dir)  # a ConfigError naming output_dir and why
         self.task = build_task(cfg, dataset)
         self.template = PromptTemplate(cfg.data.template, cfg.data.system_prompt)
         self.model, self.codec = build_policy_and_codec(cfg.model, cfg.seed, model, tokenizer, self.template)
