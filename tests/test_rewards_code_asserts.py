@@ -61,7 +61,7 @@ def test_humaneval_canonical_pass_and_wrong_fail():
 @pytest.mark.parametrize("strength", STRENGTHS)
 def test_humaneval_sample_both_strengths_and_completion_shapes(strength):
     problems = humaneval_problems()
-    reward = CodeReward(time_limit_s=5.0, sandbox=strength)
+    reward = CodeReward(time_limit_s=5.0, sandbox=strength, allow_weak_sandbox=True)
     sample = problems[::20] + [problems[32], problems[38]]  # 32, 38: the tests call helpers of the prompt
     res = reward([p["canonical_solution"] for p in sample], [he_ref(p) for p in sample])
     assert [r.score for r in res] == [1.0] * len(sample), [r.reason for r in res]
@@ -135,7 +135,7 @@ AREA_BAD = "def circle_area(r):\n    return 3.14 * r * r\n"
 
 @pytest.mark.parametrize("strength", STRENGTHS)
 def test_mbpp_shapes_correct_and_wrong(strength):
-    reward = CodeReward(time_limit_s=2.0, sandbox=strength)
+    reward = CodeReward(time_limit_s=2.0, sandbox=strength, allow_weak_sandbox=True)
     fence = "I will remove both ends.\n```python\n{}```\nThis works."
     tests_only = {"tests": REMOVE_OCC["test_list"]}
     completions = [fence.format(REMOVE_OCC_OK), REMOVE_OCC_BAD, CHAIN_OK, CHAIN_BAD, AREA_OK, AREA_BAD]
@@ -209,12 +209,12 @@ def naive_program(code: str, ref: dict, marker: str) -> str:
 def naive_run(code: str, ref: dict, strength: str) -> tuple[bool, bool]:
     """(passes a marker-line judge, passes an exit-status-0 judge) under the naive harness."""
     marker = secrets.token_hex(16)
-    res = run_python(naive_program(code, ref, marker), "", SandboxLimits(wall_time_s=5.0), strength)
+    res = run_python(naive_program(code, ref, marker), "", SandboxLimits(wall_time_s=5.0), strength, allow_weak=True)
     return f"{marker} PASS" in res.stdout.splitlines(), res.status == "ok"
 
 
 def score(code: str, ref: dict, strength: str, time_limit_s: float = 2.0):
-    (r,) = CodeReward(time_limit_s=time_limit_s, sandbox=strength)([code], [ref])
+    (r,) = CodeReward(time_limit_s=time_limit_s, sandbox=strength, allow_weak_sandbox=True)([code], [ref])
     return r
 
 
@@ -251,7 +251,9 @@ def test_attack_read_stdin(strength):
     )
     # Given the harness's stdin, the attack forges the exact marker of that run.
     nonce = secrets.token_hex(16)
-    res = run_python(attack, harness_payload(attack, ADD_TESTS, nonce), SandboxLimits(wall_time_s=5.0), strength)
+    res = run_python(
+        attack, harness_payload(attack, ADD_TESTS, nonce), SandboxLimits(wall_time_s=5.0), strength, allow_weak=True
+    )
     assert f"{PREFIX}{nonce}:PASS" in res.stdout.splitlines() and res.status == "ok"
     r = score(attack, ADD, strength)
     assert r.score == 0.0 and r.reason.startswith("test failed: AssertionError")
@@ -346,9 +348,20 @@ def test_wrong_solution_printing_passed_timeout_and_import_error(strength):
     assert r.score == 0.0 and r.reason.startswith("test failed: AssertionError")
     t0 = time.monotonic()
     r = score("def add(a, b):\n    while True:\n        pass\n", ADD, strength, time_limit_s=1.0)
-    assert r.score == 0.0 and r.reason.startswith("timeout") and time.monotonic() - t0 < 5.0
+    assert r.score == 0.0 and r.reason == "test: timeout" and time.monotonic() - t0 < 5.0
     r = score("while True:\n    pass\n" + "def add(a, b):\n    return a + b\n", ADD, strength, time_limit_s=1.0)
-    assert r.score == 0.0 and r.reason.startswith("timeout")
+    assert r.score == 0.0 and r.reason == "the solution's top-level code timed out"
+
+
+@pytest.mark.parametrize("strength", STRENGTHS)
+def test_timeouts_are_per_test(strength):
+    # The second of five asserts loops: it ends after one test's limit, named, not after the run's whole budget.
+    ref = {"test_list": ["assert f(1) == 1", "assert f(2) == 2", "assert f(3) == 3", "assert f(4) == 4", "assert 1"]}
+    t0 = time.monotonic()
+    r = score("def f(x):\n    while x == 2:\n        pass\n    return x\n", ref, strength, time_limit_s=1.0)
+    assert r.score == 0.0 and r.reason == "test 1: timeout"
+    assert time.monotonic() - t0 < 3.0
+    assert score("def f(x):\n    return x\n", ref, strength, time_limit_s=1.0).score == 1.0
     r = score("raise ValueError('boom')\ndef add(a, b):\n    return a + b\n", ADD, strength)
     assert r.score == 0.0 and r.reason == "the solution raised at import: ValueError: boom"
     r = score("import no_such_module_xyz\n" + WRONG_ADD, ADD, strength)
@@ -362,5 +375,5 @@ def test_honest_program_that_touches_streams_still_passes(strength):
     honest = "import io, sys\nprint('debug')\nassert sys.stdin.read() == ''\nsys.stdout = io.StringIO()\n"
     r = score(honest + "def add(a, b):\n    print(a, b)\n    return a + b\n", ADD, strength)
     assert r.score == 1.0, r.reason
-    out = run_assert_tests("import os\nx = 1\n", ["assert x == 1"], strength=strength)
+    out = run_assert_tests("import os\nx = 1\n", ["assert x == 1"], strength=strength, allow_weak=True)
     assert out.passed and out.reason is None and out.sandbox.status == "ok"

@@ -57,7 +57,7 @@ def test_results_in_input_order_match_inprocess_oracle():
     assert b2.scores == oracle.scores[::-1]
     assert b1.per_function["arithmetic"] == [r.score for r in oracle.per_function["arithmetic"]]
     assert b1.metrics["arithmetic/pass_rate"] == pytest.approx(oracle.metrics["arithmetic/pass_rate"])
-    assert b1.metrics["scheduler/failed_chunks"] == 0.0
+    assert b1.metrics["scheduler/failed_rows"] == 0.0
     with pytest.raises(RuntimeError, match="closed"):
         sched.submit(texts, refs)
 
@@ -86,11 +86,32 @@ def test_hanging_and_dying_rewards_are_contained_and_workers_replaced():
         assert reasons[1] == "timeout" and reasons[3] == "worker crashed"
         assert b.reasons["format"][1] == "timeout"  # every reward of the failed chunk gets the defined value
         assert b.metrics[f"{MOD}:faulty_reward/timeouts"] == 1.0
-        assert b.metrics["scheduler/failed_chunks"] == 2.0
+        assert b.metrics["scheduler/failed_rows"] == 2.0
         assert sched.workers_replaced == 2
         # the pool still works afterwards
         again = sched.score(["ok"] * 4, [None] * 4, timeout=60)
         assert again.per_function[f"{MOD}:faulty_reward"] == [1.0] * 4
+
+
+def test_a_timeout_costs_only_its_own_row():
+    # One worker, one chunk of 8 in which 3 rows hang: the 5 others are scored (each row has its own clock), the
+    # hanging ones time out one by one, each reported on its own row.
+    cfg = {"weights": {f"{MOD}:faulty_reward": 1.0}}
+    texts = ["ok", "HANG", "ok", "HANG", "ok", "ok", "HANG", "ok"]
+    with RewardScheduler(cfg, num_workers=1, timeout_s=1.0, chunk_size=8) as sched:
+        b = sched.submit(texts, [None] * 8).result(timeout=120)
+        assert b.per_function[f"{MOD}:faulty_reward"] == [0.0 if t == "HANG" else 1.0 for t in texts]
+        assert b.reasons[f"{MOD}:faulty_reward"] == ["timeout" if t == "HANG" else None for t in texts]
+        assert b.metrics["scheduler/failed_rows"] == 3.0
+        assert sched.workers_replaced == 3
+
+
+def test_the_timeout_is_per_row_not_per_chunk():
+    # Rows that each take most of the limit: a chunk of them takes far longer than the limit, and all score.
+    cfg = {"weights": {f"{MOD}:faulty_reward": 1.0}}
+    with RewardScheduler(cfg, num_workers=1, timeout_s=1.0, chunk_size=6) as sched:
+        b = sched.submit(["SLOW"] * 6, [None] * 6).result(timeout=120)
+        assert b.scores == [1.0] * 6 and sched.workers_replaced == 0
 
 
 def test_submit_returns_at_once_and_overlaps():

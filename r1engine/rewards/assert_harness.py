@@ -39,7 +39,7 @@ PREFIX = "@@r1engine-assert-harness:"
 # Runs inside the sandbox under the sandbox's interpreter (keep it plain Python 3.8+). Everything it uses
 # after the program ran is bound to a local of _main() first; the nonce lives only in _main's frame.
 HARNESS = r"""
-import builtins, json, os, sys
+import builtins, json, os, signal, sys
 for _name in ("math", "re", "string", "random", "collections", "itertools", "functools", "heapq", "bisect",
               "copy", "typing", "operator", "hashlib"):
     try:
@@ -54,6 +54,19 @@ def _main(PREFIX):
     compile_, exec_, type_, str_, repr_, isinstance_ = compile, exec, type, str, repr, isinstance
     enumerate_, len_, list_, dict_ = enumerate, len, list, dict
     settrace, setprofile, modules = sys.settrace, sys.setprofile, sys.modules
+    setitimer, set_handler, ITIMER_REAL, SIGALRM = signal.setitimer, signal.signal, signal.ITIMER_REAL, signal.SIGALRM
+
+    class TestTimeout(BaseException):  # not an Exception: `except Exception` in the program does not swallow it
+        pass
+
+    def on_alarm(signum, frame):
+        raise TestTimeout()
+
+    def limit(seconds):
+        # Per piece (the program's top level, each test): a loop in one test ends that test, not the whole
+        # run. The program can defeat this (block or catch the signal); the sandbox's wall limit still holds.
+        set_handler(SIGALRM, on_alarm)
+        setitimer(ITIMER_REAL, seconds)
 
     chunks = []
     while True:
@@ -118,11 +131,18 @@ def _main(PREFIX):
     g = solution.__dict__
     g["__builtins__"] = builtins
     error = None
+    per_test = job["time_limit_s"]
     try:
+        limit(per_test)
         exec_(code, g)
+    except TestTimeout:
+        error = "timeout"
     except BaseExc as e:
         error = e
+    limit(0)
     restore()
+    if error == "timeout":
+        report("FAIL:the solution's top-level code timed out")
     if error is not None:
         report("FAIL:the solution raised at import: " + describe(error))
 
@@ -147,11 +167,17 @@ def _main(PREFIX):
     tests = job["tests"]
     for k, source in enumerate_(tests):
         filename = "<test %d>" % k
+        label = "test" if len_(tests) == 1 else "test %d" % k
         try:
+            limit(per_test)
             exec_(compile_(source, filename, "exec", dont_inherit=True), ns)
+            limit(0)
+        except TestTimeout:
+            limit(0)
+            report("FAIL:" + label + ": timeout")
         except BaseExc as e:
-            label = "test failed: " if len_(tests) == 1 else "test %d failed: " % k
-            report("FAIL:" + label + describe(e, source, filename))
+            limit(0)
+            report("FAIL:" + label + " failed: " + describe(e, source, filename))
     report("PASS")
 
 
@@ -169,10 +195,16 @@ class AssertOutcome:
 
 
 def harness_payload(
-    program: str, tests: Sequence[str], nonce: str, setup: str = "", entry_point: str | None = None
+    program: str,
+    tests: Sequence[str],
+    nonce: str,
+    setup: str = "",
+    entry_point: str | None = None,
+    time_limit_s: float = 0.0,
 ) -> str:
-    """The JSON text the harness reads from stdin."""
+    """The JSON text the harness reads from stdin (``time_limit_s``: per test and for the top level, 0: none)."""
     job = {"nonce": nonce, "program": program, "tests": list(tests), "setup": setup, "entry_point": entry_point}
+    job["time_limit_s"] = float(time_limit_s)
     return json.dumps(job)
 
 
@@ -183,6 +215,8 @@ def run_assert_tests(
     entry_point: str | None = None,
     limits: SandboxLimits | None = None,
     strength: str | None = None,
+    time_limit_s: float | None = None,
+    allow_weak: bool = False,
 ) -> AssertOutcome:
     """Run ``program`` then ``setup`` and each of ``tests`` (Python sources, trusted) in one sandboxed process.
 
@@ -191,8 +225,10 @@ def run_assert_tests(
         tests: test sources, each run in order in the tests' namespace; the first exception fails the run.
         setup: trusted source run in the tests' namespace before the tests (imports, helpers, a prompt).
         entry_point: a name the program must define; bound in the tests' namespace after ``setup``.
-        limits: sandbox limits for the whole run.
+        limits: sandbox limits for the whole run (its wall time bounds everything).
         strength: force "bubblewrap" or "rlimit" (default: the sandbox's choice).
+        time_limit_s: limit for the program's top-level code and for each test (None: only the run's limit).
+        allow_weak: accept the weaker rlimit sandbox (see :func:`r1engine.rewards.sandbox.run_python`).
     """
     if not isinstance(program, str):
         raise TypeError(f"run_assert_tests: program must be a str, got {type(program).__name__}")
@@ -203,7 +239,8 @@ def run_assert_tests(
     if entry_point is not None and (not isinstance(entry_point, str) or not entry_point.isidentifier()):
         raise ValueError(f"run_assert_tests: entry_point must be an identifier, got {entry_point!r}")
     nonce = secrets.token_hex(16)
-    res = run_python(HARNESS, harness_payload(program, tests, nonce, setup, entry_point), limits, strength)
+    payload = harness_payload(program, tests, nonce, setup, entry_point, time_limit_s or 0.0)
+    res = run_python(HARNESS, payload, limits, strength, allow_weak=allow_weak)
     mine = PREFIX + nonce + ":"
     for line in res.stdout.splitlines():
         if line.startswith(mine):

@@ -17,8 +17,13 @@ defines ``check(candidate)``) or ``{"test_list": [str, ...], "test_setup_code": 
 completion is the code (HumanEval bodies come unfenced). With a ``prompt``, a program that does not define
 the entry point is ``prompt + code`` (a body); one that does gets the prompt's imports prepended. All tests
 run in one sandboxed process (:mod:`r1engine.rewards.assert_harness`, which the program cannot fool by
-printing, exiting or patching; see its threat model), with ``time_limit_s`` per test; the reward is 1 when
-every test passes, else 0 with the failing assert, the exception, or the limit hit.
+printing, exiting or patching; see its threat model), with ``time_limit_s`` per test (and for the program's
+top-level code); the reward is 1 when every test passes, else 0 with the failing assert, the exception, or
+the limit hit.
+
+The sandbox must contain the programs: without bubblewrap the reward refuses to start
+(:class:`~r1engine.rewards.sandbox.SandboxUnavailable`, saying why) unless ``allow_weak_sandbox`` accepts the
+weaker rlimit mode.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ from typing import Any
 from .assert_harness import run_assert_tests
 from .parsing import extract_code
 from .registry import RewardResult, check_batch, register_reward
-from .sandbox import SandboxLimits, run_python
+from .sandbox import SandboxLimits, require_sandbox, run_python, sandbox_strength
 
 
 def normalize_output(text: str) -> list[str]:
@@ -145,6 +150,8 @@ class CodeReward:
         max_tests: run at most this many tests per sample (the first ones).
         max_output_bytes: stdout+stderr cap per test (the program is killed past it).
         sandbox: force "bubblewrap" or "rlimit" (default: the strongest that works, ``sandbox_strength()``).
+        allow_weak_sandbox: accept the weaker "rlimit" sandbox (forced, or the only one that works here); without
+            it the reward refuses to be built there (:class:`~r1engine.rewards.sandbox.SandboxUnavailable`).
     """
 
     def __init__(
@@ -155,6 +162,7 @@ class CodeReward:
         max_tests: int | None = None,
         max_output_bytes: int = 1 << 20,
         sandbox: str | None = None,
+        allow_weak_sandbox: bool = False,
     ):
         self.limits = SandboxLimits(
             wall_time_s=float(time_limit_s), memory_bytes=int(memory_bytes), max_output_bytes=int(max_output_bytes)
@@ -163,7 +171,9 @@ class CodeReward:
         self.max_tests = max_tests
         if sandbox not in (None, "bubblewrap", "rlimit"):
             raise ValueError(f"code: sandbox must be None, 'bubblewrap' or 'rlimit', got {sandbox!r}")
-        self.sandbox = sandbox
+        self.allow_weak_sandbox = bool(allow_weak_sandbox)
+        self.sandbox = require_sandbox(sandbox, allow_weak=self.allow_weak_sandbox, who="code")
+        self.sandbox_strength = sandbox or sandbox_strength()  # reported in the reward metrics
 
     def score_one(self, completion: str, ref: Any) -> RewardResult:
         """Run one completion's program on its tests."""
@@ -181,7 +191,9 @@ class CodeReward:
         passed = 0
         first_failure: str | None = None
         for k, (inp, expected) in enumerate(tests):
-            res = run_python(code, inp, self.limits, self.sandbox)
+            res = run_python(code, inp, self.limits, self.sandbox, allow_weak=self.allow_weak_sandbox)
+            if res.status == "sandbox error":  # the sandbox itself failed: no test of this program can run
+                return RewardResult(0.0, res.reason)
             if res.status == "ok" and normalize_output(res.stdout) == normalize_output(expected):
                 passed += 1
                 continue
@@ -205,8 +217,11 @@ class CodeReward:
             code = completion  # HumanEval bodies come unfenced
         if not code.strip():
             return RewardResult(0.0, "no code")
-        limits = dataclasses.replace(self.limits, wall_time_s=self.limits.wall_time_s * len(tests))
-        out = run_assert_tests(assert_program(code, spec), tests, spec.setup, spec.entry_point, limits, self.sandbox)
+        limits = dataclasses.replace(self.limits, wall_time_s=self.limits.wall_time_s * (len(tests) + 1))
+        out = run_assert_tests(
+            assert_program(code, spec), tests, spec.setup, spec.entry_point, limits, self.sandbox,
+            time_limit_s=self.limits.wall_time_s, allow_weak=self.allow_weak_sandbox,
+        )  # fmt: skip
         return RewardResult(1.0) if out.passed else RewardResult(0.0, out.reason)
 
     def __call__(self, completions: Sequence[str], references: Sequence[Any]) -> list[RewardResult]:

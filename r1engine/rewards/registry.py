@@ -12,6 +12,7 @@ imported instead, so that user-defined rewards also work inside worker processes
 from __future__ import annotations
 
 import importlib
+import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -75,6 +76,18 @@ def get_reward(name: str, **options: Any) -> RewardFn:
     if name not in _REGISTRY:
         raise ValueError(f"get_reward: unknown reward {name!r}; available: {sorted(_REGISTRY)}")
     return _REGISTRY[name](**options)
+
+
+def accepts_option(name: str, option: str) -> bool:
+    """Whether the built-in reward ``name`` takes the constructor option ``option`` (False for unknown names)."""
+    _ensure_builtins()
+    factory = _REGISTRY.get(name)
+    if factory is None:
+        return False
+    try:
+        return option in inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def check_batch(name: str, completions: Sequence[str], references: Sequence[Any]) -> None:

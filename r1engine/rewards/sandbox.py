@@ -3,34 +3,42 @@
 Two strengths, picked once per process by :func:`sandbox_strength` (and logged once):
 
 ``"bubblewrap"`` (``bwrap`` installed and working): the program runs under ``bwrap --unshare-all``: new
-user, PID, network (loopback only, no route out), mount, IPC and UTS namespaces; a filesystem made of
-read-only ``/usr`` (the interpreter and its standard library), ``/proc``, a minimal ``/dev``, the program
-read-only at ``/code`` and a size-limited tmpfs at ``/sandbox`` (its working directory, the only writable
-place). Nothing else of the host exists inside: not the project tree, not ``/etc``, not ``/root``. All
-capabilities are dropped, nested user namespaces are disabled, and when the PID namespace's init dies
-every process of the program dies with it.
+user, PID, network (loopback only, no route out), mount, IPC and UTS namespaces; a read-only filesystem made
+of ``/usr`` (the interpreter and its standard library), ``/proc``, a minimal ``/dev``, the program at
+``/code``; the only writable places are two size-limited tmpfs mounts, ``/sandbox`` (its working directory,
+``max_disk_bytes``) and ``/dev/shm`` (``max_shm_bytes``). Nothing else of the host exists inside: not the
+project tree, not ``/etc``, not ``/root``. All capabilities are dropped, nested user namespaces are disabled,
+and when the PID namespace's init dies every process of the program dies with it. The process limit is set
+inside the new user namespace, where the kernel counts only the sandbox's own processes and threads (set
+outside, it would count every thread of the caller's uid and fail the start once the trainer has that many).
+The program runs as the namespace's PID 1 (``--as-pid-1``), so no bwrap helper outlives a run as a zombie.
 
-``"rlimit"`` (fallback, weaker): a plain child process in a fresh temporary directory (a size-limited
-tmpfs mounted there when the caller is root, as a disk quota), Python isolated
-mode (``-I -S``), a scrubbed environment, a new network namespace when the kernel allows it (root), and
-a Python audit hook installed before the program runs that refuses sockets, subprocesses, ``os.system``,
-``fork``/``exec``, signals, ``ctypes``, and opening/listing/removing paths outside the temporary directory
-(reads of the standard library allowed). An audit hook is NOT a security boundary: C extensions and
-interpreter bugs bypass it, and without a mount namespace the host filesystem is still there.
+``"rlimit"`` (fallback, weaker, used only when the caller opts in with ``allow_weak``): a plain child process
+in a fresh temporary directory (a size-limited tmpfs mounted there when the caller is root, as a disk quota),
+Python isolated mode (``-I -S``), a scrubbed environment, a new network namespace when the kernel allows it
+(root), and a Python audit hook installed before the program runs that refuses sockets, subprocesses,
+``os.system``, ``fork``/``exec``, signals, ``ctypes``, and opening/listing/removing paths outside the temporary
+directory (reads of the standard library allowed). An audit hook is NOT a security boundary: C extensions and
+interpreter bugs bypass it, operations without audit events (``os.mkfifo``, ``os.mknod``, ``os.setxattr``,
+``shm_open``) are not seen at all, a path relative to a ``dir_fd`` escapes its check, a rename racing the
+check beats it, and without a mount namespace the host filesystem is still there. Hence
+:class:`SandboxUnavailable` unless the caller accepts it.
 
 Both modes add, around the child: a new session/process group (``setsid``), rlimits on CPU time
 (``RLIMIT_CPU``), address space (``RLIMIT_AS``), processes+threads (``RLIMIT_NPROC``), file size
 (``RLIMIT_FSIZE``), open files and core dumps; a wall-clock limit; stdout+stderr read with a byte cap
 (the child is killed when it exceeds it). When the caller is root (and the sandbox interpreter is
 reachable by other users: a system ``/usr/bin/python3`` is preferred), the child also drops to a fresh
-unprivileged uid (so ``RLIMIT_NPROC`` really applies, it cannot signal the caller, and file permissions
-protect root-owned files) and is placed in per-run cgroup-v1 ``memory`` and ``pids`` groups when those
-are writable (total memory including tmpfs pages, total process count). On exit or timeout the whole
-process group and every process left in the cgroup are SIGKILLed, and the temporary directory removed.
+unprivileged uid (it cannot signal the caller, and file permissions protect root-owned files) and is placed
+in per-run cgroup-v1 ``memory`` and ``pids`` groups when those are writable (total memory including tmpfs
+pages, total process count). On exit or timeout the whole process group and every process left in the
+cgroup are SIGKILLed, and the temporary directory removed. A failure of bwrap itself is a
+``"sandbox error"`` (logged loudly once per message), never a silent switch to the weaker mode.
 
-Environment checked when this was written (root in a Firecracker VM, Debian 12): ``bwrap`` 0.8 works
-with user/pid/net namespaces; ``RLIMIT_NPROC`` is NOT enforced for a uid-0 child even inside a user
-namespace, hence the uid drop; cgroup v1 ``memory``/``pids`` are writable by root.
+Environment checked when this was written (root in a Firecracker VM, Debian 12, kernel 6.x): ``bwrap`` 0.8
+works with user/pid/net namespaces for root and for unprivileged users; ``RLIMIT_NPROC`` is NOT enforced for
+a uid-0 child even inside a user namespace, hence the uid drop; cgroup v1 ``memory``/``pids`` are writable by
+root.
 """
 
 from __future__ import annotations
@@ -55,7 +63,13 @@ from .isolated import set_pdeathsig
 _log = logging.getLogger(__name__)
 _counter = itertools.count()
 _STRENGTH: str | None = None
+_WEAK_WHY = ""  # why the probe settled on the rlimit mode
+_REPORTED: set[str] = set()  # sandbox failures already logged
 _CGROUP_V1 = "/sys/fs/cgroup"
+
+
+class SandboxUnavailable(RuntimeError):
+    """Only the weaker rlimit sandbox is available (or forced) and the caller did not accept it."""
 
 
 @dataclass(frozen=True)
@@ -67,12 +81,21 @@ class SandboxLimits:
     memory_bytes: int = 512 << 20
     max_processes: int = 16  # processes + threads of the sandbox uid
     max_file_bytes: int = 16 << 20  # largest file the program may write
-    max_disk_bytes: int = 32 << 20  # total writable space (tmpfs size; bubblewrap mode)
+    max_disk_bytes: int = 32 << 20  # writable space of the working directory (tmpfs size)
+    max_shm_bytes: int = 8 << 20  # writable space of /dev/shm (bubblewrap mode)
     max_output_bytes: int = 1 << 20  # stdout + stderr
     max_open_files: int = 64
 
     def __post_init__(self) -> None:
-        for name in ("wall_time_s", "memory_bytes", "max_processes", "max_file_bytes", "max_output_bytes"):
+        for name in (
+            "wall_time_s",
+            "memory_bytes",
+            "max_processes",
+            "max_file_bytes",
+            "max_output_bytes",
+            "max_disk_bytes",
+            "max_shm_bytes",
+        ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"SandboxLimits: {name} must be > 0, got {getattr(self, name)}")
 
@@ -135,7 +158,7 @@ def _cgroups_usable() -> bool:
 
 def _bwrap_base(code_dir: str, limits: SandboxLimits, python: str) -> list[str]:
     cmd = ["bwrap", "--unshare-all", "--unshare-user", "--disable-userns", "--die-with-parent", "--new-session"]
-    cmd += ["--cap-drop", "ALL", "--ro-bind", "/usr", "/usr"]
+    cmd += ["--as-pid-1", "--cap-drop", "ALL", "--ro-bind", "/usr", "/usr"]
     for d in ("/bin", "/lib", "/lib64", "/lib32", "/sbin"):
         if os.path.islink(d):
             cmd += ["--symlink", os.readlink(d), d]
@@ -144,41 +167,79 @@ def _bwrap_base(code_dir: str, limits: SandboxLimits, python: str) -> list[str]:
     if not python.startswith("/usr/"):
         prefix = os.path.dirname(os.path.dirname(python))
         cmd += ["--ro-bind", prefix, prefix]
-    cmd += ["--proc", "/proc", "--dev", "/dev", "--ro-bind", code_dir, "/code"]
-    cmd += ["--size", str(limits.max_disk_bytes), "--tmpfs", "/sandbox", "--chdir", "/sandbox", "--clearenv"]
+    cmd += ["--proc", "/proc", "--dev", "/dev", "--size", str(limits.max_shm_bytes), "--tmpfs", "/dev/shm"]
+    cmd += ["--remount-ro", "/dev", "--ro-bind", code_dir, "/code"]
+    cmd += ["--size", str(limits.max_disk_bytes), "--tmpfs", "/sandbox", "--chdir", "/sandbox"]
+    # The root itself is a tmpfs without a size: read-only, or a program could fill memory through it.
+    cmd += ["--remount-ro", "/", "--clearenv"]
     for k, v in (("PATH", "/usr/bin:/bin"), ("HOME", "/sandbox"), ("TMPDIR", "/sandbox"), ("LANG", "C.UTF-8")):
         cmd += ["--setenv", k, v]
     return cmd
 
 
-def _probe_bwrap() -> bool:
+# Runs first inside the bubblewrap sandbox: the process limit, set in the new user namespace (where only the
+# sandbox's processes count), then the program in a fresh interpreter.
+_LAUNCH = r"""
+import os, resource, sys
+n = int(sys.argv[1])
+resource.setrlimit(resource.RLIMIT_NPROC, (n, n))
+os.execv(sys.executable, [sys.executable, "-u", "-I", "-S", "-B", "/code/main.py"])
+"""
+
+
+def _probe_bwrap() -> str | None:
+    """None when bwrap works here, else why not."""
     if shutil.which("bwrap") is None:
-        return False
+        return "bwrap is not installed"
     res = _run("print(6 * 7)", "", SandboxLimits(wall_time_s=20.0), "bubblewrap")
     if res.status == "ok" and res.stdout.strip() == "42":
-        return True
-    _log.warning("sandbox: bwrap is installed but does not work here (%s: %s)", res.status, res.stderr[-300:])
-    return False
+        return None
+    return f"bwrap is installed but does not work here ({res.status}: {res.stderr.strip()[-300:]})"
 
 
 def sandbox_strength() -> str:
     """``"bubblewrap"`` or ``"rlimit"`` (weaker; see the module docstring); probed once and logged once.
 
     ``R1ENGINE_SANDBOX=rlimit`` forces the fallback."""
-    global _STRENGTH
+    global _STRENGTH, _WEAK_WHY
     if _STRENGTH is None:
         forced = os.environ.get("R1ENGINE_SANDBOX", "").strip().lower()
         if forced not in ("", "bubblewrap", "rlimit"):
             raise ValueError(f"R1ENGINE_SANDBOX must be 'bubblewrap' or 'rlimit', got {forced!r}")
-        _STRENGTH = "rlimit" if forced == "rlimit" or not _probe_bwrap() else "bubblewrap"
+        why = "R1ENGINE_SANDBOX=rlimit forces it" if forced == "rlimit" else _probe_bwrap()
+        _STRENGTH, _WEAK_WHY = ("rlimit", why) if why else ("bubblewrap", "")
         if _STRENGTH == "bubblewrap":
             _log.info("sandbox: using bubblewrap (namespaces) + rlimits%s", " + cgroups" if _cgroups_usable() else "")
         else:
             _log.warning(
-                "sandbox: bubblewrap unavailable or disabled; using the WEAKER rlimit + audit-hook fallback "
-                "(install the Debian package 'bubblewrap' for namespace isolation)"
+                "sandbox: only the WEAKER rlimit + audit-hook sandbox is available (%s); install the Debian package "
+                "'bubblewrap' for namespace isolation",
+                why,
             )
     return _STRENGTH
+
+
+def weak_sandbox_reason(strength: str | None = None) -> str | None:
+    """Why ``strength`` (default: this process's choice) is the weak rlimit mode, or None when it is bubblewrap."""
+    if strength is None:
+        return (_WEAK_WHY or "bubblewrap is unavailable") if sandbox_strength() == "rlimit" else None
+    return "the caller forces it" if strength == "rlimit" else None
+
+
+def require_sandbox(strength: str | None = None, *, allow_weak: bool = False, who: str = "sandbox") -> str | None:
+    """Check that programs can run contained in ``strength`` (None: this process's choice) and return it.
+
+    Raises :class:`SandboxUnavailable`, naming why, when that is the weak rlimit mode and ``allow_weak`` is off."""
+    if strength not in (None, "bubblewrap", "rlimit"):
+        raise ValueError(f"{who}: sandbox must be None, 'bubblewrap' or 'rlimit', got {strength!r}")
+    why = weak_sandbox_reason(strength)
+    if why is not None and not allow_weak:
+        raise SandboxUnavailable(
+            f"{who}: refusing to run model-generated programs in the weak rlimit sandbox ({why}): it does not contain "
+            "writes through dir_fd, FIFOs, device nodes, extended attributes or POSIX shared memory. Install "
+            "bubblewrap (apt-get install bubblewrap) or accept the weak sandbox with rewards.allow_weak_sandbox=true"
+        )
+    return strength
 
 
 # The rlimit-mode wrapper: reads the program, installs the audit hook, then runs the program.
@@ -258,7 +319,7 @@ def _umount(path: str) -> None:
     libc.umount2(path.encode(), 2)  # MNT_DETACH
 
 
-def _make_preexec(limits: SandboxLimits, uid: int | None, cgroups: list[str], unshare_net: bool):
+def _make_preexec(limits: SandboxLimits, uid: int | None, cgroups: list[str], unshare_net: bool, nproc: bool):
     cpu = int(limits.cpu_time_s if limits.cpu_time_s is not None else limits.wall_time_s + 0.999) or 1
     rl = [
         (resource.RLIMIT_CPU, (cpu, cpu + 1)),
@@ -266,8 +327,9 @@ def _make_preexec(limits: SandboxLimits, uid: int | None, cgroups: list[str], un
         (resource.RLIMIT_FSIZE, (limits.max_file_bytes, limits.max_file_bytes)),
         (resource.RLIMIT_NOFILE, (limits.max_open_files, limits.max_open_files)),
         (resource.RLIMIT_CORE, (0, 0)),
-        (resource.RLIMIT_NPROC, (limits.max_processes, limits.max_processes)),
     ]
+    if nproc:  # the rlimit mode; bubblewrap sets it inside its user namespace (_LAUNCH)
+        rl.append((resource.RLIMIT_NPROC, (limits.max_processes, limits.max_processes)))
 
     def preexec() -> None:  # runs in the child between fork and exec: keep it simple
         os.setsid()
@@ -379,7 +441,11 @@ def _run(code: str, stdin: str, limits: SandboxLimits, strength: str) -> Sandbox
         os.chmod(code_dir, 0o755)
         os.chmod(os.path.join(code_dir, "main.py"), 0o644)
         if strength == "bubblewrap":
-            argv = _bwrap_base(code_dir, limits, python) + [python, "-u", "-I", "-S", "-B", "/code/main.py"]
+            with open(os.path.join(code_dir, "launch.py"), "w") as f:
+                f.write(_LAUNCH)
+            os.chmod(os.path.join(code_dir, "launch.py"), 0o644)
+            argv = _bwrap_base(code_dir, limits, python)
+            argv += [python, "-I", "-S", "-B", "/code/launch.py", str(limits.max_processes)]
             cwd, env, net = base, {"PATH": "/usr/bin:/bin"}, False
         else:
             work = os.path.join(base, "work")
@@ -403,7 +469,7 @@ def _run(code: str, stdin: str, limits: SandboxLimits, strength: str) -> Sandbox
             cwd=cwd,
             env=env,
             close_fds=True,
-            preexec_fn=_make_preexec(limits, uid, cgroups, net),
+            preexec_fn=_make_preexec(limits, uid, cgroups, net, nproc=strength == "rlimit"),
         )
         status, out, err = _communicate(proc, stdin.encode("utf-8", "replace"), limits, t0)
         rc = proc.returncode
@@ -412,10 +478,13 @@ def _run(code: str, stdin: str, limits: SandboxLimits, strength: str) -> Sandbox
         return SandboxResult("sandbox error", None, "", str(e), time.monotonic() - t0, strength, f"sandbox error: {e}")
     finally:
         if proc is not None:
-            if cgroups and proc.poll() is None:
+            if proc.poll() is None:
                 # Kill what runs inside first, so the outer bwrap reaps its own children and exits (killing
-                # it first would leave its children to be reaped by PID 1, a transient zombie per run).
-                _kill_cgroups(cgroups, spare=proc.pid)
+                # it first would leave its children to PID 1, a zombie per run where no init reaps them).
+                if cgroups:
+                    _kill_cgroups(cgroups, spare=proc.pid)
+                else:
+                    _kill_descendants(proc.pid)
                 try:
                     proc.wait(timeout=1.0)
                 except subprocess.TimeoutExpired:
@@ -426,6 +495,37 @@ def _run(code: str, stdin: str, limits: SandboxLimits, strength: str) -> Sandbox
         if mounted:
             _umount(mounted)
         shutil.rmtree(base, ignore_errors=True)
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (from /proc/<pid>/task/<tid>/children), parents before children."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        for children in (f"/proc/{p}/task/{tid}/children" for tid in _tasks(p)):
+            try:
+                with open(children) as f:
+                    kids = [int(x) for x in f.read().split()]
+            except OSError:
+                continue
+            out += kids
+            todo += kids
+    return out
+
+
+def _tasks(pid: int) -> list[str]:
+    try:
+        return os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return []
+
+
+def _kill_descendants(pid: int) -> None:
+    for p in _descendants(pid):
+        try:
+            os.kill(p, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
@@ -502,6 +602,12 @@ def _classify(
     so = out.decode("utf-8", "replace")
     se = err.decode("utf-8", "replace")
     last = se.strip().splitlines()[-1][:200] if se.strip() else ""
+    if strength == "bubblewrap" and rc == 1 and se.startswith("bwrap: "):  # bwrap failed before the program ran
+        reason = f"sandbox error: {last}"
+        if reason not in _REPORTED:
+            _REPORTED.add(reason)
+            _log.error("sandbox: bubblewrap failed to start a program (%s); it scores as failed", last)
+        return SandboxResult("sandbox error", rc, so, se, wall, strength, reason)
     if status == "timeout":
         return SandboxResult("timeout", rc, so, se, wall, strength, "timeout")
     if status == "output limit":
@@ -528,7 +634,12 @@ def _classify(
 
 
 def run_python(
-    code: str, stdin: str = "", limits: SandboxLimits | None = None, strength: str | None = None
+    code: str,
+    stdin: str = "",
+    limits: SandboxLimits | None = None,
+    strength: str | None = None,
+    *,
+    allow_weak: bool = False,
 ) -> SandboxResult:
     """Run ``code`` (a Python program) with ``stdin`` in the sandbox; never raises for anything the program does.
 
@@ -537,13 +648,13 @@ def run_python(
         stdin: text fed to the program's standard input.
         limits: resource limits (defaults: 5 s wall, 512 MiB, 16 processes, 1 MiB output).
         strength: force "bubblewrap" or "rlimit" (default: :func:`sandbox_strength`).
+        allow_weak: accept the weaker "rlimit" mode; without it that mode raises :class:`SandboxUnavailable`.
     """
     if not isinstance(code, str):
         raise TypeError(f"run_python: code must be a str, got {type(code).__name__}")
     limits = limits or SandboxLimits()
+    require_sandbox(strength, allow_weak=allow_weak, who="run_python")
     strength = strength or sandbox_strength()
-    if strength not in ("bubblewrap", "rlimit"):
-        raise ValueError(f"run_python: strength must be 'bubblewrap' or 'rlimit', got {strength!r}")
     if "\x00" in code:
         return SandboxResult("error", None, "", "", 0.0, strength, "program contains NUL bytes")
     return _run(code, stdin, limits, strength)

@@ -4,18 +4,20 @@ The R1 paper hides the latency of rule-based rewards (code execution above all) 
 asynchronously, overlapped with rollout and log-prob inference. :class:`RewardScheduler` owns a pool of
 ``num_workers`` processes, each holding a :class:`~r1engine.rewards.combined.CombinedReward` built from
 ``reward_config``. ``submit`` splits the batch into chunks and returns a :class:`RewardHandle` at once; a
-dispatcher thread feeds chunks to idle workers; ``handle.result()`` returns the scores in input order.
+dispatcher thread feeds chunks to idle workers, which score a chunk row by row and send each row's scores back
+as soon as they have them; ``handle.result()`` returns the scores in input order.
 
 Routing (:mod:`~r1engine.rewards.routing`): ``reward_config`` may name a route per data source beside the default
 weights; ``submit(..., sources=...)`` scores each row with its source's route (chunks never mix routes) and the
 batch reports per-source means besides the per-function ones.
 
-Failure policy (a reward must never kill a training step):
+Failure policy (a reward must never kill a training step, and a failure costs only its own row):
 - a reward function that raises: its samples get ``failure_value`` with reason ``"error: ..."`` (inside
   the worker, by CombinedReward);
-- a chunk running longer than ``timeout_s``: the worker is killed (its helpers die with it through
-  ``PR_SET_PDEATHSIG`` / bubblewrap ``--die-with-parent``), every reward of the chunk's samples gets
-  ``failure_value`` with reason ``"timeout"``, and a fresh worker replaces it;
+- a row taking longer than ``timeout_s``: the worker is killed (its helpers die with it through
+  ``PR_SET_PDEATHSIG`` / bubblewrap ``--die-with-parent``), every reward of that row gets ``failure_value``
+  with reason ``"timeout"``, a fresh worker replaces it and the chunk's rows not yet scored go back to the
+  front of the queue;
 - a worker that dies (segfault, OOM kill, ``os._exit``): the same, with reason ``"worker crashed"``.
 Each is logged with a warning. Workers are started with the ``spawn`` method (safe beside torch threads).
 """
@@ -99,11 +101,13 @@ def _worker_main(conn: mpc.Connection, config: dict, failure_value: float) -> No
         if msg is None:
             return
         key, completions, references, route, columns = msg
-        try:
-            res = rewards[route].evaluate(completions, references, columns)
-            conn.send(("result", key, res.per_function))
-        except BaseException as e:  # noqa: BLE001 - e.g. mismatched batch; reported per chunk
-            conn.send(("failed", key, f"error: {type(e).__name__}: {str(e)[:160]}"))
+        for j in range(len(completions)):  # row by row: the parent times out and re-queues per row
+            cols = {k: [v[j]] for k, v in columns.items()} if columns else None
+            try:
+                res = rewards[route].evaluate([completions[j]], [references[j]], cols)
+                conn.send(("row", key, j, {name: results[0] for name, results in res.per_function.items()}))
+            except BaseException as e:  # noqa: BLE001 - e.g. a malformed row; reported for that row
+                conn.send(("row_failed", key, j, f"error: {type(e).__name__}: {str(e)[:160]}"))
 
 
 @dataclass
@@ -113,7 +117,8 @@ class RewardBatch:
     ``scores[i]``: weighted sum of row i's route; ``per_function[name][i]``: that reward's score (NaN where row i's
     route does not use it); ``reasons[name][i]``: its reason (None for a clean pass/fail or an unused reward);
     ``metrics``: logging dict (see ``reward_metrics``, over the rows each reward scored), ``reward/source/<source>/
-    mean`` per data source, ``scheduler/latency_s``, ``scheduler/failed_chunks``.
+    mean`` per data source, ``scheduler/latency_s``, ``scheduler/failed_rows`` (rows whose worker timed out or
+    died while scoring them), ``sandbox/weak`` (1.0 while a reward that runs programs uses the weak sandbox).
     """
 
     scores: list[float]
@@ -125,32 +130,32 @@ class RewardBatch:
 class RewardHandle:
     """A submitted batch; ``result(timeout)`` blocks until every chunk is scored."""
 
-    def __init__(self, sources: list[str], route_of: list[str], routes: RewardRoutes, n_chunks: int):
+    def __init__(self, sources: list[str], route_of: list[str], routes: RewardRoutes, extra_metrics: dict):
         self._n = len(route_of)
+        self._extra_metrics = extra_metrics
         self._sources, self._route_of, self._routes = sources, route_of, routes
         self._results: dict[str, list[RewardResult | None]] = {k: [None] * self._n for k in routes.names}
-        self._left = n_chunks
-        self._failed_chunks = 0
+        self._left = self._n
+        self._failed_rows = 0
         self._done = threading.Event()
         self._t0 = time.monotonic()
         self._latency = 0.0
-        if n_chunks == 0:
+        if self._n == 0:
             self._done.set()
 
-    def _fill(self, rows: Sequence[int], per_function: Mapping[str, Sequence[RewardResult]]) -> None:
-        for name, results in per_function.items():
-            for i, r in zip(rows, results, strict=True):
-                self._results[name][i] = r
-        self._chunk_done()
+    def _fill(self, row: int, per_function: Mapping[str, RewardResult]) -> None:
+        for name, result in per_function.items():
+            self._results[name][row] = result
+        self._row_done()
 
-    def _fail(self, rows: Sequence[int], route: str, value: float, reason: str) -> None:
-        for name in self._routes.weights(route):
-            for i in rows:
+    def _fail(self, rows: Sequence[int], route: str, value: float, reason: str, *, worker_failed: bool) -> None:
+        for i in rows:
+            for name in self._routes.weights(route):
                 self._results[name][i] = RewardResult(value, reason)
-        self._failed_chunks += 1
-        self._chunk_done()
+            self._failed_rows += worker_failed
+            self._row_done()
 
-    def _chunk_done(self) -> None:
+    def _row_done(self) -> None:
         self._left -= 1
         if self._left == 0:
             self._latency = time.monotonic() - self._t0
@@ -176,7 +181,8 @@ class RewardHandle:
             rows = [s for s, src in zip(scores, self._sources, strict=True) if src == source]
             metrics[f"reward/source/{source or 'default'}/mean"] = sum(rows) / len(rows)
         metrics["scheduler/latency_s"] = self._latency
-        metrics["scheduler/failed_chunks"] = float(self._failed_chunks)
+        metrics["scheduler/failed_rows"] = float(self._failed_rows)
+        metrics.update(self._extra_metrics)
         nan = float("nan")
         return RewardBatch(
             scores=scores,
@@ -194,6 +200,15 @@ class _Task:
     completions: list[str]
     references: list[Any]
     columns: dict[str, list[Any]] | None
+    scored: int = 0  # rows of this task the worker has answered (it answers them in order)
+
+    def rest(self) -> _Task | None:
+        """The rows not yet answered after the current one, as a task of their own."""
+        k = self.scored + 1
+        if k >= len(self.rows):
+            return None
+        cols = {name: values[k:] for name, values in self.columns.items()} if self.columns else None
+        return _Task(self.handle, self.rows[k:], self.route, self.completions[k:], self.references[k:], cols)
 
 
 @dataclass
@@ -217,7 +232,7 @@ class RewardScheduler:
             ``weights`` is the default route (may be empty when the routes cover every source); ``imports`` are
             imported in each worker first (to register custom rewards).
         num_workers: worker processes.
-        timeout_s: limit for one chunk in a worker (the worker is killed past it).
+        timeout_s: limit for one row in a worker (the worker is killed past it; only that row fails).
         failure_value: score of every reward of a failed/timed-out sample.
         chunk_size: samples per chunk (default: a batch is split in about ``2 * num_workers`` chunks).
     """
@@ -244,7 +259,10 @@ class RewardScheduler:
 
         for mod in imports:
             importlib.import_module(mod)
-        build_reward_fns(self.routes.names, options, functions)  # validate names and options here, early
+        fns = build_reward_fns(self.routes.names, options, functions)  # validate names and options here, early
+        strengths = [fn.sandbox_strength for fn in fns.values() if hasattr(fn, "sandbox_strength")]
+        # Rewards that run programs: 1.0 in every batch's metrics while any of them uses the weak rlimit sandbox.
+        self._extra_metrics = {"sandbox/weak": float("rlimit" in strengths)} if strengths else {}
         for name, fn in functions.items():  # the workers are spawned processes: they get the functions pickled
             try:
                 pickle.dumps(fn)
@@ -300,7 +318,7 @@ class RewardScheduler:
             by_route.setdefault(route, []).append(i)
         size = self.chunk_size or max(1, math.ceil(n / (2 * self.num_workers)))
         chunks = [(route, rows[s : s + size]) for route, rows in by_route.items() for s in range(0, len(rows), size)]
-        handle = RewardHandle(sources, route_of, self.routes, len(chunks))
+        handle = RewardHandle(sources, route_of, self.routes, self._extra_metrics)
         with self._lock:
             for route, rows in chunks:
                 cols = {k: [v[i] for i in rows] for k, v in columns.items()} if columns else None
@@ -343,13 +361,14 @@ class RewardScheduler:
                 slot.proc.join(timeout=5)
             slot.conn.close()
             if slot.task is not None:
-                slot.task.handle._fail(slot.task.rows, slot.task.route, self.failure_value, "scheduler closed")
+                t = slot.task
+                t.handle._fail(t.rows[t.scored :], t.route, self.failure_value, "scheduler closed", worker_failed=False)
                 slot.task = None
         self._slots = []
         with self._lock:
             while self._pending:
                 t = self._pending.popleft()
-                t.handle._fail(t.rows, t.route, self.failure_value, "scheduler closed")
+                t.handle._fail(t.rows, t.route, self.failure_value, "scheduler closed", worker_failed=False)
         os.close(self._wake_r)
         os.close(self._wake_w)
 
@@ -383,12 +402,17 @@ class RewardScheduler:
         slot.proc.join(timeout=5)
         slot.conn.close()
         if slot.task is not None:
-            t = slot.task
+            t, slot.task = slot.task, None
+            row = t.rows[t.scored]
             _log.warning(
-                "reward scheduler: a chunk of %d rows (route %r) failed (%s); scored %s, worker replaced",
-                len(t.rows), t.route or "default", reason, self.failure_value,
+                "reward scheduler: row %d (route %r) failed (%s); scored %s, worker replaced",
+                row, t.route or "default", reason, self.failure_value,
             )  # fmt: skip
-            t.handle._fail(t.rows, t.route, self.failure_value, reason)
+            t.handle._fail([row], t.route, self.failure_value, reason, worker_failed=True)
+            rest = t.rest()
+            if rest is not None:
+                with self._lock:
+                    self._pending.appendleft(rest)
         self.workers_replaced += 1
         self._slots[i] = self._spawn()
 
@@ -448,13 +472,17 @@ class RewardScheduler:
         elif kind == "init_error":
             _log.error("reward scheduler: worker failed to build the rewards: %s", msg[1])
             self._closed_by_error(msg[1])
-        elif kind in ("result", "failed") and slot.task is not None and msg[1] == slot.key:
-            t, slot.task = slot.task, None
-            if kind == "result":
-                t.handle._fill(t.rows, msg[2])
+        elif kind in ("row", "row_failed") and slot.task is not None and msg[1] == slot.key:
+            t, row = slot.task, slot.task.rows[msg[2]]
+            if kind == "row":
+                t.handle._fill(row, msg[3])
             else:
-                _log.warning("reward scheduler: a chunk of %d rows failed: %s", len(t.rows), msg[2])
-                t.handle._fail(t.rows, t.route, self.failure_value, msg[2])
+                _log.warning("reward scheduler: row %d failed: %s", row, msg[3])
+                t.handle._fail([row], t.route, self.failure_value, msg[3], worker_failed=False)
+            t.scored = msg[2] + 1
+            slot.started = time.monotonic()  # the next row's clock
+            if t.scored == len(t.rows):
+                slot.task = None
 
     def _closed_by_error(self, err: str) -> None:
         # Workers cannot build the rewards (the parent could): fail everything rather than respawn forever.
@@ -462,10 +490,9 @@ class RewardScheduler:
         with self._lock:
             while self._pending:
                 t = self._pending.popleft()
-                t.handle._fail(t.rows, t.route, self.failure_value, f"error: worker init: {err}")
+                t.handle._fail(t.rows, t.route, self.failure_value, f"error: worker init: {err}", worker_failed=False)
         for slot in self._slots:
             if slot.task is not None:
-                slot.task.handle._fail(
-                    slot.task.rows, slot.task.route, self.failure_value, f"error: worker init: {err}"
-                )
-                slot.task = None
+                t, slot.task = slot.task, None
+                reason = f"error: worker init: {err}"
+                t.handle._fail(t.rows[t.scored :], t.route, self.failure_value, reason, worker_failed=False)

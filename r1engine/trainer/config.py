@@ -157,7 +157,13 @@ class RewardsConfig:
     options: dict[str, dict[str, Any]] = field(default_factory=dict)
     """Keyword options per reward, e.g. {format: {partial: true}, code: {time_limit_s: 5}}."""
     num_workers: int = 1
+    """Reward worker processes (scoring overlaps generation and log-prob inference)."""
     timeout_s: float = 10.0
+    """Limit for scoring one row (all its reward functions): past it the row's rewards get 0 with reason
+    "timeout" and its worker is replaced; the other rows are unaffected."""
+    allow_weak_sandbox: bool = False
+    """Let rewards that run model-generated programs (`code`) use the weaker rlimit + audit-hook sandbox when
+    bubblewrap is unavailable. Off: such a reward refuses to start and says why (see r1engine.rewards.sandbox)."""
 
 
 @dataclass

@@ -32,10 +32,12 @@ from r1engine.models.tokenizer import stop_token_ids
 from r1engine.ops import grpo_loss
 from r1engine.packing import PackedBatch, plan
 from r1engine.rewards import RewardScheduler
+from r1engine.rewards.registry import accepts_option
 from r1engine.rewards.routing import RewardRoutes
+from r1engine.rewards.sandbox import SandboxUnavailable
 from r1engine.rollout import create_engine
 from r1engine.trainer.checkpoint import CheckpointManager, rng_state, set_rng_state, writable_output_dir
-from r1engine.trainer.config import Config, GRPOConfig, ModelConfig
+from r1engine.trainer.config import Config, ConfigError, GRPOConfig, ModelConfig
 from r1engine.trainer.distributed import (
     broadcast_module,
     broadcast_object,
@@ -96,6 +98,10 @@ def reward_options(cfg: Config, template: PromptTemplate) -> dict[str, dict[str,
     uses_format = "format" in cfg.rewards.weights or any("format" in w for w in cfg.rewards.routes.values())
     if template.think_in_prompt and uses_format:
         options.setdefault("format", {}).setdefault("think_in_prompt", True)
+    used = set(cfg.rewards.weights).union(*cfg.rewards.routes.values())
+    for name in sorted(used):  # rewards that run programs learn whether the weak sandbox is acceptable
+        if accepts_option(name, "allow_weak_sandbox"):
+            options.setdefault(name, {}).setdefault("allow_weak_sandbox", cfg.rewards.allow_weak_sandbox)
     return options
 
 
@@ -371,10 +377,13 @@ class GRPOTrainer:
         self.ref_model: PolicyModel | None = None
         self.rollout = None
         options = {k: v for k, v in reward_options(cfg, self.template).items() if k in routes.names}
-        self.rewards = RewardScheduler(
-            {"weights": default, "routes": cfg.rewards.routes, "options": options, "functions": functions},
-            num_workers=cfg.rewards.num_workers, timeout_s=cfg.rewards.timeout_s,
-        )  # fmt: skip
+        try:
+            self.rewards = RewardScheduler(
+                {"weights": default, "routes": cfg.rewards.routes, "options": options, "functions": functions},
+                num_workers=cfg.rewards.num_workers, timeout_s=cfg.rewards.timeout_s,
+            )  # fmt: skip
+        except SandboxUnavailable as exc:  # a code reward without a sandbox that contains programs
+            raise ConfigError(str(exc)) from None
         self.correct = Correctness(routes, options, functions)
         self.checkpoints = CheckpointManager(self.out_dir, keep=cfg.checkpoint.keep, rank=self.rank)
         self.step = 0
