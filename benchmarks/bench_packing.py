@@ -1,9 +1,10 @@
 """Benchmark of the packing planner (r1engine.packing.plan) against the packers RL trainers use.
 
-For each length distribution (long-tailed lognormal completions capped at chunk_len, bimodal, uniform) and each
-size (10k, 100k, 1M sequences), all in one run, it measures:
+For each length distribution (long-tailed lognormal completions capped at chunk_len, bimodal, uniform, and
+"short": many tiny sequences of 1 to 7 tokens, so a few chunks per rank each hold thousands of sequences) and
+each size (10k, 100k, 1M sequences), all in one run, it measures:
 
-  ours      r1engine.packing.plan (compiled best-fit decreasing + equal chunk count per rank + LPT/swap balance)
+  ours      r1engine.packing.plan (compiled best-fit decreasing + equal chunk count per rank + LPT/swap/levelling)
   pad       (a) every sequence padded to the longest, sequences split evenly across ranks in arrival order
   verl-KK   (b) verl's scheme, written from its description: Karmarkar-Karp (largest differencing) over the DP
             ranks with equal sizes, then per rank KK into ceil(tokens / chunk_len) micro-batches (max over
@@ -18,6 +19,7 @@ planning time (wall and process CPU) and our speed-up. Baselines whose pure-Pyth
 
     python benchmarks/bench_packing.py                 # default: ~3 min on 2 idle cores
     python benchmarks/bench_packing.py --sizes 10000   # quick
+    python benchmarks/bench_packing.py --dists short --sizes 50000 --chunk-len 8192 --no-attention
 """
 
 from __future__ import annotations
@@ -49,6 +51,8 @@ def lengths_for(dist: str, n: int, cap: int, seed: int) -> torch.Tensor:
         x = torch.where(torch.rand(n, generator=g) < 0.7, short, long)
     elif dist == "uniform":
         x = torch.rand(n, generator=g) * cap + 1
+    elif dist == "short":  # 1 to 7 tokens whatever chunk_len is: the rank loads are sums of a few full chunks
+        x = torch.randint(1, 8, (n,), generator=g)
     else:
         raise ValueError(dist)
     return x.long().clamp(1, cap)
@@ -286,7 +290,7 @@ def bench_attention(with_flex: bool) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
-    ap.add_argument("--dists", nargs="+", default=["lognormal", "bimodal", "uniform"])
+    ap.add_argument("--dists", nargs="+", default=["lognormal", "bimodal", "uniform", "short"])
     ap.add_argument("--chunk-len", type=int, default=16384)
     ap.add_argument("--ranks", type=int, default=8)
     ap.add_argument("--kk-max", type=int, default=10_000, help="largest n for the verl-KK baseline")

@@ -119,6 +119,27 @@ def test_quality_on_long_tailed_lengths(cost: str, num_ranks: int) -> None:
     assert p.load_ratio <= 1.02
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("cost", ["tokens", "attention"])
+@pytest.mark.parametrize(
+    ("n", "longest", "chunk_len", "num_ranks", "seeds"),
+    [(50_000, 7, 8192, 8, (0, 1, 2)), (20_000, 3, 8192, 4, (0, 1)), (10_000, 30, 8192, 16, (0, 1))],
+    ids=["50k_1-7tok_8ranks", "20k_1-3tok_4ranks", "10k_1-30tok_16ranks"],
+)
+def test_balance_with_many_short_sequences(
+    n: int, longest: int, chunk_len: int, num_ranks: int, seeds: tuple[int, ...], cost: str, backend: str
+) -> None:
+    """Sequences far shorter than a chunk: a few chunks per rank, each holding thousands of sequences, so that
+    chunk-level balancing alone leaves the rank loads quantised in steps of about half a chunk. Whole
+    sequences must then move between ranks: load ratio <= 1.02, every sequence placed once within chunk_len."""
+    for seed in seeds:
+        g = torch.Generator().manual_seed(seed)
+        lengths = torch.randint(1, longest + 1, (n,), generator=g)
+        p = plan(lengths, chunk_len, num_ranks, cost=cost, attn_coef=6 * 1024, backend=backend)
+        check_plan(p, lengths.tolist(), chunk_len, num_ranks, 1, 1)
+        assert p.load_ratio <= 1.02, (seed, p.rank_load.tolist())
+
+
 @needs_cpp
 def test_min_chunks_split_instead_of_empty() -> None:
     """Raising the count (pipeline needs >= 2*PP micro-batches) splits chunks rather than adding empty ones."""

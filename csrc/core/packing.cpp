@@ -475,6 +475,115 @@ void refine_sequence_moves(RankState& st, std::vector<Chunk>& chunks, int64_t ca
   }
 }
 
+// Levelling by whole sequences, for the loads that chunk swaps cannot even out: few chunks per rank, each
+// holding many short sequences, so that rank loads are sums of a few large chunk costs (best fit fills chunks
+// to capacity and the count adjustment halves some of them, so the loads are quantised in steps of about half
+// a chunk). Runs only while the max - min spread exceeds `tol` of the maximum. Every rank above the mean load
+// gives up sequences whose cost stays within its remaining excess, most expensive first (greedy subset sum),
+// never emptying a chunk. The pool is dealt most expensive first to the rank with the largest remaining
+// deficit (ties: lowest rank), into that rank's chunk with the most free space (ties: lowest chunk id), and
+// only while that deficit is at least half the sequence's cost; at most 4 light ranks are tried per sequence,
+// and one that none of them has room for stays where it was. No rank ends above the old maximum or below the
+// old minimum. O(m log m) in the m sequences of the ranks above the mean.
+void level_sequences(RankState& st, std::vector<Chunk>& chunks, int64_t cap, PackingCost cost, double a,
+                     double tol) {
+  const int64_t R = static_cast<int64_t>(st.load.size());
+  if (R < 2) return;
+  const auto [hi, lo] = argmax_argmin(st.load);
+  if (!(st.load[static_cast<size_t>(hi)] - st.load[static_cast<size_t>(lo)] > tol * st.load[static_cast<size_t>(hi)]))
+    return;
+  const double mean = std::accumulate(st.load.begin(), st.load.end(), 0.0) / static_cast<double>(R);
+  struct Cand {
+    int64_t len;
+    int64_t chunk;
+    size_t pos;
+    int64_t rank;
+  };
+  std::vector<Cand> pool;
+  std::vector<int64_t> keep(chunks.size(), 0);  // sequences still in each chunk of a rank above the mean
+  std::vector<Cand> own;
+  for (int64_t r = 0; r < R; ++r) {
+    double excess = st.load[static_cast<size_t>(r)] - mean;
+    if (!(excess > 0)) continue;
+    own.clear();
+    for (int64_t c : st.chunks[static_cast<size_t>(r)]) {
+      const auto& seqs = chunks[static_cast<size_t>(c)].seqs;
+      keep[static_cast<size_t>(c)] = static_cast<int64_t>(seqs.size());
+      for (size_t p = 0; p < seqs.size(); ++p) own.push_back({seqs[p].len, c, p, r});
+    }
+    std::sort(own.begin(), own.end(), [](const Cand& x, const Cand& y) {
+      return std::tie(x.len, x.chunk, x.pos) < std::tie(y.len, y.chunk, y.pos);
+    });
+    // Greedy subset sum: the most expensive sequences that still fit under the remaining excess first, so
+    // that a few cheap ones are left to fill the remainder.
+    const double cheapest = own.empty() ? 0.0 : sequence_cost(own.front().len, cost, a);
+    for (auto it = own.rbegin(); it != own.rend() && excess >= cheapest; ++it) {
+      const double cs = sequence_cost(it->len, cost, a);
+      if (cs > excess || keep[static_cast<size_t>(it->chunk)] < 2) continue;
+      --keep[static_cast<size_t>(it->chunk)];
+      excess -= cs;
+      pool.push_back(*it);
+    }
+  }
+  if (pool.empty()) return;
+  std::stable_sort(pool.begin(), pool.end(), [](const Cand& x, const Cand& y) { return x.len > y.len; });
+
+  // Ranks below the mean: a max-heap on the remaining deficit (ties: lowest rank), and per rank a max-heap of
+  // its chunks' free space (ties: lowest chunk id).
+  std::priority_queue<std::pair<double, int64_t>> need;  // (deficit, -rank)
+  std::vector<std::priority_queue<std::pair<int64_t, int64_t>>> room(static_cast<size_t>(R));  // (free, -chunk)
+  for (int64_t r = 0; r < R; ++r) {
+    const double deficit = mean - st.load[static_cast<size_t>(r)];
+    if (!(deficit > 0)) continue;
+    need.emplace(deficit, -r);
+    for (int64_t c : st.chunks[static_cast<size_t>(r)]) {
+      const int64_t free_space = cap - chunks[static_cast<size_t>(c)].tokens;
+      if (free_space > 0) room[static_cast<size_t>(r)].emplace(free_space, -c);
+    }
+  }
+  constexpr int kTries = 4;  // light ranks tried per sequence, largest deficit first
+  std::vector<std::pair<double, int64_t>> tried;
+  std::vector<int64_t> touched;
+  for (const Cand& e : pool) {
+    const double cs = sequence_cost(e.len, cost, a);
+    tried.clear();
+    int64_t dst = -1, dst_rank = -1;
+    while (static_cast<int>(tried.size()) < kTries && !need.empty() && need.top().first >= cs / 2) {
+      tried.push_back(need.top());
+      need.pop();
+      const int64_t r = -tried.back().second;
+      auto& q = room[static_cast<size_t>(r)];
+      if (q.empty() || q.top().first < e.len) continue;
+      const auto [free_space, neg_c] = q.top();
+      q.pop();
+      if (free_space > e.len) q.emplace(free_space - e.len, neg_c);
+      tried.back().first -= cs;
+      dst = -neg_c;
+      dst_rank = r;
+      break;
+    }
+    for (const auto& t : tried) need.push(t);
+    if (dst < 0) continue;
+    Chunk& src = chunks[static_cast<size_t>(e.chunk)];
+    Chunk& to = chunks[static_cast<size_t>(dst)];
+    Item& it = src.seqs[e.pos];
+    to.seqs.push_back(it);
+    to.tokens += it.len;
+    to.cost += cs;
+    src.tokens -= it.len;
+    src.cost -= cs;
+    st.load[static_cast<size_t>(dst_rank)] += cs;
+    st.load[static_cast<size_t>(e.rank)] -= cs;
+    if (keep[static_cast<size_t>(e.chunk)] >= 0) touched.push_back(e.chunk);
+    keep[static_cast<size_t>(e.chunk)] = -1;  // marks the chunk as touched once
+    it.len = 0;                               // marks the sequence as moved out
+  }
+  for (int64_t c : touched) {
+    auto& seqs = chunks[static_cast<size_t>(c)].seqs;
+    seqs.erase(std::remove_if(seqs.begin(), seqs.end(), [](const Item& x) { return x.len == 0; }), seqs.end());
+  }
+}
+
 }  // namespace
 
 double sequence_cost(int64_t len, PackingCost cost, double attn_coef) {
@@ -511,10 +620,31 @@ PackingResult plan_packing(const int64_t* lengths, int64_t n, const PackingOptio
   constexpr double kTol = 2e-5;  // stop balancing once (max - min) / max is below this
   refine_chunk_swaps(st, chunks, iters, kTol);
   // Sequence-level moves cost O((n / R) log n) each: they run only while the spread exceeds 1e-3 of the maximum
-  // (chunk swaps already got it close) and stop after touching ~4n sequence entries, so the pass stays
-  // O(n log n) overall.
+  // (chunk swaps already got it close) and stop after touching ~4n sequence entries, so each of the (at most
+  // two) passes stays O(n log n) overall.
+  constexpr double kSeqTol = 1e-3;
   const int64_t seq_iters = opts.refine_iters >= 0 ? opts.refine_iters : iters;
-  refine_sequence_moves(st, chunks, cap, opts.cost, a, seq_iters, 1e-3, 4 * n + 1024);
+  const int64_t seq_budget = 4 * n + 1024;
+  // Each sequence move carries at most one sequence, and the budget affords about seq_budget / (2 (n/R + K))
+  // of them (each reads the sequences of two ranks). When even that many moves of the most expensive sequence
+  // cannot carry the total excess over the mean load (few chunks per rank, each full of short sequences: the
+  // loads are quantised by chunk and chunk swaps cannot even them out), level by whole sequences first.
+  const bool level = seq_iters > 0 && n > 0;
+  if (level) {
+    const double mean = std::accumulate(st.load.begin(), st.load.end(), 0.0) / static_cast<double>(R);
+    double excess = 0.0;
+    for (double l : st.load) excess += std::max(0.0, l - mean);
+    const double moves = static_cast<double>(std::min<int64_t>(seq_iters, seq_budget / (2 * (n / R + K) + 1)));
+    if (excess > moves * sequence_cost(sorted_len.front(), opts.cost, a))
+      level_sequences(st, chunks, cap, opts.cost, a, kSeqTol);
+  }
+  refine_sequence_moves(st, chunks, cap, opts.cost, a, seq_iters, kSeqTol, seq_budget);
+  // Still above the tolerance: level now, then move single sequences again (each pass only lowers the spread,
+  // and both are no-ops within the tolerance).
+  if (level) {
+    level_sequences(st, chunks, cap, opts.cost, a, kSeqTol);
+    refine_sequence_moves(st, chunks, cap, opts.cost, a, seq_iters, kSeqTol, seq_budget);
+  }
 
   // Emit rank-major, chunks within a rank by cost descending (ties by chunk id), sequences by length descending.
   res.rank_ptr.assign(1, 0);

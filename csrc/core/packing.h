@@ -14,7 +14,10 @@
 //      sequences than chunks required;
 //   4. assign chunks to ranks, the same count each: cardinality-constrained LPT (most expensive chunk first
 //      to the least-loaded rank with room), then pairwise chunk swaps between heavy and light ranks, then
-//      sequence moves/swaps between chunks of the heaviest and lightest rank (within chunk capacity).
+//      levelling by whole sequences (ranks above the mean load hand their cheapest sequences to ranks below
+//      it, into chunks with room: this evens out the loads when a few chunks per rank hold many short
+//      sequences each, which chunk swaps cannot), then sequence moves/swaps between chunks of the heaviest
+//      and lightest rank (within chunk capacity).
 // The result is deterministic for a given input.
 #pragma once
 

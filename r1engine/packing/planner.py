@@ -3,9 +3,12 @@
 The R1 training module sorts sequences by length, packs them best-fit into fixed-length chunks and gives
 every data-parallel process the same number of chunks. `plan` does that with the compiled planner
 (`torch.ops.r1engine.packing_plan`, csrc/core/packing.cpp: O(n log n) best-fit decreasing over a bit tree
-of free-space buckets, then count adjustment by splitting chunks and LPT + swap balancing of the per-rank
-load). `backend="python"` runs a pure-Python version of the same steps; `best_fit_decreasing_reference`
-is the plain best-fit decreasing used as the test oracle and as a benchmark baseline.
+of free-space buckets, then count adjustment by splitting chunks and balancing of the per-rank load: LPT,
+chunk swaps, levelling by whole sequences moved from ranks above the mean load to ranks below it, and
+single-sequence moves/swaps). The load is `cost` summed per rank (`PackingPlan.rank_load`; `load_ratio` is
+its max / min). `backend="python"` runs a pure-Python version of the packing steps with LPT and the
+levelling but without the swap refinements; `best_fit_decreasing_reference` is the plain best-fit decreasing
+used as the test oracle and as a benchmark baseline.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import bisect
 import heapq
 import math
 import operator
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -233,7 +236,7 @@ def plan(
         attn_coef: `a` of the attention cost (ignored for "tokens").
         min_chunks_per_rank: at least this many chunks per rank (a pipeline wants >= 2*PP micro-batches).
         chunk_multiple: chunks per rank are a multiple of this (e.g. 2 for DualPipe).
-        backend: "cpp" (compiled planner), "python" (pure-Python reference of the same steps, slow), or
+        backend: "cpp" (compiled planner), "python" (pure-Python reference, slow: LPT and levelling, no swaps), or
             "auto" (cpp when the extension is built).
 
     Extra chunks (beyond best-fit's count) are made by splitting multi-sequence chunks, so a chunk is empty
@@ -312,6 +315,92 @@ def best_fit_decreasing_reference(lengths: Sequence[int], chunk_len: int) -> lis
     return chunks
 
 
+def _level_sequences(
+    chunks: list[list[int]],
+    rank_chunks: list[list[int]],
+    load: list[float],
+    lengths: list[int],
+    chunk_len: int,
+    seq_cost: Callable[[int], float],
+    tol: float,
+) -> set[int]:
+    """Levelling by whole sequences, as level_sequences in csrc/core/packing.cpp (same selection and tie rules).
+
+    Used when the max - min load spread exceeds `tol` of the maximum. Every rank above the mean load gives up
+    sequences whose cost stays within its remaining excess, most expensive first (greedy subset sum), never
+    emptying a chunk. The pool is dealt most expensive first to the rank with the largest remaining deficit
+    (ties: lowest rank), into that rank's chunk with the most free space (ties: lowest chunk id). A sequence is
+    placed only while the deficit is at least half its cost, and at most 4 light ranks are tried per sequence;
+    a sequence that none of them has room for stays where it was. Updates `chunks` and `load` in place and
+    returns the ids of the changed chunks.
+    """
+    num_ranks = len(load)
+    if num_ranks < 2 or not max(load) - min(load) > tol * max(load):
+        return set()
+    mean = sum(load) / num_ranks
+    pool: list[tuple[int, int, int, int]] = []  # (length, chunk, sequence, rank)
+    keep: dict[int, int] = {}  # sequences left in each chunk of a rank above the mean
+    for r in range(num_ranks):
+        excess = load[r] - mean
+        if not excess > 0:
+            continue
+        for c in rank_chunks[r]:
+            keep[c] = len(chunks[c])
+        own = sorted((lengths[s], c, p, s) for c in rank_chunks[r] for p, s in enumerate(chunks[c]))
+        cheapest = seq_cost(own[0][0]) if own else 0.0
+        for n, c, _, s in reversed(own):  # greedy subset sum: most expensive first while under the excess
+            if excess < cheapest:
+                break
+            cs = seq_cost(n)
+            if cs > excess or keep[c] < 2:
+                continue
+            keep[c] -= 1
+            excess -= cs
+            pool.append((n, c, s, r))
+    if not pool:
+        return set()
+    pool.sort(key=lambda e: -e[0])
+    need = [(load[r] - mean, r) for r in range(num_ranks) if mean - load[r] > 0]  # (-deficit, rank)
+    heapq.heapify(need)
+    room: dict[int, list[tuple[int, int]]] = {}  # rank -> heap of (-free space, chunk)
+    for _, r in need:
+        tokens = {c: sum(lengths[s] for s in chunks[c]) for c in rank_chunks[r]}
+        room[r] = [(t - chunk_len, c) for c, t in tokens.items() if t < chunk_len]
+        heapq.heapify(room[r])
+    moved: set[int] = set()
+    sources: set[int] = set()
+    targets: set[int] = set()
+    for n, c, s, r in pool:
+        cs = seq_cost(n)
+        tried: list[tuple[float, int]] = []
+        dst = None
+        while len(tried) < 4 and need and -need[0][0] >= cs / 2:
+            neg_deficit, q = heapq.heappop(need)
+            tried.append((neg_deficit, q))
+            h = room[q]
+            if not h or -h[0][0] < n:
+                continue
+            neg_free, d = heapq.heappop(h)
+            if -neg_free > n:
+                heapq.heappush(h, (neg_free + n, d))
+            tried[-1] = (neg_deficit + cs, q)
+            dst = (d, q)
+            break
+        for t in tried:
+            heapq.heappush(need, t)
+        if dst is None:
+            continue
+        chunks[dst[0]].append(s)
+        load[dst[1]] += cs
+        load[r] -= cs
+        moved.add(s)
+        sources.add(c)
+        targets.add(dst[0])
+    for c in sources:  # a rank above the mean only gives, one below only takes: no chunk is in both sets
+        chunks[c] = [s for s in chunks[c] if s not in moved]
+    return sources | targets
+
+
 def _plan_python(
     lengths: list[int],
     chunk_len: int,
@@ -362,6 +451,8 @@ def _plan_python(
         load[r] = ld + costs[c]
         if len(rank_chunks[r]) < k:
             heapq.heappush(rheap, (load[r], r))
+    for c in _level_sequences(chunks, rank_chunks, load, lengths, chunk_len, seq_cost, 1e-3):
+        costs[c] = sum(seq_cost(lengths[s]) for s in chunks[c])
     seq_index, seq_offset, chunk_ptr, rank_ptr, chunk_tokens, chunk_cost = [], [], [0], [0], [], []
     for r in range(num_ranks):
         for c in sorted(rank_chunks[r], key=lambda c: (-costs[c], c)):
