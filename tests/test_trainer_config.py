@@ -61,6 +61,7 @@ def test_yaml_and_overrides(tmp_path):
         ("training.num_threads=-4", "training.num_threads: must be >= 0"),
         ("eval.temperature=-1", "eval.temperature: must be a finite value > 0"),
         ("rollout.top_k=0", "rollout.top_k: must be -1"),
+        ("rollout.vllm_log_level=LOUD", "rollout.vllm_log_level: must be one of"),
         ("rollout.top_p=0", "rollout.top_p: must be in (0, 1]"),
         ("eval.top_p=1.5", "eval.top_p: must be in (0, 1]"),
         ("grpo.lr=.nan", "grpo.lr: must be a finite value > 0"),

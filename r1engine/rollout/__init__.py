@@ -45,6 +45,7 @@ def create_engine(
     tokenizer: Any = None,
     num_speculative_tokens: int = 0,
     max_model_len: int | None = None,
+    vllm_log_level: str = "ERROR",
     **kwargs: Any,
 ) -> RolloutEngine:
     """Build a rollout engine.
@@ -52,7 +53,9 @@ def create_engine(
     backend: "vllm" (in-process vllm.LLM; needs `model_dir`, or `model` + `tokenizer` which are then written to a
     temporary directory once for start-up), "native" (pure PyTorch; needs `model` or `model_dir`), "auto" (vllm when
     installed, else native; native when speculation is asked for and vLLM's MTP drafter cannot serve the model's
-    family, with a logged reason). Extra keyword arguments go to the backend's constructor.
+    family, with a logged reason). `vllm_log_level`: what vLLM itself logs (its warnings about this CPU build and
+    its per-step notices are noise for a trainer; the environment's VLLM_LOGGING_LEVEL wins). Extra keyword
+    arguments go to the backend's constructor.
     """
     if backend == "auto":
         backend = "vllm" if vllm_available() else "native"
@@ -84,6 +87,7 @@ def create_engine(
             tokenizer=tokenizer,
             num_speculative_tokens=num_speculative_tokens,
             max_model_len=max_model_len,
+            log_level=vllm_log_level,
             **kwargs,
         )
     raise ValueError(f"backend must be 'vllm', 'native' or 'auto', got {backend!r}")

@@ -23,6 +23,7 @@ import logging
 import os
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -93,6 +94,24 @@ def _expand_kernel_fixed(output_ptr, input_ptr, cu_num_tokens_ptr, replace_from,
     vals = torch.where(input_ptr == replace_from, torch.as_tensor(replace_to, dtype=input_ptr.dtype), input_ptr)
     n = int(cu[-1]) if cu.numel() else 0
     output_ptr[:n].copy_(torch.repeat_interleave(vals, counts, output_size=n).to(output_ptr.dtype))
+
+
+VLLM_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+def set_vllm_log_level(level: str) -> str:
+    """What vLLM itself logs: its env var (read when vllm is first imported), its logger (when it already was), and
+    at ERROR and above its Python warnings and weight-loading progress bars too. The environment's
+    VLLM_LOGGING_LEVEL, when set, wins. Returns the level in effect."""
+    level = str(level).upper()
+    if level not in VLLM_LOG_LEVELS:
+        raise ValueError(f"vllm log level must be one of {', '.join(VLLM_LOG_LEVELS)}, got {level!r}")
+    level = os.environ.setdefault("VLLM_LOGGING_LEVEL", level).upper()
+    if level in VLLM_LOG_LEVELS:
+        logging.getLogger("vllm").setLevel(level)
+    if level in ("ERROR", "CRITICAL"):
+        warnings.filterwarnings("ignore", module=r"vllm(\.|$)")
+    return level
 
 
 class _KnownNoise(logging.Filter):
@@ -221,6 +240,7 @@ class VLLMEngine:
         max_num_seqs: int = 256,
         bucket_bytes: int = 64 << 20,
         enforce_eager: bool = True,
+        log_level: str = "ERROR",
         **llm_kwargs: Any,
     ) -> None:
         if num_speculative_tokens < 0:
@@ -277,8 +297,10 @@ class VLLMEngine:
         self.dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_space_gib))
-        # vLLM logs throughput at INFO after every engine step; the trainer reports those figures itself.
-        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+        # vLLM logs throughput at INFO after every engine step (the trainer reports those figures itself) and, on this
+        # CPU build, warnings about its own set-up at every start and step: errors only unless asked.
+        quiet = set_vllm_log_level(log_level) in ("ERROR", "CRITICAL")
+        llm_kwargs.setdefault("use_tqdm_on_load", not quiet)
         from vllm import LLM
 
         _KnownNoise.install()

@@ -173,6 +173,9 @@ class RolloutConfig:
     """MTP draft tokens per step (0: no speculation)."""
     top_p: float = 1.0
     top_k: int = -1
+    vllm_log_level: str = "ERROR"
+    """What vLLM itself logs (DEBUG, INFO, WARNING, ERROR, CRITICAL); `r1engine train --vllm-logs` is INFO. The
+    environment's VLLM_LOGGING_LEVEL, when set, wins."""
     offload_between_stages: bool = True
     """Release the rollout engine's device memory while the trainer runs (when rollout and training share a
     device; ignored when `rollout.device` is another one)."""
@@ -265,6 +268,11 @@ def _check_positive(cfg: Config) -> None:
             raise ConfigError(f"{key}: must be in (0, 1], got {_get(cfg, key)}")
     if not (cfg.rollout.top_k == -1 or cfg.rollout.top_k >= 1):
         raise ConfigError(f"rollout.top_k: must be -1 (off) or >= 1, got {cfg.rollout.top_k}")
+    levels = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+    if str(cfg.rollout.vllm_log_level).upper() not in levels:
+        raise ConfigError(
+            f"rollout.vllm_log_level: must be one of {', '.join(levels)}, got {cfg.rollout.vllm_log_level!r}"
+        )
     if cfg.checkpoint.keep < 1:
         raise ConfigError(f"checkpoint.keep: must be >= 1 (the checkpoint to resume from), got {cfg.checkpoint.keep}")
     if cfg.training.micro_batch_tokens is not None and cfg.training.micro_batch_tokens <= 0:

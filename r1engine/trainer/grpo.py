@@ -424,6 +424,7 @@ class GRPOTrainer:
                 tokenizer=self.tokenizer,
                 num_speculative_tokens=r.num_speculative_tokens,
                 max_model_len=self.cfg.training.chunk_len,
+                vllm_log_level=r.vllm_log_level,
                 **({"device": r.device} if r.device is not None else {}),
             )
 
