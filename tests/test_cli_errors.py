@@ -1,5 +1,6 @@
 """`r1engine train` errors (issue 17 item 9): one line on stderr naming the key and the value, exit code 2, no
-traceback, for an output_dir that cannot be written and a model.path / model.init_from that does not exist."""
+traceback, for an output_dir that cannot be written, a model.path / model.init_from that does not exist, and an
+output_dir holding a previous run that cannot be resumed."""
 
 from __future__ import annotations
 
@@ -48,3 +49,19 @@ def test_a_model_that_does_not_exist(tmp_path, key):
     assert line.startswith(f"r1engine: config error: {key}: ")
     assert repr(str(missing)) in line and "does not exist" in line
     assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
+@pytest.mark.timeout(300)
+def test_a_previous_run_without_a_checkpoint_to_resume_from(tmp_path):
+    out = tmp_path / "run"
+    (out / "checkpoints").mkdir(parents=True)
+    metrics = '{"step": 0, "eval/accuracy": 0.5}\n{"step": 1, "eval/accuracy": 0.6}\n'
+    (out / "metrics.jsonl").write_text(metrics)
+    proc = _train(f"output_dir={out}")
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("r1engine:")]
+    assert len(errors) == 1, proc.stderr
+    assert errors[0].startswith(f"r1engine: checkpoint error: output_dir {str(out)!r} holds a previous run")
+    assert "checkpoint.resume=false" in errors[0] and "another output_dir" in errors[0]
+    assert (out / "metrics.jsonl").read_text() == metrics  # untouched

@@ -30,3 +30,24 @@ def test_a_damaged_line_before_the_last_names_the_file_and_line(tmp_path):
     path.write_text('{"step": 0}\n{"step": 1, oops\n{"step": 2}\n')
     with pytest.raises(ValueError, match=r"metrics.jsonl: line 2 is not a JSON record"):
         read_metrics(path)
+
+
+def test_a_new_log_never_truncates_a_previous_runs_metrics(tmp_path):
+    """Issue 17 item 11: MetricsLogger(resume_step=None) used to unlink metrics.jsonl (61 lines to 3)."""
+    path = tmp_path / "metrics.jsonl"
+    _write(path, range(61))
+    before = path.read_text()
+    with pytest.raises(FileExistsError, match="metrics of a previous run"):
+        MetricsLogger(tmp_path)
+    assert path.read_text() == before
+    path.write_text("")  # an empty file holds no history: a new log starts in it
+    MetricsLogger(tmp_path).log(0, {"reward/mean": 0.0})
+    assert [r["step"] for r in read_metrics(path)] == [0]
+
+
+def test_resuming_keeps_the_records_up_to_the_checkpoint(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    _write(path, range(61))
+    MetricsLogger(tmp_path, resume_step=40)
+    assert [r["step"] for r in read_metrics(path)] == list(range(41))
+    assert not (tmp_path / "metrics.jsonl.tmp").exists()

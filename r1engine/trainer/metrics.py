@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -21,16 +22,27 @@ PLOT_PANELS: list[tuple[str, list[str]]] = [
 
 
 class MetricsLogger:
+    """Appends one JSON record per step to `output_dir/metrics.jsonl`.
+
+    `resume_step`: the step of the checkpoint a run resumes from; the records past it are dropped (they will be
+    produced again, identically), the rest kept. Without it the log starts empty: an existing metrics.jsonl with
+    records (a previous run's history) is never truncated, it raises FileExistsError instead (the trainer moves a
+    previous run aside first when told to start over, see `CheckpointManager.set_aside_previous_run`)."""
+
     def __init__(self, output_dir: str | Path, *, tensorboard: bool = False, resume_step: int | None = None):
         self.dir = Path(output_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.path = self.dir / "metrics.jsonl"
         if resume_step is not None and self.path.exists():
-            # Drop records past the checkpoint we resume from: they will be produced again, identically.
             kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= resume_step]
-            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        elif resume_step is None and self.path.exists():
-            self.path.unlink()
+            tmp = self.path.with_name(self.path.name + ".tmp")  # replaced atomically: a crash keeps the old log
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+            os.replace(tmp, self.path)
+        elif resume_step is None and self.path.exists() and self.path.stat().st_size > 0:
+            raise FileExistsError(
+                f"{self.path}: holds the metrics of a previous run; a new log (resume_step=None) does not overwrite "
+                "them: move the file away, or pass the resume_step of the checkpoint the run continues from"
+            )
         self._tb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
