@@ -40,7 +40,8 @@ def main(argv: list[str] | None = None) -> int:
         help="run a training config: cold-start SFT, then GRPO with rule-based rewards",
         description="Cold-start SFT (sft.steps > 0), then GRPO: rollouts (vLLM or native, MTP speculation), "
         "asynchronous rewards, packed training with the fused loss, weight sync. Writes metrics.jsonl, "
-        "metrics.png and checkpoints into output_dir and resumes from the newest checkpoint there.",
+        "metrics.png and checkpoints into output_dir and resumes from the newest intact checkpoint there "
+        "(checkpoint.resume=false starts over, moving a previous run's files into output_dir/previous-N/).",
     )
     _add_config_args(train)
     train.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
@@ -154,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         return _launch(args.nproc, argv if argv is not None else sys.argv[1:])
 
     from r1engine.data import DataError, TemplateError
+    from r1engine.trainer.checkpoint import CheckpointError
     from r1engine.trainer.grpo import GRPOTrainer
 
     try:
@@ -169,6 +171,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         summary = trainer.run()
+    except CheckpointError as exc:  # a previous run in output_dir that cannot be resumed: says how to start over
+        if trainer.is_main:
+            print(f"r1engine: checkpoint error: {exc}", file=sys.stderr)
+        return 2
     finally:
         trainer.close()
     if trainer.is_main:

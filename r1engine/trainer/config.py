@@ -211,7 +211,9 @@ class CheckpointConfig:
     """Save every this many GRPO steps (0: only at the end)."""
     keep: int = 2
     resume: bool = True
-    """Continue from the newest checkpoint in output_dir when there is one."""
+    """Continue from the newest intact checkpoint in output_dir (damaged newer ones are renamed step-N.damaged, with a
+    warning); a previous run there without one stops the run with an error. False: start over, moving a previous
+    run's files (metrics, plot, checkpoints) into output_dir/previous-N/; nothing is deleted or overwritten."""
 
 
 @dataclass

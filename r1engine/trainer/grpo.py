@@ -36,7 +36,13 @@ from r1engine.rewards.registry import accepts_option
 from r1engine.rewards.routing import RewardRoutes
 from r1engine.rewards.sandbox import SandboxUnavailable
 from r1engine.rollout import create_engine
-from r1engine.trainer.checkpoint import CheckpointManager, rng_state, set_rng_state, writable_output_dir
+from r1engine.trainer.checkpoint import (
+    CheckpointError,
+    CheckpointManager,
+    rng_state,
+    set_rng_state,
+    writable_output_dir,
+)
 from r1engine.trainer.config import Config, ConfigError, GRPOConfig, ModelConfig
 from r1engine.trainer.distributed import (
     broadcast_module,
@@ -652,14 +658,47 @@ class GRPOTrainer:
 
         return self.checkpoints.save(step, write, state)
 
-    def _load_weights(self, path: Path, state: dict[str, Any]) -> None:
+    def _read_checkpoint(self, path: Path, state: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """The policy weights of checkpoint `path`, read (with this rank's RNG file) before anything of the run is
+        changed, so that a damaged checkpoint found here leaves the run free to resume from an older one. A
+        checkpoint of another number of ranks raises CheckpointError (not damage: no older one would do either)."""
         if state.get("world_size", 1) != self.world_size:  # partitioned optimizer state and per-rank RNG
-            raise ValueError(
+            raise CheckpointError(
                 f"checkpoint {path} was written by {state.get('world_size', 1)} ranks, this run has "
                 f"{self.world_size}: resume with the same number of ranks"
             )
-        loaded = PolicyModel.from_pretrained(path / "model", dtype=self.model.dtype)
-        self.model.load_state_dict(loaded.state_dict())
+        torch.load(path / f"rng-rank{self.rank}.pt", weights_only=False)
+        if self.cfg.training.deepspeed_zero_stage and not (path / "deepspeed").is_dir():
+            raise FileNotFoundError("deepspeed/ (the partitioned optimizer state) is missing")
+        return PolicyModel.from_pretrained(path / "model", dtype=self.model.dtype).state_dict()
+
+    def _resume_point(self) -> tuple[Path, dict[str, Any], dict[str, torch.Tensor]] | None:
+        """(checkpoint, trainer state, weights) to resume from, or None to start from scratch. Rank 0 decides (see
+        `CheckpointManager.resume`: the newest intact checkpoint, damaged newer ones set aside; with
+        checkpoint.resume=false a previous run is moved into output_dir/previous-N/) and the other ranks read the
+        checkpoint it chose. Raises CheckpointError on every rank when a previous run cannot be resumed."""
+        decision: tuple[str, str | None] = ("start", None)
+        found = None
+        if self.is_main:
+            try:
+                if self.cfg.checkpoint.resume:
+                    found = self.checkpoints.resume(self._read_checkpoint)
+                    if found is not None:
+                        decision = ("resume", found[0].name)
+                else:
+                    self.checkpoints.set_aside_previous_run()
+            except CheckpointError as exc:
+                decision = ("error", str(exc))
+        decision = broadcast_object(decision)  # rank 0 has moved what it sets aside
+        if decision[0] == "error":
+            raise CheckpointError(decision[1])
+        if decision[0] == "start":
+            return None
+        if self.is_main:
+            return found
+        path = self.checkpoints.root / decision[1]
+        state = self.checkpoints.read_state(path)
+        return path, state, self._read_checkpoint(path, state)
 
     def _load_training_state(self, path: Path, state: dict[str, Any]) -> None:
         """Optimizer, RNG, data position and reference of checkpoint `path` (the weights are already loaded)."""
@@ -676,8 +715,8 @@ class GRPOTrainer:
     # ------------------------------------------------------------------------------------------- the loop
     def run(self) -> dict[str, Any]:
         cfg, g = self.cfg, self.cfg.grpo
-        checkpoint = self.checkpoints.latest() if cfg.checkpoint.resume else None
-        resumed = checkpoint is not None
+        found = self._resume_point()
+        resumed = found is not None
         logger = (
             MetricsLogger(self.out_dir, tensorboard=cfg.tensorboard, resume_step=None)
             if self.is_main and not resumed
@@ -686,8 +725,9 @@ class GRPOTrainer:
         t_start = time.perf_counter()
         warmup: dict[str, float] = {}
         if resumed:
-            checkpoint, state = self.checkpoints.load(checkpoint)
-            self._load_weights(checkpoint, state)
+            checkpoint, state, weights = found
+            self.model.load_state_dict(weights)
+            del weights, found
         elif cfg.sft.steps:
             self._cold_start()
         if not resumed and cfg.model.mtp_warmup_steps:
@@ -734,7 +774,8 @@ class GRPOTrainer:
             bar.set_postfix(reward=f"{float(record['reward/mean']):.2f}", acc=f"{acc:.2f}")
             if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0 and self.step < g.steps:
                 self.save_checkpoint(self.step)
-        self.save_checkpoint(self.step)
+        if not (resumed and self.step == state["step"]):  # else the checkpoint of this step is the one resumed from
+            self.save_checkpoint(self.step)
         if logger is not None:
             logger.close()
         summary = {
