@@ -1,7 +1,11 @@
 """DAPO's data-side techniques: dynamic sampling, overlong filtering and the soft overlong punishment, as pure
-functions (r1engine/algo/dapo.py) and the rounds of dynamic sampling (r1engine/trainer/dynamic_sampling.py)."""
+functions (r1engine/algo/dapo.py, r1engine/trainer/dynamic_sampling.py) and in short trainer runs (`dapo.*`)."""
 
 from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,7 +20,11 @@ from r1engine.algo.dapo import (
 from r1engine.data.problem import Problem
 from r1engine.rewards.scheduler import RewardBatch
 from r1engine.rollout.base import RolloutBatch, RolloutStats
+from r1engine.trainer.config import ConfigError, load_config
 from r1engine.trainer.dynamic_sampling import ScoredGroups, sample_informative_groups
+from r1engine.trainer.grpo import GRPOTrainer
+from r1engine.trainer.metrics import read_metrics
+from r1engine.trainer.sequences import loss_tokens, pack
 
 # --- the pure functions -----------------------------------------------------------------------------------------
 
@@ -190,3 +198,203 @@ def test_ranks_run_the_same_rounds_and_only_the_short_ones_generate():
     assert asked == [(2, False), (2, False)]  # the other rank's gap of 2 at 2 in 4 (limit 2), until the cap
     assert chosen.problems == first.problems
     assert m["dynamic_sampling/rounds"] == 3.0 and m["dynamic_sampling/groups_filled"] == 2.0
+
+
+# --- config ------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("dapo.max_sampling_rounds=0", "dapo.max_sampling_rounds"),
+        ("dapo.overlong_buffer_len=-1", "dapo.overlong_buffer_len"),
+        ("dapo.overlong_buffer_len=73", "dapo.overlong_buffer_len"),  # longer than grpo.max_new_tokens
+        ("dapo.overlong_penalty_factor=-0.5", "dapo.overlong_penalty_factor"),
+        ("dapo.overlong_penalty_factor=.nan", "dapo.overlong_penalty_factor"),
+        ("dapo.mask_truncated_completions=maybe", "dapo.mask_truncated_completions"),
+    ],
+)
+def test_bad_dapo_keys_are_named(override, key):
+    with pytest.raises(ConfigError, match=rf"^{key}:"):
+        load_config(None, ["grpo.max_new_tokens=72", override])
+
+
+def test_dynamic_sampling_needs_groups():
+    with pytest.raises(ConfigError, match=r"^dapo.dynamic_sampling: .*grpo.group_size"):
+        load_config(None, ["dapo.dynamic_sampling=true", "grpo.group_size=1", "grpo.advantage=drgrpo"])
+    cfg = load_config(None, ["dapo.dynamic_sampling=true", "dapo.overlong_buffer_len=72", "grpo.max_new_tokens=72"])
+    assert cfg.dapo.dynamic_sampling and cfg.dapo.overlong_buffer_len == 72
+    assert load_config(None).dapo.dynamic_sampling is False  # all off by default
+    assert cfg.to_dict()["dapo"]["max_sampling_rounds"] == 4
+
+
+# --- short trainer runs ------------------------------------------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parent.parent
+ROWS = [{"prompt": f"{a}+{b}=", "answer": str(a + b), "kind": "flat" if i % 2 else "vary"}
+        for i, (a, b) in enumerate((i * 7 % 50, i * 13 % 40) for i in range(48))]  # fmt: skip
+PROMPTS, GROUP = 4, 4
+RUN = [
+    "model.preset=tiny",
+    "model.mtp_layers=0",
+    "rollout.num_speculative_tokens=0",
+    "rollout.backend=native",
+    "sft.steps=0",
+    f"grpo.prompts_per_step={PROMPTS}",
+    f"grpo.group_size={GROUP}",
+    "grpo.mini_batches=2",
+    "grpo.max_new_tokens=16",
+    "grpo.beta=0",
+    "grpo.lr=1.0e-3",
+    "training.chunk_len=64",
+    "training.num_threads=1",
+    "data.eval_size=4",
+    "eval.samples=1",
+    "eval.every=100",
+    "checkpoint.every=0",
+]
+
+
+def vary_by_kind(completions, references, **columns):
+    """Rows of kind "vary": a score that differs between samples (a checksum of the text); "flat": always 1."""
+    kinds = columns.get("kind", ["flat"] * len(completions))  # the held-out correctness passes no columns
+    return [float(sum(map(ord, c)) % 97) if kind == "vary" else 1.0 for c, kind in zip(completions, kinds, strict=True)]
+
+
+def always_one(completions, references, **columns):
+    return [1.0] * len(completions)
+
+
+class RecordingTrainer(GRPOTrainer):
+    """Keeps what each step trains on: (sequences, training fields, metrics)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.rollouts: list = []
+
+    def generate_and_score(self, step):
+        out = super().generate_and_score(step)
+        self.rollouts.append(out)
+        return out
+
+
+def _run(tmp_path, reward, *overrides: str) -> RecordingTrainer:
+    cfg = load_config(None, [f"output_dir={tmp_path}", *RUN, *overrides])
+    trainer = RecordingTrainer(cfg, dataset=ROWS, reward_fns=[reward], progress=False)
+    try:
+        trainer.run()
+    finally:
+        trainer.close()
+    return trainer
+
+
+def _group_spread(rewards: torch.Tensor) -> torch.Tensor:
+    r = rewards.view(-1, GROUP)
+    return r.max(1).values - r.min(1).values
+
+
+@pytest.mark.timeout(600)
+def test_dynamic_sampling_trains_on_groups_that_vary_and_resumes(tmp_path):
+    dynamic = ("dapo.dynamic_sampling=true", "dapo.max_sampling_rounds=6", "training.deterministic=true")
+    trainer = _run(tmp_path / "straight", vary_by_kind, "grpo.steps=2", *dynamic)
+    taken = 0
+    for seqs, fields, m in trainer.rollouts:
+        assert len(seqs) == PROMPTS * GROUP  # the batch keeps its size
+        spread = _group_spread(fields["rewards"])
+        assert (spread > 0).all() and m["dynamic_sampling/groups_filled"] == 0.0  # every group trained on varies
+        assert m["adv/zero_frac"] == 0.0 and (fields["adv"].view(-1, GROUP).abs().sum(1) > 0).all()
+        assert m["dynamic_sampling/rounds"] >= 2  # half the rows score 1 whatever the completion: dropped
+        assert m["dynamic_sampling/groups_dropped"] > 0
+        sampled, dropped = m["dynamic_sampling/groups_sampled"], m["dynamic_sampling/groups_dropped"]
+        assert m["dynamic_sampling/kept_frac"] == pytest.approx((sampled - dropped) / sampled)
+        taken += sampled
+    # the extra prompts came from the data stream, whose position a checkpoint saves
+    assert trainer.stream.state() == {"epoch": 0, "index": taken}
+    saved = torch.load(tmp_path / "straight" / "checkpoints" / "step-000002" / "trainer.pt", weights_only=False)
+    assert saved["stream"] == trainer.stream.state()
+    # stopped after one step and resumed: the second step samples and trains as in the uninterrupted run
+    _run(tmp_path / "resumed", vary_by_kind, "grpo.steps=1", *dynamic)
+    resumed = _run(tmp_path / "resumed", vary_by_kind, "grpo.steps=2", *dynamic)
+    volatile = ("time/", "rollout/tokens_per_s", "scheduler/latency_s")
+    straight, again = (read_metrics(tmp_path / d / "metrics.jsonl")[-1] for d in ("straight", "resumed"))
+    assert again["step"] == 2 and {k: v for k, v in again.items() if not k.startswith(volatile)} == {
+        k: v for k, v in straight.items() if not k.startswith(volatile)
+    }
+    assert resumed.stream.state() == trainer.stream.state()
+
+
+@pytest.mark.timeout(600)
+def test_dynamic_sampling_stops_at_the_round_cap(tmp_path):
+    trainer = _run(tmp_path, always_one, "grpo.steps=1", "dapo.dynamic_sampling=true", "dapo.max_sampling_rounds=2")
+    ((seqs, fields, m),) = trainer.rollouts
+    assert m["dynamic_sampling/rounds"] == 2.0 and m["dynamic_sampling/kept_frac"] == 0.0
+    assert m["dynamic_sampling/groups_sampled"] == 2 * PROMPTS and m["dynamic_sampling/groups_filled"] == PROMPTS
+    assert len(seqs) == PROMPTS * GROUP and not fields["adv"].any()  # trained anyway, on zero advantages
+    assert m["train/skipped_seq_frac"] > 0
+    assert trainer.stream.state()["index"] == 2 * PROMPTS
+
+
+@pytest.mark.timeout(600)
+def test_truncated_completions_get_no_loss_tokens(tmp_path):
+    trainer = _run(tmp_path, vary_by_kind, "grpo.steps=2", "dapo.mask_truncated_completions=true")
+    stop = set(trainer.codec.stop_ids)
+    seen = {True: 0, False: 0}
+    for seqs, _, m in trainer.rollouts:
+        # a sequence is prompt + completion: a completion that does not end with a stop token was cut off
+        truncated = [int(ids[-1]) not in stop for ids in seqs.input_ids]
+        for t, mask in zip(truncated, seqs.loss_mask, strict=True):
+            assert (int(mask.sum()) == 0) == t  # truncated: masked whole; ended: its completion tokens are trained
+            seen[t] += 1
+        assert m["overlong/masked_frac"] == pytest.approx(sum(truncated) / len(truncated))
+        assert m["rollout/truncated_frac"] == pytest.approx(m["overlong/masked_frac"])
+        batch, _ = pack(seqs, 64)
+        assert set(loss_tokens(batch).seq_ids.tolist()) == {i for i, t in enumerate(truncated) if not t}
+    assert seen[True] > 0  # a random policy runs into the limit
+    records = [r for _, _, r in trainer.rollouts]
+    assert all(r["loss/policy"] == r["loss/policy"] for r in records)  # trains (no NaN) even when all are cut off
+
+
+@pytest.mark.timeout(600)
+def test_soft_overlong_punishment_is_added_to_the_reward(tmp_path):
+    trainer = _run(tmp_path, always_one, "grpo.steps=1", "dapo.overlong_buffer_len=8",
+                   "dapo.overlong_penalty_factor=0.5")  # fmt: skip
+    ((seqs, fields, m),) = trainer.rollouts
+    lengths = torch.tensor([int(mask.sum()) for mask in seqs.loss_mask])  # one loss position per completion token
+    penalty = overlong_penalty(lengths, 16, 8, 0.5)
+    assert (penalty < 0).any()
+    torch.testing.assert_close(fields["rewards"], 1.0 + penalty)  # the rule reward is 1 everywhere
+    assert m["reward/overlong_penalty_mean"] == pytest.approx(float(penalty.mean()))
+    assert m["overlong/penalized_frac"] == pytest.approx(float((penalty < 0).float().mean()))
+    assert m["reward/mean"] == 1.0  # the reward metrics are the rule rewards'
+    # groups whose lengths differ get advantages from the penalty alone
+    spread = _group_spread(fields["rewards"]) > 0
+    assert ((fields["adv"].view(-1, GROUP).abs().sum(1) > 0) == spread).all()
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(600)
+def test_two_ranks_sample_the_same_rounds(tmp_path):
+    """Two ranks (real processes, gloo, ZeRO-1): each needs its own share of varying groups, they run the same
+    rounds and log one set of totals."""
+    pytest.importorskip("deepspeed")
+    tiny = [
+        "model.preset=tiny", "task.max_digits=2", "task.num_eval=8", "sft.steps=4", "sft.batch_size=8",
+        "grpo.prompts_per_step=4", "grpo.group_size=4", "grpo.mini_batches=2", "grpo.max_new_tokens=24",
+        "grpo.beta=0", "training.chunk_len=64", "training.num_threads=1", "eval.every=10", "checkpoint.every=1",
+        "rollout.backend=native", "training.deepspeed_zero_stage=1", "grpo.steps=2",
+    ]  # fmt: skip
+    dapo = ["dapo.dynamic_sampling=true", "dapo.max_sampling_rounds=3", "dapo.mask_truncated_completions=true",
+            "dapo.overlong_buffer_len=8"]  # fmt: skip
+    cmd = [sys.executable, "-m", "r1engine.cli", "train", "--nproc=2", "--no-progress", "--config",
+           str(ROOT / "configs" / "demo.yaml"), f"output_dir={tmp_path}", *tiny, *dapo]  # fmt: skip
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=500)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    records = read_metrics(tmp_path / "metrics.jsonl")[1:]
+    assert len(records) == 2
+    for r in records:
+        assert 1 <= r["dynamic_sampling/rounds"] <= 3
+        sampled, dropped = r["dynamic_sampling/groups_sampled"], r["dynamic_sampling/groups_dropped"]
+        assert sampled >= 4 and sampled == int(sampled) and dropped == int(dropped)  # totals, equal on both ranks
+        assert r["dynamic_sampling/kept_frac"] == pytest.approx((sampled - dropped) / sampled)
+        assert 0 <= r["dynamic_sampling/groups_filled"] <= 4
+        assert 0 <= r["overlong/masked_frac"] <= 1 and -1 <= r["reward/overlong_penalty_mean"] <= 0

@@ -228,6 +228,34 @@ class EvalConfig:
 
 
 @dataclass
+class DAPOConfig:
+    """DAPO's data-side techniques (r1engine/algo/dapo.py; Yu et al., "DAPO: An Open-Source LLM Reinforcement
+    Learning System at Scale"), each off by default."""
+
+    dynamic_sampling: bool = False
+    """Drop the prompt groups whose rewards are all equal (every completion gets advantage 0: no policy gradient) and
+    sample more prompts, in rounds, until the step has grpo.prompts_per_step groups whose rewards vary or
+    `dapo.max_sampling_rounds` rounds ran; short then, the step trains on all the varying groups plus dropped ones in
+    sampling order (they add no policy gradient; the batch keeps its size). A round samples the prompts expected to
+    supply the missing groups at the rate seen so far, at most grpo.prompts_per_step. The rewards decide before the
+    old/reference log-probs are inferred (for the chosen groups only), so scoring no longer overlaps that inference.
+    The reward metrics describe the step's first round, the prompts a run without it would train on."""
+    max_sampling_rounds: int = 4
+    """Rounds of sampling per step with `dapo.dynamic_sampling`, the first one included (verl's max_num_gen_batches);
+    bounds the extra generation of a step."""
+    mask_truncated_completions: bool = False
+    """Overlong filtering: completions cut off by the length limit (no stop token at their end: grpo.max_new_tokens
+    or training.chunk_len reached) are left out of the loss; they still count in the rewards, the group advantages
+    and the reward metrics."""
+    overlong_buffer_len: int = 0
+    """Soft overlong punishment (0: off): completions longer than grpo.max_new_tokens minus this many tokens get a
+    penalty added to their reward, growing linearly from 0 to `dapo.overlong_penalty_factor` at grpo.max_new_tokens
+    (lengths count the stop token). At most grpo.max_new_tokens."""
+    overlong_penalty_factor: float = 1.0
+    """The soft overlong punishment's largest penalty (subtracted from the reward at grpo.max_new_tokens)."""
+
+
+@dataclass
 class Config:
     output_dir: str = "runs/default"
     seed: int = 0
@@ -242,6 +270,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     tensorboard: bool = False
+    dapo: DAPOConfig = field(default_factory=DAPOConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -339,6 +368,22 @@ def validate(cfg: Config) -> None:
     if cfg.rollout.num_speculative_tokens < 0:
         raise ConfigError(f"rollout.num_speculative_tokens: must be >= 0, got {cfg.rollout.num_speculative_tokens}")
     _validate_model(cfg)
+    _validate_dapo(cfg)
+
+
+def _validate_dapo(cfg: Config) -> None:
+    d, g = cfg.dapo, cfg.grpo
+    if d.max_sampling_rounds < 1:
+        raise ConfigError(f"dapo.max_sampling_rounds: must be >= 1 (the step's own round), got {d.max_sampling_rounds}")
+    if d.dynamic_sampling and g.group_size < 2:
+        raise ConfigError("dapo.dynamic_sampling: needs grpo.group_size >= 2 (a group of one never varies)")
+    if not 0 <= d.overlong_buffer_len <= g.max_new_tokens:
+        raise ConfigError(
+            f"dapo.overlong_buffer_len: must be in [0, grpo.max_new_tokens={g.max_new_tokens}], got "
+            f"{d.overlong_buffer_len}"
+        )
+    if not (math.isfinite(d.overlong_penalty_factor) and d.overlong_penalty_factor >= 0):
+        raise ConfigError(f"dapo.overlong_penalty_factor: must be a finite value >= 0, got {d.overlong_penalty_factor}")
 
 
 def _validate_rewards(cfg: Config) -> None:

@@ -23,8 +23,10 @@ import torch
 from tqdm.auto import tqdm
 
 from r1engine.algo.advantages import group_advantages
+from r1engine.algo.dapo import overlong_penalty, truncated_completions
 from r1engine.algo.loss import loss_share, sequences_with_gradient
 from r1engine.data import DataError, DatasetTask, PromptTemplate, get_task
+from r1engine.data.problem import Problem
 from r1engine.models import PolicyConfig, PolicyModel, TextCodec, build_char_tokenizer
 from r1engine.models.checkpoint import resize_mtp_layers
 from r1engine.models.source import check_tokenizer_fits, inspect_source
@@ -36,6 +38,7 @@ from r1engine.rewards.registry import accepts_option
 from r1engine.rewards.routing import RewardRoutes
 from r1engine.rewards.sandbox import SandboxUnavailable
 from r1engine.rollout import create_engine
+from r1engine.rollout.base import RolloutBatch
 from r1engine.trainer.checkpoint import (
     CheckpointError,
     CheckpointManager,
@@ -52,6 +55,7 @@ from r1engine.trainer.distributed import (
     sum_across_ranks,
     training_device,
 )
+from r1engine.trainer.dynamic_sampling import ScoredGroups, sample_informative_groups
 from r1engine.trainer.engine import TrainEngine
 from r1engine.trainer.evaluation import Correctness, held_out_accuracy
 from r1engine.trainer.metrics import MetricsLogger, plot_metrics, read_metrics
@@ -513,14 +517,13 @@ class GRPOTrainer:
                 sources=self._eval_sources,
             )
 
-    def generate_and_score(self, step: int) -> tuple[SequenceBatch, dict[str, Any], dict[str, Any]]:
-        """One rollout: G completions for this rank's prompts, rewards (async) overlapped with inference of the
-        old and reference log-probs; returns the sequences, their training fields (per-sequence old/ref log-probs
-        and advantages) and metrics."""
+    def _roll_out(
+        self, problems: list[Problem], step: int, round_: int = 0
+    ) -> tuple[list[list[int]], RolloutBatch, Any]:
+        """G completions of each of `problems` (this rank's), their scoring submitted: (prompt ids, rollout, reward
+        handle). Each round of a step (`round_`, with dynamic sampling) samples with a seed of its own."""
         cfg, g = self.cfg, self.cfg.grpo
-        problems = self.stream.take(g.prompts_per_step)[self.rank :: self.world_size]
         prompts = [self.encode(p.prompt) for p in problems]
-        t0 = time.perf_counter()
         with self._rollout_awake():
             rb = self.rollout.generate(
                 prompts,
@@ -530,19 +533,64 @@ class GRPOTrainer:
                 top_p=cfg.rollout.top_p,
                 top_k=cfg.rollout.top_k,
                 stop_token_ids=self.codec.stop_ids,
-                seed=cfg.seed * 1_000_003 + step * self.world_size + self.rank,
+                seed=cfg.seed * 1_000_003 + step * self.world_size + self.rank + round_ * 0x9E3779B1,
             )
+        texts = [self.decode(c) for c in rb.completion_ids]
+        rows = [problems[i] for i in rb.prompt_index.tolist()]
+        columns = _columns(rows) if self._pass_columns else None
+        handle = self.rewards.submit(texts, [p.answer for p in rows], sources=[p.source for p in rows], columns=columns)
+        return prompts, rb, handle
+
+    def _overlong_penalty(self, rb: RolloutBatch) -> torch.Tensor:
+        """`dapo.overlong_buffer_len`'s penalty of each completion of `rb` (zeros when off)."""
+        d = self.cfg.dapo
+        lengths = torch.tensor([len(c) for c in rb.completion_ids])
+        return overlong_penalty(lengths, self.cfg.grpo.max_new_tokens, d.overlong_buffer_len, d.overlong_penalty_factor)
+
+    def _dynamic_sampling(self, first: ScoredGroups, step: int) -> tuple[ScoredGroups, dict[str, float]]:
+        """`dapo.dynamic_sampling`: the step's groups whose rewards vary, sampling more prompts in rounds."""
+        g = self.cfg.grpo
+
+        def sample(round_: int, n: int, generate: bool) -> ScoredGroups | None:
+            problems = self.stream.take(n * self.world_size)[self.rank :: self.world_size]  # every rank takes alike
+            if not generate:
+                return None
+            prompts, rb, handle = self._roll_out(problems, step, round_)
+            scored = handle.result()
+            return ScoredGroups(problems, prompts, rb, scored, torch.tensor(scored.scores) + self._overlong_penalty(rb))
+
+        return sample_informative_groups(
+            first, sample, needed=len(first.problems), group_size=g.group_size,
+            max_rounds=self.cfg.dapo.max_sampling_rounds, rank=self.rank, num_ranks=self.world_size,
+            sum_across_ranks=sum_across_ranks,
+        )  # fmt: skip
+
+    def generate_and_score(self, step: int) -> tuple[SequenceBatch, dict[str, Any], dict[str, Any]]:
+        """One rollout: G completions for this rank's prompts, rewards (async) overlapped with inference of the
+        old and reference log-probs; returns the sequences, their training fields (per-sequence old/ref log-probs
+        and advantages) and metrics. DAPO's `dapo.*` options: dynamic sampling (scored first, more prompts until
+        the groups vary), truncated completions left out of the loss, the overlong penalty added to the rewards."""
+        cfg, g, d = self.cfg, self.cfg.grpo, self.cfg.dapo
+        problems = self.stream.take(g.prompts_per_step)[self.rank :: self.world_size]
+        t0 = time.perf_counter()
+        prompts, rb, handle = self._roll_out(problems, step)  # scored while we infer below
+        scored = first = None
+        dapo_metrics: dict[str, float] = {}
+        if d.dynamic_sampling:
+            first = handle.result()
+            groups = ScoredGroups(problems, prompts, rb, first, torch.tensor(first.scores) + self._overlong_penalty(rb))
+            groups, dapo_metrics = self._dynamic_sampling(groups, step)
+            problems, prompts, rb, scored = groups.problems, groups.prompts, groups.rollout, groups.scored
         t_rollout = time.perf_counter() - t0
         owner = rb.prompt_index.tolist()
-        texts = [self.decode(c) for c in rb.completion_ids]
-        rows = [problems[i] for i in owner]
-        columns = _columns(rows) if self._pass_columns else None
-        handle = self.rewards.submit(  # scored while we infer below
-            texts, [p.answer for p in rows], sources=[p.source for p in rows], columns=columns
-        )
 
         t1 = time.perf_counter()
         seqs = build_sequences([prompts[i] for i in owner], rb.completion_ids, rb.logprobs)
+        if d.mask_truncated_completions:  # DAPO's overlong filtering: no loss tokens
+            truncated = truncated_completions(rb.completion_ids, self.codec.stop_ids)
+            for i in torch.nonzero(truncated).flatten().tolist():
+                seqs.loss_mask[i].zero_()
+            dapo_metrics["overlong/masked_frac"] = float(truncated.float().mean())
         batch, pack_stats = pack(seqs, cfg.training.chunk_len, pad_id=self.codec.pad_id)
         tokens = loss_tokens(batch)
         sampler = batch.fields["sampler_logprobs"].reshape(-1)[tokens.index]
@@ -564,17 +612,23 @@ class GRPOTrainer:
         t_infer = time.perf_counter() - t1
 
         t2 = time.perf_counter()
-        scored = handle.result()
+        scored = handle.result() if scored is None else scored
+        first = scored if first is None else first  # what the reward metrics describe
         t_reward_wait = time.perf_counter() - t2
         rewards = torch.tensor(scored.scores, dtype=torch.float32)
+        if d.overlong_buffer_len:  # DAPO's soft overlong punishment
+            penalty = self._overlong_penalty(rb)
+            rewards = rewards + penalty
+            dapo_metrics["reward/overlong_penalty_mean"] = float(penalty.mean())
+            dapo_metrics["overlong/penalized_frac"] = float((penalty < 0).float().mean())
         advantages = group_advantages(rewards.view(-1, g.group_size), g.group_size, method=g.advantage).reshape(-1)
 
         lengths = torch.tensor([len(c) for c in rb.completion_ids], dtype=torch.float32)
         metrics = {
             "reward/mean": rewards.mean(),
             "reward/std": rewards.std(),
-            **{f"reward/{name}/mean": float(np.nanmean(v)) for name, v in scored.per_function.items()},
-            **{k: v for k, v in scored.metrics.items() if k.startswith(("reward", "scheduler"))},
+            **{f"reward/{name}/mean": float(np.nanmean(v)) for name, v in first.per_function.items()},
+            **{k: v for k, v in first.metrics.items() if k.startswith(("reward", "scheduler"))},
             "adv/mean": advantages.mean(),
             "adv/abs_mean": advantages.abs().mean(),
             "adv/zero_frac": (advantages == 0).float().mean(),
@@ -591,6 +645,7 @@ class GRPOTrainer:
             "time/inference_s": t_infer,
             "time/reward_wait_s": t_reward_wait,
             **pack_stats,
+            **dapo_metrics,
         }
         seqs_fields = {"old": old_seq, "ref": ref_seq, "adv": advantages, "rewards": rewards}
         return seqs, seqs_fields, metrics
