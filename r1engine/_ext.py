@@ -8,13 +8,25 @@ import torch
 
 
 @functools.cache
-def load_error() -> str | None:
-    """None if the extension loaded, else the reason it did not (kept for `r1engine.info`)."""
+def _load() -> ImportError | None:
     try:
         import r1engine._C  # noqa: F401  (registers torch.ops.r1engine.*)
     except ImportError as exc:  # not built, or built against another torch
-        return f"{type(exc).__name__}: {exc}"
+        return exc
     return None
+
+
+def load_error() -> str | None:
+    """None if the extension loaded, else the reason it did not (kept for `r1engine.info`)."""
+    exc = _load()
+    return None if exc is None else f"{type(exc).__name__}: {exc}"
+
+
+def built() -> bool:
+    """False only when there is no extension to load (never built in this checkout or install); True when it loaded,
+    and when a built one fails to load (e.g. built against another torch: a broken build, not a missing one)."""
+    exc = _load()
+    return not (isinstance(exc, ModuleNotFoundError) and exc.name == "r1engine._C")
 
 
 def available() -> bool:

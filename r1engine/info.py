@@ -43,6 +43,25 @@ def backends() -> dict[str, tuple[bool, str]]:
     }
 
 
+def op_backends() -> dict[str, tuple[str, list[tuple[str, str | None]]]]:
+    """Every op with a backend switch: name -> (what "auto" picks for float32 CPU tensors, [(backend, None if it
+    can run here else why not)]) (r1engine.ops.backends.registry)."""
+    import r1engine.ops  # noqa: F401  (the ops register their backends when imported)
+    import r1engine.optim  # noqa: F401
+    import r1engine.packing  # noqa: F401
+    from r1engine.ops.backends import registry
+
+    cpu = torch.device("cpu")
+    table = {}
+    for name, entry in registry.registered().items():
+        status = []
+        for b in entry.backends:
+            why = b.unavailable()
+            status.append((b.name, None if why is None else why.reason))
+        table[name] = (entry.resolve("auto", cpu, torch.float32), status)
+    return table
+
+
 def components() -> dict[str, str | None]:
     """Optional components: name -> version (None when absent)."""
     return {
@@ -60,6 +79,10 @@ def main() -> None:
     print("backends:")
     for name, (ok, detail) in backends().items():
         print(f"  {name:<7} {'yes' if ok else 'no ':<4} {detail}")
+    print("ops (backend 'auto' on float32 CPU tensors; backends that cannot run here in parentheses):")
+    for name, (auto, status) in op_backends().items():
+        names = ", ".join(b if why is None else f"({b})" for b, why in status)
+        print(f"  {name:<17} auto={auto:<12} {names}")
     print("components:")
     for name, version in components().items():
         print(f"  {name:<12} {version or 'absent'}")

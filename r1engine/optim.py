@@ -13,7 +13,8 @@ Backends (per tensor, decided at each step):
   cpp    torch.ops.r1engine.adamw_step_ (csrc/core/adamw.*): one read of param, grad and both moments and one
          write of param and moments per element, AVX2 + OpenMP; for contiguous float32 / bfloat16 CPU tensors.
   torch  the same math with torch._foreach_* ops (any device and dtype; also the reference for bf16 parameters).
-`backend="auto"` uses `cpp` where the extension is built and the tensor qualifies, else `torch`.
+`backend="auto"` uses `cpp` where the extension is built and the tensor qualifies, else `torch` (`FUSED_ADAMW` in
+r1engine.ops.backends.registry, which logs once why `cpp` was passed over when the extension lacks it).
 
 The optimizer state (exp_avg, exp_avg_sq) is float32 whatever the parameter dtype: a bfloat16 model keeps
 full-precision moments and only the parameter is rounded after each update (torch.optim.AdamW keeps bf16 moments).
@@ -33,8 +34,21 @@ from typing import Any
 import torch
 
 from r1engine import _ext
+from r1engine.ops.backends import registry
 
-__all__ = ["FusedAdamW", "clip_coefficient"]
+__all__ = ["FUSED_ADAMW", "FusedAdamW", "clip_coefficient"]
+
+FUSED_ADAMW = registry.register(
+    "fused_adamw",
+    [
+        registry.Backend(
+            "cpp",
+            "torch.ops.r1engine.adamw_step_ for contiguous float32 / bfloat16 CPU tensors (the others take torch)",
+            check=registry.compiled_op("adamw_step_"),
+        ),
+        registry.Backend("torch", "torch._foreach_* ops, any device and dtype"),
+    ],
+)
 
 _HYPER = ("lr", "betas", "eps", "weight_decay")
 
@@ -70,12 +84,11 @@ class FusedAdamW:
         *,
         backend: str = "auto",
     ):
-        if backend not in ("auto", "cpp", "torch"):
-            raise ValueError(f"backend: expected 'auto', 'cpp' or 'torch', got {backend!r}")
+        use = FUSED_ADAMW.resolve(backend)
         if backend == "cpp":
             _ext.require("adamw_step_")
         self.backend = backend
-        self._use_cpp = backend != "torch" and _ext.has_op("adamw_step_")
+        self._use_cpp = use == "cpp"
         self.defaults: dict[str, Any] = {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay}
         _check_hyper(lr, tuple(betas), eps, weight_decay)
         self.param_groups: list[dict[str, Any]] = []

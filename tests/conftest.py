@@ -3,13 +3,33 @@
 Without a CUDA device the Triton kernels run under Triton's interpreter. `TRITON_INTERPRET` is read when a kernel is
 decorated, that is when `r1engine.kernels` is first imported, and several test modules import it indirectly while
 they are collected (the fused ops, TRL through its Liger integration), so it is set here, before any of them.
+
+Every test also fails when a fast path turned out to be broken while it ran (`_no_broken_fast_path`).
 """
 
 from __future__ import annotations
 
 import os
+import sys
 
+import pytest
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture(autouse=True)
+def _no_broken_fast_path():
+    """Fail a test during which a fast path turned out to be broken: installed or built, but failing to import or
+    load (r1engine.ops.backends.registry reports it as a warning and takes the slow path, which would otherwise
+    pass every test). A fast path that is simply absent here (no triton, no flash-attn, no GPU, no extension) is
+    not an error. Tests that simulate a broken one reset the registry before this check runs."""
+    registry = sys.modules.get("r1engine.ops.backends.registry")
+    before = set(registry.broken()) if registry is not None else set()
+    yield
+    registry = sys.modules.get("r1engine.ops.backends.registry")
+    new = [b for b in registry.broken() if b not in before] if registry is not None else []
+    if new:
+        lines = "\n".join(f"  {op}: backend {backend!r}: {reason}" for op, backend, reason in new)
+        pytest.fail(f"a fast path is broken on this machine (fix the build or the install):\n{lines}", pytrace=False)

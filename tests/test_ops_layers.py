@@ -19,7 +19,7 @@ import torch
 from r1engine import ops
 from r1engine.models.config import PolicyConfig
 from r1engine.models.policy import PolicyModel, fused_layer_ops
-from r1engine.ops.backends import resolve_cpu_kernel
+from r1engine.ops.backends import registry
 from r1engine.ops.rms_norm import rms_norm_reference
 from r1engine.ops.rope import rope_reference
 from r1engine.ops.swiglu import swiglu_reference
@@ -214,7 +214,7 @@ def test_cuda_tensors_take_the_torch_backend(dtype):
     g, u = _randn((4, 19), dtype, seed=3).to(dev), _randn((4, 19), dtype, seed=4).to(dev)
     q = _randn((2, 6, 3, 8), dtype, seed=5).to(dev)
     cos, sin = (t.to(dev) for t in _cos_sin((1, 6, 8), seed=6))
-    assert resolve_cpu_kernel("auto", x, "x", "rms_norm_fwd") == "torch"
+    assert registry.get("rms_norm").resolve("auto", x.device, x.dtype) == "torch"
     cases = [
         (ops.rms_norm, (x, w), (1e-6,), rms_norm_reference),
         (ops.swiglu, (g, u), (), swiglu_reference),
@@ -313,9 +313,13 @@ def test_bad_inputs_raise_clear_errors():
 
 def test_backend_auto_resolution():
     x = torch.randn(2, 3)
-    assert resolve_cpu_kernel("auto", x, "x", "rms_norm_fwd") == "cpp"
-    assert resolve_cpu_kernel("auto", x.half(), "x", "rms_norm_fwd") == "torch"  # no fp16 kernel: the PyTorch formulas
-    assert resolve_cpu_kernel("auto", x.double(), "x", "rms_norm_fwd") == "torch"
+    for op in ("rms_norm", "swiglu", "rope"):
+        backends = registry.get(op)
+        assert backends.resolve("auto", x.device, x.dtype) == "cpp"
+        assert backends.resolve("auto", x.device, torch.bfloat16) == "cpp"
+        assert backends.resolve("auto", x.device, torch.float16) == "torch"  # no fp16 kernel: the PyTorch formulas
+        assert backends.resolve("auto", x.device, torch.float64) == "torch"
+        assert backends.resolve("auto", torch.device("cuda"), x.dtype) == "torch"  # no CUDA kernels yet
     y = ops.rms_norm(x.double(), torch.ones(3, dtype=torch.float64))
     torch.testing.assert_close(y, rms_norm_reference(x.double(), torch.ones(3, dtype=torch.float64)))
 

@@ -20,7 +20,7 @@ import torch
 from r1engine.algo.kl import kl_estimator_id
 from r1engine.algo.loss import AGGREGATIONS, GRPOMetrics, aggregation_weights, grpo_metrics, token_advantages
 from r1engine.ops._library import custom_op
-from r1engine.ops.backends import BACKENDS, load, resolve
+from r1engine.ops.backends import GRPO_LOSS, load, resolve
 
 __all__ = ["GRPOMetrics", "grpo_loss", "token_logprobs"]
 
@@ -325,8 +325,7 @@ def grpo_loss(
     Logits whose leading dims cannot be flattened without a copy (e.g. the view ``logits[:, :-1]``) are copied
     once; to avoid that, pass the full logits and mask the last position (masked rows cost nothing).
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+    GRPO_LOSS.validate(backend)
     if agg not in AGGREGATIONS:
         raise ValueError(f"agg: expected one of {AGGREGATIONS}, got {agg!r}")
     kl_id = kl_estimator_id(kl_estimator)

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from r1engine.ops._library import custom_op
+from r1engine.ops.backends import LINEAR_GRPO_LOSS
 from r1engine.ops.grpo_loss import check_finite_inputs, check_hyperparameters
 
 if TYPE_CHECKING:
@@ -29,7 +30,7 @@ if TYPE_CHECKING:
 
 __all__ = ["linear_grpo_loss", "LINEAR_BACKENDS"]
 
-LINEAR_BACKENDS = ("auto", "torch", "triton")
+LINEAR_BACKENDS = LINEAR_GRPO_LOSS.names
 _TORCH_CHUNK_BYTES = 256 << 20  # fp32 logits per chunk of the torch backend
 
 
@@ -83,17 +84,7 @@ def _torch_logprobs_bwd(
 
 
 def _resolve(backend: str, device: torch.device) -> str:
-    if backend not in LINEAR_BACKENDS:
-        raise ValueError(f"backend: expected one of {LINEAR_BACKENDS}, got {backend!r}")
-    if backend != "auto":
-        return backend
-    if device.type == "cuda":
-        try:
-            import r1engine.kernels.linear_grpo_loss  # noqa: F401
-        except ImportError:
-            return "torch"
-        return "triton"
-    return "torch"
+    return LINEAR_GRPO_LOSS.resolve(backend, device)
 
 
 def _logprobs_fwd(hidden, weight, targets, temperature, backend):

@@ -23,12 +23,12 @@ from __future__ import annotations
 import torch
 
 from r1engine.ops._library import custom_op
-from r1engine.ops.backends import LAYER_BACKENDS, resolve_cpu_kernel
+from r1engine.ops.backends import cpu_kernel_op, resolve_cpu_kernel
 
 __all__ = ["rms_norm", "rms_norm_reference", "BACKENDS"]
 
-BACKENDS = LAYER_BACKENDS
-_CPP_OP = "rms_norm_fwd"
+_BACKENDS = cpu_kernel_op("rms_norm", "rms_norm_fwd")
+BACKENDS = _BACKENDS.names
 
 
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -119,7 +119,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, backend: 
     ``"cpp"``; non-contiguous inputs are copied to contiguous), ``weight [H]``; returns ``[..., H]`` in x's dtype.
     Gradients reach ``x`` and ``weight`` (``dweight`` accumulated in fp32, returned in weight's dtype)."""
     _check(x, weight, eps)
-    name = resolve_cpu_kernel(backend, x, "x", _CPP_OP)
+    name = resolve_cpu_kernel(_BACKENDS, backend, x, "x")
     x = x.contiguous()
     grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
     if name == "cpp" and not grad and not torch.compiler.is_compiling():

@@ -25,12 +25,12 @@ from __future__ import annotations
 import torch
 
 from r1engine.ops._library import custom_op
-from r1engine.ops.backends import LAYER_BACKENDS, resolve_cpu_kernel
+from r1engine.ops.backends import cpu_kernel_op, resolve_cpu_kernel
 
 __all__ = ["rope", "rope_reference", "BACKENDS"]
 
-BACKENDS = LAYER_BACKENDS
-_CPP_OP = "rope_fwd"
+_BACKENDS = cpu_kernel_op("rope", "rope_fwd")
+BACKENDS = _BACKENDS.names
 
 
 def rope_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -143,7 +143,7 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backend: str = "
     any float dtype on ``"torch"``; non-contiguous inputs are copied to contiguous), ``cos/sin [..., T, D]`` whose
     leading dims broadcast to x's (e.g. ``[1, T, D]`` for a batch). Returns ``[..., T, H, D]`` in x's dtype."""
     _check(x, cos, sin)
-    name = resolve_cpu_kernel(backend, x, "x", _CPP_OP)
+    name = resolve_cpu_kernel(_BACKENDS, backend, x, "x")
     x = x.contiguous()
     if name == "cpp" and not (x.requires_grad and torch.is_grad_enabled()) and not torch.compiler.is_compiling():
         # nothing for autograd to record and not tracing: the kernel directly, without the operator's Python layers

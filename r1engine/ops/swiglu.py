@@ -22,12 +22,12 @@ import torch
 import torch.nn.functional as F
 
 from r1engine.ops._library import custom_op
-from r1engine.ops.backends import LAYER_BACKENDS, resolve_cpu_kernel
+from r1engine.ops.backends import cpu_kernel_op, resolve_cpu_kernel
 
 __all__ = ["swiglu", "swiglu_reference", "BACKENDS"]
 
-BACKENDS = LAYER_BACKENDS
-_CPP_OP = "swiglu_fwd"
+_BACKENDS = cpu_kernel_op("swiglu", "swiglu_fwd")
+BACKENDS = _BACKENDS.names
 
 
 def swiglu_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -105,7 +105,7 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor, backend: str = "auto") -> torch
     """Differentiable ``silu(gate) * up`` for ``gate`` and ``up`` of equal shape and dtype (fp32/bf16 on ``"cpp"``,
     any float dtype on ``"torch"``; non-contiguous inputs are copied to contiguous); result in their dtype."""
     _check(gate, up)
-    name = resolve_cpu_kernel(backend, gate, "gate", _CPP_OP)
+    name = resolve_cpu_kernel(_BACKENDS, backend, gate, "gate")
     gate, up = gate.contiguous(), up.contiguous()
     grad = torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad)
     if name == "cpp" and not grad and not torch.compiler.is_compiling():

@@ -15,7 +15,7 @@ with dK and dV summed over the query heads that share a KV head. fp32 and bf16 t
 backward is deterministic. Why a kernel: the sequences of a GRPO batch are short (tens to a few hundred tokens),
 so PyTorch's padded, bucketed SDPA spends much of its time on gathers, padding, GQA head copies and autograd
 bookkeeping around small products (benchmarks/results/attention.md). ``varlen_attention_reference`` is the
-per-sequence float32 oracle (from ``r1engine.packing.attention``).
+per-sequence float32 oracle of this kernel and of every backend of ``r1engine.packing.attention``.
 Eager calls that record no autograd graph (``torch.no_grad()``, inputs that need no gradient) call the kernel
 directly, skipping the operator's Python layers.
 """
@@ -28,9 +28,8 @@ import torch
 
 from r1engine import _ext
 from r1engine.ops._library import custom_op
-from r1engine.packing.attention import varlen_attention_reference
 
-__all__ = ["varlen_attention", "varlen_attention_reference", "available"]
+__all__ = ["varlen_attention", "varlen_attention_reference", "available", "check_layout", "sequence_bounds"]
 
 _CPP_OP = "varlen_attention_fwd"
 _DTYPES = (torch.float32, torch.bfloat16)
@@ -39,6 +38,67 @@ _DTYPES = (torch.float32, torch.bfloat16)
 def available() -> bool:
     """True when the compiled extension has the kernels."""
     return _ext.has_op(_CPP_OP)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The reference (the oracle of every backend of r1engine.packing.attention.varlen_attention) and its input checks.
+
+
+def check_layout(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor) -> None:
+    """The packed layout every backend of packed attention takes (any device and dtype): q `[total, Hq, D]`,
+    k/v `[total, Hkv, D]` with Hq a multiple of Hkv, int32 `cu_seqlens [num_seqs + 1]`; a ValueError otherwise."""
+    if q.dim() != 3 or k.dim() != 3 or v.dim() != 3:
+        raise ValueError(
+            f"q, k, v must be [total, heads, head_dim], got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    if q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2]:
+        raise ValueError(f"q [total, Hq, D] and k [total, Hkv, D] disagree: {tuple(q.shape)} vs {tuple(k.shape)}")
+    if q.shape[1] % k.shape[1] != 0:
+        raise ValueError(f"Hq ({q.shape[1]}) must be a multiple of Hkv ({k.shape[1]})")
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1 or cu_seqlens.dtype != torch.int32:
+        raise ValueError(
+            f"cu_seqlens must be int32 [num_seqs + 1], got dtype {cu_seqlens.dtype} shape {tuple(cu_seqlens.shape)}"
+        )
+
+
+def sequence_bounds(cu_seqlens: torch.Tensor, total: int) -> list[int]:
+    """`cu_seqlens` as a list, checked to rise from 0 to `total` (a ValueError naming it otherwise)."""
+    cu = cu_seqlens.tolist()
+    if cu[0] != 0 or cu[-1] != total or any(b < a for a, b in zip(cu, cu[1:], strict=False)):
+        raise ValueError(f"cu_seqlens must rise from 0 to total={total}, got {cu[:8]}{'...' if len(cu) > 8 else ''}")
+    return cu
+
+
+def varlen_attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int | None = None,
+    *,
+    causal: bool = True,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Per-sequence attention with an explicit float32 softmax (the oracle); returns q's dtype."""
+    check_layout(q, k, v, cu_seqlens)
+    cu = sequence_bounds(cu_seqlens, q.shape[0])
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    groups = q.shape[1] // k.shape[1]
+    out = torch.empty(q.shape[0], q.shape[1], v.shape[2], dtype=q.dtype, device=q.device)
+    for a, b in zip(cu, cu[1:], strict=False):
+        if b == a:
+            continue
+        qs = q[a:b].float().transpose(0, 1)
+        ks = k[a:b].float().transpose(0, 1).repeat_interleave(groups, dim=0)
+        vs = v[a:b].float().transpose(0, 1).repeat_interleave(groups, dim=0)
+        s = qs @ ks.transpose(-1, -2) * scale
+        if causal:
+            n = b - a
+            s = s.masked_fill(~torch.ones(n, n, dtype=torch.bool, device=q.device).tril(), float("-inf"))
+        out[a:b] = (s.softmax(-1) @ vs).transpose(0, 1).to(q.dtype)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -2,12 +2,14 @@
 
 `varlen_attention(q, k, v, cu_seqlens, max_seqlen)` takes the flash-attn varlen layout: q `[total, Hq, D]`,
 k/v `[total, Hkv, D]` (grouped-query attention when Hq is a multiple of Hkv), and int32 `cu_seqlens`
-`[num_seqs + 1]` with the sequence boundaries. Backends:
+`[num_seqs + 1]` with the sequence boundaries. Backends (registered as `VARLEN_ATTENTION` in
+`r1engine.ops.backends.registry`, which resolves "auto" and logs once why a faster one was passed over):
 
 - "flash": flash-attn's `flash_attn_varlen_func` (CUDA tensors with flash-attn installed; "auto" picks it then).
-- "cpu": r1engine's C++ kernels (`r1engine.ops.varlen_attention`, csrc/core/varlen_attention.*), forward and
-  backward: one task per (sequence, KV head) materialises each head's small score block and runs the products with
-  a SIMD micro-kernel; no padding, gathers or GQA head copies. The CPU default: "auto" picks it for fp32/bf16 CPU
+- "cpu" (also called "cpp", as the C++ CPU kernels of the other ops): r1engine's C++ kernels
+  (`r1engine.ops.varlen_attention`, csrc/core/varlen_attention.*), forward and backward: one task per (sequence, KV
+  head) materialises each head's small score block and runs the products with a SIMD micro-kernel; no padding,
+  gathers or GQA head copies. The CPU default: "auto" picks it for fp32/bf16 CPU
   tensors when the extension is built (3-4x "sdpa_bucket" on the GRPO shapes, benchmarks/results/attention.md).
 - "sdpa_bucket": the CPU fallback ("auto" picks it off CUDA when the kernel is not built or for other dtypes).
   Sequences are sorted by length and split into length buckets; each bucket is one batched SDPA call
@@ -27,13 +29,14 @@ k/v `[total, Hkv, D]` (grouped-query attention when Hq is a multiple of Hkv), an
   launch, good for many tiny sequences on GPU, O(total^2) memory. On CPU it loses to "sdpa_bucket" everywhere
   measured: a block-diagonal mask over a window of W tokens holding sequences of length l spends ~2W/l times the
   causal work, while padding sorted lengths to their bucket's maximum wastes only the spread within a bucket.
-- "reference": explicit float32 softmax per sequence (the test oracle).
+- "reference": explicit float32 softmax per sequence (the test oracle, `r1engine.ops.varlen_attention`).
 
 The policy model calls this for packed forwards; keep the signature stable.
 """
 
 from __future__ import annotations
 
+import importlib
 import math
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -43,46 +46,38 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-Backend = Literal["auto", "flash", "cpu", "sdpa_bucket", "sdpa_loop", "sdpa_mask", "reference"]
-_CPU_KERNEL_DTYPES = (torch.float32, torch.bfloat16)
+from r1engine.ops import varlen_attention as cpp_kernel
+from r1engine.ops.backends import registry
+from r1engine.ops.varlen_attention import check_layout, sequence_bounds, varlen_attention_reference
 
+__all__ = ["BACKENDS", "varlen_attention", "varlen_attention_reference"]
 
-def _flash_varlen():
-    try:
-        from flash_attn import flash_attn_varlen_func  # type: ignore[import-not-found]
-    except ImportError:
-        return None
-    return flash_attn_varlen_func
+Backend = Literal["auto", "flash", "cpu", "cpp", "sdpa_bucket", "sdpa_loop", "sdpa_mask", "reference"]
 
-
-def _cpu_kernel_built() -> bool:
-    from r1engine import _ext
-
-    return _ext.has_op("varlen_attention_fwd")
-
-
-def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor) -> None:
-    if q.dim() != 3 or k.dim() != 3 or v.dim() != 3:
-        raise ValueError(
-            f"q, k, v must be [total, heads, head_dim], got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
-        )
-    if k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
-    if q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2]:
-        raise ValueError(f"q [total, Hq, D] and k [total, Hkv, D] disagree: {tuple(q.shape)} vs {tuple(k.shape)}")
-    if q.shape[1] % k.shape[1] != 0:
-        raise ValueError(f"Hq ({q.shape[1]}) must be a multiple of Hkv ({k.shape[1]})")
-    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1 or cu_seqlens.dtype != torch.int32:
-        raise ValueError(
-            f"cu_seqlens must be int32 [num_seqs + 1], got dtype {cu_seqlens.dtype} shape {tuple(cu_seqlens.shape)}"
-        )
-
-
-def _bounds(cu_seqlens: torch.Tensor, total: int) -> list[int]:
-    cu = cu_seqlens.tolist()
-    if cu[0] != 0 or cu[-1] != total or any(b < a for a, b in zip(cu, cu[1:], strict=False)):
-        raise ValueError(f"cu_seqlens must rise from 0 to total={total}, got {cu[:8]}{'...' if len(cu) > 8 else ''}")
-    return cu
+VARLEN_ATTENTION = registry.register(
+    "varlen_attention",
+    [
+        registry.Backend(
+            "flash",
+            "flash-attn's flash_attn_varlen_func (CUDA)",
+            auto_devices=("cuda",),
+            check=registry.importable("flash_attn", optional=("flash_attn",), attr="flash_attn_varlen_func"),
+        ),
+        registry.Backend(
+            "cpu",
+            "r1engine's C++ CPU kernels (r1engine.ops.varlen_attention), float32 and bfloat16",
+            auto_devices=("cpu",),
+            auto_dtypes=(torch.float32, torch.bfloat16),
+            check=registry.compiled_op("varlen_attention_fwd"),
+            aliases=("cpp",),
+        ),
+        registry.Backend("sdpa_bucket", "length buckets, one padded SDPA call per bucket"),
+        registry.Backend("sdpa_loop", "one SDPA call per sequence", auto=False),
+        registry.Backend("sdpa_mask", "one SDPA call with a dense block-diagonal mask", auto=False),
+        registry.Backend("reference", "explicit float32 softmax per sequence (the oracle)", auto=False),
+    ],
+)
+BACKENDS = VARLEN_ATTENTION.names
 
 
 def _sdpa_loop(q, k, v, cu, causal: bool, scale: float) -> torch.Tensor:
@@ -311,36 +306,6 @@ def _sdpa_bucket(q, k, v, cu, causal: bool, scale: float, model: BucketCostModel
     return torch.cat(outs).index_select(0, plan.token_rows)
 
 
-def varlen_attention_reference(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    cu_seqlens: torch.Tensor,
-    max_seqlen: int | None = None,
-    *,
-    causal: bool = True,
-    scale: float | None = None,
-) -> torch.Tensor:
-    """Per-sequence attention with an explicit float32 softmax (the oracle); returns q's dtype."""
-    _check(q, k, v, cu_seqlens)
-    cu = _bounds(cu_seqlens, q.shape[0])
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    groups = q.shape[1] // k.shape[1]
-    out = torch.empty(q.shape[0], q.shape[1], v.shape[2], dtype=q.dtype, device=q.device)
-    for a, b in zip(cu, cu[1:], strict=False):
-        if b == a:
-            continue
-        qs = q[a:b].float().transpose(0, 1)
-        ks = k[a:b].float().transpose(0, 1).repeat_interleave(groups, dim=0)
-        vs = v[a:b].float().transpose(0, 1).repeat_interleave(groups, dim=0)
-        s = qs @ ks.transpose(-1, -2) * scale
-        if causal:
-            n = b - a
-            s = s.masked_fill(~torch.ones(n, n, dtype=torch.bool, device=q.device).tril(), float("-inf"))
-        out[a:b] = (s.softmax(-1) @ vs).transpose(0, 1).to(q.dtype)
-    return out
-
-
 def varlen_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -360,41 +325,30 @@ def varlen_attention(
         max_seqlen: longest sequence (used by the flash-attn kernel).
         causal: causal mask inside each sequence.
         scale: softmax scale, default 1/sqrt(D).
-        backend: see the module docstring; "auto" = flash-attn on CUDA when installed, the C++ kernel ("cpu") for
-            fp32/bf16 CPU tensors when the extension has it, else "sdpa_bucket".
+        backend: see the module docstring (`BACKENDS`; "cpp" is another name of "cpu"); "auto" = flash-attn on CUDA
+            when installed, the C++ kernel ("cpu") for fp32/bf16 CPU tensors when the extension has it, else
+            "sdpa_bucket" (after logging once why a faster one was passed over, r1engine.ops.backends.registry).
 
     Returns:
         `[total, Hq, D]` in q's dtype. Differentiable (autograd-traced PyTorch, flash-attn, or the C++ kernel's
         registered backward).
     """
-    _check(q, k, v, cu_seqlens)
-    if backend == "auto":
-        if q.is_cuda and _flash_varlen() is not None:
-            backend = "flash"
-        elif q.device.type == "cpu" and q.dtype in _CPU_KERNEL_DTYPES and _cpu_kernel_built():
-            backend = "cpu"
-        else:
-            backend = "sdpa_bucket"
+    check_layout(q, k, v, cu_seqlens)
+    backend = VARLEN_ATTENTION.resolve(backend, q.device, q.dtype)
     if backend == "flash":
-        fn = _flash_varlen()
-        if fn is None or not q.is_cuda:
+        if not q.is_cuda or VARLEN_ATTENTION.backend("flash").unavailable() is not None:
             raise RuntimeError("backend='flash' needs flash-attn installed and CUDA tensors")
+        fn = importlib.import_module("flash_attn").flash_attn_varlen_func
         cu = cu_seqlens.to(device=q.device, dtype=torch.int32)
         return fn(q, k, v, cu, cu, int(max_seqlen), int(max_seqlen), 0.0, softmax_scale=scale, causal=causal)
     scale_f = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     if backend == "cpu":
-        from r1engine.ops.varlen_attention import varlen_attention as cpu_varlen_attention  # (import cycle)
-
-        return cpu_varlen_attention(q, k, v, cu_seqlens, causal=causal, scale=scale_f)
+        return cpp_kernel.varlen_attention(q, k, v, cu_seqlens, causal=causal, scale=scale_f)
     if backend == "reference":
         return varlen_attention_reference(q, k, v, cu_seqlens, max_seqlen, causal=causal, scale=scale_f)
-    cu = _bounds(cu_seqlens, q.shape[0])
+    cu = sequence_bounds(cu_seqlens, q.shape[0])
     if backend == "sdpa_bucket":
         return _sdpa_bucket(q, k, v, cu, causal, scale_f)
     if backend == "sdpa_loop":
         return _sdpa_loop(q, k, v, cu, causal, scale_f)
-    if backend == "sdpa_mask":
-        return _sdpa_mask(q, k, v, cu, causal, scale_f)
-    raise ValueError(
-        f"backend must be one of auto, flash, cpu, sdpa_bucket, sdpa_loop, sdpa_mask, reference; got {backend!r}"
-    )
+    return _sdpa_mask(q, k, v, cu, causal, scale_f)

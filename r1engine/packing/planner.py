@@ -24,6 +24,17 @@ from typing import Any, Literal
 import torch
 
 from r1engine import _ext
+from r1engine.ops.backends import registry
+
+PACKING_PLAN = registry.register(
+    "packing_plan",
+    [
+        registry.Backend(
+            "cpp", "compiled planner torch.ops.r1engine.packing_plan", check=registry.compiled_op("packing_plan")
+        ),
+        registry.Backend("python", "pure-Python reference (LPT and levelling, no swaps; slow)"),
+    ],
+)
 
 CostKind = Literal["tokens", "attention"]
 
@@ -237,7 +248,7 @@ def plan(
         min_chunks_per_rank: at least this many chunks per rank (a pipeline wants >= 2*PP micro-batches).
         chunk_multiple: chunks per rank are a multiple of this (e.g. 2 for DualPipe).
         backend: "cpp" (compiled planner), "python" (pure-Python reference, slow: LPT and levelling, no swaps), or
-            "auto" (cpp when the extension is built).
+            "auto" (cpp when the extension is built; `PACKING_PLAN` in r1engine.ops.backends.registry).
 
     Extra chunks (beyond best-fit's count) are made by splitting multi-sequence chunks, so a chunk is empty
     only when there are fewer sequences than chunks required. Deterministic for the same input.
@@ -252,8 +263,7 @@ def plan(
     attn_coef = float(attn_coef)
     if not (math.isfinite(attn_coef) and attn_coef >= 0):
         raise ValueError(f"attn_coef must be a finite value >= 0, got {attn_coef}")
-    if backend == "auto":
-        backend = "cpp" if _ext.has_op("packing_plan") else "python"
+    backend = PACKING_PLAN.resolve(backend)
     if backend != "cpp":  # the compiled op checks lengths itself (same message), in the same pass as its sort
         _check_lengths(lens, chunk_len)
     if backend == "cpp":
@@ -263,14 +273,12 @@ def plan(
         )
         seq_index, seq_offset, chunk_ptr, rank_ptr, chunk_tokens, chunk_cost, rank_load, stats = out
         total, lb, bfd = (int(x) for x in stats.tolist())
-    elif backend == "python":
+    else:
         seq_index, seq_offset, chunk_ptr, rank_ptr, chunk_tokens, chunk_cost, rank_load, bfd = _plan_python(
             lens.tolist(), chunk_len, num_ranks, cost, attn_coef, min_chunks_per_rank, chunk_multiple
         )
         total = int(lens.sum())
         lb = -(-total // chunk_len)
-    else:
-        raise ValueError(f"backend must be 'auto', 'cpp' or 'python', got {backend!r}")
     return PackingPlan(
         lengths=lens,
         chunk_len=chunk_len,

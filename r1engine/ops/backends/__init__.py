@@ -1,13 +1,21 @@
-"""Backend modules of the fused GRPO-loss contract and the rule that picks one.
+"""Backend modules of the fused GRPO-loss contract, and the registered backends of both GRPO losses.
 
 Each backend module exposes the same three functions (see ``torch_ref`` for the exact semantics):
 ``token_logprobs_fwd(logits, targets, temperature)``,
 ``grpo_fwd(logits, targets, advantages, old_logp, ref_logp, weights, *, temperature, eps_low, eps_high, dual_clip,
 beta, kl_estimator)`` and ``logprobs_bwd(logits, targets, lse, dlogp, *, temperature, inplace)``.
 
-Names: ``"torch"`` (pure PyTorch reference), ``"cpp"`` (C++ CPU kernel), ``"cuda"`` (CUDA kernel; ``cpp`` and
-``cuda`` share the compiled operators, which dispatch by device), ``"triton"`` (``r1engine.kernels.grpo_loss``),
-``"auto"``: CUDA tensors -> cuda if compiled, else triton, else torch; CPU tensors -> cpp if built, else torch.
+Names (``GRPO_LOSS``, see ``r1engine.ops.backends.registry`` for the rule that resolves "auto" and what is logged
+when a fast path is passed over): ``"torch"`` (pure PyTorch reference), ``"cpp"`` (C++ CPU kernel), ``"cuda"``
+(CUDA kernel; ``cpp`` and ``cuda`` share the compiled operators, which dispatch by device), ``"triton"``
+(``r1engine.kernels.grpo_loss``), ``"auto"``: CUDA tensors -> cuda if compiled, else triton, else torch; CPU tensors
+-> cpp if built, else torch.
+
+``LINEAR_GRPO_LOSS``: the backends of ``r1engine.ops.linear_grpo_loss`` (``"triton"`` for CUDA tensors when the
+kernel imports, else ``"torch"``).
+
+The fused layer ops (rms_norm, swiglu, rope) register theirs with ``cpu_kernel_op`` and resolve with
+``resolve_cpu_kernel``: the C++ CPU kernel or the same formulas in PyTorch.
 """
 
 from __future__ import annotations
@@ -18,33 +26,58 @@ from types import ModuleType
 import torch
 
 from r1engine import _ext
+from r1engine.ops.backends.registry import Backend, OpBackends, compiled_op, importable, register
 
-BACKENDS = ("auto", "torch", "cpp", "cuda", "triton")
+__all__ = [
+    "BACKENDS",
+    "GRPO_LOSS",
+    "LINEAR_GRPO_LOSS",
+    "cpu_kernel_op",
+    "load",
+    "resolve",
+    "resolve_cpu_kernel",
+]
 
-__all__ = ["BACKENDS", "LAYER_BACKENDS", "resolve", "resolve_cpu_kernel", "load"]
+GRPO_LOSS = register(
+    "grpo_loss",
+    [
+        Backend(
+            "cuda",
+            "CUDA kernel (csrc/cuda/grpo_loss.cu)",
+            auto_devices=("cuda",),
+            check=compiled_op("grpo_fwd", cuda=True),
+        ),
+        Backend(
+            "triton",
+            "Triton kernel (r1engine.kernels.grpo_loss)",
+            auto_devices=("cuda",),
+            check=importable("r1engine.kernels.grpo_loss", optional=("triton",)),
+        ),
+        Backend(
+            "cpp", "C++ CPU kernel (csrc/core/grpo_loss.cpp)", auto_devices=("cpu",), check=compiled_op("grpo_fwd")
+        ),
+        Backend("torch", "pure-PyTorch reference (r1engine.ops.backends.torch_ref)"),
+    ],
+)
+BACKENDS = GRPO_LOSS.names
 
-
-def _triton_available() -> bool:
-    try:
-        importlib.import_module("r1engine.kernels.grpo_loss")
-    except Exception:  # noqa: BLE001  (triton missing, or the module not written yet)
-        return False
-    return True
+LINEAR_GRPO_LOSS = register(
+    "linear_grpo_loss",
+    [
+        Backend(
+            "triton",
+            "Triton tile GEMM + online log-sum-exp (r1engine.kernels.linear_grpo_loss)",
+            auto_devices=("cuda",),
+            check=importable("r1engine.kernels.linear_grpo_loss", optional=("triton",)),
+        ),
+        Backend("torch", "chunked pure-PyTorch reference"),
+    ],
+)
 
 
 def resolve(backend: str, device: torch.device) -> str:
-    """The concrete backend name for ``backend`` (possibly ``"auto"``) on tensors living on ``device``."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
-    if backend != "auto":
-        return backend
-    if device.type == "cuda":
-        if _ext.cuda_compiled() and _ext.has_op("grpo_fwd"):
-            return "cuda"
-        if _triton_available():
-            return "triton"
-        return "torch"
-    return "cpp" if _ext.has_op("grpo_fwd") else "torch"
+    """The concrete GRPO-loss backend for ``backend`` (possibly ``"auto"``) on tensors living on ``device``."""
+    return GRPO_LOSS.resolve(backend, device)
 
 
 def load(backend: str) -> ModuleType:
@@ -71,28 +104,41 @@ def load(backend: str) -> ModuleType:
                 f"backend='triton' is unavailable ({type(exc).__name__}: {exc}); it needs the `triton` package "
                 "(and a GPU, or TRITON_INTERPRET=1 on CPU); use backend='cpp' or 'torch'"
             ) from exc
-    raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+    GRPO_LOSS.validate(backend)
+    raise ValueError(f"backend: expected a concrete backend for grpo_loss (not 'auto'), got {backend!r}")
 
 
-LAYER_BACKENDS = ("auto", "torch", "cpp")
-"""Backends of the fused layer ops (rms_norm, swiglu, rope): the C++ CPU kernel or the same formulas in PyTorch."""
-
+# ---------------------------------------------------------------------------------------------- fused layer ops
 _CPU_KERNEL_DTYPES = (torch.float32, torch.bfloat16)
 
 
-def resolve_cpu_kernel(backend: str, x: torch.Tensor, arg: str, kernel: str) -> str:
-    """The concrete backend ("cpp" or "torch") of a fused layer op whose C++ CPU kernel is
-    ``torch.ops.r1engine.<kernel>``, for its input ``x`` (named ``arg`` in errors). "auto" picks the kernel for
-    fp32/bf16 CPU tensors when the extension has it, else "torch" (CUDA tensors too, until they have kernels)."""
-    if backend not in LAYER_BACKENDS:
-        raise ValueError(f"backend: expected one of {LAYER_BACKENDS}, got {backend!r}")
-    if backend == "auto":
-        cpp = x.device.type == "cpu" and x.dtype in _CPU_KERNEL_DTYPES and _ext.has_op(kernel)
-        return "cpp" if cpp else "torch"
-    if backend == "cpp":
-        _ext.require(kernel)
+def cpu_kernel_op(op: str, kernel: str) -> OpBackends:
+    """Register the backends of a fused layer op whose C++ CPU kernel is ``torch.ops.r1engine.<kernel>``: "cpp"
+    ("auto" picks it for fp32/bf16 CPU tensors when the extension has the kernel; CUDA tensors take "torch" until
+    they have kernels) and "torch" (the same formulas in PyTorch, any device and float dtype)."""
+    return register(
+        op,
+        [
+            Backend(
+                "cpp",
+                f"C++ CPU kernel torch.ops.r1engine.{kernel} (float32, bfloat16)",
+                auto_devices=("cpu",),
+                auto_dtypes=_CPU_KERNEL_DTYPES,
+                check=compiled_op(kernel),
+            ),
+            Backend("torch", "the same formulas in PyTorch (any device and float dtype)"),
+        ],
+    )
+
+
+def resolve_cpu_kernel(op: OpBackends, backend: str, x: torch.Tensor, arg: str) -> str:
+    """The concrete backend ("cpp" or "torch") of the fused layer op ``op`` (registered by ``cpu_kernel_op``) for its
+    input ``x`` (named ``arg`` in errors); a named "cpp" must be built and get an fp32/bf16 CPU tensor."""
+    name = op.resolve(backend, x.device, x.dtype)
+    if name == "cpp" and backend != "auto":
+        op.require("cpp")
         if x.device.type != "cpu":
             raise ValueError(f"{arg}: backend 'cpp' runs on CPU tensors, got device {x.device}; use backend='torch'")
         if x.dtype not in _CPU_KERNEL_DTYPES:
             raise TypeError(f"{arg}: backend 'cpp' expects float32 or bfloat16, got {x.dtype}; use backend='torch'")
-    return backend
+    return name
