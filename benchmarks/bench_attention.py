@@ -30,9 +30,7 @@ forward + backward of a cross-entropy over the same packed row with either backe
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
-import functools
 import os
 import statistics
 import sys
@@ -44,10 +42,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-import r1engine.models.policy as policy_module  # noqa: E402
-import r1engine.packing.attention as attention_module  # noqa: E402
 from benchmarks.common import git_commit, machine  # noqa: E402
-from r1engine import _ext  # noqa: E402
+from r1engine import _ext, settings  # noqa: E402
 from r1engine.models.config import PolicyConfig  # noqa: E402
 from r1engine.models.policy import PolicyModel  # noqa: E402
 from r1engine.packing.attention import (  # noqa: E402
@@ -205,19 +201,6 @@ def cpu_vs_bucket(call: Callable[[str, bool], Callable[[], None]], repeats: int)
     return result
 
 
-@contextlib.contextmanager
-def attention_backend(name: str):
-    """PolicyModel's attention layers call `policy._varlen_attention()` (a cached import of
-    r1engine.packing.attention.varlen_attention) on every forward: make it return one with `backend` pinned."""
-    original = policy_module._varlen_attention
-    pinned = functools.partial(attention_module.varlen_attention, backend=name)
-    policy_module._varlen_attention = lambda: pinned
-    try:
-        yield
-    finally:
-        policy_module._varlen_attention = original
-
-
 def grpo_model(segments: list[int], dtype: torch.dtype, repeats: int) -> dict:
     cfg = PolicyConfig.demo(vocab_size=101, num_mtp_layers=0)
     model = PolicyModel(cfg).to(dtype)
@@ -230,7 +213,7 @@ def grpo_model(segments: list[int], dtype: torch.dtype, repeats: int) -> dict:
 
     def call(backend: str, grad: bool) -> Callable[[], None]:
         def fn() -> None:
-            with attention_backend(backend), torch.set_grad_enabled(grad):
+            with settings.override(attention_backend=backend), torch.set_grad_enabled(grad):
                 logits = model(ids, cu_seqlens=cu).logits
                 if grad:
                     model.zero_grad(set_to_none=True)

@@ -6,7 +6,7 @@ Two measurements, both arms in the same run, interleaved, one thread:
    it, `F.scaled_dot_product_attention` over the cache slice with a per-row key mask and `enable_gqa=True`, at
    the decode shapes of the demo policy (64 rows, 6 query / 2 KV heads of 32, ~40-80 cached keys) and two more.
 2. Whole generations: `NativeEngine.generate` of the demo policy (64 completions of up to 72 tokens, no
-   speculation) with `r1engine.models.kv_cache.USE_DECODE_KERNEL` on and off, both through the eager decode step
+   speculation) with `r1engine.settings` `decode_attention_kernel` on and off, both through the eager decode step
    (the fused C++ step, which needs the kernel, is off in both arms so that only the attention differs; its own
    benchmark is bench_decode_step.py).
 
@@ -32,8 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import git_commit, machine, time_per_call  # noqa: E402
-from r1engine import _ext  # noqa: E402
-from r1engine.models import kv_cache  # noqa: E402
+from r1engine import _ext, settings  # noqa: E402
 
 SHAPES = [  # (name, rows, q heads, kv heads, head dim, keys: lowest, highest)
     ("demo policy (bench_vs_trl)", 64, 6, 2, 32, 40, 80),
@@ -69,7 +68,7 @@ def op_case(rows: int, hq: int, hkv: int, d: int, lo: int, hi: int, repeats: int
 
 def generation_case(repeats: int) -> tuple[float, float, int]:
     from r1engine.data import AdditionTask
-    from r1engine.models import PolicyConfig, PolicyModel, build_char_tokenizer, decode_step
+    from r1engine.models import PolicyConfig, PolicyModel, build_char_tokenizer
     from r1engine.rollout import create_engine
 
     tok = build_char_tokenizer()
@@ -80,21 +79,20 @@ def generation_case(repeats: int) -> tuple[float, float, int]:
                for p in AdditionTask().train_problems(seed=0).take(8)]  # fmt: skip
 
     def generate(on: bool) -> float:
-        kv_cache.USE_DECODE_KERNEL = on
-        t0 = time.perf_counter()
-        out = engine.generate(prompts, n=8, max_new_tokens=72, temperature=1.0, seed=1)
+        # both arms step through the eager forward (the fused step needs the kernel)
+        with settings.override(decode_attention_kernel=on, fused_decode_step=False):
+            t0 = time.perf_counter()
+            out = engine.generate(prompts, n=8, max_new_tokens=72, temperature=1.0, seed=1)
+            elapsed = time.perf_counter() - t0
         assert out.stats.num_tokens > 0
-        return time.perf_counter() - t0
+        return elapsed
 
-    decode_step.USE_FUSED_DECODE_STEP = False  # both arms step through the eager forward
     generate(True)
     generate(False)
     ours, base = [], []
     for _ in range(repeats):
         ours.append(generate(True))
         base.append(generate(False))
-    kv_cache.USE_DECODE_KERNEL = True
-    decode_step.USE_FUSED_DECODE_STEP = True
     return statistics.median(ours), statistics.median(base), len(prompts) * 8
 
 

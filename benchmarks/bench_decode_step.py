@@ -36,10 +36,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import git_commit, machine, time_per_call  # noqa: E402
-from r1engine import _ext  # noqa: E402
+from r1engine import _ext, settings  # noqa: E402
 from r1engine.data import AdditionTask  # noqa: E402
 from r1engine.models import KVCache, PolicyConfig, PolicyModel, build_char_tokenizer  # noqa: E402
-from r1engine.models import decode_step as decode_step_module  # noqa: E402
 from r1engine.models.decode_step import FusedDecodeStep  # noqa: E402
 from r1engine.rollout import create_engine  # noqa: E402
 
@@ -76,9 +75,8 @@ def step_case(model: PolicyModel, rows: int, repeats: int) -> tuple[float, float
         return step(tokens, cache)
 
     def eager() -> torch.Tensor:  # the module-by-module forward (the switch also keeps decode_layers out of it)
-        decode_step_module.USE_FUSED_DECODE_STEP = False
-        out = model(tokens[:, None], position_ids=cache.lengths[:, None], kv_cache=cache)
-        decode_step_module.USE_FUSED_DECODE_STEP = True
+        with settings.override(fused_decode_step=False):
+            out = model(tokens[:, None], position_ids=cache.lengths[:, None], kv_cache=cache)
         return model.logits(out.hidden[:, 0])
 
     with torch.no_grad():
@@ -105,9 +103,11 @@ def generation_case(model: PolicyModel, tok, template: str, repeats: int) -> tup
 
     def generate(fused: bool, batch: list[list[int]], n: int) -> float:
         nonlocal tokens
-        decode_step_module.USE_FUSED_DECODE_STEP = fused
         t0 = time.perf_counter()
-        out = engine.generate(batch, n=n, max_new_tokens=72, temperature=1.0, seed=1, stop_token_ids=[tok.eos_token_id])
+        with settings.override(fused_decode_step=fused):
+            out = engine.generate(
+                batch, n=n, max_new_tokens=72, temperature=1.0, seed=1, stop_token_ids=[tok.eos_token_id]
+            )
         elapsed = time.perf_counter() - t0
         tokens = out.stats.num_tokens
         return elapsed
@@ -118,13 +118,12 @@ def generation_case(model: PolicyModel, tok, template: str, repeats: int) -> tup
     for _ in range(repeats):
         for name, arm in arms.items():
             times[name].append(generate(*arm))
-    decode_step_module.USE_FUSED_DECODE_STEP = True
     return {name: statistics.median(t) for name, t in times.items()}, tokens, statistics.mean(map(len, prompts))
 
 
 def speculative_generate(engine, prompts: list[list[int]], n: int, k: int, fused: bool):
-    decode_step_module.USE_FUSED_DECODE_STEP = fused
-    return engine.generate(prompts, n=n, max_new_tokens=64, temperature=1.0, seed=3, num_speculative_tokens=k)
+    with settings.override(fused_decode_step=fused):
+        return engine.generate(prompts, n=n, max_new_tokens=64, temperature=1.0, seed=3, num_speculative_tokens=k)
 
 
 def speculative_case(repeats: int) -> list[str]:
@@ -153,7 +152,6 @@ def speculative_case(repeats: int) -> list[str]:
                 out = speculative_generate(engine, prompts, n, k, fused)
                 times[name].append(out.stats.elapsed_s)
                 stats[name] = out.stats
-        decode_step_module.USE_FUSED_DECODE_STEP = True
         for name, t in times.items():
             st, eager = stats[name], name.replace("fused layers", "eager layers")
             speedup = f"{statistics.median(times[eager]) / statistics.median(t):.2f}x" if eager != name else "-"

@@ -16,7 +16,7 @@ plus the bytes autograd saves for the backward (distinct storages, `torch.autogr
 
 Whole model: `PolicyModel(PolicyConfig.demo(vocab_size=101, num_mtp_layers=0))` forward + backward of a
 cross-entropy on 2304 packed tokens (9 x 256, cu_seqlens) with the fused ops vs with the op-by-op references
-(`r1engine.models.policy.fused_layer_ops(False)`), time and saved-activation bytes, fp32 and bf16; and a
+(`r1engine.settings.override(fused_layer_ops=False)`), time and saved-activation bytes, fp32 and bf16; and a
 decode-like forward (8 sequences x 1 token, no grad), where only per-call overhead matters.
 
     OMP_NUM_THREADS=1 python benchmarks/bench_layers.py            # ~2 min on an idle core
@@ -40,9 +40,9 @@ import torch.nn.functional as F  # noqa: E402
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from benchmarks.common import cpu_name, git_commit  # noqa: E402
-from r1engine import _ext, ops  # noqa: E402
+from r1engine import _ext, ops, settings  # noqa: E402
 from r1engine.models.config import PolicyConfig  # noqa: E402
-from r1engine.models.policy import PolicyModel, fused_layer_ops  # noqa: E402
+from r1engine.models.policy import PolicyModel  # noqa: E402
 from r1engine.ops.rms_norm import rms_norm_reference  # noqa: E402
 from r1engine.ops.rope import rope_reference  # noqa: E402
 from r1engine.ops.swiglu import swiglu_reference  # noqa: E402
@@ -164,7 +164,7 @@ def bench_model(dtype: torch.dtype, tokens: int, repeats: int) -> dict:
 
     def step(fused: bool) -> Callable[[], None]:
         def call():
-            with fused_layer_ops(fused):
+            with settings.override(fused_layer_ops=fused):
                 model.zero_grad(set_to_none=True)
                 loss().backward()
 
@@ -174,7 +174,7 @@ def bench_model(dtype: torch.dtype, tokens: int, repeats: int) -> dict:
     saved, parts = {}, {}
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     for name, fused in (("fused", True), ("reference", False)):
-        with fused_layer_ops(fused):
+        with settings.override(fused_layer_ops=fused):
             storages = saved_storages(loss)
         saved[name] = sum(b for b, _ in storages.values())
         parts[name] = breakdown(storages, params)
@@ -184,7 +184,7 @@ def bench_model(dtype: torch.dtype, tokens: int, repeats: int) -> dict:
 
     def decode(fused: bool) -> Callable[[], None]:
         def call():
-            with fused_layer_ops(fused), torch.no_grad():
+            with settings.override(fused_layer_ops=fused), torch.no_grad():
                 model(dec_ids, position_ids=pos)
 
         return call

@@ -8,13 +8,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from r1engine import _ext
+from r1engine import _ext, settings
 from r1engine.models import PolicyConfig, PolicyModel
 from r1engine.models import decode_step as decode_step_module
-from r1engine.models import kv_cache as kv_cache_module
 from r1engine.models.decode_step import LAYER_SLOTS, FusedDecodeStep, decode_weights, layer_weights
 from r1engine.models.kv_cache import KVCache
-from r1engine.models.policy import fused_layer_ops
 from r1engine.rollout.native_engine import NativeEngine
 
 pytestmark = pytest.mark.skipif(not _ext.has_op("decode_step"), reason="compiled extension not built")
@@ -74,11 +72,8 @@ def _caches(model: PolicyModel, lengths: list[int], cache_len: int, seed: int) -
 
 def _eager_logits(model: PolicyModel, tokens: torch.Tensor, cache: KVCache, positions: torch.Tensor) -> torch.Tensor:
     """The eager forward's next-token logits, its layers one Python module at a time (no fused operator)."""
-    previous, decode_step_module.USE_FUSED_DECODE_STEP = decode_step_module.USE_FUSED_DECODE_STEP, False
-    try:
+    with settings.override(fused_decode_step=False):
         return model.logits(model(tokens[:, None], position_ids=positions, kv_cache=cache).hidden[:, 0])
-    finally:
-        decode_step_module.USE_FUSED_DECODE_STEP = previous
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -115,7 +110,7 @@ def test_positions_past_the_table_are_capped_as_the_engine_does():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("tokens_per_row", [1, 2, 5])
 @pytest.mark.parametrize("name", sorted(CONFIGS))
-def test_layers_over_several_tokens_match_the_eager_layers(name, tokens_per_row, dtype, monkeypatch):
+def test_layers_over_several_tokens_match_the_eager_layers(name, tokens_per_row, dtype):
     """`decoder_layers` (what a cached forward of up to MAX_DECODE_TOKENS tokens per row runs, e.g. a speculative
     verify) against the eager layers: bitwise for one token, within rounding for several (the eager layers attend
     through SDPA there), the same keys and values written either way."""
@@ -126,8 +121,8 @@ def test_layers_over_several_tokens_match_the_eager_layers(name, tokens_per_row,
     with torch.no_grad():
         got = model(ids, kv_cache=fused_cache)
         assert decode_step_module.decoder_layers_apply(model.model.embed_tokens(ids), fused_cache)
-        monkeypatch.setattr(decode_step_module, "USE_FUSED_DECODE_STEP", False)
-        want = model(ids, kv_cache=eager_cache)
+        with settings.override(fused_decode_step=False):
+            want = model(ids, kv_cache=eager_cache)
     tol = dict(rtol=0, atol=0) if tokens_per_row == 1 else dict(rtol=1e-5, atol=1e-5)
     if dtype == torch.bfloat16 and tokens_per_row > 1:
         tol = dict(rtol=2e-2, atol=2e-2)
@@ -161,10 +156,10 @@ def test_mtp_layer_decodes_through_the_fused_layers(name, monkeypatch):
             hidden, nxt, position_ids=caches[0].lengths[:, None] + torch.arange(2), kv_cache=caches[0]
         )
         assert calls == [1]
-        monkeypatch.setattr(decode_step_module, "USE_FUSED_DECODE_STEP", False)
-        want = model.mtp_hidden(
-            hidden, nxt, position_ids=caches[1].lengths[:, None] + torch.arange(2), kv_cache=caches[1]
-        )
+        with settings.override(fused_decode_step=False):
+            want = model.mtp_hidden(
+                hidden, nxt, position_ids=caches[1].lengths[:, None] + torch.arange(2), kv_cache=caches[1]
+            )
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert torch.equal(caches[0].k, caches[1].k)
 
@@ -182,7 +177,7 @@ def test_prefill_sized_forwards_keep_the_eager_layers():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("name", ["gqa", "llama", "llama_attention_bias", "qwen3", "qwen3_attention_bias_odd"])
-def test_generations_with_and_without_the_fused_step_are_identical(name, dtype, monkeypatch):
+def test_generations_with_and_without_the_fused_step_are_identical(name, dtype):
     model = _model(name, dtype, seed=3)
     engine = NativeEngine(model)
     # prompts longer than a decode step, so that the prefill takes the eager layers in both runs (see below for
@@ -190,28 +185,29 @@ def test_generations_with_and_without_the_fused_step_are_identical(name, dtype, 
     prompts = [[1, 5, 9, *range(10, 20)], [1, 7, *range(3, 12)], [1, 3, 3, 3, 8, 22, *range(4, 9)]]
     kwargs = dict(n=4, max_new_tokens=20, temperature=1.0, stop_token_ids=[2], seed=11)
     fused = engine.generate(prompts, **kwargs)
-    monkeypatch.setattr(decode_step_module, "USE_FUSED_DECODE_STEP", False)
-    eager = engine.generate(prompts, **kwargs)
+    with settings.override(fused_decode_step=False):
+        eager = engine.generate(prompts, **kwargs)
     assert fused.completion_ids == eager.completion_ids
     assert fused.finish_reason == eager.finish_reason
     assert all(torch.equal(a, b) for a, b in zip(fused.logprobs, eager.logprobs, strict=True))
     assert any(r == "stop" for r in fused.finish_reason) and any(r == "length" for r in fused.finish_reason)
 
 
-def test_build_declines_where_the_eager_path_differs(monkeypatch):
+def test_build_declines_where_the_eager_path_differs():
     model = _model("gqa", torch.float32)
     cache, _ = _caches(model, [1, 2], cache_len=8, seed=0)
     assert FusedDecodeStep.build(model, cache) is not None
-    with fused_layer_ops(False):  # eager layers on the op-by-op references: the fused kernels would not match
+    # eager layers on the op-by-op references: the fused kernels would not match
+    with settings.override(fused_layer_ops=False):
         assert FusedDecodeStep.build(model, cache) is None
-    monkeypatch.setattr(kv_cache_module, "USE_DECODE_KERNEL", False)  # eager attention through SDPA
-    assert FusedDecodeStep.build(model, cache) is None
-    monkeypatch.undo()
+    with settings.override(decode_attention_kernel=False):  # eager attention through SDPA
+        assert FusedDecodeStep.build(model, cache) is None
     model64 = _model("gqa", torch.float64)
     cache64, _ = _caches(model64, [1, 2], cache_len=8, seed=0)
     assert FusedDecodeStep.build(model64, cache64) is None
-    monkeypatch.setattr(decode_step_module, "USE_FUSED_DECODE_STEP", False)
-    assert FusedDecodeStep.build(model, cache) is None
+    with settings.override(fused_decode_step=False):
+        assert FusedDecodeStep.build(model, cache) is None
+    assert FusedDecodeStep.build(model, cache) is not None  # nothing stays switched off after the blocks
 
 
 def test_bad_inputs_name_the_argument():

@@ -7,9 +7,11 @@ import json
 import pytest
 import torch
 
+import r1engine.packing.attention as attention
+from r1engine import _ext, settings
 from r1engine.models import KVCache, PolicyConfig, PolicyModel, build_char_tokenizer
-from r1engine.models.policy import _reference_varlen_attention
 from r1engine.models.tokenizer import load_tokenizer
+from r1engine.ops.varlen_attention import varlen_attention_reference
 
 
 def _model(seed: int = 0, **over) -> PolicyModel:
@@ -61,7 +63,29 @@ def test_reference_varlen_matches_dense_block_mask():
         v.repeat_interleave(2, 1).transpose(0, 1),
         attn_mask=mask,
     ).transpose(0, 1)
-    torch.testing.assert_close(_reference_varlen_attention(q, k, v, cu, 9), ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(varlen_attention_reference(q, k, v, cu, 9), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_packed_forward_takes_the_attention_backend_of_the_settings(monkeypatch):
+    """Packed rows attend through r1engine.packing.attention.varlen_attention with `settings.attention_backend`:
+    every backend gives the same logits, and the one in effect is the one called."""
+    m = _model(4)
+    lens = [6, 1, 11]
+    ids = torch.randint(0, m.config.vocab_size, (1, sum(lens)))
+    cu = torch.tensor([0, 6, 7, 18], dtype=torch.int32)
+    with torch.no_grad():
+        want = m(ids, cu_seqlens=cu).logits
+        built = ("cpp",) if _ext.has_op("varlen_attention_fwd") else ()
+        for backend in ("reference", "sdpa_bucket", "sdpa_loop", *built):
+            with settings.override(attention_backend=backend):
+                torch.testing.assert_close(m(ids, cu_seqlens=cu).logits, want, atol=1e-5, rtol=1e-5)
+        seen = []
+        monkeypatch.setattr(attention, "_sdpa_loop", lambda *a, **k: seen.append(1) or torch.zeros_like(a[0]))
+        with settings.override(attention_backend="sdpa_loop"):
+            m(ids, cu_seqlens=cu)
+        assert len(seen) == m.config.num_layers
+        with settings.override(attention_backend="nope"), pytest.raises(ValueError, match="for varlen_attention"):
+            m(ids, cu_seqlens=cu)
 
 
 def test_kv_cache_incremental_equals_full_forward():

@@ -16,9 +16,9 @@ import sys
 import pytest
 import torch
 
-from r1engine import ops
+from r1engine import ops, settings
 from r1engine.models.config import PolicyConfig
-from r1engine.models.policy import PolicyModel, fused_layer_ops
+from r1engine.models.policy import PolicyModel
 from r1engine.ops.backends import registry
 from r1engine.ops.rms_norm import rms_norm_reference
 from r1engine.ops.rope import rope_reference
@@ -399,7 +399,7 @@ def test_policy_fused_equals_reference_ops(dtype):
         return out.logits.detach().float(), {n: p.grad.float() for n, p in model.named_parameters()}
 
     logits_f, grads_f = run()
-    with fused_layer_ops(False):
+    with settings.override(fused_layer_ops=False):
         logits_r, grads_r = run()
     tol = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=5e-2, atol=5e-2)
     torch.testing.assert_close(logits_f, logits_r, **tol)

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from r1engine.models.config import PolicyConfig
+from r1engine.models.layers import MTPLayer
 from r1engine.models.mtp import init_mtp_layer
 from r1engine.models.tokenizer import TOKENIZER_FILES, check_vocab_fits
 
@@ -139,8 +140,6 @@ def from_hf_model(cls: type[PolicyModel], hf_model: Any) -> PolicyModel:
 def resize_mtp_layers(model: PolicyModel, num_mtp_layers: int | None, how: str = "last_layer", seed: int = 0):
     """`model` with `num_mtp_layers` MTP layers (None: unchanged): surplus ones dropped, new ones appended and
     initialised by `how` (`r1engine.models.mtp`). The main model is untouched; returns `model`."""
-    from r1engine.models.policy import MTPLayer
-
     have = model.config.num_mtp_layers
     want = have if num_mtp_layers is None else int(num_mtp_layers)
     if want < 0:

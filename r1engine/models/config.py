@@ -19,9 +19,12 @@ from __future__ import annotations
 import copy
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from r1engine.models.rotary import check_rope_scaling, rope_type_of
+from r1engine.models.rotary import check_rope_scaling, rope_cos_sin, rope_type_of
+
+if TYPE_CHECKING:
+    import torch
 
 SUPPORTED_ARCHITECTURES = ("Qwen2ForCausalLM", "MiMoForCausalLM", "LlamaForCausalLM", "Qwen3ForCausalLM")
 MTP_KEY = "num_nextn_predict_layers"  # MiMo's / DeepSeek-V3's name for the number of MTP layers
@@ -243,6 +246,11 @@ class PolicyConfig:
     def replace(self, **changes: Any) -> PolicyConfig:
         """A copy with some fields changed."""
         return dataclasses.replace(self, **changes)
+
+    def rope_cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin float32 `[..., head_dim]` of this model's rotary embedding (scaling included) at integer
+        `positions`: the tables of the eager forward's layers and of the fused decode step, bit for bit."""
+        return rope_cos_sin(positions, self.head_dim, self.rope_theta, self.rope_scaling, self.max_position_embeddings)
 
 
 def _check_supported_features(cfg: dict[str, Any], arch: str) -> None:

@@ -21,31 +21,27 @@ piece is absent, and one compiled path covers all of them. The head width comes 
 heads.
 
 Both apply on the CPU to fp32 and bf16 models without autograd, with the operators compiled, and only while the
-eager path itself runs on its kernels (fused layer ops and the decode-attention kernel enabled).
-`USE_FUSED_DECODE_STEP = False` turns both off for comparisons.
+eager path itself runs on its kernels (`r1engine.settings`: `fused_layer_ops` and `decode_attention_kernel` on).
+`settings.override(fused_decode_step=False)` turns both off for comparisons. Where the fused step does not apply,
+`FusedDecodeStep.build` says why once (`r1engine.ops.backends.registry.report`).
 """
 
 from __future__ import annotations
 
 import functools
-import logging
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import torch
 
 from r1engine import _ext
-from r1engine.models import kv_cache as kv_cache_module
-from r1engine.models import policy as policy_module  # a module reference: policy.py imports this module too
 from r1engine.models.kv_cache import KVCache
+from r1engine.ops.backends import registry
+from r1engine.settings import current as current_settings
 
 if TYPE_CHECKING:
-    from r1engine.models.policy import DecoderLayer, PolicyModel
-
-log = logging.getLogger(__name__)
-
-USE_FUSED_DECODE_STEP = True
-"""False: `FusedDecodeStep.build` returns None and `decoder_layers_apply` False: decoding takes the eager forward."""
+    from r1engine.models.layers import DecoderLayer
+    from r1engine.models.policy import PolicyModel
 
 LAYER_SLOTS = (  # the operators' per-layer order (LayerSlot in decode_step_ops.cpp); "?": empty where absent
     "input_layernorm.weight",
@@ -111,14 +107,15 @@ def decode_weights(model: PolicyModel) -> list[torch.Tensor]:
 
 
 def _kernels_apply(dtype: torch.dtype, cache: KVCache, op: str) -> bool:
+    switches = current_settings()
     return (
-        USE_FUSED_DECODE_STEP
+        switches.fused_decode_step
         and _ext.has_op(op)
         and cache.k.device.type == "cpu"
         and dtype == cache.k.dtype
         and dtype in (torch.float32, torch.bfloat16)
-        and policy_module._FUSED_LAYER_OPS
-        and kv_cache_module.USE_DECODE_KERNEL
+        and switches.fused_layer_ops
+        and switches.decode_attention_kernel
     )
 
 
@@ -152,22 +149,23 @@ def decoder_layers(
     )
 
 
-def _log_eager_once(model: PolicyModel, cache: KVCache) -> None:
-    """Say once per reason why decoding takes the eager forward (a missing operator is a build problem: a warning)."""
-    if not _ext.has_op("decode_step"):
-        reason, level = f"the compiled extension has no decode_step operator ({_ext.load_error()})", logging.WARNING
-    elif model.device.type != "cpu" or cache.k.device.type != "cpu":
-        reason, level = f"the model is on {model.device} (the operator is a CPU one)", logging.INFO
-    elif model.dtype not in (torch.float32, torch.bfloat16) or model.dtype != cache.k.dtype:
-        reason, level = f"dtype {model.dtype} with a {cache.k.dtype} cache (float32 / bfloat16 only)", logging.INFO
-    else:
-        reason, level = "the fused layer ops or the decode-attention kernel are switched off", logging.INFO
-    if reason not in _LOGGED:
-        _LOGGED.add(reason)
-        log.log(level, "fused decode step off, decoding through the eager forward: %s", reason)
+_DECODE_STEP_BUILT = registry.compiled_op("decode_step")
 
 
-_LOGGED: set[str] = set()
+def _report_eager(model: PolicyModel, cache: KVCache) -> None:
+    """Say once per reason why decoding takes the eager forward (a broken build is a warning, the rest is info)."""
+    why = _DECODE_STEP_BUILT()
+    if why is None:
+        if model.device.type != "cpu" or cache.k.device.type != "cpu":
+            reason = f"the model is on {model.device} (the operator is a CPU one)"
+        elif model.dtype not in (torch.float32, torch.bfloat16) or model.dtype != cache.k.dtype:
+            reason = f"dtype {model.dtype} with a {cache.k.dtype} cache (float32 / bfloat16 only)"
+        elif cache.k.shape[0] != model.config.num_layers:
+            reason = f"the cache holds {cache.k.shape[0]} layers, the model {model.config.num_layers}"
+        else:
+            reason = "the fused layer ops or the decode-attention kernel are switched off (r1engine.settings)"
+        why = registry.Unavailable(reason)
+    registry.report("decode_step", "fused", why, using="eager")
 
 
 class FusedDecodeStep:
@@ -186,8 +184,8 @@ class FusedDecodeStep:
             and cache.k.shape[0] == model.config.num_layers
             and _kernels_apply(model.dtype, cache, "decode_step")
         )
-        if not supported and USE_FUSED_DECODE_STEP:
-            _log_eager_once(model, cache)
+        if not supported and current_settings().fused_decode_step:
+            _report_eager(model, cache)
         return cls(model) if supported else None
 
     def __call__(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
@@ -196,6 +194,6 @@ class FusedDecodeStep:
         slot `cache.lengths` and leaves committing them to the caller (`cache.advance`)."""
         cfg = self._config
         positions = cache.lengths[:, None].clamp(max=cfg.max_position_embeddings - 1)
-        cos, sin = policy_module.rope_cos_sin(positions, cfg)  # the eager step's, bit for bit
+        cos, sin = cfg.rope_cos_sin(positions)  # the eager step's, bit for bit
         step, weights, heads, eps = torch.ops.r1engine.decode_step, self._weights, cfg.num_heads, cfg.rms_norm_eps
         return step(tokens, cos[:, 0], sin[:, 0], cache.k, cache.v, cache.lengths, weights, heads, eps)

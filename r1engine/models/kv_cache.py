@@ -10,21 +10,27 @@ from __future__ import annotations
 
 import torch
 
-from r1engine import _ext
+from r1engine.ops.backends import registry
+from r1engine.settings import current as current_settings
 
-USE_DECODE_KERNEL = True
-"""Single-query steps on the CPU go through the C++ decode-step attention (`torch.ops.r1engine.decode_attention`)
-rather than SDPA with a ragged mask (benchmarks/bench_decode_attention.py measures both). False: always SDPA."""
+_DECODE_ATTENTION = registry.compiled_op("decode_attention")
 
 
 def _use_decode_kernel(q: torch.Tensor, cache: torch.Tensor) -> bool:
-    return (
-        USE_DECODE_KERNEL
+    """Single-query steps on the CPU go through the C++ decode-step attention (`torch.ops.r1engine.decode_attention`)
+    rather than SDPA with a ragged mask (benchmarks/bench_decode_attention.py measures both), unless
+    `r1engine.settings` `decode_attention_kernel` is off; a kernel that is not built is reported once."""
+    if not (
+        current_settings().decode_attention_kernel
         and q.device.type == "cpu"
         and q.dtype == cache.dtype
         and q.dtype in (torch.float32, torch.bfloat16)
-        and _ext.has_op("decode_attention")
-    )
+    ):
+        return False
+    why = _DECODE_ATTENTION()
+    if why is not None:
+        registry.report("decode_attention", "cpp", why, using="sdpa")
+    return why is None
 
 
 class KVCache:

@@ -11,12 +11,12 @@ checkpoint names (MiMo's for the MTP layers), so `state_dict()` is the checkpoin
 
 Inputs are either a padded batch `[B, T]`, a packed row (`[1, total]` or `[total]` with `cu_seqlens` and
 `position_ids` restarting at 0 per sequence), or a batch with a `KVCache` (incremental decoding).
+
+The layers are in `r1engine.models.layers`; which fast paths they take is `r1engine.settings`.
 """
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -25,189 +25,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from r1engine.models import decode_step as decode_step_module  # a module reference: it imports this module too
-from r1engine.models import rotary
+from r1engine.models import checkpoint, decode_step
 from r1engine.models.config import PolicyConfig
 from r1engine.models.kv_cache import KVCache
-from r1engine.ops.rms_norm import rms_norm, rms_norm_reference
-from r1engine.ops.rope import rope, rope_reference
-from r1engine.ops.swiglu import swiglu, swiglu_reference
+from r1engine.models.layers import Body, LayerContext
 
-
-# ----------------------------------------------------------------------------------------------- attention backends
-def _reference_varlen_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, causal: bool = True
-) -> torch.Tensor:
-    """Per-sequence SDPA over a packed row: q `[total, Hq, D]`, k/v `[total, Hkv, D]` -> `[total, Hq, D]`."""
-    out = torch.empty_like(q)
-    bounds = cu_seqlens.tolist()
-    for s, e in zip(bounds[:-1], bounds[1:], strict=True):
-        if e <= s:
-            continue
-        o = F.scaled_dot_product_attention(
-            q[s:e].transpose(0, 1), k[s:e].transpose(0, 1), v[s:e].transpose(0, 1), is_causal=causal, enable_gqa=True
-        )
-        out[s:e] = o.transpose(0, 1)
-    return out
-
-
-@functools.cache
-def _varlen_attention():
-    """The packing engineer's `varlen_attention` when it is importable, else the per-sequence reference."""
-    try:
-        from r1engine.packing.attention import varlen_attention  # type: ignore[import-not-found]
-
-        return varlen_attention
-    except Exception:  # module not there yet (written concurrently) or broken: fall back, same semantics
-        return _reference_varlen_attention
-
-
-# ----------------------------------------------------------------------------------------------------- layers
-# The element-wise parts of a layer (RMSNorm, SwiGLU, RoPE) go through r1engine's fused operators (backend "auto":
-# the C++ kernels for fp32/bf16 CPU tensors, else the same formulas in PyTorch), which save fewer activations for the
-# backward pass than the op-by-op graph. `fused_layer_ops(False)` switches to the op-by-op references (same math) for
-# comparisons (benchmarks/bench_layers.py).
-_FUSED_LAYER_OPS = True
-
-
-@contextlib.contextmanager
-def fused_layer_ops(enabled: bool = True) -> Iterator[None]:
-    """Within the block, layers use the fused operators (`enabled=True`, the default outside any block) or the
-    op-by-op PyTorch references (`False`). Not thread-local: it switches every PolicyModel in the process."""
-    global _FUSED_LAYER_OPS
-    previous, _FUSED_LAYER_OPS = _FUSED_LAYER_OPS, bool(enabled)
-    try:
-        yield
-    finally:
-        _FUSED_LAYER_OPS = previous
-
-
-class RMSNorm(nn.Module):
-    """y = x / sqrt(mean(x^2) + eps) * weight, computed in fp32 (as Qwen2 and vLLM do)."""
-
-    def __init__(self, dim: int, eps: float) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if _FUSED_LAYER_OPS:
-            return rms_norm(x, self.weight, self.eps)
-        return rms_norm_reference(x, self.weight, self.eps)
-
-
-def rope_cos_sin(positions: torch.Tensor, cfg: PolicyConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin `[..., head_dim]` of `cfg`'s rotary embedding (scaling included) for integer positions."""
-    return rotary.rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, cfg.max_position_embeddings)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x `[..., T, H, D]` rotated by cos/sin `[..., T, D]` (no gradient to cos/sin)."""
-    if _FUSED_LAYER_OPS:
-        return rope(x, cos, sin)
-    return rope_reference(x, cos, sin)
-
-
-@dataclass
-class _Ctx:
-    """What every attention layer of one forward shares."""
-
-    cos: torch.Tensor
-    sin: torch.Tensor
-    cu_seqlens: torch.Tensor | None = None
-    max_seqlen: int = 0
-    cache: KVCache | None = None
-    layer_offset: int = 0
-
-
-class Attention(nn.Module):
-    """GQA attention with RoPE; q/k/v and o biases and the per-head q/k RMSNorm (Qwen3) as the config says."""
-
-    def __init__(self, cfg: PolicyConfig) -> None:
-        super().__init__()
-        self.hq, self.hkv, self.d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        self.q_proj = nn.Linear(cfg.hidden_size, self.hq * self.d, bias=cfg.qkv_bias)
-        self.k_proj = nn.Linear(cfg.hidden_size, self.hkv * self.d, bias=cfg.qkv_bias)
-        self.v_proj = nn.Linear(cfg.hidden_size, self.hkv * self.d, bias=cfg.qkv_bias)
-        self.o_proj = nn.Linear(self.hq * self.d, cfg.hidden_size, bias=cfg.o_bias)
-        if cfg.qk_norm:
-            self.q_norm = RMSNorm(self.d, cfg.rms_norm_eps)
-            self.k_norm = RMSNorm(self.d, cfg.rms_norm_eps)
-        self.qk_norm = cfg.qk_norm
-
-    def forward(self, x: torch.Tensor, ctx: _Ctx, layer_idx: int) -> torch.Tensor:
-        b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.hq, self.d)
-        k = self.k_proj(x).view(b, t, self.hkv, self.d)
-        if self.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q = apply_rope(q, ctx.cos, ctx.sin)
-        k = apply_rope(k, ctx.cos, ctx.sin)
-        v = self.v_proj(x).view(b, t, self.hkv, self.d)
-        if ctx.cache is not None:
-            o = ctx.cache.attend(layer_idx - ctx.layer_offset, q, k, v)
-        elif ctx.cu_seqlens is not None:
-            o = _varlen_attention()(q[0], k[0], v[0], ctx.cu_seqlens, ctx.max_seqlen, causal=True)[None]
-        else:
-            o = F.scaled_dot_product_attention(
-                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=True
-            ).transpose(1, 2)
-        return self.o_proj(o.reshape(b, t, self.hq * self.d))
-
-
-class MLP(nn.Module):
-    def __init__(self, cfg: PolicyConfig) -> None:
-        super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        act = swiglu if _FUSED_LAYER_OPS else swiglu_reference
-        return self.down_proj(act(self.gate_proj(x), self.up_proj(x)))
-
-
-class DecoderLayer(nn.Module):
-    """Pre-norm transformer block (Qwen2)."""
-
-    def __init__(self, cfg: PolicyConfig) -> None:
-        super().__init__()
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = MLP(cfg)
-
-    def forward(self, x: torch.Tensor, ctx: _Ctx, layer_idx: int) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), ctx, layer_idx)
-        return x + self.mlp(self.post_attention_layernorm(x))
-
-
-class MTPLayer(DecoderLayer):
-    """One MiMo MTP module: the block's weights sit directly under `model.mtp_layers.{i}.` as in MiMo checkpoints."""
-
-    def __init__(self, cfg: PolicyConfig) -> None:
-        super().__init__(cfg)
-        self.token_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.hidden_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.input_proj = nn.Linear(2 * cfg.hidden_size, cfg.hidden_size, bias=False)
-        self.final_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-
-    def forward_mtp(self, prev_hidden: torch.Tensor, next_embeds: torch.Tensor, ctx: _Ctx, idx: int) -> torch.Tensor:
-        x = self.input_proj(torch.cat([self.hidden_layernorm(prev_hidden), self.token_layernorm(next_embeds)], -1))
-        if ctx.cache is not None and decode_step_module.decoder_layers_apply(x, ctx.cache):  # drafting: one C++ call
-            return self.final_layernorm(decode_step_module.decoder_layers([self], x, ctx.cos, ctx.sin, ctx.cache))
-        return self.final_layernorm(DecoderLayer.forward(self, x, ctx, idx))
-
-
-class Body(nn.Module):
-    """`model.*` of the checkpoint: embedding, decoder layers, final norm, MTP layers."""
-
-    def __init__(self, cfg: PolicyConfig) -> None:
-        super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList([DecoderLayer(cfg) for _ in range(cfg.num_layers)])
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mtp_layers = nn.ModuleList([MTPLayer(cfg) for _ in range(cfg.num_mtp_layers)])
+__all__ = ["LMHead", "ModelOutput", "PolicyModel"]
 
 
 # ----------------------------------------------------------------------------------------------------- outputs
@@ -369,11 +192,11 @@ class PolicyModel(nn.Module):
         """
         self._check_ids(input_ids)
         ids, pos, cu, mx, squeeze = self._prepare(input_ids, position_ids, cu_seqlens, max_seqlen, kv_cache)
-        cos, sin = rope_cos_sin(pos, self.config)
-        ctx = _Ctx(cos=cos, sin=sin, cu_seqlens=cu, max_seqlen=mx, cache=kv_cache)
+        cos, sin = self.config.rope_cos_sin(pos)
+        ctx = LayerContext(cos=cos, sin=sin, cu_seqlens=cu, max_seqlen=mx, cache=kv_cache)
         x = self.model.embed_tokens(ids)
-        if kv_cache is not None and decode_step_module.decoder_layers_apply(x, kv_cache):  # decoding: one C++ call
-            x = decode_step_module.decoder_layers(self.model.layers, x, cos, sin, kv_cache)
+        if kv_cache is not None and decode_step.decoder_layers_apply(x, kv_cache):  # decoding: one C++ call
+            x = decode_step.decoder_layers(self.model.layers, x, cos, sin, kv_cache)
         else:
             for i, layer in enumerate(self.model.layers):
                 x = layer(x, ctx, i)
@@ -418,8 +241,8 @@ class PolicyModel(nn.Module):
         if detach_main:  # the embedding's output carries the only gradient path to its weight
             e, h = e.detach(), h.detach()
         e = torch.where(pos.unsqueeze(-1) == 0, torch.zeros_like(e), e)
-        cos, sin = rope_cos_sin(pos, self.config)
-        ctx = _Ctx(cos=cos, sin=sin, cu_seqlens=cu, max_seqlen=mx, cache=kv_cache, layer_offset=0)
+        cos, sin = self.config.rope_cos_sin(pos)
+        ctx = LayerContext(cos=cos, sin=sin, cu_seqlens=cu, max_seqlen=mx, cache=kv_cache, layer_offset=0)
         out = self.model.mtp_layers[layer].forward_mtp(h.to(e.dtype), e, ctx, 0)
         return out[0] if squeeze else out
 
@@ -500,15 +323,11 @@ class PolicyModel(nn.Module):
     def save_pretrained(self, path: str | os.PathLike, tokenizer=None) -> None:
         """Write a model directory in the source's Hugging Face layout (MTP layers included) with the tokenizer's
         files copied unchanged; see `r1engine.models.checkpoint`."""
-        from r1engine.models.checkpoint import save_pretrained
-
-        save_pretrained(self, path, tokenizer)
+        checkpoint.save_pretrained(self, path, tokenizer)
 
     def export_pretrained(self, path: str | os.PathLike, tokenizer=None, keep_mtp: bool = False) -> None:
         """Write a plain Hugging Face directory of the source architecture (no MTP layers unless `keep_mtp`)."""
-        from r1engine.models.checkpoint import save_pretrained
-
-        save_pretrained(self, path, tokenizer, keep_mtp=keep_mtp, export=True)
+        checkpoint.save_pretrained(self, path, tokenizer, keep_mtp=keep_mtp, export=True)
 
     @classmethod
     def from_pretrained(
@@ -523,9 +342,7 @@ class PolicyModel(nn.Module):
     ) -> PolicyModel:
         """Load a Hugging Face model directory of a supported family (Qwen2, Llama, Qwen3, MiMo) or a `.gguf`
         file; `num_mtp_layers` attaches (or drops) MTP layers, new ones initialised by `mtp_init`."""
-        from r1engine.models.checkpoint import load_pretrained
-
-        return load_pretrained(
+        return checkpoint.load_pretrained(
             cls, path, dtype=dtype, device=device, num_mtp_layers=num_mtp_layers, mtp_init=mtp_init, seed=seed
         )
 
@@ -535,9 +352,7 @@ class PolicyModel(nn.Module):
     ) -> PolicyModel:
         """The policy holding a transformers `*ForCausalLM` of a supported family (its tensors shared, not copied);
         `num_mtp_layers` attaches MTP layers as in `from_pretrained`."""
-        from r1engine.models.checkpoint import from_hf_model, resize_mtp_layers
-
-        return resize_mtp_layers(from_hf_model(cls, hf_model), num_mtp_layers, mtp_init, seed)
+        return checkpoint.resize_mtp_layers(checkpoint.from_hf_model(cls, hf_model), num_mtp_layers, mtp_init, seed)
 
     def named_weights(self, include_mtp: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
         """(checkpoint name, tensor) pairs, tied weights once, in a stable order (weight sync uses this)."""
