@@ -6,12 +6,15 @@
   feeds an online log-sum-exp per token and picks the target logit out of the tile. The vocabulary is split across
   a second grid axis so that small token counts still fill the GPU; each split writes a partial (max, sum, target
   logit) and a tiny O(splits x N) combine gives lse and logp. Columns past V are set to -inf before the exp (a
-  zero-filled tile would add exp(0) per padded lane: verl's reward-collapse bug).
+  zero-filled tile would add exp(0) per padded lane: verl's reward-collapse bug). With `entropy=True` each split
+  also keeps u = sum exp(z - m) * (z - m), rescaled with the sum when the max grows, and the combine gives
+  H = -sum p log p = log(s) - u / s (z = logits / T, s and u taken at the row max).
 * backward (`linear_logprobs_bwd`): for one vocabulary chunk at a time a Triton kernel recomputes the logit tiles
-  and writes `G = (onehot - softmax) * g / T` for that chunk only ([M, Vc] in the input dtype, Vc sized to a memory
-  budget, never [M, V]); two GEMMs then give `dW[chunk] = G^T @ X` (one GEMM per chunk, fp32 accumulation inside,
-  written once) and `dX += G @ W[chunk]` accumulated across chunks in an fp32 buffer. No atomics anywhere: the
-  result is deterministic run to run.
+  and writes `G = ((onehot - p) * g - e * p * (z - lse + H)) / T` for that chunk only (g = d loss / d logp and
+  e = d loss / d entropy, 0 without the entropy term; [M, Vc] in the input dtype, Vc sized to a memory budget,
+  never [M, V]); two GEMMs then give `dW[chunk] = G^T @ X` (one GEMM per chunk, fp32 accumulation inside, written
+  once) and `dX += G @ W[chunk]` accumulated across chunks in an fp32 buffer. No atomics anywhere: the result is
+  deterministic run to run.
 
 Callers pass only the tokens that carry loss (the compaction happens in `r1engine.ops.linear_grpo_loss`): masked
 tokens cost nothing. Everything here takes and returns plain tensors; the GRPO math on the per-token log-probs
@@ -25,6 +28,9 @@ import triton
 import triton.language as tl
 
 __all__ = ["linear_logprobs_fwd", "linear_logprobs_bwd", "TileConfig", "default_config"]
+
+# Clamp for differences with -inf (padded columns): exp(-inf) = 0 and 0 * _NEG_BIG = 0, where 0 * -inf would be NaN.
+_NEG_BIG = tl.constexpr(-3.0e38)
 
 
 class TileConfig:
@@ -124,6 +130,7 @@ def _fwd_kernel(
     part_m_ptr,
     part_s_ptr,
     part_t_ptr,
+    part_u_ptr,
     M,
     V,
     H,
@@ -138,6 +145,7 @@ def _fwd_kernel(
     BK: tl.constexpr,
     IEEE: tl.constexpr,
     GROUP_M: tl.constexpr,
+    ENTROPY: tl.constexpr,
 ):
     pid_m, pid_s = _grouped_pid(tl.program_id(0), m_blocks, splits, GROUP_M)
     rows = pid_m.to(tl.int64) * BM + tl.arange(0, BM)
@@ -147,6 +155,7 @@ def _fwd_kernel(
     v_hi = tl.minimum(v_lo + cols_per_split, V)
     m = tl.full((BM,), float("-inf"), tl.float32)
     s = tl.zeros((BM,), tl.float32)
+    u = tl.zeros((BM,), tl.float32)
     t_logit = tl.zeros((BM,), tl.float32)
     for v0 in range(v_lo, v_hi, BN):
         cols = v0 + tl.arange(0, BN)
@@ -154,13 +163,20 @@ def _fwd_kernel(
         z = _logit_tile(x_ptr, w_ptr, rows, cols.to(tl.int64), row_ok, col_ok, H, stride_x, stride_w, BM, BN, BK, IEEE)
         z = tl.where(col_ok[None, :], z * inv_t, float("-inf"))  # never let a padded column reach the exp as 0
         m_new = tl.maximum(m, tl.max(z, axis=1))  # every tile has a valid column, so m_new is finite
-        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new[:, None]), axis=1)
+        f = tl.exp(m - m_new)
+        d = z - m_new[:, None]
+        e = tl.exp(d)
+        if ENTROPY:  # u rescaled to the new max: (u + (m - m_new) * s) * f; m = -inf (s = 0) at the first tile
+            u = (u + tl.maximum(m - m_new, _NEG_BIG) * s) * f + tl.sum(e * tl.maximum(d, _NEG_BIG), axis=1)
+        s = s * f + tl.sum(e, axis=1)
         m = m_new
         t_logit += tl.sum(tl.where(cols[None, :] == tgt[:, None], z, 0.0), axis=1)
     out = pid_s * M + rows
     tl.store(part_m_ptr + out, m, mask=row_ok)
     tl.store(part_s_ptr + out, s, mask=row_ok)
     tl.store(part_t_ptr + out, t_logit, mask=row_ok)
+    if ENTROPY:
+        tl.store(part_u_ptr + out, u, mask=row_ok)
 
 
 @triton.jit(do_not_specialize=["M", "inv_t", "m_blocks", "n_blocks"])
@@ -170,6 +186,8 @@ def _dlogits_kernel(
     targets_ptr,
     lse_ptr,
     g_ptr,
+    dent_ptr,
+    ent_ptr,
     out_ptr,
     M,
     H,
@@ -186,6 +204,7 @@ def _dlogits_kernel(
     BK: tl.constexpr,
     IEEE: tl.constexpr,
     GROUP_M: tl.constexpr,
+    HAS_ENT: tl.constexpr,
 ):
     pid_m, pid_n = _grouped_pid(tl.program_id(0), m_blocks, n_blocks, GROUP_M)
     rows = pid_m.to(tl.int64) * BM + tl.arange(0, BM)
@@ -197,8 +216,15 @@ def _dlogits_kernel(
     lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
     g = tl.load(g_ptr + rows, mask=row_ok, other=0.0) * inv_t
     tgt = tl.load(targets_ptr + rows, mask=row_ok, other=-1)
-    p = tl.exp(tl.where(col_ok[None, :], z * inv_t - lse[:, None], float("-inf")))
-    d = (tl.where(cols[None, :] == tgt[:, None], 1.0, 0.0) - p) * g[:, None]
+    zs = z * inv_t  # finite everywhere (padded columns computed as 0), masked out of p below
+    p = tl.exp(tl.where(col_ok[None, :], zs - lse[:, None], float("-inf")))
+    onehot = tl.where(cols[None, :] == tgt[:, None], 1.0, 0.0)
+    if HAS_ENT:
+        e = tl.load(dent_ptr + rows, mask=row_ok, other=0.0) * inv_t
+        c = lse - tl.load(ent_ptr + rows, mask=row_ok, other=0.0)  # z - lse + H = z - c
+        d = onehot * g[:, None] - p * (g[:, None] + e[:, None] * (zs - c[:, None]))
+    else:
+        d = (onehot - p) * g[:, None]
     ptrs = out_ptr + rows[:, None] * stride_out + local[None, :]
     tl.store(ptrs, d.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
@@ -226,13 +252,16 @@ def linear_logprobs_fwd(
     *,
     config: TileConfig | None = None,
     min_programs: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logp, lse) fp32 [M] of log_softmax(hidden @ weight.T / T)[i, targets[i]], without materializing logits."""
+    entropy: bool = False,
+) -> tuple[torch.Tensor, ...]:
+    """(logp, lse) fp32 [M] of log_softmax(hidden @ weight.T / T)[i, targets[i]], without materializing logits;
+    with `entropy=True`, (logp, lse, entropy) with entropy = -sum_v p_v log p_v of softmax(hidden @ weight.T / T),
+    from the same pass over the vocabulary."""
     m, v, h = _check(hidden, weight, targets)
     dev = hidden.device
     if m == 0:
         z = torch.zeros(0, dtype=torch.float32, device=dev)
-        return z, z.clone()
+        return (z, z.clone(), z.clone()) if entropy else (z, z.clone())
     cfg = config or default_config(hidden.dtype, dev)
     hidden = hidden.contiguous()
     weight = weight.contiguous()
@@ -247,7 +276,7 @@ def linear_logprobs_fwd(
         splits = 1
     cols_per_split = triton.cdiv(n_tiles, splits) * cfg.bn
     splits = triton.cdiv(v, cols_per_split)  # every split non-empty
-    part = torch.empty(3, splits, m, dtype=torch.float32, device=dev)
+    part = torch.empty(4 if entropy else 3, splits, m, dtype=torch.float32, device=dev)
     _fwd_kernel[(m_blocks * splits,)](
         hidden,
         weight,
@@ -255,6 +284,7 @@ def linear_logprobs_fwd(
         part[0],
         part[1],
         part[2],
+        part[3] if entropy else part[2],  # (never written without the entropy)
         m,
         v,
         h,
@@ -269,14 +299,20 @@ def linear_logprobs_fwd(
         BK=cfg.bk,
         IEEE=_ieee(hidden),
         GROUP_M=cfg.group_m,
+        ENTROPY=bool(entropy),
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
     pm, ps, pt = part[0], part[1], part[2]
     mx = pm.max(dim=0).values
-    lse = mx + torch.log((ps * torch.exp(pm - mx)).sum(dim=0))
+    f = torch.exp(pm - mx)
+    s = (ps * f).sum(dim=0)
+    lse = mx + torch.log(s)
     logp = pt.sum(dim=0) - lse  # exactly one split holds each target column; the others added 0
-    return logp, lse
+    if not entropy:
+        return logp, lse
+    u = ((part[3] + (pm - mx) * ps) * f).sum(dim=0)  # every split's u rescaled to the row max
+    return logp, lse, torch.log(s) - u / s
 
 
 def _ieee(hidden: torch.Tensor) -> bool:
@@ -307,25 +343,40 @@ def linear_logprobs_bwd(
     temperature: float = 1.0,
     *,
     config: TileConfig | None = None,
+    dentropy: torch.Tensor | None = None,
+    entropy: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(dX [M, H] in hidden's dtype, dW [V, H] in weight's dtype) for d loss / d logp = grad_logp (fp32 [M]).
+    """(dX [M, H] in hidden's dtype, dW [V, H] in weight's dtype) for d loss / d logp = grad_logp (fp32 [M]) and,
+    when given, d loss / d entropy = dentropy (fp32 [M], with `entropy` the forward's entropy output).
 
-    Rows with grad_logp == 0 (clipped tokens, for example) are dropped before any GEMM.
+    Rows whose grad_logp and dentropy are 0 (clipped tokens, for example) are dropped before any GEMM.
     """
     m, v, h = _check(hidden, weight, targets)
+    if (dentropy is None) != (entropy is None):
+        raise ValueError("dentropy and entropy must be given together (or neither)")
     dev = hidden.device
     dx = torch.zeros(m, h, dtype=hidden.dtype, device=dev)
     dw = torch.zeros(v, h, dtype=weight.dtype, device=dev)
     if m == 0:
         return dx, dw
-    live = torch.nonzero(grad_logp != 0).squeeze(1)
+    active = grad_logp != 0
+    if dentropy is not None:
+        active = active | (dentropy != 0)
+    live = torch.nonzero(active).squeeze(1)
     if live.numel() == 0:
         return dx, dw
     full = live.numel() == m
-    x = hidden.contiguous() if full else hidden.index_select(0, live).contiguous()
-    tg = targets.contiguous() if full else targets.index_select(0, live).contiguous()
-    ls = lse.float().contiguous() if full else lse.float().index_select(0, live).contiguous()
-    gg = grad_logp.float().contiguous() if full else grad_logp.float().index_select(0, live).contiguous()
+
+    def rows(t: torch.Tensor) -> torch.Tensor:
+        return t.contiguous() if full else t.index_select(0, live).contiguous()
+
+    x = rows(hidden)
+    tg = rows(targets)
+    ls = rows(lse.float())
+    gg = rows(grad_logp.float())
+    has_ent = dentropy is not None
+    de = rows(dentropy.float()) if has_ent else gg  # dummy pointers without the entropy term (never read)
+    en = rows(entropy.float()) if has_ent else gg
     weight = weight.contiguous()
     ml = x.shape[0]
     cfg = config or default_config(hidden.dtype, dev)
@@ -344,6 +395,8 @@ def linear_logprobs_bwd(
             tg,
             ls,
             gg,
+            de,
+            en,
             chunk,
             ml,
             h,
@@ -360,6 +413,7 @@ def linear_logprobs_bwd(
             BK=cfg.bk,
             IEEE=_ieee(hidden),
             GROUP_M=cfg.group_m,
+            HAS_ENT=has_ent,
             num_warps=cfg.num_warps,
             num_stages=cfg.num_stages,
         )

@@ -5,21 +5,26 @@ from __future__ import annotations
 import pytest
 import torch
 
-from r1engine.algo.kl import kl_estimate, kl_estimate_grad, kl_estimator_id
+from r1engine.algo.kl import KL_ESTIMATORS, kl_estimate
 from r1engine.algo.loss import aggregation_weights, clipped_surrogate, grpo_loss_reference, masked_mean
 
 
-@pytest.mark.parametrize("k", ["k1", "k2", "k3"])
+@pytest.mark.parametrize("k", ["k1", "k2", "k3", "low_var_kl"])
 def test_kl_estimators_values_and_grad(k):
     torch.manual_seed(1)
     logp = (-torch.rand(37, dtype=torch.float64) * 4).requires_grad_()
     ref = -torch.rand(37, dtype=torch.float64) * 4
+    ref[:3] = torch.tensor([-40.0, 30.0, -25.0])  # outside low_var_kl's clamps
     kl = kl_estimate(logp, ref, k)
     d = ref - logp.detach()
-    want = {"k1": -d, "k2": 0.5 * d**2, "k3": d.exp() - d - 1}[k]
+    dc = d.clamp(-20, 20)
+    want = {"k1": -d, "k2": 0.5 * d**2, "k3": d.exp() - d - 1, "low_var_kl": (dc.exp() - dc - 1).clamp(-10, 10)}[k]
     torch.testing.assert_close(kl.detach(), want)
     (g,) = torch.autograd.grad(kl.sum(), logp)
-    torch.testing.assert_close(g, kl_estimate_grad(logp.detach(), ref, k))
+    grad = {"k1": torch.ones_like(d), "k2": -d, "k3": 1 - d.exp()}.get(k)
+    if k == "low_var_kl":  # k3's gradient where no clamp is active, 0 where one is
+        grad = torch.where((d.abs() < 20) & ((dc.exp() - dc - 1) < 10), 1 - d.exp(), torch.zeros_like(d))
+    torch.testing.assert_close(g, grad)
     if k != "k1":
         assert (kl >= 0).all()
 
@@ -35,9 +40,9 @@ def test_kl_k3_unbiased_for_true_kl():
 
 
 def test_kl_estimator_names():
-    assert [kl_estimator_id(x) for x in ("k1", "k2", "k3", 2)] == [1, 2, 3, 2]
+    assert set(KL_ESTIMATORS) >= {"k1", "k2", "k3", "low_var_kl"}
     with pytest.raises(ValueError, match="kl_estimator: expected one of"):
-        kl_estimator_id("k4")
+        kl_estimate(torch.zeros(2), torch.zeros(2), "k4")
 
 
 def test_clipped_surrogate_branches():

@@ -158,34 +158,51 @@ def test_all_masked_gives_zero_loss_and_grad(backend):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cpp_contract_matches_torch_ref(dtype):
+@pytest.mark.parametrize("entropy", [False, True])
+def test_cpp_contract_matches_torch_ref(dtype, entropy):
     g = torch.Generator().manual_seed(9)
     n, v = 29, 4099
     logits = (torch.randn(n, v, generator=g) * 2).to(dtype)
-    logits[3, 100:200] = float("-inf")  # masked vocabulary entries are allowed
+    logits[3, 100:200] = float("-inf")  # masked vocabulary entries are allowed (p = 0 there: no NaN entropy)
     targets = torch.randint(0, v, (n,), generator=g)
     targets[3] = 5
-    adv = torch.randn(n, generator=g)
-    logp, _ = torch_ref.token_logprobs_fwd(logits, targets, 0.8)
-    old = logp + 0.3 * torch.randn(n, generator=g)
-    ref = logp + 0.3 * torch.randn(n, generator=g)
-    w = torch.rand(n, generator=g)
-    w[::5] = 0
-    kw = dict(temperature=0.8, eps_low=0.2, eps_high=0.28, dual_clip=2.5, beta=0.1, kl_estimator=3)
-    a = torch_ref.grpo_fwd(logits, targets, adv, old, ref, w, **kw)
-    c = compiled.grpo_fwd(logits, targets, adv, old, ref, w, **kw)
-    for name, x, y in zip(("loss_tok", "logp", "lse", "dlogp", "ratio", "kl", "clipped"), a, c, strict=True):
-        torch.testing.assert_close(y, x, rtol=1e-5, atol=2e-6, msg=name)
-    dead = w == 0
-    assert torch.equal(c[4][dead], torch.ones(int(dead.sum()))) and not c[0][dead].any() and not c[3][dead].any()
+    live = (torch.rand(n, generator=g) > 0.2).float()
+    kw = dict(temperature=0.8, live=live, entropy=entropy)
+    a = torch_ref.logprobs_fwd(logits, targets, **kw)
+    c = compiled.logprobs_fwd(logits, targets, **kw)
+    for name, x, y in zip(("logp", "lse", "entropy"), a, c, strict=True):
+        torch.testing.assert_close(y, x, rtol=1e-5, atol=2e-5, msg=name)
+        assert not y[live == 0].any(), f"{name}: rows that are not live must be 0"
+    assert bool(torch.isfinite(c[2]).all())
+    dlogp = torch.randn(n, generator=g) * live
+    dlogp[::7] = 0
+    dent = torch.randn(n, generator=g) * live if entropy else None
     for inplace in (False, True):
         buf = logits.clone()
-        ga = torch_ref.logprobs_bwd(logits, targets, c[2], c[3], temperature=0.8, inplace=False)
-        gc = compiled.logprobs_bwd(buf, targets, c[2], c[3], temperature=0.8, inplace=inplace)
+        extra = dict(dentropy=dent, entropy=c[2] if entropy else None)
+        ga = torch_ref.logprobs_bwd(logits, targets, c[1], dlogp, temperature=0.8, inplace=False, **extra)
+        gc = compiled.logprobs_bwd(buf, targets, c[1], dlogp, temperature=0.8, inplace=inplace, **extra)
         assert gc.dtype == dtype and (gc.data_ptr() == buf.data_ptr()) == inplace
-        assert not gc[dead].any()  # rows with dlogp == 0 are exact zeros
+        dead = (dlogp == 0) & ((dent == 0) if dent is not None else True)
+        assert not gc[dead].any()  # rows without a gradient are exact zeros
         rtol, atol = _tols(dtype)
         torch.testing.assert_close(gc.float(), ga.float(), rtol=rtol, atol=atol)
+
+
+def test_entropy_gradient_matches_autograd():
+    # torch_ref's closed form against autograd of the materialised entropy (the oracle of the oracle).
+    from r1engine.algo.loss import token_entropy, token_logprobs
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(7, 53, generator=g, dtype=torch.float64)
+    x[2, :10] = float("-inf")
+    t = torch.randint(10, 53, (7,), generator=g)
+    dlogp, dent = torch.randn(7, generator=g, dtype=torch.float64), torch.randn(7, generator=g, dtype=torch.float64)
+    xr = x.clone().requires_grad_()
+    ((token_logprobs(xr, t, 0.7) * dlogp).sum() + (token_entropy(xr, 0.7) * dent).sum()).backward()
+    logp, lse, ent = torch_ref.logprobs_fwd(x, t, temperature=0.7, entropy=True)
+    grad = torch_ref.logprobs_bwd(x, t, lse, dlogp, temperature=0.7, inplace=False, dentropy=dent, entropy=ent)
+    torch.testing.assert_close(grad.float(), xr.grad.float(), rtol=1e-5, atol=1e-6)
 
 
 def test_torch_compile_fullgraph():
@@ -236,8 +253,8 @@ def test_nonfinite_inputs_other_than_logits_are_named(name, bad):
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        (dict(eps_low=float("nan")), "eps_low/eps_high"),
-        (dict(eps_high=float("inf")), "eps_low/eps_high"),
+        (dict(eps_low=float("nan")), "eps_low: expected a finite value >= 0"),
+        (dict(eps_high=float("inf")), "eps_high: expected a finite value >= 0"),
         (dict(beta=float("nan")), "beta"),
         (dict(beta=-0.1), "beta"),
         (dict(temperature=float("inf")), "temperature"),
@@ -303,7 +320,7 @@ def _bad_cases():
         ((lg, tg, adv, m), {"agg": "mean"}, ValueError, "agg: expected one of"),
         ((lg, tg, adv, m), {"backend": "tpu"}, ValueError, "backend: expected one of"),
         ((lg, tg, adv, m), {"kl_estimator": "k5"}, ValueError, "kl_estimator: expected one of"),
-        ((lg, tg, adv, m), {"temperature": 0.0}, ValueError, "temperature: expected a positive finite float"),
+        ((lg, tg, adv, m), {"temperature": 0.0}, ValueError, "temperature: expected a finite value > 0"),
         ((lg, tg, adv, m), {"dual_clip": 0.5}, ValueError, "dual_clip: expected None, 0"),
         (
             (lg, tg, adv, m),
@@ -333,9 +350,9 @@ def test_token_logprobs_bad_input():
     with pytest.raises(ValueError, match=r"targets: expected values in \[0, V\) = \[0, 9\), got -1"):
         ops.token_logprobs(torch.randn(4, 9), torch.tensor([0, 1, -1, 2]))
     with pytest.raises(RuntimeError, match=r"targets: expected values in \[0, V\)"):  # the C++ op checks too
-        torch.ops.r1engine.token_logprobs_fwd(torch.randn(2, 9), torch.tensor([0, 9]), 1.0)
+        torch.ops.r1engine.logprobs_fwd(torch.randn(2, 9), torch.tensor([0, 9]), None, 1.0, False)
     with pytest.raises(RuntimeError, match="logits: expected dtype float32 or bfloat16"):
-        torch.ops.r1engine.token_logprobs_fwd(torch.randn(2, 9).double(), torch.tensor([0, 1]), 1.0)
+        torch.ops.r1engine.logprobs_fwd(torch.randn(2, 9).double(), torch.tensor([0, 1]), None, 1.0, False)
 
 
 def test_backend_resolution():
@@ -350,7 +367,7 @@ def test_backend_resolution():
             load("triton")
     else:
         mod = load("triton")
-        assert all(hasattr(mod, f) for f in ("token_logprobs_fwd", "grpo_fwd", "logprobs_bwd"))
+        assert all(hasattr(mod, f) for f in ("logprobs_fwd", "logprobs_bwd"))
 
 
 def test_eager_calls_do_not_load_the_compiler():

@@ -84,6 +84,69 @@ def test_linear_logprobs_fwd_bwd_match_fp32_autograd(dtype, m, h, v, splits):
     torch.testing.assert_close(dw.float(), wr.grad, **tol)
 
 
+def _fp32_reference(x, w, tg, temp):
+    """fp32 autograd leaves and (logp, lse, entropy) of log_softmax(x @ w.T / T)."""
+    xr = x.detach().float().requires_grad_()
+    wr = w.detach().float().requires_grad_()
+    z = (xr @ wr.T) / temp
+    logsm = torch.log_softmax(z, -1)
+    rlogp = logsm.gather(1, tg[:, None]).squeeze(1)
+    rent = -(logsm.exp() * logsm).sum(-1)
+    return xr, wr, rlogp, torch.logsumexp(z, -1).detach(), rent
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m,h,v,splits", [(45, 48, 123, 4), (70, 32, 300, 1), (9, 40, 97, 3)])
+def test_linear_logprobs_entropy_fwd_bwd_match_fp32_autograd(dtype, m, h, v, splits):
+    # The optional entropy output (online over the vocabulary tiles, combined over the splits) and the gradient of
+    # sum(grad_logp * logp + dentropy * entropy), with rows where either, both or neither gradient is 0.
+    g = torch.Generator().manual_seed(3 * m + v)
+    x = torch.randn(m, h, generator=g).to(dtype).to(DEV)
+    w = (torch.randn(v, h, generator=g) * 0.5).to(dtype).to(DEV)
+    tg = torch.randint(0, v, (m,), generator=g).to(DEV)
+    temp = 0.8
+    min_programs = splits * triton.cdiv(m, 16)
+    logp, lse, ent = LK.linear_logprobs_fwd(x, w, tg, temp, min_programs=min_programs, entropy=True)
+    xr, wr, rlogp, rlse, rent = _fp32_reference(x, w, tg, temp)
+    torch.testing.assert_close(logp, rlogp.detach(), atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(lse, rlse, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(ent, rent.detach(), atol=2e-5, rtol=2e-5)
+    # without the entropy: the same (logp, lse), two outputs as before
+    out = LK.linear_logprobs_fwd(x, w, tg, temp, min_programs=min_programs)
+    assert len(out) == 2
+    torch.testing.assert_close(out[0], logp, atol=0, rtol=0)
+    torch.testing.assert_close(out[1], lse, atol=0, rtol=0)
+    gl = torch.randn(m, generator=g).to(DEV)
+    ge = torch.randn(m, generator=g).to(DEV)
+    gl[::3] = 0.0
+    ge[::2] = 0.0  # rows 0, 6, 12, ...: both 0, dropped before any GEMM
+    ((rlogp * gl).sum() + (rent * ge).sum()).backward()
+    dx, dw = LK.linear_logprobs_bwd(x, w, tg, lse, gl, temp, dentropy=ge, entropy=ent)
+    assert dx.dtype == dtype and dw.dtype == dtype
+    assert torch.all(dx[::6] == 0)
+    tol = dict(atol=1e-5, rtol=1e-4) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(dx.float(), xr.grad, **tol)
+    torch.testing.assert_close(dw.float(), wr.grad, **tol)
+    # dentropy all 0: the plain gradient of the log-probs
+    dx0, dw0 = LK.linear_logprobs_bwd(x, w, tg, lse, gl, temp, dentropy=torch.zeros_like(ge), entropy=ent)
+    dx1, dw1 = LK.linear_logprobs_bwd(x, w, tg, lse, gl, temp)
+    torch.testing.assert_close(dx0, dx1, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(dw0, dw1, atol=1e-6, rtol=1e-5)
+
+
+def test_linear_logprobs_entropy_argument_errors_and_empty():
+    x = torch.randn(0, 16, device=DEV)
+    w = torch.randn(30, 16, device=DEV)
+    tg = torch.zeros(0, dtype=torch.long, device=DEV)
+    out = LK.linear_logprobs_fwd(x, w, tg, 1.0, entropy=True)
+    assert len(out) == 3 and all(t.shape == (0,) for t in out)
+    x = torch.randn(4, 16, device=DEV)
+    tg = torch.zeros(4, dtype=torch.long, device=DEV)
+    vec = torch.zeros(4, device=DEV)
+    with pytest.raises(ValueError, match="dentropy and entropy must be given together"):
+        LK.linear_logprobs_bwd(x, w, tg, vec, vec, 1.0, dentropy=vec)
+
+
 def test_grouped_order_and_vocab_splits_cover_every_tile():
     # GPU-style launch (several vocabulary tiles per forward program, grouped program order with a ragged last
     # group, several backward chunks) on interpreter-sized tiles: every (token block, vocab tile) pair must be
@@ -103,6 +166,16 @@ def test_grouped_order_and_vocab_splits_cover_every_tile():
     gl = torch.randn(m, generator=g).to(DEV)
     (rlogp * gl).sum().backward()
     dx, dw = LK.linear_logprobs_bwd(x, w, tg, lse, gl, 1.0, config=cfg)
+    torch.testing.assert_close(dx, xr.grad, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(dw, wr.grad, atol=1e-5, rtol=1e-4)
+    # the entropy over the same splits and chunks
+    _, lse_e, ent = LK.linear_logprobs_fwd(x, w, tg, 1.0, config=cfg, entropy=True)
+    xr, wr, rlogp, _, rent = _fp32_reference(x, w, tg, 1.0)
+    torch.testing.assert_close(lse_e, lse, atol=0, rtol=0)
+    torch.testing.assert_close(ent, rent.detach(), atol=2e-5, rtol=2e-5)
+    ge = torch.randn(m, generator=g).to(DEV)
+    ((rlogp * gl).sum() + (rent * ge).sum()).backward()
+    dx, dw = LK.linear_logprobs_bwd(x, w, tg, lse, gl, 1.0, config=cfg, dentropy=ge, entropy=ent)
     torch.testing.assert_close(dx, xr.grad, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(dw, wr.grad, atol=1e-5, rtol=1e-4)
 
@@ -228,19 +301,21 @@ def test_works_under_torch_compile():
 def test_opcheck_of_the_custom_ops():
     p = _problem(2, 8, 16, 40, torch.float32, seed=3)
     x, w = p["hidden"].reshape(-1, 16), p["weight"]
+    tg = p["targets"].reshape(-1)
+    live = p["mask"].reshape(-1).float()
     n = x.shape[0]
-    wts = p["mask"].reshape(-1).float() / 5
-    args = (x, w, p["targets"].reshape(-1), p["adv"].repeat_interleave(8), p["old"].reshape(-1), None, wts)
-    hp = (1.0, 0.2, 0.2, 0.0, 0.0, 3, "torch")
-    torch.library.opcheck(
-        torch.ops.r1engine.linear_grpo_fwd.default, (*args, *hp), test_utils=("test_schema", "test_faketensor")
-    )
+    utils = ("test_schema", "test_faketensor")
+    for entropy in (False, True):
+        torch.library.opcheck(
+            torch.ops.r1engine.linear_logprobs.default, (x, w, tg, live, 1.0, entropy, "torch"), test_utils=utils
+        )
     lse = torch.zeros(n, device=DEV)
-    torch.library.opcheck(
-        torch.ops.r1engine.linear_grpo_bwd.default,
-        (x, w, args[2], lse, wts, 1.0, "torch"),
-        test_utils=("test_schema", "test_faketensor"),
-    )
+    g = live / 5
+    for ge in (None, live / 7):
+        ent = None if ge is None else torch.ones(n, device=DEV)
+        torch.library.opcheck(
+            torch.ops.r1engine.linear_logprobs_bwd.default, (x, w, tg, lse, g, ge, ent, 1.0, "torch"), test_utils=utils
+        )
 
 
 def test_bad_inputs_are_rejected_with_clear_errors():

@@ -1,9 +1,9 @@
 """Compile the Triton GRPO kernels for sm_90 (H100) without a GPU and check the generated code.
 
-The interpreter tests check the math; this checks what only the compiler shows: every kernel lowers for sm_90,
-the logits-in kernels use 16-byte vector loads/stores when V and the row stride are multiples of 16 (as triton's
-runtime specialization tells the compiler for V = 151936), and the lm_head GEMM K loop is software-pipelined
-(shared memory holds `num_stages` stages of the X and W tiles) and uses wgmma.
+The interpreter tests check the math; this checks what only the compiler shows: every kernel lowers for sm_90 (with
+and without the entropy), the logits-in kernels use 16-byte vector loads/stores when V and the row stride are
+multiples of 16 (as triton's runtime specialization tells the compiler for V = 151936), and the lm_head GEMM K loop
+is software-pipelined (shared memory holds `num_stages` stages of the X and W tiles), uses wgmma and does not spill.
 """
 
 from __future__ import annotations
@@ -44,12 +44,12 @@ def logits_types(n):
     return "i64" if n.startswith("stride") else "i32" if n == "V" else "fp32"
 
 div = {"logits_ptr", "grad_ptr", "targets_ptr", "stride_row", "stride_grad", "V"}
-k = build(K._grpo_fwd_kernel, logits_types, dict(HAS_OLD=True, HAS_KL=True, KL_EST=3, BLOCK_V=4096), div,
-          num_warps=8)
-out["fwd_ld_v4"] = len(re.findall(r"ld\.global[.a-z0-9]*\.v4", k.asm["ptx"]))
-k = build(K._logprobs_bwd_kernel, logits_types, dict(BLOCK_V=4096), div, num_warps=8)
-out["bwd_ld_v4"] = len(re.findall(r"ld\.global[.a-z0-9]*\.v4", k.asm["ptx"]))
-out["bwd_st_v4"] = len(re.findall(r"st\.global[.a-z0-9]*\.v4", k.asm["ptx"]))
+for ent in (False, True):
+    k = build(K._logprobs_fwd_kernel, logits_types, dict(HAS_LIVE=True, ENTROPY=ent, BLOCK_V=4096), div, num_warps=8)
+    out[f"fwd_ld_v4_{ent}"] = len(re.findall(r"ld\.global[.a-z0-9]*\.v4", k.asm["ptx"]))
+    k = build(K._logprobs_bwd_kernel, logits_types, dict(HAS_ENT=ent, BLOCK_V=4096), div, num_warps=8)
+    out[f"bwd_ld_v4_{ent}"] = len(re.findall(r"ld\.global[.a-z0-9]*\.v4", k.asm["ptx"]))
+    out[f"bwd_st_v4_{ent}"] = len(re.findall(r"st\.global[.a-z0-9]*\.v4", k.asm["ptx"]))
 
 cfg = L.default_config(__import__("torch").bfloat16, __import__("torch").device("cuda"))
 consts = dict(BM=cfg.bm, BN=cfg.bn, BK=cfg.bk, IEEE=False, GROUP_M=cfg.group_m)
@@ -65,8 +65,12 @@ def linear_types(n):
 
 ldiv = {"x_ptr", "w_ptr", "out_ptr", "H", "stride_x", "stride_w", "stride_out"}
 stage_bytes = (cfg.bm + cfg.bn) * cfg.bk * 2
-for name, fn in (("lin_fwd", L._fwd_kernel), ("lin_dlogits", L._dlogits_kernel)):
-    k = build(fn, linear_types, consts, ldiv, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+variants = []
+for ent in (False, True):  # the entropy (forward) and its gradient term (dlogits) on and off
+    variants.append((f"lin_fwd_{ent}", L._fwd_kernel, dict(consts, ENTROPY=ent)))
+    variants.append((f"lin_dlogits_{ent}", L._dlogits_kernel, dict(consts, HAS_ENT=ent)))
+for name, fn, kconsts in variants:
+    k = build(fn, linear_types, kconsts, ldiv, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     out[name + "_stages"] = k.metadata.shared / stage_bytes
     out[name + "_wgmma"] = "wgmma" in k.asm["ptx"]
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
@@ -79,7 +83,7 @@ for name, fn in (("lin_fwd", L._fwd_kernel), ("lin_dlogits", L._dlogits_kernel))
         m = re.search(r"STACK:(\d+)", usage)
         out[name + "_stack"] = int(m.group(1)) if m else None
 out["num_stages"] = cfg.num_stages
-for kern in (K._grpo_fwd_kernel, K._token_logprobs_kernel, K._logprobs_bwd_kernel):
+for kern in (K._logprobs_fwd_kernel, K._logprobs_bwd_kernel):
     names = list(inspect.signature(kern.fn).parameters)
     out["dns_" + kern.fn.__name__] = sorted(names[i] if isinstance(i, int) else i for i in kern.do_not_specialize)
 print(json.dumps(out))
@@ -100,13 +104,12 @@ def test_kernels_compile_for_sm90_with_vector_loads_and_pipelining():
     import json
 
     res = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert res["fwd_ld_v4"] >= 1, res  # 16-byte loads of the logits row
-    assert res["bwd_ld_v4"] >= 1 and res["bwd_st_v4"] >= 1, res  # 16-byte loads and gradient stores
-    for name in ("lin_fwd", "lin_dlogits"):
-        assert res[name + "_wgmma"], res  # Hopper tensor cores
-        assert res[name + "_stages"] >= res["num_stages"] - 0.01, res  # K loop pipelined num_stages deep
-        assert res.get(name + "_stack") in (0, None), res  # no register spills (None: cuobjdump not shipped)
-    # float hyperparameters never specialize (no recompile per value, no fp64); strides and V must specialize
-    hyper = {"temperature", "eps_low", "eps_high", "dual_clip", "beta"}
-    assert set(res["dns__grpo_fwd_kernel"]) == hyper, res
-    assert res["dns__token_logprobs_kernel"] == ["temperature"] == res["dns__logprobs_bwd_kernel"], res
+    for ent in (False, True):  # with and without the entropy (term)
+        assert res[f"fwd_ld_v4_{ent}"] >= 1, res  # 16-byte loads of the logits row
+        assert res[f"bwd_ld_v4_{ent}"] >= 1 and res[f"bwd_st_v4_{ent}"] >= 1, res  # 16-byte loads and stores
+        for name in (f"lin_fwd_{ent}", f"lin_dlogits_{ent}"):
+            assert res[name + "_wgmma"], res  # Hopper tensor cores
+            assert res[name + "_stages"] >= res["num_stages"] - 0.01, res  # K loop pipelined num_stages deep
+            assert res.get(name + "_stack") in (0, None), res  # no register spills (None: cuobjdump not shipped)
+    # the temperature never specializes (no recompile per value, no fp64); strides and V must specialize
+    assert res["dns__logprobs_fwd_kernel"] == ["temperature"] == res["dns__logprobs_bwd_kernel"], res

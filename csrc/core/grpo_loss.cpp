@@ -1,4 +1,4 @@
-// Fused GRPO loss, CPU kernel. See grpo_loss.h for the contract.
+// Vocabulary passes of the GRPO-family losses, CPU kernel. See grpo_loss.h for the contract.
 //
 // Forward: each row is streamed once from memory in chunks of kChunk elements that stay in L1: a max pass over
 // the chunk (also detecting NaN), one rescale of the running sum if the max grew, then an exp-sum pass over the
@@ -74,6 +74,73 @@ inline float chunk_expsum(const T* x, int64_t len, float m, float inv_t, const T
   return s;
 }
 
+// Like chunk_expsum, plus sum_j exp((x[j] - m) * inv_t) * (x[j] - m) * inv_t (for the entropy) in the same pass. The
+// shifted logit keeps the sum small (no cancellation of two large numbers when the logits are large).
+template <class T>
+inline void chunk_expsum_ez(const T* x, int64_t len, float m, float inv_t, double* s_out, double* t_out) {
+  int64_t j = 0;
+  float s = 0.0f, t = 0.0f;
+#ifdef R1_SIMD_AVX2
+  const __m256 vi = _mm256_set1_ps(inv_t);
+  const __m256 vb = _mm256_set1_ps(m * inv_t);
+  const __m256 lowest = _mm256_set1_ps(std::numeric_limits<float>::lowest());
+  __m256 s0 = _mm256_setzero_ps(), t0 = s0;
+  for (; j + 8 <= len; j += 8) {
+    const __m256 d = _mm256_fmsub_ps(load8(x + j), vi, vb);
+    const __m256 e = exp256(d);
+    s0 = _mm256_add_ps(s0, e);
+    t0 = _mm256_fmadd_ps(e, _mm256_max_ps(d, lowest), t0);  // a -inf logit: 0 * lowest = 0, not 0 * -inf = NaN
+  }
+  s = hsum(s0);
+  t = hsum(t0);
+#endif
+  for (; j < len; ++j) {
+    const float d = load_scalar(x, j) * inv_t - m * inv_t;
+    const float e = std::exp(d);
+    s += e;
+    if (e != 0.0f) t += e * d;  // a -inf logit (p = 0) adds 0, not 0 * -inf = NaN
+  }
+  *s_out += s;
+  *t_out += t;
+}
+
+// log-sum-exp of x[0:v] / T and the entropy of softmax(x / T), with one streaming pass (online max m; the running
+// sums s = sum exp(z - m') and t = sum exp(z - m') (z - m'), m' = m / T, are rescaled together when the max grows).
+// H = lse - E_p[z] = log s - t / s.
+template <class T>
+float row_lse_entropy(const T* x, int64_t v, float inv_t, float* entropy) {
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  float m = kNegInf;
+  double s = 0.0, t = 0.0;
+  for (int64_t c = 0; c < v; c += kChunk) {
+    const int64_t len = std::min(kChunk, v - c);
+    bool has_nan = false;
+    const float cm = chunk_max(x + c, len, &has_nan);
+    if (has_nan || cm == std::numeric_limits<float>::infinity()) {
+      *entropy = nan;
+      return nan;
+    }
+    if (cm > m) {
+      if (m != kNegInf) {  // shift the sums from the old max to the new one: z - m_old = (z - m_new) + (m_new - m_old)
+        const double shift = static_cast<double>((m - cm) * inv_t);
+        const double f = std::exp(shift);
+        t = f * (t + s * shift);
+        s *= f;
+      }
+      m = cm;
+    }
+    if (m == kNegInf) continue;
+    chunk_expsum_ez(x + c, len, m, inv_t, &s, &t);
+  }
+  if (m == kNegInf) {
+    *entropy = nan;
+    return nan;
+  }
+  const double log_s = std::log(s);
+  *entropy = static_cast<float>(log_s - t / s);
+  return m * inv_t + static_cast<float>(log_s);
+}
+
 // log-sum-exp of x[0:v] / T with one streaming pass (online max + rescaled sum, one rescale per chunk).
 template <class T>
 float row_lse(const T* x, int64_t v, float inv_t) {
@@ -122,62 +189,77 @@ void row_bwd(const T* x, int64_t v, int64_t target, float lse, float g, float in
   store_scalar(out, target, (1.0f - p_t) * g);
 }
 
+// The backward of a row with an entropy term: out[j] = -p_j * (g + e * (z_j - c)) with z = x / T, p = exp(z - lse),
+// c = lse - H, and g, e already including 1/T; the target also gets + g.
+template <class T>
+void row_bwd_entropy(const T* x, int64_t v, int64_t target, float lse, float g, float e, float c, float inv_t,
+                     T* out) {
+  const float z_t = load_scalar(x, target) * inv_t;  // read first: out may alias x
+  const float p_t = std::exp(z_t - lse);
+  int64_t j = 0;
+#ifdef R1_SIMD_AVX2
+  const __m256 vi = _mm256_set1_ps(inv_t);
+  const __m256 vl = _mm256_set1_ps(lse);
+  const __m256 vg = _mm256_set1_ps(g);
+  const __m256 ve = _mm256_set1_ps(e);
+  const __m256 vc = _mm256_set1_ps(c);
+  const __m256 neg = _mm256_set1_ps(-1.0f);
+  const __m256 zero = _mm256_setzero_ps();
+  for (; j + 8 <= v; j += 8) {
+    __m256 z = _mm256_mul_ps(load8(x + j), vi);
+    const __m256 p = exp256(_mm256_sub_ps(z, vl));
+    z = _mm256_blendv_ps(z, vc, _mm256_cmp_ps(p, zero, _CMP_EQ_OQ));  // p = 0 (a -inf logit): term 0, not 0 * inf
+    const __m256 coef = _mm256_fmadd_ps(ve, _mm256_sub_ps(z, vc), vg);
+    store8(out + j, _mm256_mul_ps(_mm256_mul_ps(p, coef), neg), false);
+  }
+#endif
+  for (; j < v; ++j) {
+    const float z = load_scalar(x, j) * inv_t;
+    const float p = std::exp(z - lse);
+    store_scalar(out, j, p == 0.0f ? -0.0f : -p * (g + e * (z - c)));  // p = 0: 0, not 0 * inf = NaN
+  }
+  store_scalar(out, target, p_t == 0.0f ? g : g - p_t * (g + e * (z_t - c)));
+}
+
 template <class T>
 void zero_row(T* out, int64_t v) {
   std::memset(static_cast<void*>(out), 0, static_cast<size_t>(v) * sizeof(T));
 }
 
 template <class T>
-void token_logprobs_impl(const T* logits, int64_t n, int64_t v, int64_t rs, const int64_t* targets, float temp,
-                         float* logp, float* lse) {
+void token_logprobs_impl(const T* logits, int64_t n, int64_t v, int64_t rs, const int64_t* targets, const float* live,
+                         float temp, float* logp, float* lse, float* entropy) {
   const float inv_t = 1.0f / temp;
 #pragma omp parallel for schedule(dynamic, 4)
   for (int64_t i = 0; i < n; ++i) {
+    if (live != nullptr && live[i] == 0.0f) {
+      logp[i] = lse[i] = 0.0f;
+      if (entropy != nullptr) entropy[i] = 0.0f;
+      continue;
+    }
     const T* x = logits + i * rs;
-    const float l = row_lse(x, v, inv_t);
+    const float l = entropy != nullptr ? row_lse_entropy(x, v, inv_t, entropy + i) : row_lse(x, v, inv_t);
     lse[i] = l;
     logp[i] = load_scalar(x, targets[i]) * inv_t - l;
   }
 }
 
 template <class T>
-void grpo_fwd_impl(const T* logits, int64_t n, int64_t v, int64_t rs, const int64_t* targets, const float* adv,
-                   const float* old_logp, const float* ref_logp, const float* weights, const GrpoHyper& h,
-                   const GrpoOutputs& out) {
-  const float inv_t = 1.0f / h.temperature;
-#pragma omp parallel for schedule(dynamic, 4)
-  for (int64_t i = 0; i < n; ++i) {
-    const float w = weights[i];
-    if (w == 0.0f) {
-      out.loss_tok[i] = out.logp[i] = out.lse[i] = out.dlogp[i] = out.kl[i] = out.clipped[i] = 0.0f;
-      out.ratio[i] = 1.0f;
-      continue;
-    }
-    const T* x = logits + i * rs;
-    const float l = row_lse(x, v, inv_t);
-    const float lp = load_scalar(x, targets[i]) * inv_t - l;
-    const GrpoToken r = grpo_token(lp, adv[i], old_logp != nullptr, old_logp ? old_logp[i] : 0.0f,
-                                   ref_logp != nullptr, ref_logp ? ref_logp[i] : 0.0f, w, h);
-    out.lse[i] = l;
-    out.logp[i] = lp;
-    out.loss_tok[i] = r.loss;
-    out.dlogp[i] = r.dlogp;
-    out.ratio[i] = r.ratio;
-    out.kl[i] = r.kl;
-    out.clipped[i] = r.clipped;
-  }
-}
-
-template <class T>
 void logprobs_bwd_impl(const T* logits, int64_t n, int64_t v, int64_t rs, const int64_t* targets, const float* lse,
-                       const float* dlogp, float temp, T* grad, int64_t grs) {
+                       const float* dlogp, const float* dent, const float* ent, float temp, T* grad, int64_t grs) {
   const float inv_t = 1.0f / temp;
   const bool stream = static_cast<const void*>(grad) != static_cast<const void*>(logits);
 #pragma omp parallel for schedule(dynamic, 4)
   for (int64_t i = 0; i < n; ++i) {
     T* out = grad + i * grs;
-    if (dlogp[i] == 0.0f) {
+    const float de = dent != nullptr ? dent[i] : 0.0f;
+    if (dlogp[i] == 0.0f && de == 0.0f) {
       zero_row(out, v);
+      continue;
+    }
+    if (de != 0.0f) {
+      row_bwd_entropy(logits + i * rs, v, targets[i], lse[i], dlogp[i] * inv_t, de * inv_t, lse[i] - ent[i], inv_t,
+                      out);
       continue;
     }
     row_bwd(logits + i * rs, v, targets[i], lse[i], dlogp[i] * inv_t, inv_t, out, stream);
@@ -188,49 +270,6 @@ void logprobs_bwd_impl(const T* logits, int64_t n, int64_t v, int64_t rs, const 
 }
 
 }  // namespace
-
-GrpoToken grpo_token(float logp, float adv, bool has_old, float old_logp, bool has_ref, float ref_logp, float w,
-                     const GrpoHyper& h) {
-  GrpoToken r;
-  const float ratio = has_old ? std::exp(logp - old_logp) : 1.0f;
-  const float lo = 1.0f - h.eps_low, hi = 1.0f + h.eps_high;
-  float s, ds;
-  bool clip = false;
-  if ((ratio < lo && adv < 0.0f) || (ratio > hi && adv > 0.0f)) {
-    s = std::min(std::max(ratio, lo), hi) * adv;  // the clipped branch of the min
-    ds = 0.0f;
-    clip = true;
-  } else {
-    s = ratio * adv;
-    ds = adv * ratio;  // d(ratio)/d(logp) = ratio (also on-policy, where ratio = exp(logp - sg(logp)) = 1)
-  }
-  if (h.dual_clip > 1.0f && adv < 0.0f && ratio > h.dual_clip) {
-    s = h.dual_clip * adv;
-    ds = 0.0f;
-    clip = true;
-  }
-  float kl = 0.0f, dkl = 0.0f;
-  if (has_ref && h.beta != 0.0f) {
-    const float d = ref_logp - logp;
-    if (h.kl_estimator == 1) {
-      kl = -d;
-      dkl = 1.0f;
-    } else if (h.kl_estimator == 2) {
-      kl = 0.5f * d * d;
-      dkl = -d;
-    } else {
-      const float e = std::exp(d);
-      kl = e - d - 1.0f;
-      dkl = 1.0f - e;
-    }
-  }
-  r.ratio = ratio;
-  r.kl = kl;
-  r.clipped = clip ? 1.0f : 0.0f;
-  r.loss = w * (-s + h.beta * kl);
-  r.dlogp = w * (-ds + h.beta * dkl);
-  return r;
-}
 
 int64_t first_invalid_target(const int64_t* targets, int64_t n, int64_t v) {
   for (int64_t i = 0; i < n; ++i)
@@ -245,33 +284,25 @@ int64_t first_nonfinite(const float* lse, const float* weights, int64_t n) {
 }
 
 void token_logprobs_fwd(const void* logits, FloatType dtype, int64_t n, int64_t v, int64_t row_stride,
-                        const int64_t* targets, float temperature, float* logp, float* lse) {
+                        const int64_t* targets, const float* live, float temperature, float* logp, float* lse,
+                        float* entropy) {
   if (dtype == FloatType::kF32)
-    token_logprobs_impl(static_cast<const float*>(logits), n, v, row_stride, targets, temperature, logp, lse);
+    token_logprobs_impl(static_cast<const float*>(logits), n, v, row_stride, targets, live, temperature, logp, lse,
+                        entropy);
   else
-    token_logprobs_impl(static_cast<const uint16_t*>(logits), n, v, row_stride, targets, temperature, logp, lse);
-}
-
-void grpo_fwd(const void* logits, FloatType dtype, int64_t n, int64_t v, int64_t row_stride, const int64_t* targets,
-              const float* advantages, const float* old_logp, const float* ref_logp, const float* weights,
-              const GrpoHyper& h, const GrpoOutputs& out) {
-  if (dtype == FloatType::kF32)
-    grpo_fwd_impl(static_cast<const float*>(logits), n, v, row_stride, targets, advantages, old_logp, ref_logp,
-                  weights, h, out);
-  else
-    grpo_fwd_impl(static_cast<const uint16_t*>(logits), n, v, row_stride, targets, advantages, old_logp, ref_logp,
-                  weights, h, out);
+    token_logprobs_impl(static_cast<const uint16_t*>(logits), n, v, row_stride, targets, live, temperature, logp,
+                        lse, entropy);
 }
 
 void logprobs_bwd(const void* logits, FloatType dtype, int64_t n, int64_t v, int64_t row_stride,
-                  const int64_t* targets, const float* lse, const float* dlogp, float temperature, void* grad,
-                  int64_t grad_row_stride) {
+                  const int64_t* targets, const float* lse, const float* dlogp, const float* dentropy,
+                  const float* entropy, float temperature, void* grad, int64_t grad_row_stride) {
   if (dtype == FloatType::kF32)
-    logprobs_bwd_impl(static_cast<const float*>(logits), n, v, row_stride, targets, lse, dlogp, temperature,
-                      static_cast<float*>(grad), grad_row_stride);
+    logprobs_bwd_impl(static_cast<const float*>(logits), n, v, row_stride, targets, lse, dlogp, dentropy, entropy,
+                      temperature, static_cast<float*>(grad), grad_row_stride);
   else
-    logprobs_bwd_impl(static_cast<const uint16_t*>(logits), n, v, row_stride, targets, lse, dlogp, temperature,
-                      static_cast<uint16_t*>(grad), grad_row_stride);
+    logprobs_bwd_impl(static_cast<const uint16_t*>(logits), n, v, row_stride, targets, lse, dlogp, dentropy,
+                      entropy, temperature, static_cast<uint16_t*>(grad), grad_row_stride);
 }
 
 }  // namespace r1engine

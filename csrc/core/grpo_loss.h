@@ -1,13 +1,15 @@
-// Fused GRPO loss on materialized logits, CPU kernel (pure C++, no torch).
+// The vocabulary passes of the GRPO-family losses on materialized logits, CPU kernel (pure C++, no torch). The O(N)
+// loss math on their per-token results is one PyTorch implementation for every backend
+// (r1engine/algo/policy_loss.py).
 //
 // Contract shared by the C++ CPU, CUDA and Triton backends (see r1engine/ops/backends/torch_ref.py for the
 // pure-PyTorch oracle):
 //   token_logprobs_fwd: lse_i = logsumexp_v(x[i, v] / T) with one online (running max + rescaled sum) pass
-//                       over each row, logp_i = x[i, t_i] / T - lse_i.
-//   grpo_fwd:           the same, plus the per-token clipped surrogate / KL / weighting and the analytic
-//                       d loss_tok_i / d logp_i, skipping rows whose weight is 0.
-//   logprobs_bwd:       grad[i, v] = (onehot(t_i)[v] - exp(x[i, v] / T - lse_i)) * dlogp_i / T, written in the
-//                       logits' dtype; `grad` may alias `logits` (in-place backward, no second [N, V] buffer).
+//                       over each row, logp_i = x[i, t_i] / T - lse_i, and optionally the entropy, skipping
+//                       rows that are not live.
+//   logprobs_bwd:       grad[i, v] = (onehot(t_i)[v] - exp(x[i, v] / T - lse_i)) * dlogp_i / T (plus the entropy
+//                       term), written in the logits' dtype; `grad` may alias `logits` (in-place backward, no
+//                       second [N, V] buffer).
 // Logits rows are contiguous (unit stride inside a row); `row_stride` is the distance between rows in
 // elements. All accumulation is in fp32 (the per-row sum in double). OpenMP parallelizes over rows.
 #pragma once
@@ -36,28 +38,6 @@ inline uint16_t float_to_bf16(float f) {
   return static_cast<uint16_t>(bits >> 16);
 }
 
-struct GrpoHyper {
-  float temperature = 1.0f;
-  float eps_low = 0.2f;
-  float eps_high = 0.2f;
-  float dual_clip = 0.0f;  // > 1 enables dual-clip for negative advantages; 0 = off
-  float beta = 0.0f;       // KL coefficient
-  int kl_estimator = 3;    // 1, 2 or 3 (Schulman's k1/k2/k3)
-};
-
-// Per-token results of the GRPO math given logp (used by grpo_fwd and exposed for tests/other kernels).
-struct GrpoToken {
-  float loss = 0.0f;     // w * (-s + beta * kl)
-  float dlogp = 0.0f;    // d loss / d logp
-  float ratio = 1.0f;    // exp(logp - old_logp)
-  float kl = 0.0f;       // KL estimate (0 without ref or with beta == 0)
-  float clipped = 0.0f;  // 1 when the (dual-)clip is active
-};
-
-// has_old == false: on-policy step (ratio 1, d ratio / d logp = 1). has_ref == false: no KL term.
-GrpoToken grpo_token(float logp, float advantage, bool has_old, float old_logp, bool has_ref, float ref_logp,
-                     float weight, const GrpoHyper& h);
-
 // Index of the first target outside [0, v), or -1 when all are valid.
 int64_t first_invalid_target(const int64_t* targets, int64_t n, int64_t v);
 
@@ -65,27 +45,20 @@ int64_t first_invalid_target(const int64_t* targets, int64_t n, int64_t v);
 // Rows with weights[i] == 0 are ignored when weights is non-null.
 int64_t first_nonfinite(const float* lse, const float* weights, int64_t n);
 
+// Rows with live[i] == 0 (live may be null: every row is live) are skipped: logp, lse and entropy are 0 there.
+// entropy may be null (not computed); when given, entropy[i] = -sum_v p_v log p_v of softmax(x[i] / T), from the
+// same streaming pass (a running sum of exp(z - m) * z beside the running sum of exp(z - m)).
 void token_logprobs_fwd(const void* logits, FloatType dtype, int64_t n, int64_t v, int64_t row_stride,
-                        const int64_t* targets, float temperature, float* logp, float* lse);
+                        const int64_t* targets, const float* live, float temperature, float* logp, float* lse,
+                        float* entropy);
 
-struct GrpoOutputs {
-  float* loss_tok;
-  float* logp;
-  float* lse;
-  float* dlogp;
-  float* ratio;
-  float* kl;
-  float* clipped;
-};
-
-// advantages, weights: [n]; old_logp / ref_logp: [n] or nullptr.
-void grpo_fwd(const void* logits, FloatType dtype, int64_t n, int64_t v, int64_t row_stride,
-              const int64_t* targets, const float* advantages, const float* old_logp, const float* ref_logp,
-              const float* weights, const GrpoHyper& h, const GrpoOutputs& out);
-
-// grad has the logits' dtype; it may be the same buffer as logits (then grad_row_stride must equal row_stride).
+// grad[i, v] = (onehot(t_i)[v] - p_v) * dlogp_i / T - dentropy_i * p_v * (z_v - lse_i + entropy_i) / T, with
+// z = x / T and p = exp(z - lse): the gradient of sum_i dlogp_i * logp_i + dentropy_i * entropy_i. dentropy and
+// entropy may be null (no entropy term). Rows whose dlogp and dentropy are both 0 are zero-filled without reading
+// the logits. grad has the logits' dtype; it may be the same buffer as logits (then grad_row_stride must equal
+// row_stride).
 void logprobs_bwd(const void* logits, FloatType dtype, int64_t n, int64_t v, int64_t row_stride,
-                  const int64_t* targets, const float* lse, const float* dlogp, float temperature, void* grad,
-                  int64_t grad_row_stride);
+                  const int64_t* targets, const float* lse, const float* dlogp, const float* dentropy,
+                  const float* entropy, float temperature, void* grad, int64_t grad_row_stride);
 
 }  // namespace r1engine

@@ -1,5 +1,5 @@
-// Operator schemas of the fused GRPO loss (shared by the CPU, CUDA and Triton backends) and their CPU
-// implementations over the pure C++ kernel in csrc/core/grpo_loss.*. The CUDA implementations of the same
+// Operator schemas of the vocabulary passes of the GRPO-family losses (shared by the CPU, CUDA and Triton backends)
+// and their CPU implementations over the pure C++ kernel in csrc/core/grpo_loss.*. The CUDA implementations of the same
 // schemas are registered in csrc/cuda/grpo_loss.cu with TORCH_LIBRARY_IMPL(r1engine, CUDA, m).
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
@@ -52,98 +52,84 @@ void check_temperature(double temperature) {
   TORCH_CHECK(temperature > 0.0, "temperature: expected a positive float, got ", temperature);
 }
 
-std::tuple<Tensor, Tensor> token_logprobs_fwd_cpu(const Tensor& logits, const Tensor& targets, double temperature) {
+const float* opt_vec(const std::optional<Tensor>& t, const char* name, int64_t n) {
+  if (!t) return nullptr;
+  check_vec(*t, name, n);
+  return t->data_ptr<float>();
+}
+
+std::tuple<Tensor, Tensor, Tensor> logprobs_fwd_cpu(const Tensor& logits, const Tensor& targets,
+                                                    const std::optional<Tensor>& live, double temperature,
+                                                    bool entropy) {
   const FloatType dt = check_logits(logits);
   check_targets(targets, logits);
   check_temperature(temperature);
   const int64_t n = logits.size(0);
+  const float* live_ptr = opt_vec(live, "live", n);
   auto opts = logits.options().dtype(at::kFloat);
   Tensor logp = at::empty({n}, opts), lse = at::empty({n}, opts);
+  Tensor ent = entropy ? at::empty({n}, opts) : at::zeros({n}, opts);
   r1engine::token_logprobs_fwd(logits.data_ptr(), dt, n, logits.size(1), row_stride(logits),
-                               targets.data_ptr<int64_t>(), static_cast<float>(temperature),
-                               logp.data_ptr<float>(), lse.data_ptr<float>());
-  return {logp, lse};
+                               targets.data_ptr<int64_t>(), live_ptr, static_cast<float>(temperature),
+                               logp.data_ptr<float>(), lse.data_ptr<float>(),
+                               entropy ? ent.data_ptr<float>() : nullptr);
+  return {logp, lse, ent};
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> grpo_fwd_cpu(
-    const Tensor& logits, const Tensor& targets, const Tensor& advantages, const std::optional<Tensor>& old_logp,
-    const std::optional<Tensor>& ref_logp, const Tensor& weights, double temperature, double eps_low,
-    double eps_high, double dual_clip, double beta, int64_t kl_estimator) {
+struct BwdArgs {
+  FloatType dtype;
+  const float* dent;
+  const float* ent;
+};
+
+BwdArgs check_bwd(const Tensor& logits, const Tensor& targets, const Tensor& lse, const Tensor& dlogp,
+                  const std::optional<Tensor>& dentropy, const std::optional<Tensor>& entropy, double temperature) {
   const FloatType dt = check_logits(logits);
   check_targets(targets, logits);
   check_temperature(temperature);
   const int64_t n = logits.size(0);
-  check_vec(advantages, "advantages", n);
-  check_vec(weights, "weights", n);
-  if (old_logp) check_vec(*old_logp, "old_logp", n);
-  if (ref_logp) check_vec(*ref_logp, "ref_logp", n);
-  TORCH_CHECK(kl_estimator >= 1 && kl_estimator <= 3, "kl_estimator: expected 1, 2 or 3, got ", kl_estimator);
-  TORCH_CHECK(dual_clip == 0.0 || dual_clip > 1.0, "dual_clip: expected 0 (off) or a value > 1, got ", dual_clip);
-  r1engine::GrpoHyper h;
-  h.temperature = static_cast<float>(temperature);
-  h.eps_low = static_cast<float>(eps_low);
-  h.eps_high = static_cast<float>(eps_high);
-  h.dual_clip = static_cast<float>(dual_clip);
-  h.beta = static_cast<float>(beta);
-  h.kl_estimator = static_cast<int>(kl_estimator);
-  auto opts = logits.options().dtype(at::kFloat);
-  Tensor loss_tok = at::empty({n}, opts), logp = at::empty({n}, opts), lse = at::empty({n}, opts),
-         dlogp = at::empty({n}, opts), ratio = at::empty({n}, opts), kl = at::empty({n}, opts),
-         clipped = at::empty({n}, opts);
-  r1engine::GrpoOutputs out{loss_tok.data_ptr<float>(), logp.data_ptr<float>(),  lse.data_ptr<float>(),
-                            dlogp.data_ptr<float>(),    ratio.data_ptr<float>(), kl.data_ptr<float>(),
-                            clipped.data_ptr<float>()};
-  r1engine::grpo_fwd(logits.data_ptr(), dt, n, logits.size(1), row_stride(logits), targets.data_ptr<int64_t>(),
-                     advantages.data_ptr<float>(), old_logp ? old_logp->data_ptr<float>() : nullptr,
-                     ref_logp ? ref_logp->data_ptr<float>() : nullptr, weights.data_ptr<float>(), h, out);
-  return {loss_tok, logp, lse, dlogp, ratio, kl, clipped};
-}
-
-void check_bwd(const Tensor& logits, const Tensor& targets, const Tensor& lse, const Tensor& dlogp,
-               double temperature) {
-  check_logits(logits);
-  check_targets(targets, logits);
-  check_temperature(temperature);
-  check_vec(lse, "lse", logits.size(0));
-  check_vec(dlogp, "dlogp", logits.size(0));
+  check_vec(lse, "lse", n);
+  check_vec(dlogp, "dlogp", n);
+  TORCH_CHECK(dentropy.has_value() == entropy.has_value(), "dentropy and entropy: expected both or neither");
+  return {dt, opt_vec(dentropy, "dentropy", n), opt_vec(entropy, "entropy", n)};
 }
 
 Tensor logprobs_bwd_cpu(const Tensor& logits, const Tensor& targets, const Tensor& lse, const Tensor& dlogp,
+                        const std::optional<Tensor>& dentropy, const std::optional<Tensor>& entropy,
                         double temperature) {
-  check_bwd(logits, targets, lse, dlogp, temperature);
-  const FloatType dt = logits.scalar_type() == at::kFloat ? FloatType::kF32 : FloatType::kBF16;
+  const BwdArgs a = check_bwd(logits, targets, lse, dlogp, dentropy, entropy, temperature);
   Tensor grad = at::empty(logits.sizes(), logits.options());
-  r1engine::logprobs_bwd(logits.data_ptr(), dt, logits.size(0), logits.size(1), row_stride(logits),
-                         targets.data_ptr<int64_t>(), lse.data_ptr<float>(), dlogp.data_ptr<float>(),
+  r1engine::logprobs_bwd(logits.data_ptr(), a.dtype, logits.size(0), logits.size(1), row_stride(logits),
+                         targets.data_ptr<int64_t>(), lse.data_ptr<float>(), dlogp.data_ptr<float>(), a.dent, a.ent,
                          static_cast<float>(temperature), grad.data_ptr(), logits.size(1));
   return grad;
 }
 
 void logprobs_bwd_inplace_cpu(const Tensor& logits, const Tensor& targets, const Tensor& lse, const Tensor& dlogp,
+                              const std::optional<Tensor>& dentropy, const std::optional<Tensor>& entropy,
                               double temperature) {
-  check_bwd(logits, targets, lse, dlogp, temperature);
-  const FloatType dt = logits.scalar_type() == at::kFloat ? FloatType::kF32 : FloatType::kBF16;
-  r1engine::logprobs_bwd(logits.data_ptr(), dt, logits.size(0), logits.size(1), row_stride(logits),
-                         targets.data_ptr<int64_t>(), lse.data_ptr<float>(), dlogp.data_ptr<float>(),
+  const BwdArgs a = check_bwd(logits, targets, lse, dlogp, dentropy, entropy, temperature);
+  r1engine::logprobs_bwd(logits.data_ptr(), a.dtype, logits.size(0), logits.size(1), row_stride(logits),
+                         targets.data_ptr<int64_t>(), lse.data_ptr<float>(), dlogp.data_ptr<float>(), a.dent, a.ent,
                          static_cast<float>(temperature), logits.data_ptr(), row_stride(logits));
 }
 
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(r1engine, m) {
-  m.def("token_logprobs_fwd(Tensor logits, Tensor targets, float temperature) -> (Tensor logp, Tensor lse)");
   m.def(
-      "grpo_fwd(Tensor logits, Tensor targets, Tensor advantages, Tensor? old_logp, Tensor? ref_logp, "
-      "Tensor weights, float temperature, float eps_low, float eps_high, float dual_clip, float beta, "
-      "int kl_estimator) -> (Tensor loss_tok, Tensor logp, Tensor lse, Tensor dlogp, Tensor ratio, Tensor kl, "
-      "Tensor clipped)");
-  m.def("logprobs_bwd(Tensor logits, Tensor targets, Tensor lse, Tensor dlogp, float temperature) -> Tensor");
-  m.def("logprobs_bwd_(Tensor(a!) logits, Tensor targets, Tensor lse, Tensor dlogp, float temperature) -> ()");
+      "logprobs_fwd(Tensor logits, Tensor targets, Tensor? live, float temperature, bool entropy) -> "
+      "(Tensor logp, Tensor lse, Tensor entropy)");
+  m.def(
+      "logprobs_bwd(Tensor logits, Tensor targets, Tensor lse, Tensor dlogp, Tensor? dentropy, Tensor? entropy, "
+      "float temperature) -> Tensor");
+  m.def(
+      "logprobs_bwd_(Tensor(a!) logits, Tensor targets, Tensor lse, Tensor dlogp, Tensor? dentropy, "
+      "Tensor? entropy, float temperature) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(r1engine, CPU, m) {
-  m.impl("token_logprobs_fwd", &token_logprobs_fwd_cpu);
-  m.impl("grpo_fwd", &grpo_fwd_cpu);
+  m.impl("logprobs_fwd", &logprobs_fwd_cpu);
   m.impl("logprobs_bwd", &logprobs_bwd_cpu);
   m.impl("logprobs_bwd_", &logprobs_bwd_inplace_cpu);
 }

@@ -5,38 +5,46 @@ Plain tensors in and out, usable alone by other trainers:
     adv = group_advantages(rewards, group_size=16)                     # [B * G], GRPO (r - mean) / (std + eps)
     w = aggregation_weights(mask, "seq-mean-token-mean")               # per-token weights of the aggregate
     loss, metrics = grpo_loss_reference(logits, targets, adv_seq, mask, old_logp, ref_logp, beta=0.001)
+    params = LossParams(policy_loss="cispo", beta=0.001, kl_estimator="low_var_kl")  # one object for every layer
 """
 
 from __future__ import annotations
 
 from r1engine.algo.advantages import ADVANTAGE_METHODS, group_advantages, token_advantages
-from r1engine.algo.kl import KL_ESTIMATORS, kl_estimate, kl_k1, kl_k2, kl_k3
-from r1engine.algo.loss import (
-    AGGREGATIONS,
+from r1engine.algo.aggregation import AGGREGATIONS, aggregation_weights, masked_mean
+from r1engine.algo.kl import KL_ESTIMATORS, kl_estimate, kl_k1, kl_k2, kl_k3, register_kl_estimator
+from r1engine.algo.loss import grpo_loss_reference, token_entropy, token_logprobs
+from r1engine.algo.policy_loss import (
+    POLICY_LOSSES,
+    GRPOLossOutput,
     GRPOMetrics,
-    aggregation_weights,
+    LossParams,
     clipped_surrogate,
-    grpo_loss_reference,
-    grpo_metrics,
-    masked_mean,
-    token_logprobs,
+    policy_loss,
+    register_policy_loss,
 )
 
 __all__ = [
     "ADVANTAGE_METHODS",
     "AGGREGATIONS",
+    "GRPOLossOutput",
     "GRPOMetrics",
     "KL_ESTIMATORS",
+    "LossParams",
+    "POLICY_LOSSES",
     "aggregation_weights",
     "clipped_surrogate",
     "group_advantages",
     "grpo_loss_reference",
-    "grpo_metrics",
     "kl_estimate",
     "kl_k1",
     "kl_k2",
     "kl_k3",
     "masked_mean",
+    "policy_loss",
+    "register_kl_estimator",
+    "register_policy_loss",
     "token_advantages",
+    "token_entropy",
     "token_logprobs",
 ]

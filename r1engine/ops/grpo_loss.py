@@ -1,11 +1,13 @@
-"""Public fused GRPO-loss operators: ``grpo_loss`` and ``token_logprobs`` with a backend switch.
+"""Public GRPO-family loss on materialised logits: ``grpo_loss`` and ``token_logprobs``, with a backend switch.
 
-Both are ``torch.library`` operators (``r1engine.ops._library.custom_op``: a fake kernel and an autograd formula), so
-they work with autograd and ``torch.compile(fullgraph=True)``, and eager calls do not load the compiler. The forward
-streams each vocabulary row once (online log-sum-exp) and saves only O(N) tensors (plus a reference to the logits);
-the backward writes ``(onehot - softmax) * g / T`` into a new tensor or, with ``inplace_backward=True``, into the
+The vocabulary pass is one ``torch.library`` operator, ``r1engine::logprobs`` (``r1engine.ops._library.custom_op``: a
+fake kernel and an autograd formula), so the ops work with autograd and ``torch.compile(fullgraph=True)``, and eager
+calls do not load the compiler. Its forward streams each live vocabulary row once (online log-sum-exp, and the
+entropy when asked) and saves only O(N) tensors (plus a reference to the logits); its backward writes
+``(onehot - softmax) * g / T`` (plus the entropy term) into a new tensor or, with ``inplace_backward=True``, into the
 logits buffer itself (no second ``[N, V]`` tensor; the caller must not need the logits afterwards; under
-``torch.compile`` functionalization may copy instead).
+``torch.compile`` functionalization may copy instead). Everything between the two passes, the O(N) loss math of every
+variant, is :func:`r1engine.algo.policy_loss.policy_loss`, shared by all backends.
 
 Backends (see ``r1engine.ops.backends``): ``"torch"`` (reference), ``"cpp"`` (C++ CPU kernel), ``"cuda"``,
 ``"triton"``, ``"auto"`` (the fastest available for the tensors' device).
@@ -13,16 +15,15 @@ Backends (see ``r1engine.ops.backends``): ``"torch"`` (reference), ``"cpp"`` (C+
 
 from __future__ import annotations
 
-import math
+from typing import Any
 
 import torch
 
-from r1engine.algo.kl import kl_estimator_id
-from r1engine.algo.loss import AGGREGATIONS, GRPOMetrics, aggregation_weights, grpo_metrics, token_advantages
+from r1engine.algo.policy_loss import GRPOLossOutput, GRPOMetrics, LossParams, policy_loss, prepare_loss_inputs
 from r1engine.ops._library import custom_op
-from r1engine.ops.backends import GRPO_LOSS, load, resolve
+from r1engine.ops.backends import load, resolve
 
-__all__ = ["GRPOMetrics", "grpo_loss", "token_logprobs"]
+__all__ = ["GRPOLossOutput", "GRPOMetrics", "LossParams", "grpo_loss", "token_logprobs"]
 
 _FUSED_DTYPES = (torch.float32, torch.bfloat16)
 
@@ -40,177 +41,16 @@ def _check_targets_range(targets: torch.Tensor, vocab: int) -> None:
         )
 
 
-def _check_finite_lse(lse: torch.Tensor, weights: torch.Tensor | None) -> None:
+def _check_finite_lse(lse: torch.Tensor, live: torch.Tensor | None) -> None:
     bad = ~torch.isfinite(lse)
-    if weights is not None:
-        bad &= weights != 0
+    if live is not None:
+        bad &= live != 0
     if bool(bad.any()):
         idx = int(bad.nonzero()[0, 0])
         raise ValueError(
             f"logits: expected finite values, got NaN/+inf (or a row that is entirely -inf) in flat row {idx}; "
             "pass check_finite=False to skip this check"
         )
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Custom operators. Inputs are already flattened: logits [N, V], per-token vectors [N].
-
-
-@custom_op("r1engine::grpo_loss", mutates_args=())
-def _grpo_loss_op(
-    logits: torch.Tensor,
-    targets: torch.Tensor,
-    advantages: torch.Tensor,
-    old_logp: torch.Tensor | None,
-    ref_logp: torch.Tensor | None,
-    weights: torch.Tensor,
-    temperature: float,
-    eps_low: float,
-    eps_high: float,
-    dual_clip: float,
-    beta: float,
-    kl_estimator: int,
-    backend: str,
-    inplace_backward: bool,
-    check_finite: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    _check_targets_range(targets, logits.shape[1])
-    if check_finite:  # here, inside the op: data-dependent checks do not break a torch.compile graph
-        check_finite_inputs(weights, advantages=advantages, old_logprobs=old_logp, ref_logprobs=ref_logp)
-    loss_tok, logp, lse, dlogp, ratio, kl, clipped = load(backend).grpo_fwd(
-        logits,
-        targets,
-        advantages,
-        old_logp,
-        ref_logp,
-        weights,
-        temperature=temperature,
-        eps_low=eps_low,
-        eps_high=eps_high,
-        dual_clip=dual_clip,
-        beta=beta,
-        kl_estimator=kl_estimator,
-    )
-    if check_finite:
-        _check_finite_lse(lse, weights)
-    return loss_tok.sum(), logp, lse, dlogp, ratio, kl, clipped
-
-
-@_grpo_loss_op.register_fake
-def _(logits, targets, advantages, old_logp, ref_logp, weights, *args):
-    n = logits.shape[0]
-    vec = [logits.new_empty((n,), dtype=torch.float32) for _ in range(6)]
-    return (logits.new_empty((), dtype=torch.float32), *vec)
-
-
-def _grpo_setup_context(ctx, inputs, output):
-    logits, targets = inputs[0], inputs[1]
-    temperature, backend, inplace = inputs[6], inputs[12], inputs[13]
-    _, logp, lse, dlogp, ratio, kl, clipped = output
-    ctx.save_for_backward(logits, targets, lse, dlogp)
-    ctx.temperature, ctx.backend, ctx.inplace = temperature, backend, inplace
-    ctx.mark_non_differentiable(logp, lse, dlogp, ratio, kl, clipped)
-
-
-def _grpo_backward(ctx, grad_loss, *unused):
-    logits, targets, lse, dlogp = ctx.saved_tensors
-    g = dlogp * grad_loss.float()
-    grad = _logits_grad(logits, targets, lse, g, ctx.temperature, ctx.backend, ctx.inplace)
-    return (grad,) + (None,) * 14
-
-
-_grpo_loss_op.register_autograd(_grpo_backward, setup_context=_grpo_setup_context)
-
-
-@custom_op("r1engine::token_logprobs", mutates_args=())
-def _token_logprobs_op(
-    logits: torch.Tensor, targets: torch.Tensor, temperature: float, backend: str, check_finite: bool
-) -> tuple[torch.Tensor, torch.Tensor]:
-    _check_targets_range(targets, logits.shape[1])
-    logp, lse = load(backend).token_logprobs_fwd(logits, targets, temperature)
-    if check_finite:
-        _check_finite_lse(lse, None)
-    return logp, lse
-
-
-@_token_logprobs_op.register_fake
-def _(logits, targets, temperature, backend, check_finite):
-    n = logits.shape[0]
-    return logits.new_empty((n,), dtype=torch.float32), logits.new_empty((n,), dtype=torch.float32)
-
-
-def _token_logprobs_setup_context(ctx, inputs, output):
-    logits, targets, temperature, backend, _ = inputs
-    logp, lse = output
-    ctx.save_for_backward(logits, targets, lse)
-    ctx.temperature, ctx.backend = temperature, backend
-    ctx.mark_non_differentiable(lse)
-
-
-def _token_logprobs_backward(ctx, grad_logp, grad_lse):
-    logits, targets, lse = ctx.saved_tensors
-    grad = _logits_grad(logits, targets, lse, grad_logp.float().contiguous(), ctx.temperature, ctx.backend, False)
-    return grad, None, None, None, None
-
-
-_token_logprobs_op.register_autograd(_token_logprobs_backward, setup_context=_token_logprobs_setup_context)
-
-
-@custom_op("r1engine::logprobs_backward", mutates_args=())
-def _logprobs_backward_op(
-    logits: torch.Tensor,
-    targets: torch.Tensor,
-    lse: torch.Tensor,
-    dlogp: torch.Tensor,
-    temperature: float,
-    backend: str,
-) -> torch.Tensor:
-    return load(backend).logprobs_bwd(logits, targets, lse, dlogp, temperature=temperature, inplace=False)
-
-
-@_logprobs_backward_op.register_fake
-def _(logits, targets, lse, dlogp, temperature, backend):
-    return torch.empty_like(logits)
-
-
-@custom_op("r1engine::logprobs_backward_inplace", mutates_args=("logits",))
-def _logprobs_backward_inplace_op(
-    logits: torch.Tensor,
-    targets: torch.Tensor,
-    lse: torch.Tensor,
-    dlogp: torch.Tensor,
-    temperature: float,
-    backend: str,
-) -> None:
-    load(backend).logprobs_bwd(logits, targets, lse, dlogp, temperature=temperature, inplace=True)
-
-
-@_logprobs_backward_inplace_op.register_fake
-def _(logits, targets, lse, dlogp, temperature, backend):
-    return None
-
-
-def _logits_grad(logits, targets, lse, dlogp, temperature, backend, inplace):
-    if inplace:
-        _logprobs_backward_inplace_op(logits, targets, lse, dlogp, temperature, backend)
-        return logits
-    return _logprobs_backward_op(logits, targets, lse, dlogp, temperature, backend)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Public entry points.
-
-
-def check_hyperparameters(*, eps_low: float, eps_high: float, dual_clip: float | None, beta: float, temperature: float):
-    """The loss's scalar settings, each named when it is NaN, infinite or out of range."""
-    if not (temperature > 0 and math.isfinite(temperature)):
-        raise ValueError(f"temperature: expected a positive finite float, got {temperature!r}")
-    if not (eps_low >= 0 and eps_high >= 0 and math.isfinite(eps_low) and math.isfinite(eps_high)):
-        raise ValueError(f"eps_low/eps_high: expected finite values >= 0, got {eps_low!r}/{eps_high!r}")
-    if dual_clip is not None and dual_clip != 0 and not (dual_clip > 1.0 and math.isfinite(dual_clip)):
-        raise ValueError(f"dual_clip: expected None, 0 (off) or a finite value > 1, got {dual_clip!r}")
-    if not (beta >= 0 and math.isfinite(beta)):
-        raise ValueError(f"beta: expected a finite value >= 0, got {beta!r}")
 
 
 def check_finite_inputs(weights: torch.Tensor, **tensors: torch.Tensor | None) -> None:
@@ -228,6 +68,122 @@ def check_finite_inputs(weights: torch.Tensor, **tensors: torch.Tensor | None) -
                              f"position {int(bad.nonzero()[0, 0])}")  # fmt: skip
 
 
+@custom_op("r1engine::check_loss_inputs", mutates_args=())
+def _check_loss_inputs_op(
+    weights: torch.Tensor,
+    advantages: torch.Tensor,
+    old_logp: torch.Tensor | None,
+    ref_logp: torch.Tensor | None,
+    sampler_logp: torch.Tensor | None,
+) -> None:
+    # An operator, so that the data-dependent check does not break a torch.compile graph.
+    check_finite_inputs(weights, advantages=advantages, old_logprobs=old_logp, ref_logprobs=ref_logp,
+                        sampler_logprobs=sampler_logp)  # fmt: skip
+
+
+@_check_loss_inputs_op.register_fake
+def _(weights, advantages, old_logp, ref_logp, sampler_logp):
+    return None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The vocabulary pass. Inputs are already flattened: logits [N, V], per-token vectors [N].
+
+
+@custom_op("r1engine::logprobs", mutates_args=())
+def _logprobs_op(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    live: torch.Tensor | None,
+    temperature: float,
+    entropy: bool,
+    backend: str,
+    inplace_backward: bool,
+    check_finite: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    _check_targets_range(targets, logits.shape[1])
+    logp, lse, ent = load(backend).logprobs_fwd(logits, targets, temperature=temperature, live=live, entropy=entropy)
+    if check_finite:
+        _check_finite_lse(lse, live)
+    return logp, lse, ent
+
+
+@_logprobs_op.register_fake
+def _(logits, targets, live, temperature, entropy, backend, inplace_backward, check_finite):
+    n = logits.shape[0]
+    return tuple(logits.new_empty((n,), dtype=torch.float32) for _ in range(3))
+
+
+def _logprobs_setup_context(ctx, inputs, output):
+    logits, targets, _, temperature, entropy, backend, inplace, _ = inputs
+    _, lse, ent = output
+    ctx.save_for_backward(logits, targets, lse, ent)
+    ctx.temperature, ctx.entropy, ctx.backend, ctx.inplace = temperature, entropy, backend, inplace
+    ctx.mark_non_differentiable(lse)
+
+
+def _logprobs_backward(ctx, grad_logp, grad_lse, grad_ent):
+    logits, targets, lse, ent = ctx.saved_tensors
+    dlogp = torch.zeros_like(lse) if grad_logp is None else grad_logp.float().contiguous()
+    dent = grad_ent.float().contiguous() if ctx.entropy and grad_ent is not None else None
+    args = (logits, targets, lse, dlogp, dent, ent if dent is not None else None, ctx.temperature, ctx.backend)
+    if ctx.inplace:
+        _logprobs_backward_inplace_op(*args)
+        grad = logits
+    else:
+        grad = _logprobs_backward_op(*args)
+    return grad, None, None, None, None, None, None, None
+
+
+_logprobs_op.register_autograd(_logprobs_backward, setup_context=_logprobs_setup_context)
+
+
+@custom_op("r1engine::logprobs_backward", mutates_args=())
+def _logprobs_backward_op(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    lse: torch.Tensor,
+    dlogp: torch.Tensor,
+    dentropy: torch.Tensor | None,
+    entropy: torch.Tensor | None,
+    temperature: float,
+    backend: str,
+) -> torch.Tensor:
+    return load(backend).logprobs_bwd(
+        logits, targets, lse, dlogp, temperature=temperature, inplace=False, dentropy=dentropy, entropy=entropy
+    )
+
+
+@_logprobs_backward_op.register_fake
+def _(logits, targets, lse, dlogp, dentropy, entropy, temperature, backend):
+    return torch.empty_like(logits)
+
+
+@custom_op("r1engine::logprobs_backward_inplace", mutates_args=("logits",))
+def _logprobs_backward_inplace_op(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    lse: torch.Tensor,
+    dlogp: torch.Tensor,
+    dentropy: torch.Tensor | None,
+    entropy: torch.Tensor | None,
+    temperature: float,
+    backend: str,
+) -> None:
+    load(backend).logprobs_bwd(
+        logits, targets, lse, dlogp, temperature=temperature, inplace=True, dentropy=dentropy, entropy=entropy
+    )
+
+
+@_logprobs_backward_inplace_op.register_fake
+def _(logits, targets, lse, dlogp, dentropy, entropy, temperature, backend):
+    return None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Public entry points.
+
+
 def _check_logits(logits: torch.Tensor, backend: str) -> None:
     if not isinstance(logits, torch.Tensor):
         raise TypeError(f"logits: expected a torch.Tensor, got {type(logits).__name__}")
@@ -241,16 +197,11 @@ def _check_logits(logits: torch.Tensor, backend: str) -> None:
         raise ValueError(f"logits: expected a non-empty vocabulary dimension, got shape {tuple(logits.shape)}")
 
 
-def _check_like(name: str, t: torch.Tensor | None, shape: tuple[int, ...], what: str) -> None:
-    if t is None:
-        return
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
-    if tuple(t.shape) != shape:
-        raise ValueError(f"{name}: expected shape {list(shape)} ({what}), got {list(t.shape)}")
-
-
-def _check_targets_dtype(targets: torch.Tensor) -> None:
+def _check_targets(targets: torch.Tensor, shape: tuple[int, ...]) -> None:
+    if not isinstance(targets, torch.Tensor):
+        raise TypeError(f"targets: expected a torch.Tensor, got {type(targets).__name__}")
+    if tuple(targets.shape) != shape:
+        raise ValueError(f"targets: expected shape {list(shape)} (logits.shape[:-1]), got {list(targets.shape)}")
     if targets.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
         raise TypeError(f"targets: expected an integer tensor (int64), got {targets.dtype}")
 
@@ -275,14 +226,12 @@ def token_logprobs(
     """
     backend_name = resolve(backend, logits.device) if isinstance(logits, torch.Tensor) else backend
     _check_logits(logits, backend_name)
-    _check_like("targets", targets, tuple(logits.shape[:-1]), "logits.shape[:-1]")
-    _check_targets_dtype(targets)
-    if not temperature > 0:
-        raise ValueError(f"temperature: expected a positive float, got {temperature!r}")
-    flat = _flat_rows(logits)
-    logp, _ = _token_logprobs_op(
-        flat, targets.reshape(-1).long().contiguous(), float(temperature), backend_name, bool(check_finite)
-    )
+    _check_targets(targets, tuple(logits.shape[:-1]))
+    LossParams(temperature=temperature)  # validates it
+    logp, _, _ = _logprobs_op(
+        _flat_rows(logits), targets.reshape(-1).long().contiguous(), None, float(temperature), False, backend_name,
+        False, bool(check_finite),
+    )  # fmt: skip
     return logp.reshape(targets.shape)
 
 
@@ -294,95 +243,53 @@ def grpo_loss(
     old_logprobs: torch.Tensor | None = None,
     ref_logprobs: torch.Tensor | None = None,
     *,
-    eps_low: float = 0.2,
-    eps_high: float = 0.2,
-    dual_clip: float | None = None,
-    beta: float = 0.0,
-    kl_estimator: str | int = "k3",
-    temperature: float = 1.0,
-    agg: str = "seq-mean-token-mean",
-    max_len: int | None = None,
+    params: LossParams | None = None,
+    sampler_logprobs: torch.Tensor | None = None,
     segment_ids: torch.Tensor | None = None,
     advantages_per: str | None = None,
     inplace_backward: bool = False,
     check_finite: bool = True,
     backend: str = "auto",
-) -> tuple[torch.Tensor, GRPOMetrics]:
-    """The GRPO policy loss (0-d fp32, differentiable w.r.t. ``logits``) and its metrics, fused on the logits.
+    **loss_settings: Any,
+) -> GRPOLossOutput:
+    """The GRPO-family policy loss (0-d fp32, differentiable w.r.t. ``logits``) and its metrics, fused on the logits.
 
-    Shapes: padded ``logits [B, T, V]`` with ``targets, mask, old_logprobs, ref_logprobs [B, T]`` and
-    ``advantages [B]`` (per sequence) or ``[B, T]`` (per token); or packed ``logits [N, V]`` with per-token
+    Shapes: padded ``logits [B, T, V]`` with ``targets, mask, old_logprobs, ref_logprobs, sampler_logprobs [B, T]``
+    and ``advantages [B]`` (per sequence) or ``[B, T]`` (per token); or packed ``logits [N, V]`` with per-token
     ``[N]`` tensors, ``advantages [N]`` or, with ``segment_ids [N]`` (each token's sequence index in ``[0, S)``),
     ``advantages [S]``; ``advantages_per`` ("token" | "sequence") says which where the shape cannot (N = S, see
-    ``r1engine.algo.loss.token_advantages``). ``segment_ids`` also defines the sequences for the per-sequence
-    aggregations; without it, packed tokens count as one sequence.
+    ``r1engine.algo.aggregation.token_advantages``). ``segment_ids`` also defines the sequences for the per-sequence
+    aggregations and importance ratios; without it, packed tokens count as one sequence.
 
-    Math (see ``r1engine.algo.loss``): clipped surrogate with ``eps_low``/``eps_high`` and optional ``dual_clip``
-    (> 1), KL penalty ``beta * kl_estimator`` ("k1"|"k2"|"k3") against ``ref_logprobs``, aggregation ``agg``
-    (``"seq-mean-token-mean"``, ``"token-mean"``, ``"seq-mean-token-sum-norm"`` with horizon ``max_len``).
-    ``old_logprobs=None`` is an on-policy step (ratio 1). Masked tokens cost nothing in the fused kernels.
-    ``inplace_backward=True`` writes the logits gradient into ``logits``; ``check_finite`` raises on NaN/inf logits.
-    Logits whose leading dims cannot be flattened without a copy (e.g. the view ``logits[:, :-1]``) are copied
-    once; to avoid that, pass the full logits and mask the last position (masked rows cost nothing).
+    ``params`` (:class:`~r1engine.algo.policy_loss.LossParams`) holds every loss setting: the policy loss (PPO clip
+    with ``eps_low``/``eps_high``/``dual_clip``, or CISPO), token or sequence (GSPO) importance ratios, the KL
+    estimator and ``beta``, the entropy bonus, the rollout-mismatch correction from ``sampler_logprobs`` (the
+    log-probabilities the rollout engine sampled with), ``temperature`` and the aggregation; keyword
+    ``loss_settings`` override its fields. ``old_logprobs=None`` is an on-policy step (ratio 1). Tokens outside the
+    mask cost nothing in the fused kernels. ``inplace_backward=True`` writes the logits gradient into ``logits``;
+    ``check_finite`` raises on NaN/inf logits and on NaN/inf inputs at masked-in tokens. Logits whose leading dims
+    cannot be flattened without a copy (e.g. the view ``logits[:, :-1]``) are copied once; to avoid that, pass the
+    full logits and mask the last position.
+
+    Returns ``GRPOLossOutput(loss, metrics)``.
     """
-    GRPO_LOSS.validate(backend)
-    if agg not in AGGREGATIONS:
-        raise ValueError(f"agg: expected one of {AGGREGATIONS}, got {agg!r}")
-    kl_id = kl_estimator_id(kl_estimator)
+    p = LossParams.build(params, **loss_settings)
     if not isinstance(logits, torch.Tensor):
         raise TypeError(f"logits: expected a torch.Tensor, got {type(logits).__name__}")
     backend_name = resolve(backend, logits.device)
     _check_logits(logits, backend_name)
-    tok_shape = tuple(logits.shape[:-1])
-    what = "logits.shape[:-1]"
-    _check_like("targets", targets, tok_shape, what)
-    _check_targets_dtype(targets)
-    _check_like("mask", mask, tok_shape, what)
-    _check_like("old_logprobs", old_logprobs, tok_shape, what)
-    _check_like("ref_logprobs", ref_logprobs, tok_shape, what)
-    check_hyperparameters(eps_low=eps_low, eps_high=eps_high, dual_clip=dual_clip, beta=beta, temperature=temperature)
-    if not isinstance(advantages, torch.Tensor):
-        raise TypeError(f"advantages: expected a torch.Tensor, got {type(advantages).__name__}")
-
-    if logits.dim() == 3:
-        if segment_ids is not None:
-            raise ValueError("segment_ids: only valid with packed logits [N, V], got logits [B, T, V]")
-        b, t = tok_shape
-        if tuple(advantages.shape) == (b,):
-            adv = advantages.float()[:, None].expand(b, t)
-        elif tuple(advantages.shape) == (b, t):
-            adv = advantages.float()
-        else:
-            raise ValueError(
-                f"advantages: expected shape [{b}] (per sequence) or [{b}, {t}] (per token), got "
-                f"{list(advantages.shape)}"
-            )
-    else:
-        (n,) = tok_shape
-        if segment_ids is not None:
-            _check_like("segment_ids", segment_ids, tok_shape, what)
-            if segment_ids.dtype not in (torch.int32, torch.int64):
-                raise TypeError(f"segment_ids: expected an integer tensor, got {segment_ids.dtype}")
-        adv = token_advantages(advantages.float(), n, segment_ids, advantages_per)
-
-    weights = aggregation_weights(mask, agg, max_len=max_len, segment_ids=segment_ids)
-    flat = _flat_rows(logits)
-    fl = lambda x: None if x is None else x.reshape(-1).float().contiguous()  # noqa: E731
-    loss, _logp, _lse, _dlogp, ratio, kl, clipped = _grpo_loss_op(
-        flat,
-        targets.reshape(-1).long().contiguous(),
-        fl(adv),
-        fl(old_logprobs),
-        fl(ref_logprobs),
-        fl(weights),
-        float(temperature),
-        float(eps_low),
-        float(eps_high),
-        float(dual_clip or 0.0),
-        float(beta),
-        kl_id,
-        backend_name,
-        bool(inplace_backward),
-        bool(check_finite),
-    )
-    return loss, grpo_metrics(ratio, kl, clipped, mask.reshape(-1))
+    token_shape = tuple(logits.shape[:-1])
+    _check_targets(targets, token_shape)
+    inputs = prepare_loss_inputs(
+        token_shape, logits.device, advantages, mask, p,
+        old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, sampler_logprobs=sampler_logprobs,
+        segment_ids=segment_ids, advantages_per=advantages_per,
+    )  # fmt: skip
+    if check_finite:
+        _check_loss_inputs_op(inputs.weights, inputs.advantages, inputs.old_logprobs, inputs.ref_logprobs,
+                              inputs.sampler_logprobs)  # fmt: skip
+    logp, _, ent = _logprobs_op(
+        _flat_rows(logits), targets.reshape(-1).long().contiguous(), inputs.live.to(torch.float32).contiguous(),
+        float(p.temperature), p.needs_entropy, backend_name, bool(inplace_backward), bool(check_finite),
+    )  # fmt: skip
+    return policy_loss(logp, inputs, p, ent if p.needs_entropy else None)

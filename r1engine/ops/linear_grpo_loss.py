@@ -9,24 +9,22 @@
   recomputed per chunk), the oracle in tests and the path on CPU;
 * "auto": triton on CUDA tensors when triton imports, else torch.
 
-Only tokens with a non-zero aggregation weight are computed (they are compacted first), so prompt and padding tokens
-cost nothing. The op is one `torch.library` operator (`r1engine::linear_grpo_fwd`, registered by
-`r1engine.ops._library`, with a fake implementation and an autograd formula that calls `r1engine::linear_grpo_bwd`),
-so it works under autograd and `torch.compile`.
+Only tokens in the mask are computed (they are compacted first), so prompt and padding tokens cost nothing. The
+vocabulary pass is one `torch.library` operator (`r1engine::linear_logprobs`, with a fake implementation and an
+autograd formula that calls `r1engine::linear_logprobs_bwd`), so it works under autograd and `torch.compile`; the
+loss math between the passes is `r1engine.algo.policy_loss.policy_loss`, the same as every other loss path's.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
 
+from r1engine.algo.policy_loss import GRPOLossOutput, LossParams, policy_loss, prepare_loss_inputs
 from r1engine.ops._library import custom_op
 from r1engine.ops.backends import LINEAR_GRPO_LOSS
-from r1engine.ops.grpo_loss import check_finite_inputs, check_hyperparameters
-
-if TYPE_CHECKING:
-    from r1engine.algo.loss import GRPOMetrics
+from r1engine.ops.grpo_loss import _check_loss_inputs_op
 
 __all__ = ["linear_grpo_loss", "LINEAR_BACKENDS"]
 
@@ -35,7 +33,7 @@ _TORCH_CHUNK_BYTES = 256 << 20  # fp32 logits per chunk of the torch backend
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# backends: (logp, lse) forward and (dX, dW) backward on compacted tokens
+# backends: (logp, lse, entropy) forward and (dX, dW) backward on compacted tokens
 
 
 def _torch_chunk_rows(v: int) -> int:
@@ -43,18 +41,22 @@ def _torch_chunk_rows(v: int) -> int:
 
 
 def _torch_logprobs_fwd(
-    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float
-) -> tuple[torch.Tensor, torch.Tensor]:
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float, entropy: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     m, v = hidden.shape[0], weight.shape[0]
     logp = torch.empty(m, dtype=torch.float32, device=hidden.device)
     lse = torch.empty_like(logp)
+    ent = torch.zeros_like(logp)
     wf = weight.float()
     step = _torch_chunk_rows(v)
     for i in range(0, m, step):
         z = (hidden[i : i + step].float() @ wf.T) / temperature
         lse[i : i + step] = torch.logsumexp(z, dim=-1)
         logp[i : i + step] = z.gather(1, targets[i : i + step, None]).squeeze(1) - lse[i : i + step]
-    return logp, lse
+        if entropy:
+            logsm = z - lse[i : i + step, None]
+            ent[i : i + step] = -(logsm.exp() * logsm).sum(-1)
+    return logp, lse, ent
 
 
 def _torch_logprobs_bwd(
@@ -63,6 +65,8 @@ def _torch_logprobs_bwd(
     targets: torch.Tensor,
     lse: torch.Tensor,
     grad_logp: torch.Tensor,
+    grad_ent: torch.Tensor | None,
+    ent: torch.Tensor | None,
     temperature: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     m, v = hidden.shape[0], weight.shape[0]
@@ -71,169 +75,158 @@ def _torch_logprobs_bwd(
     wf = weight.float()
     step = _torch_chunk_rows(v)
     for i in range(0, m, step):
-        g = grad_logp[i : i + step].float()
-        if not bool((g != 0).any()):
+        g = grad_logp[i : i + step].float() / temperature
+        e = grad_ent[i : i + step].float() / temperature if grad_ent is not None else None
+        if not bool((g != 0).any()) and (e is None or not bool((e != 0).any())):
             continue
         xf = hidden[i : i + step].float()
-        p = torch.exp((xf @ wf.T) / temperature - lse[i : i + step, None])
-        gl = -p * (g / temperature)[:, None]
-        gl.scatter_add_(1, targets[i : i + step, None], (g / temperature)[:, None])
+        logsm = (xf @ wf.T) / temperature - lse[i : i + step, None]
+        p = torch.exp(logsm)
+        gl = -p * g[:, None]
+        gl.scatter_add_(1, targets[i : i + step, None], g[:, None])
+        if e is not None:  # d entropy / d z = -p * (log p + H)
+            gl -= e[:, None] * p * (logsm + ent[i : i + step, None])
         dx[i : i + step] = gl @ wf
         dw.addmm_(gl.T, xf)
     return dx.to(hidden.dtype), dw.to(weight.dtype)
 
 
-def _resolve(backend: str, device: torch.device) -> str:
-    return LINEAR_GRPO_LOSS.resolve(backend, device)
+def _triton_entropy_missing(what: str) -> RuntimeError:
+    return RuntimeError(
+        f"linear_grpo_loss: the triton backend has no {what} yet; use backend='torch' or grpo_loss on the logits"
+    )
 
 
-def _logprobs_fwd(hidden, weight, targets, temperature, backend):
+def _logprobs_fwd(hidden, weight, targets, temperature, entropy, backend):
     if backend == "triton":
         from r1engine.kernels.linear_grpo_loss import linear_logprobs_fwd
 
-        return linear_logprobs_fwd(hidden, weight, targets, temperature)
-    return _torch_logprobs_fwd(hidden, weight, targets, temperature)
+        if not entropy:
+            logp, lse = linear_logprobs_fwd(hidden, weight, targets, temperature)[:2]
+            return logp, lse, torch.zeros_like(logp)
+        try:
+            return linear_logprobs_fwd(hidden, weight, targets, temperature, entropy=True)
+        except TypeError as exc:
+            raise _triton_entropy_missing("entropy") from exc
+    return _torch_logprobs_fwd(hidden, weight, targets, temperature, entropy)
 
 
-def _logprobs_bwd(hidden, weight, targets, lse, grad_logp, temperature, backend):
+def _logprobs_bwd(hidden, weight, targets, lse, grad_logp, grad_ent, ent, temperature, backend):
     if backend == "triton":
         from r1engine.kernels.linear_grpo_loss import linear_logprobs_bwd
 
-        return linear_logprobs_bwd(hidden, weight, targets, lse, grad_logp, temperature)
-    return _torch_logprobs_bwd(hidden, weight, targets, lse, grad_logp, temperature)
+        if grad_ent is None:
+            return linear_logprobs_bwd(hidden, weight, targets, lse, grad_logp, temperature)
+        try:
+            return linear_logprobs_bwd(hidden, weight, targets, lse, grad_logp, temperature, dentropy=grad_ent,
+                                       entropy=ent)  # fmt: skip
+        except TypeError as exc:
+            raise _triton_entropy_missing("entropy gradient") from exc
+    return _torch_logprobs_bwd(hidden, weight, targets, lse, grad_logp, grad_ent, ent, temperature)
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # the custom ops
 
 
-@custom_op("r1engine::linear_grpo_fwd", mutates_args=())
-def _linear_grpo_fwd(
+@custom_op("r1engine::linear_logprobs", mutates_args=())
+def _linear_logprobs_op(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     targets: torch.Tensor,
-    advantages: torch.Tensor,
-    old_logp: torch.Tensor | None,
-    ref_logp: torch.Tensor | None,
-    weights: torch.Tensor,
+    live: torch.Tensor,
     temperature: float,
-    eps_low: float,
-    eps_high: float,
-    dual_clip: float,
-    beta: float,
-    kl_estimator: int,
+    entropy: bool,
     backend: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss_tok, logp, ratio, kl, clipped, lse, dlogp), fp32 [N]; rows with weight 0 are not computed (all 0,
-    ratio 1)."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(logp, lse, entropy), fp32 [N]; rows with live == 0 are not computed (all 0)."""
     n, v = hidden.shape[0], weight.shape[0]
     dev = hidden.device
     if n and (int(targets.min()) < 0 or int(targets.max()) >= v):  # checked here, eagerly, also under torch.compile
         raise ValueError(f"targets: expected ids in [0, {v}), got [{int(targets.min())}, {int(targets.max())}]")
-    check_finite_inputs(weights, advantages=advantages, old_logprobs=old_logp, ref_logprobs=ref_logp)
-    logp = torch.zeros(n, dtype=torch.float32, device=dev)
-    lse = torch.zeros(n, dtype=torch.float32, device=dev)
-    live = torch.nonzero(weights != 0).squeeze(1)
-    if live.numel():
-        lp, ls = _logprobs_fwd(
-            hidden.index_select(0, live).contiguous(),
+    out = [torch.zeros(n, dtype=torch.float32, device=dev) for _ in range(3)]
+    rows = torch.nonzero(live != 0).squeeze(1)
+    if rows.numel():
+        part = _logprobs_fwd(
+            hidden.index_select(0, rows).contiguous(),
             weight.contiguous(),
-            targets.index_select(0, live).contiguous(),
+            targets.index_select(0, rows).contiguous(),
             temperature,
+            entropy,
             backend,
         )
-        logp.index_copy_(0, live, lp)
-        lse.index_copy_(0, live, ls)
-    from r1engine.ops.backends.torch_ref import grpo_token_terms
-
-    loss_tok, dlogp, ratio, kl, clipped = grpo_token_terms(
-        logp,
-        advantages,
-        old_logp,
-        ref_logp,
-        weights,
-        eps_low=eps_low,
-        eps_high=eps_high,
-        dual_clip=dual_clip,
-        beta=beta,
-        kl_estimator=kl_estimator,
-    )
-    return loss_tok, logp, ratio, kl, clipped, lse, dlogp
+        for full, values in zip(out, part, strict=True):
+            full.index_copy_(0, rows, values)
+    return out[0], out[1], out[2]
 
 
-@_linear_grpo_fwd.register_fake
-def _(hidden, weight, targets, advantages, old_logp, ref_logp, weights, *args):
+@_linear_logprobs_op.register_fake
+def _(hidden, weight, targets, live, temperature, entropy, backend):
     n = hidden.shape[0]
-    return tuple(hidden.new_empty(n, dtype=torch.float32) for _ in range(7))
+    return tuple(hidden.new_empty(n, dtype=torch.float32) for _ in range(3))
 
 
-@custom_op("r1engine::linear_grpo_bwd", mutates_args=())
-def _linear_grpo_bwd(
+@custom_op("r1engine::linear_logprobs_bwd", mutates_args=())
+def _linear_logprobs_bwd(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     targets: torch.Tensor,
     lse: torch.Tensor,
     grad_logp: torch.Tensor,
+    grad_ent: torch.Tensor | None,
+    ent: torch.Tensor | None,
     temperature: float,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(dX [N, H], dW [V, H]) for d loss / d logp = grad_logp; rows with grad_logp == 0 are not computed."""
-    live = torch.nonzero(grad_logp != 0).squeeze(1)
+    """(dX [N, H], dW [V, H]) of sum(grad_logp * logp + grad_ent * entropy); rows whose gradients are 0 are skipped."""
+    active = grad_logp != 0
+    if grad_ent is not None:
+        active = active | (grad_ent != 0)
+    rows = torch.nonzero(active).squeeze(1)
     dx = torch.zeros_like(hidden)
-    if live.numel() == 0:
+    if rows.numel() == 0:
         return dx, torch.zeros_like(weight)
-    dx_live, dw = _logprobs_bwd(
-        hidden.index_select(0, live).contiguous(),
-        weight.contiguous(),
-        targets.index_select(0, live).contiguous(),
-        lse.index_select(0, live).contiguous(),
-        grad_logp.index_select(0, live).contiguous(),
-        temperature,
-        backend,
-    )
-    dx.index_copy_(0, live, dx_live)
+    pick = lambda t: None if t is None else t.index_select(0, rows).contiguous()  # noqa: E731
+    dx_rows, dw = _logprobs_bwd(
+        pick(hidden), weight.contiguous(), pick(targets), pick(lse), pick(grad_logp), pick(grad_ent), pick(ent),
+        temperature, backend,
+    )  # fmt: skip
+    dx.index_copy_(0, rows, dx_rows)
     return dx, dw
 
 
-@_linear_grpo_bwd.register_fake
-def _(hidden, weight, targets, lse, grad_logp, temperature, backend):
+@_linear_logprobs_bwd.register_fake
+def _(hidden, weight, targets, lse, grad_logp, grad_ent, ent, temperature, backend):
     return torch.empty_like(hidden), torch.empty_like(weight)
 
 
 def _setup_context(ctx, inputs, output):
-    hidden, weight, targets = inputs[0], inputs[1], inputs[2]
-    weights = inputs[6]
-    ctx.temperature = inputs[7]
-    ctx.backend = inputs[13]
-    lse, dlogp = output[5], output[6]
-    ctx.save_for_backward(hidden, weight, targets, weights, lse, dlogp)
-    ctx.mark_non_differentiable(output[2], output[3], output[4], output[5], output[6])
+    hidden, weight, targets, live, temperature, entropy, backend = inputs
+    _, lse, ent = output
+    ctx.save_for_backward(hidden, weight, targets, live, lse, ent)
+    ctx.temperature, ctx.entropy, ctx.backend = temperature, entropy, backend
+    ctx.mark_non_differentiable(lse)
 
 
-def _backward(ctx, g_loss, g_logp, g_ratio, g_kl, g_clipped, g_lse, g_dlogp):
-    hidden, weight, targets, weights, lse, dlogp = ctx.saved_tensors
-    g = torch.zeros_like(dlogp) if g_loss is None else g_loss * dlogp
-    if g_logp is not None:
-        g = g + torch.where(weights != 0, g_logp, torch.zeros_like(g_logp))
-    dx, dw = _linear_grpo_bwd(hidden, weight, targets, lse, g.float().contiguous(), ctx.temperature, ctx.backend)
-    return dx, dw, None, None, None, None, None, None, None, None, None, None, None, None
+def _backward(ctx, g_logp, g_lse, g_ent):
+    hidden, weight, targets, live, lse, ent = ctx.saved_tensors
+    keep = live != 0
+    g = torch.zeros_like(lse) if g_logp is None else torch.where(keep, g_logp, torch.zeros_like(g_logp))
+    ge = None
+    if ctx.entropy and g_ent is not None:
+        ge = torch.where(keep, g_ent, torch.zeros_like(g_ent)).float().contiguous()
+    dx, dw = _linear_logprobs_bwd(
+        hidden, weight, targets, lse, g.float().contiguous(), ge, ent if ge is not None else None, ctx.temperature,
+        ctx.backend,
+    )  # fmt: skip
+    return dx, dw, None, None, None, None, None
 
 
-_linear_grpo_fwd.register_autograd(_backward, setup_context=_setup_context)
+_linear_logprobs_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # the public entry
-
-
-def _as_tokens(name: str, t: torch.Tensor | None, shape: tuple[int, ...], device: torch.device) -> torch.Tensor | None:
-    if t is None:
-        return None
-    if tuple(t.shape) != shape:
-        raise ValueError(f"{name} must have shape {shape} (one value per token); got {tuple(t.shape)}")
-    if t.device != device:
-        raise ValueError(f"{name} must be on {device}; got {t.device}")
-    return t.reshape(-1).float()
 
 
 def linear_grpo_loss(
@@ -245,38 +238,30 @@ def linear_grpo_loss(
     old_logprobs: torch.Tensor | None = None,
     ref_logprobs: torch.Tensor | None = None,
     *,
-    eps_low: float = 0.2,
-    eps_high: float = 0.2,
-    dual_clip: float | None = None,
-    beta: float = 0.0,
-    kl_estimator: str | int = "k3",
-    temperature: float = 1.0,
-    agg: str = "seq-mean-token-mean",
-    max_len: int | None = None,
+    params: LossParams | None = None,
+    sampler_logprobs: torch.Tensor | None = None,
     segment_ids: torch.Tensor | None = None,
     advantages_per: str | None = None,
+    check_finite: bool = True,
     backend: str = "auto",
-) -> tuple[torch.Tensor, GRPOMetrics]:
-    """GRPO loss of ``logits = hidden @ weight.T`` without materializing the logits.
+    **loss_settings: Any,
+) -> GRPOLossOutput:
+    """GRPO-family loss of ``logits = hidden @ weight.T`` without materializing the logits.
 
-    Same arguments and result as ``r1engine.algo.loss.grpo_loss_reference`` / ``r1engine.ops.grpo_loss`` with the
-    logits replaced by ``hidden`` and ``weight``:
+    Same arguments and result as ``r1engine.ops.grpo_loss`` (and ``r1engine.algo.loss.grpo_loss_reference``) with
+    the logits replaced by ``hidden`` and ``weight``:
 
-    * ``hidden [B, T, H]`` with ``targets/mask/old/ref [B, T]`` and ``advantages [B]`` or ``[B, T]``; or packed
-      ``hidden [N, H]`` with per-token ``[N]`` tensors and ``advantages [N]`` (or ``[S]`` with ``segment_ids``;
-      ``advantages_per`` says which where the shape cannot).
+    * ``hidden [B, T, H]`` with ``targets/mask/old/ref/sampler [B, T]`` and ``advantages [B]`` or ``[B, T]``; or
+      packed ``hidden [N, H]`` with per-token ``[N]`` tensors and ``advantages [N]`` (or ``[S]`` with
+      ``segment_ids``; ``advantages_per`` says which where the shape cannot).
     * ``weight [V, H]``: the lm_head weight, same dtype (fp32 or bf16); both ``hidden`` and ``weight`` get
       gradients (fp32-accumulated, deterministic).
-    * ``mask``: 1 on completion tokens; tokens with 0 are never computed. ``agg``/``max_len``/``segment_ids``: see
-      ``r1engine.algo.loss.aggregation_weights``.
-    * ``old_logprobs=None``: on-policy (ratio 1); ``ref_logprobs=None`` or ``beta=0``: no KL term.
+    * ``params`` / keyword ``loss_settings``: the loss settings (:class:`~r1engine.algo.policy_loss.LossParams`).
     * ``backend``: "auto" (triton on CUDA when available, else torch), "torch" or "triton".
 
-    Returns ``(loss, GRPOMetrics)`` (clip fraction, mean KL, mean ratio, token count; detached).
+    Returns ``GRPOLossOutput(loss, metrics)``.
     """
-    from r1engine.algo.kl import kl_estimator_id
-    from r1engine.algo.loss import aggregation_weights, grpo_metrics, token_advantages
-
+    p = LossParams.build(params, **loss_settings)
     if hidden.dim() not in (2, 3):
         raise ValueError(f"hidden: expected [B, T, H] or [N, H], got shape {tuple(hidden.shape)}")
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
@@ -285,38 +270,20 @@ def linear_grpo_loss(
         raise ValueError(f"weight: expected dtype {hidden.dtype} (like hidden), got {weight.dtype}")
     if weight.device != hidden.device:
         raise ValueError(f"weight: expected device {hidden.device} (like hidden), got {weight.device}")
-    check_hyperparameters(eps_low=eps_low, eps_high=eps_high, dual_clip=dual_clip, beta=beta, temperature=temperature)
-    tok_shape = tuple(hidden.shape[:-1])
-    dev = hidden.device
-    if tuple(targets.shape) != tok_shape:
-        raise ValueError(f"targets: expected shape {tok_shape}, got {tuple(targets.shape)}")
-    if tuple(mask.shape) != tok_shape:
-        raise ValueError(f"mask: expected shape {tok_shape}, got {tuple(mask.shape)}")
-    adv = advantages
-    if mask.dim() == 2 and adv.dim() == 1 and adv.shape[0] == mask.shape[0]:
-        adv = adv[:, None].expand(tok_shape)
-    elif mask.dim() == 1:
-        adv = token_advantages(adv, mask.shape[0], segment_ids, advantages_per)
-    adv = _as_tokens("advantages", adv, tok_shape, dev)
-    old = _as_tokens("old_logprobs", old_logprobs, tok_shape, dev)
-    ref = _as_tokens("ref_logprobs", ref_logprobs, tok_shape, dev)
-    weights = aggregation_weights(mask, agg, max_len=max_len, segment_ids=segment_ids).reshape(-1).contiguous()
-    be = _resolve(backend, dev)
-    loss_tok, logp, ratio, kl, clipped, _, _ = _linear_grpo_fwd(
-        hidden.reshape(-1, hidden.shape[-1]),
-        weight,
-        targets.reshape(-1).long(),
-        adv.contiguous(),
-        None if old is None else old.contiguous(),
-        None if ref is None else ref.contiguous(),
-        weights,
-        float(temperature),
-        float(eps_low),
-        float(eps_high),
-        float(dual_clip or 0.0),
-        float(beta),
-        kl_estimator_id(kl_estimator),
-        be,
-    )
-    m = mask.reshape(-1)
-    return loss_tok.sum(), grpo_metrics(ratio, kl, clipped, m)
+    token_shape = tuple(hidden.shape[:-1])
+    if tuple(targets.shape) != token_shape:
+        raise ValueError(f"targets: expected shape {list(token_shape)}, got {list(targets.shape)}")
+    inputs = prepare_loss_inputs(
+        token_shape, hidden.device, advantages, mask, p,
+        old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, sampler_logprobs=sampler_logprobs,
+        segment_ids=segment_ids, advantages_per=advantages_per,
+    )  # fmt: skip
+    if check_finite:
+        _check_loss_inputs_op(inputs.weights, inputs.advantages, inputs.old_logprobs, inputs.ref_logprobs,
+                              inputs.sampler_logprobs)  # fmt: skip
+    be = LINEAR_GRPO_LOSS.resolve(backend, hidden.device)
+    logp, _, ent = _linear_logprobs_op(
+        hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1).long(),
+        inputs.live.to(torch.float32).contiguous(), float(p.temperature), p.needs_entropy, be,
+    )  # fmt: skip
+    return policy_loss(logp, inputs, p, ent if p.needs_entropy else None)

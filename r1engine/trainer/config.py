@@ -17,6 +17,8 @@ from typing import Any, Literal
 import torch
 import yaml
 
+from r1engine.algo.policy_loss import LossParams
+
 
 class ConfigError(ValueError):
     """A configuration problem; the message starts with the dotted key at fault."""
@@ -120,10 +122,28 @@ class GRPOConfig:
     max_grad_norm: float = 1.0
     beta: float = 0.001
     """KL coefficient; 0 disables the reference model."""
-    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
+    kl_estimator: Literal["k1", "k2", "k3", "low_var_kl"] = "k3"
+    """Schulman's k1/k2/k3 or verl's low_var_kl (k3 clamped)."""
+    kl_bias_correction: bool = False
+    """Multiply the KL estimate by the importance ratio (TRL's use_bias_correction_kl, from DeepSeek-V3.2)."""
+    policy_loss: Literal["ppo_clip", "cispo"] = "ppo_clip"
+    """"ppo_clip": the clipped surrogate of GRPO (DAPO's clip-higher with eps_high > eps_low); "cispo": the clipped,
+    detached importance weight times the log-probability (MiniMax-M1), capped at grpo.cispo_max_ratio."""
     eps_low: float = 0.2
     eps_high: float = 0.2
     dual_clip: float | None = None
+    cispo_max_ratio: float = 5.0
+    importance_sampling_level: Literal["token", "sequence"] = "token"
+    """"sequence": one importance ratio per sequence, the exp of its mean log-ratio (GSPO)."""
+    entropy_coef: float = 0.0
+    """Entropy bonus: the loss subtracts entropy_coef times each token's entropy (from the same vocabulary pass)."""
+    rollout_correction: Literal["truncate", "mask"] | None = None
+    """Correct for the rollout engine's log-probs differing from the trainer's (pi_old / pi_sampler, per token or per
+    sequence): "truncate" clamps that ratio into [rollout_correction_min, rollout_correction_max] (TIS), "mask" drops
+    the tokens or sequences whose ratio leaves it (MIS). Needs the engine's log-probs (every engine returns them)."""
+    rollout_correction_level: Literal["token", "sequence"] = "token"
+    rollout_correction_min: float = 0.0
+    rollout_correction_max: float = 2.0
     advantage: Literal["grpo", "drgrpo", "rloo"] = "grpo"
     agg: Literal["seq-mean-token-mean", "token-mean", "seq-mean-token-sum-norm"] = "seq-mean-token-mean"
     mini_batches: int = 16
@@ -143,6 +163,18 @@ class GRPOConfig:
     """Leave sequences with advantage 0 (groups whose completions all scored alike) out of the training forward and
     backward when nothing else needs them (no KL term, no MTP loss): the loss and gradient are unchanged (the kept
     sequences' loss is rescaled to the whole batch's normaliser); loss metrics then cover the trained sequences."""
+
+    def loss_params(self, *, with_kl: bool = True) -> LossParams:
+        """The loss settings as the one object every loss layer takes (``with_kl=False``: beta 0, no reference)."""
+        return LossParams(
+            policy_loss=self.policy_loss, eps_low=self.eps_low, eps_high=self.eps_high, dual_clip=self.dual_clip,
+            cispo_max_ratio=self.cispo_max_ratio, importance_sampling_level=self.importance_sampling_level,
+            beta=self.beta if with_kl else 0.0, kl_estimator=self.kl_estimator,
+            kl_bias_correction=self.kl_bias_correction, entropy_coef=self.entropy_coef, track_entropy=True,
+            temperature=self.temperature, agg=self.agg, max_len=self.max_new_tokens,
+            rollout_correction=self.rollout_correction, rollout_correction_level=self.rollout_correction_level,
+            rollout_correction_min=self.rollout_correction_min, rollout_correction_max=self.rollout_correction_max,
+        )  # fmt: skip
 
 
 @dataclass
@@ -327,6 +359,15 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"grpo.eps_high: must be >= 0, got {g.eps_high}")
     if g.dual_clip is not None and g.dual_clip <= 1:
         raise ConfigError(f"grpo.dual_clip: must be > 1 (or null to disable), got {g.dual_clip}")
+    try:
+        g.loss_params()  # every loss setting, checked where the loss defines it
+    except ValueError as exc:
+        raise ConfigError(f"grpo.{exc}") from None
+    if g.rollout_correction is not None and g.old_logprobs == "sampler":
+        raise ConfigError(
+            "grpo.rollout_correction: corrects the trainer's old log-probs for the sampler's; with grpo.old_logprobs="
+            "'sampler' they are the sampler's (the ratio is 1): use grpo.old_logprobs=recompute"
+        )
     batch = g.prompts_per_step * g.group_size
     if batch % g.mini_batches:
         raise ConfigError(

@@ -66,7 +66,6 @@ from r1engine.trainer.sequences import (
     SequenceBatch,
     build_sequences,
     loss_tokens,
-    mean_entropy,
     pack,
     packed_forward,
     packed_logprobs,
@@ -179,6 +178,10 @@ def clipped_policy_loss(
     device = model.device
     out = packed_forward(model, batch)
     logits = model.logits(out.hidden[tokens.index.to(device)])
+    params = cfg.loss_params(with_kl=ref is not None)
+    sampler = None
+    if params.rollout_correction is not None:  # the rollout engine's log-probs of the same tokens
+        sampler = batch.fields["sampler_logprobs"].reshape(-1)[tokens.index].to(device)
     loss, m = grpo_loss(
         logits,
         tokens.targets.to(device),
@@ -186,29 +189,27 @@ def clipped_policy_loss(
         torch.ones(len(tokens.index), device=device),
         old.to(device) if old is not None else None,
         ref.to(device) if ref is not None else None,
-        eps_low=cfg.eps_low,
-        eps_high=cfg.eps_high,
-        dual_clip=cfg.dual_clip,
-        beta=cfg.beta if ref is not None else 0.0,
-        kl_estimator=cfg.kl_estimator,
-        temperature=cfg.temperature,
-        agg=cfg.agg,
-        max_len=cfg.max_new_tokens,
+        params=params,
+        sampler_logprobs=sampler,
         segment_ids=tokens.segment_ids.to(device),
         backend=loss_backend,
-        inplace_backward=True,  # the gradient takes the logits' buffer: nothing reads them after the entropy below
+        inplace_backward=True,  # the gradient takes the logits' buffer: nothing reads them afterwards
     )
     mtp = packed_mtp_loss(model, batch, out, cfg.mtp_loss_coef)
     if policy_weight != 1.0 or mtp_weight != 1.0:
         loss, mtp = loss * policy_weight, mtp * mtp_weight
-    return loss + mtp, {
+    stats = {
         "loss/policy": float(loss.detach()),
         "loss/mtp": float(mtp.detach()),
         "loss/clip_frac": float(m.clip_frac),
         "loss/kl_mean": float(m.kl_mean),
         "loss/ratio_mean": float(m.ratio_mean),
-        "loss/entropy": mean_entropy(logits, cfg.temperature),
+        "loss/entropy": float(m.entropy_mean),  # from the loss's own vocabulary pass (LossParams.track_entropy)
     }
+    if m.is_ratio_mean is not None:
+        stats["loss/rollout_is_ratio_mean"] = float(m.is_ratio_mean)
+        stats["loss/rollout_is_corrected_frac"] = float(m.is_corrected_frac)
+    return loss + mtp, stats
 
 
 def grpo_train_step(

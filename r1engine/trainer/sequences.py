@@ -174,14 +174,3 @@ def per_sequence(batch: PackedBatch, tokens: PackedTokens, values: torch.Tensor,
     for seq, part in zip(batch.seq_ids.tolist(), parts, strict=True):
         out[seq] = part
     return out
-
-
-@torch.no_grad()
-def mean_entropy(logits: torch.Tensor, temperature: float, rows_per_chunk: int = 1024) -> float:
-    """Mean policy entropy over the rows of `logits`, in row chunks so that no fp32 [M, V] copy is ever made
-    (the fused loss exists to avoid one)."""
-    total = 0.0
-    for chunk in logits.split(rows_per_chunk):
-        logp = torch.log_softmax(chunk.float() / temperature, -1)
-        total += float(-(logp.exp() * logp).sum())
-    return total / max(1, logits.shape[0])

@@ -1,9 +1,9 @@
-"""Backend modules of the fused GRPO-loss contract, and the registered backends of both GRPO losses.
+"""Backend modules of the GRPO losses' vocabulary pass, and the registered backends of both GRPO losses.
 
-Each backend module exposes the same three functions (see ``torch_ref`` for the exact semantics):
-``token_logprobs_fwd(logits, targets, temperature)``,
-``grpo_fwd(logits, targets, advantages, old_logp, ref_logp, weights, *, temperature, eps_low, eps_high, dual_clip,
-beta, kl_estimator)`` and ``logprobs_bwd(logits, targets, lse, dlogp, *, temperature, inplace)``.
+Each backend module exposes the same two functions (see ``torch_ref`` for the exact semantics):
+``logprobs_fwd(logits, targets, *, temperature, live, entropy) -> (logp, lse, entropy)`` and
+``logprobs_bwd(logits, targets, lse, dlogp, *, temperature, inplace, dentropy, entropy)``. The loss math between
+them is one PyTorch implementation for all (``r1engine.algo.policy_loss``).
 
 Names (``GRPO_LOSS``, see ``r1engine.ops.backends.registry`` for the rule that resolves "auto" and what is logged
 when a fast path is passed over): ``"torch"`` (pure PyTorch reference), ``"cpp"`` (C++ CPU kernel), ``"cuda"``
@@ -45,7 +45,7 @@ GRPO_LOSS = register(
             "cuda",
             "CUDA kernel (csrc/cuda/grpo_loss.cu)",
             auto_devices=("cuda",),
-            check=compiled_op("grpo_fwd", cuda=True),
+            check=compiled_op("logprobs_fwd", cuda=True),
         ),
         Backend(
             "triton",
@@ -54,7 +54,7 @@ GRPO_LOSS = register(
             check=importable("r1engine.kernels.grpo_loss", optional=("triton",)),
         ),
         Backend(
-            "cpp", "C++ CPU kernel (csrc/core/grpo_loss.cpp)", auto_devices=("cpu",), check=compiled_op("grpo_fwd")
+            "cpp", "C++ CPU kernel (csrc/core/grpo_loss.cpp)", auto_devices=("cpu",), check=compiled_op("logprobs_fwd")
         ),
         Backend("torch", "pure-PyTorch reference (r1engine.ops.backends.torch_ref)"),
     ],
@@ -94,7 +94,7 @@ def load(backend: str) -> ModuleType:
                 "backend='cuda' needs r1engine's extension built with CUDA (a CUDA toolkit and a CUDA build of "
                 "torch at build time); use backend='triton' or 'torch'"
             )
-        _ext.require("grpo_fwd")
+        _ext.require("logprobs_fwd")
         return compiled
     if backend == "triton":
         try:
