@@ -18,22 +18,14 @@ from collections.abc import Callable
 
 import torch
 
+from r1engine.algo.registry import Registry
+
 __all__ = ["KL_ESTIMATORS", "kl_k1", "kl_k2", "kl_k3", "kl_low_var", "kl_estimate", "register_kl_estimator"]
 
 KLEstimator = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-KL_ESTIMATORS: dict[str, KLEstimator] = {}
-
-
-def register_kl_estimator(name: str) -> Callable[[KLEstimator], KLEstimator]:
-    """Register ``fn(logp, ref_logp) -> estimate`` (elementwise, differentiable in ``logp``) under ``name``."""
-
-    def deco(fn: KLEstimator) -> KLEstimator:
-        if name in KL_ESTIMATORS and KL_ESTIMATORS[name] is not fn:
-            raise ValueError(f"register_kl_estimator: {name!r} is already registered")
-        KL_ESTIMATORS[name] = fn
-        return fn
-
-    return deco
+KL_ESTIMATORS: Registry[KLEstimator] = Registry("kl_estimator")
+register_kl_estimator = KL_ESTIMATORS.register
+"""Register ``fn(logp, ref_logp) -> estimate`` (elementwise, differentiable in ``logp``) under a name."""
 
 
 @register_kl_estimator("k1")
@@ -64,6 +56,4 @@ def kl_low_var(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
 
 def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str = "k3") -> torch.Tensor:
     """The estimator registered as ``estimator``, elementwise; differentiable in both inputs."""
-    if estimator not in KL_ESTIMATORS:
-        raise ValueError(f"kl_estimator: expected one of {sorted(KL_ESTIMATORS)}, got {estimator!r}")
-    return KL_ESTIMATORS[estimator](logp, ref_logp)
+    return KL_ESTIMATORS.lookup(estimator)(logp, ref_logp)

@@ -40,6 +40,7 @@ import torch
 
 from r1engine.algo.aggregation import AGGREGATIONS, aggregation_weights, masked_mean, token_advantages
 from r1engine.algo.kl import KL_ESTIMATORS
+from r1engine.algo.registry import Registry
 
 __all__ = [
     "GRPOMetrics",
@@ -210,22 +211,11 @@ _FIELD_NAMES = tuple(f.name for f in dataclasses.fields(LossParams))
 # ----------------------------------------------------------------------------------------------------- registries
 
 PolicyLoss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, LossParams], tuple[torch.Tensor, torch.Tensor]]
-POLICY_LOSSES: dict[str, PolicyLoss] = {}
-
-
-def register_policy_loss(name: str) -> Callable[[PolicyLoss], PolicyLoss]:
-    """Register ``fn(ratio, logp, advantages, params) -> (per-token loss, 0/1 clipped)`` under ``name``.
-
-    ``ratio`` is pi / pi_old (token or sequence level, differentiable), ``logp`` the token log-probabilities
-    (differentiable); the loss is minimised."""
-
-    def deco(fn: PolicyLoss) -> PolicyLoss:
-        if name in POLICY_LOSSES and POLICY_LOSSES[name] is not fn:
-            raise ValueError(f"register_policy_loss: {name!r} is already registered")
-        POLICY_LOSSES[name] = fn
-        return fn
-
-    return deco
+POLICY_LOSSES: Registry[PolicyLoss] = Registry("policy_loss")
+register_policy_loss = POLICY_LOSSES.register
+"""Register ``fn(ratio, logp, advantages, params) -> (per-token loss, 0/1 clipped)`` under a name. ``ratio`` is
+pi / pi_old (token or sequence level, differentiable), ``logp`` the token log-probabilities (differentiable); the
+loss is minimised."""
 
 
 @register_policy_loss("ppo_clip")

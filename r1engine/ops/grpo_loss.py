@@ -19,7 +19,14 @@ from typing import Any
 
 import torch
 
-from r1engine.algo.policy_loss import GRPOLossOutput, GRPOMetrics, LossParams, policy_loss, prepare_loss_inputs
+from r1engine.algo.policy_loss import (
+    GRPOLossOutput,
+    GRPOMetrics,
+    LossInputs,
+    LossParams,
+    policy_loss,
+    prepare_loss_inputs,
+)
 from r1engine.ops._library import custom_op
 from r1engine.ops.backends import load, resolve
 
@@ -84,6 +91,23 @@ def _check_loss_inputs_op(
 @_check_loss_inputs_op.register_fake
 def _(weights, advantages, old_logp, ref_logp, sampler_logp):
     return None
+
+
+def checked_loss_inputs(
+    token_shape: tuple[int, ...],
+    device: torch.device,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    params: LossParams,
+    check_finite: bool,
+    **per_token: Any,
+) -> LossInputs:
+    """``prepare_loss_inputs`` and, with ``check_finite``, the NaN/inf check of the inputs (inside an operator)."""
+    inputs = prepare_loss_inputs(token_shape, device, advantages, mask, params, **per_token)
+    if check_finite:
+        _check_loss_inputs_op(inputs.weights, inputs.advantages, inputs.old_logprobs, inputs.ref_logprobs,
+                              inputs.sampler_logprobs)  # fmt: skip
+    return inputs
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -280,14 +304,11 @@ def grpo_loss(
     _check_logits(logits, backend_name)
     token_shape = tuple(logits.shape[:-1])
     _check_targets(targets, token_shape)
-    inputs = prepare_loss_inputs(
-        token_shape, logits.device, advantages, mask, p,
-        old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, sampler_logprobs=sampler_logprobs,
-        segment_ids=segment_ids, advantages_per=advantages_per,
+    inputs = checked_loss_inputs(
+        token_shape, logits.device, advantages, mask, p, check_finite, old_logprobs=old_logprobs,
+        ref_logprobs=ref_logprobs, sampler_logprobs=sampler_logprobs, segment_ids=segment_ids,
+        advantages_per=advantages_per,
     )  # fmt: skip
-    if check_finite:
-        _check_loss_inputs_op(inputs.weights, inputs.advantages, inputs.old_logprobs, inputs.ref_logprobs,
-                              inputs.sampler_logprobs)  # fmt: skip
     logp, _, ent = _logprobs_op(
         _flat_rows(logits), targets.reshape(-1).long().contiguous(), inputs.live.to(torch.float32).contiguous(),
         float(p.temperature), p.needs_entropy, backend_name, bool(inplace_backward), bool(check_finite),

@@ -21,10 +21,10 @@ from typing import Any
 
 import torch
 
-from r1engine.algo.policy_loss import GRPOLossOutput, LossParams, policy_loss, prepare_loss_inputs
+from r1engine.algo.policy_loss import GRPOLossOutput, LossParams, policy_loss
 from r1engine.ops._library import custom_op
 from r1engine.ops.backends import LINEAR_GRPO_LOSS
-from r1engine.ops.grpo_loss import _check_loss_inputs_op
+from r1engine.ops.grpo_loss import checked_loss_inputs
 
 __all__ = ["linear_grpo_loss", "LINEAR_BACKENDS"]
 
@@ -273,14 +273,11 @@ def linear_grpo_loss(
     token_shape = tuple(hidden.shape[:-1])
     if tuple(targets.shape) != token_shape:
         raise ValueError(f"targets: expected shape {list(token_shape)}, got {list(targets.shape)}")
-    inputs = prepare_loss_inputs(
-        token_shape, hidden.device, advantages, mask, p,
-        old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, sampler_logprobs=sampler_logprobs,
-        segment_ids=segment_ids, advantages_per=advantages_per,
+    inputs = checked_loss_inputs(
+        token_shape, hidden.device, advantages, mask, p, check_finite, old_logprobs=old_logprobs,
+        ref_logprobs=ref_logprobs, sampler_logprobs=sampler_logprobs, segment_ids=segment_ids,
+        advantages_per=advantages_per,
     )  # fmt: skip
-    if check_finite:
-        _check_loss_inputs_op(inputs.weights, inputs.advantages, inputs.old_logprobs, inputs.ref_logprobs,
-                              inputs.sampler_logprobs)  # fmt: skip
     be = LINEAR_GRPO_LOSS.resolve(backend, hidden.device)
     logp, _, ent = _linear_logprobs_op(
         hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1).long(),
