@@ -3,6 +3,7 @@
 Plain tensors in and out, usable alone by other trainers:
 
     adv = group_advantages(rewards, group_size=16)                     # [B * G], GRPO (r - mean) / (std + eps)
+    adv = compute_advantages("rloo", AdvantageInputs(rewards, group_size=16)).advantages  # any registered estimator
     w = aggregation_weights(mask, "seq-mean-token-mean")               # per-token weights of the aggregate
     loss, metrics = grpo_loss_reference(logits, targets, adv_seq, mask, old_logp, ref_logp, beta=0.001)
     params = LossParams(policy_loss="cispo", beta=0.001, kl_estimator="low_var_kl")  # one object for every layer
@@ -10,7 +11,15 @@ Plain tensors in and out, usable alone by other trainers:
 
 from __future__ import annotations
 
-from r1engine.algo.advantages import ADVANTAGE_METHODS, group_advantages, token_advantages
+from r1engine.algo.advantages import (
+    ADVANTAGE_ESTIMATORS,
+    AdvantageInputs,
+    AdvantageOutput,
+    compute_advantages,
+    group_advantages,
+    register_advantage_estimator,
+    token_advantages,
+)
 from r1engine.algo.aggregation import AGGREGATIONS, aggregation_weights, masked_mean
 from r1engine.algo.kl import KL_ESTIMATORS, kl_estimate, kl_k1, kl_k2, kl_k3, register_kl_estimator
 from r1engine.algo.loss import grpo_loss_reference, token_entropy, token_logprobs
@@ -25,8 +34,10 @@ from r1engine.algo.policy_loss import (
 )
 
 __all__ = [
-    "ADVANTAGE_METHODS",
+    "ADVANTAGE_ESTIMATORS",
     "AGGREGATIONS",
+    "AdvantageInputs",
+    "AdvantageOutput",
     "GRPOLossOutput",
     "GRPOMetrics",
     "KL_ESTIMATORS",
@@ -34,6 +45,7 @@ __all__ = [
     "POLICY_LOSSES",
     "aggregation_weights",
     "clipped_surrogate",
+    "compute_advantages",
     "group_advantages",
     "grpo_loss_reference",
     "kl_estimate",
@@ -42,6 +54,7 @@ __all__ = [
     "kl_k3",
     "masked_mean",
     "policy_loss",
+    "register_advantage_estimator",
     "register_kl_estimator",
     "register_policy_loss",
     "token_advantages",
