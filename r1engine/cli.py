@@ -155,11 +155,11 @@ def main(argv: list[str] | None = None) -> int:
         return _launch(args.nproc, argv if argv is not None else sys.argv[1:])
 
     from r1engine.data import DataError, TemplateError
+    from r1engine.trainer import create_trainer
     from r1engine.trainer.checkpoint import CheckpointError
-    from r1engine.trainer.grpo import GRPOTrainer
 
     try:
-        trainer = GRPOTrainer(cfg, progress=not args.no_progress)
+        trainer = create_trainer(cfg, progress=not args.no_progress)  # GRPO, or PPO for grpo.advantage=gae
     except ConfigError as exc:  # e.g. an output_dir that cannot be written, named in the message
         print(f"r1engine: config error: {exc}", file=sys.stderr)
         return 2

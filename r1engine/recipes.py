@@ -18,7 +18,8 @@ Stage kinds:
                   (direct answers, compact or readable worked solutions; see `AdditionTask.solution`)
           task    the task's worked solutions in `style`, from `unique` distinct problems (0: endless)
           traces  the completions a `sample` stage kept
-  grpo    the GRPO trainer (`r1engine.trainer.GRPOTrainer`) starting from `from`'s model, no cold start
+  grpo    the GRPO trainer (`r1engine.trainer.create_trainer`; PPO with grpo.advantage=gae) starting from `from`'s
+          model, no cold start
   sample  rejection sampling: `samples` completions per prompt at `temperature` from `from`'s model, scored with
           the stage's rewards; per prompt the best completion that is correct and well formatted is kept
 Every stage writes `<output_dir>/<name>/`: `model/` (safetensors, loadable by vLLM; `sample` writes
@@ -45,8 +46,9 @@ from tqdm.auto import tqdm
 
 from r1engine.data import SOLUTION_STYLES
 from r1engine.models import TextCodec, build_char_tokenizer
+from r1engine.trainer import create_trainer
 from r1engine.trainer.config import Config, ConfigError, config_from_dict, set_dotted
-from r1engine.trainer.grpo import GRPOTrainer, build_policy, build_task
+from r1engine.trainer.grpo import build_policy, build_task
 
 STAGE_KINDS = ("sft", "grpo", "sample")
 DATA_SOURCES = ("corpus", "task", "traces")
@@ -249,7 +251,7 @@ class RecipeRunner:
         out = self.stage_dir(stage.name)
         cfg = dataclasses.replace(cfg, output_dir=str(out), sft=dataclasses.replace(cfg.sft, steps=0))
         cfg.model = dataclasses.replace(cfg.model, path=str(self.stage_dir(stage.source) / "model"))
-        trainer = GRPOTrainer(cfg, progress=self.progress)
+        trainer = create_trainer(cfg, progress=self.progress)  # the PPO trainer for grpo.advantage=gae
         try:
             summary = trainer.run()
         finally:

@@ -17,6 +17,7 @@ from typing import Any, Literal
 import torch
 import yaml
 
+from r1engine.algo.advantages import ADVANTAGE_ESTIMATORS
 from r1engine.algo.policy_loss import LossParams
 
 
@@ -144,7 +145,11 @@ class GRPOConfig:
     rollout_correction_level: Literal["token", "sequence"] = "token"
     rollout_correction_min: float = 0.0
     rollout_correction_max: float = 2.0
-    advantage: Literal["grpo", "drgrpo", "rloo"] = "grpo"
+    advantage: str = "grpo"
+    """The advantage estimator, by its name in r1engine.algo.ADVANTAGE_ESTIMATORS (register_advantage_estimator adds
+    one): "grpo" (group mean and std), "drgrpo" (group mean only), "rloo" (leave-one-out mean),
+    "reinforce_pp_baseline" (REINFORCE++: group mean, then whitened over the whole batch), or "gae" (PPO: a value
+    model and GAE, with the `ppo.*` settings; r1engine.trainer.create_trainer then builds the PPO trainer)."""
     agg: Literal["seq-mean-token-mean", "token-mean", "seq-mean-token-sum-norm"] = "seq-mean-token-mean"
     mini_batches: int = 16
     """Optimizer steps per rollout batch (the paper splits each rollout into 16 mini-batches)."""
@@ -288,6 +293,32 @@ class DAPOConfig:
 
 
 @dataclass
+class PPOConfig:
+    """The value-model side of `grpo.advantage=gae` (r1engine.trainer.ppo.PPOTrainer); the policy side is `grpo.*`."""
+
+    gamma: float = 1.0
+    """Discount per token (1: the reward is not discounted over the completion, as in DeepSeekMath's PPO)."""
+    lam: float = 0.95
+    """GAE lambda: 1 is the Monte-Carlo return (unbiased), smaller trusts the value model more."""
+    value_lr: float | None = None
+    """AdamW learning rate of the value model (None: `grpo.lr`)."""
+    value_clip: float | None = 0.2
+    """Clip range of the value update around the rollout-time values (None: plain squared error)."""
+    whiten_advantages: bool = True
+    """Normalise the GAE advantages to mean 0, std 1 over the rollout batch's completion tokens."""
+
+    def __post_init__(self) -> None:
+        for name in ("gamma", "lam"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise ConfigError(f"ppo.{name}: expected a value in [0, 1], got {value!r}")
+        if self.value_lr is not None and not (self.value_lr > 0 and math.isfinite(self.value_lr)):
+            raise ConfigError(f"ppo.value_lr: expected a finite value > 0 (or None), got {self.value_lr!r}")
+        if self.value_clip is not None and not self.value_clip > 0:
+            raise ConfigError(f"ppo.value_clip: expected a value > 0 (or None), got {self.value_clip!r}")
+
+
+@dataclass
 class Config:
     output_dir: str = "runs/default"
     seed: int = 0
@@ -303,6 +334,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     tensorboard: bool = False
     dapo: DAPOConfig = field(default_factory=DAPOConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -374,8 +406,17 @@ def validate(cfg: Config) -> None:
             f"grpo.mini_batches: the rollout batch of {batch} completions (grpo.prompts_per_step={g.prompts_per_step}"
             f" x grpo.group_size={g.group_size}) is not divisible into {g.mini_batches} mini-batches"
         )
-    if g.advantage == "grpo" and g.group_size < 2:
-        raise ConfigError("grpo.group_size: GRPO normalises within a group, it needs at least 2 completions")
+    if g.advantage not in ADVANTAGE_ESTIMATORS:
+        raise ConfigError(
+            f"grpo.advantage: must be one of {', '.join(map(repr, sorted(ADVANTAGE_ESTIMATORS)))} (or a name given to "
+            f"r1engine.algo.register_advantage_estimator), got {g.advantage!r}"
+        )
+    need = ADVANTAGE_ESTIMATORS[g.advantage].min_group_size
+    if g.group_size < need:
+        raise ConfigError(
+            f"grpo.group_size: grpo.advantage={g.advantage!r} normalises within a group, it needs at least {need} "
+            f"completions, got {g.group_size}"
+        )
     if g.beta > 0 and g.ref_reset_every == 0 and cfg.model.source is None and cfg.sft.steps == 0:
         raise ConfigError(
             "grpo.beta: a KL coefficient needs a reference model, but the policy starts from random weights with "

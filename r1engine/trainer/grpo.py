@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from r1engine.algo.advantages import group_advantages
+from r1engine.algo.advantages import AdvantageInputs, advantage_estimator, compute_advantages
 from r1engine.algo.dapo import overlong_penalty, truncated_completions
 from r1engine.algo.loss import loss_share, sequences_with_gradient
 from r1engine.data import DataError, DatasetTask, PromptTemplate, get_task
@@ -309,6 +309,15 @@ def _named_reward_fns(reward_fns: Mapping[str, Callable] | Sequence[Callable] | 
     return named
 
 
+def advantage_metrics(advantages: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The `adv/*` metrics of a step's advantages."""
+    return {
+        "adv/mean": advantages.mean(),
+        "adv/abs_mean": advantages.abs().mean(),
+        "adv/zero_frac": (advantages == 0).float().mean(),
+    }
+
+
 def _columns(rows: list) -> dict[str, list[Any]]:
     """The rows' other data-set fields, one list per column (None where a row lacks one), for custom rewards."""
     names = sorted({k for p in rows for k in p.extra})
@@ -321,6 +330,9 @@ class GRPOTrainer:
     needs_old_logprobs = False
     """Whether the old policy's log-probs are needed even when each rollout gets a single optimizer step (PPO puts
     them in its reward)."""
+    has_value_model = False
+    """Whether this trainer owns a value model, which the advantage estimators that `needs_values` (grpo.advantage=gae)
+    read: the PPO trainer does (`r1engine.trainer.create_trainer` picks the trainer for the config)."""
 
     def __init__(
         self,
@@ -341,6 +353,11 @@ class GRPOTrainer:
         and 1 otherwise (`rewards.routes` still apply). They must be module-level functions: the reward workers are
         separate processes."""
         check_main_guard(type(self).__name__)
+        if advantage_estimator(cfg.grpo.advantage, key="grpo.advantage").needs_values and not self.has_value_model:
+            raise ConfigError(
+                f"grpo.advantage: {cfg.grpo.advantage!r} needs a value model, which {type(self).__name__} has not: "
+                "build the trainer with r1engine.trainer.create_trainer(cfg) (the PPO trainer)"
+            )
         self.cfg = cfg
         self.progress = progress
         seed_everything(cfg.seed, cfg.training.deterministic)
@@ -622,7 +639,7 @@ class GRPOTrainer:
             rewards = rewards + penalty
             dapo_metrics["reward/overlong_penalty_mean"] = float(penalty.mean())
             dapo_metrics["overlong/penalized_frac"] = float((penalty < 0).float().mean())
-        advantages = group_advantages(rewards.view(-1, g.group_size), g.group_size, method=g.advantage).reshape(-1)
+        advantages = self._sequence_advantages(seqs, rewards)
 
         lengths = torch.tensor([len(c) for c in rb.completion_ids], dtype=torch.float32)
         metrics = {
@@ -630,9 +647,7 @@ class GRPOTrainer:
             "reward/std": rewards.std(),
             **{f"reward/{name}/mean": float(np.nanmean(v)) for name, v in first.per_function.items()},
             **{k: v for k, v in first.metrics.items() if k.startswith(("reward", "scheduler"))},
-            "adv/mean": advantages.mean(),
-            "adv/abs_mean": advantages.abs().mean(),
-            "adv/zero_frac": (advantages == 0).float().mean(),
+            **(advantage_metrics(advantages) if advantages is not None else {}),
             "rollout/response_len_mean": lengths.mean(),
             "rollout/response_len_max": lengths.max(),
             "rollout/truncated_frac": float(np.mean([r == "length" for r in rb.finish_reason])),
@@ -650,6 +665,16 @@ class GRPOTrainer:
         }
         seqs_fields = {"old": old_seq, "ref": ref_seq, "adv": advantages, "rewards": rewards}
         return seqs, seqs_fields, metrics
+
+    def _sequence_advantages(self, seqs: SequenceBatch, rewards: torch.Tensor) -> torch.Tensor | None:
+        """`grpo.advantage`'s per-completion advantages `[N]` (batch statistics over every rank's completions, each
+        counted once per loss token); None for a token-level estimator, which the trainer with the value model runs."""
+        g = self.cfg.grpo
+        if advantage_estimator(g.advantage).level != "sequence":
+            return None
+        lengths = torch.tensor([int(m.sum()) for m in seqs.loss_mask], dtype=torch.long)
+        inputs = AdvantageInputs(rewards, g.group_size, lengths=lengths, sum_across_ranks=sum_across_ranks)
+        return compute_advantages(g.advantage, inputs).advantages
 
     def train_on_rollout(self, seqs: SequenceBatch, fields: dict[str, Any], step: int) -> dict[str, Any]:
         """Mini-batch optimizer steps over one rollout (inner epochs x mini-batches)."""

@@ -12,12 +12,18 @@ with three differences:
   (InstructGPT and DeepSeekMath's PPO), not a term of the loss: the policy loss is `r1engine.ops.grpo_loss` with
   per-token advantages and ``beta = 0``. `beta` is the config's `grpo.beta`.
 
-Every other hyper-parameter is read from the shared `Config` (`grpo.*` holds the policy side: lr, clip range,
-mini-batches, prompts per step); `grpo.group_size` is the number of completions per prompt (1 is standard PPO,
-and `grpo.advantage` is then unused: set it to "drgrpo" or "rloo" to pass the config's group-size check).
-The PPO-only knobs are `PPOConfig`.
+The advantages are the registry's ``"gae"`` estimator (`r1engine.algo.advantages`), which `grpo.advantage=gae`
+selects; `r1engine.trainer.create_trainer` builds this trainer for any estimator that needs a value model. What
+stays here is what an estimator cannot do: owning the value model (its weights, optimizer, checkpoint and value loss
+in every mini-batch step) and the KL penalty in the reward. A `grpo.advantage` that needs no value model (older
+configs set "drgrpo" to pass the group-size check) is replaced by "gae".
 
-    trainer = PPOTrainer(load_config("configs/demo.yaml", [...]), PPOConfig(lam=0.95))
+Every other hyper-parameter is read from the shared `Config` (`grpo.*` holds the policy side: lr, clip range,
+mini-batches, prompts per step); `grpo.group_size` is the number of completions per prompt (1 is standard PPO).
+The PPO-only knobs are the config's `ppo.*` section (`PPOConfig`), or a `PPOConfig` passed in its place.
+
+    trainer = create_trainer(load_config("configs/demo.yaml", ["grpo.advantage=gae", "grpo.group_size=1", ...]))
+    trainer = PPOTrainer(load_config("configs/demo.yaml", [...]), PPOConfig(lam=0.95))   # the same, explicitly
     trainer.run()
 """
 
@@ -26,7 +32,6 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,14 +39,15 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import pad_sequence
 
-from r1engine.algo.gae import clipped_value_loss, gae_advantages, whiten
+from r1engine.algo.advantages import ADVANTAGE_ESTIMATORS, AdvantageInputs, compute_advantages
+from r1engine.algo.gae import clipped_value_loss
 from r1engine.algo.kl import kl_k3
 from r1engine.models import PolicyModel
 from r1engine.packing import PackedBatch
 from r1engine.trainer.checkpoint import CheckpointManager
-from r1engine.trainer.config import Config, GRPOConfig
+from r1engine.trainer.config import Config, ConfigError, GRPOConfig, PPOConfig
 from r1engine.trainer.engine import TrainEngine
-from r1engine.trainer.grpo import GRPOTrainer, clipped_policy_loss
+from r1engine.trainer.grpo import GRPOTrainer, advantage_metrics, clipped_policy_loss
 from r1engine.trainer.sequences import (
     SequenceBatch,
     loss_tokens,
@@ -51,32 +57,6 @@ from r1engine.trainer.sequences import (
 )
 
 __all__ = ["PPOConfig", "PPOTrainer", "ValueModel", "ppo_train_step"]
-
-
-@dataclass
-class PPOConfig:
-    """The PPO-only hyper-parameters (the rest comes from `Config`)."""
-
-    gamma: float = 1.0
-    """Discount per token (1: the reward is not discounted over the completion, as in DeepSeekMath's PPO)."""
-    lam: float = 0.95
-    """GAE lambda: 1 is the Monte-Carlo return (unbiased), smaller trusts the value model more."""
-    value_lr: float | None = None
-    """AdamW learning rate of the value model (None: `grpo.lr`)."""
-    value_clip: float | None = 0.2
-    """Clip range of the value update around the rollout-time values (None: plain squared error)."""
-    whiten_advantages: bool = True
-    """Normalise the GAE advantages to mean 0, std 1 over the rollout batch's completion tokens."""
-
-    def __post_init__(self) -> None:
-        for name in ("gamma", "lam"):
-            value = getattr(self, name)
-            if not 0.0 <= value <= 1.0:
-                raise ValueError(f"PPOConfig.{name}: expected a value in [0, 1], got {value!r}")
-        if self.value_lr is not None and self.value_lr <= 0:
-            raise ValueError(f"PPOConfig.value_lr: expected a value > 0 (or None), got {self.value_lr!r}")
-        if self.value_clip is not None and self.value_clip <= 0:
-            raise ValueError(f"PPOConfig.value_clip: expected a value > 0 (or None), got {self.value_clip!r}")
 
 
 class ValueModel(nn.Module):
@@ -179,19 +159,27 @@ class PPOTrainer(GRPOTrainer):
     algorithm = "PPO"
     needs_old_logprobs = True  # the KL term of its per-token reward
     """`GRPOTrainer` with a value model and GAE instead of group-relative advantages; see the module docstring."""
+    has_value_model = True  # what grpo.advantage=gae needs
 
-    def __init__(self, cfg: Config, ppo: PPOConfig | None = None, *, progress: bool = True) -> None:
-        ppo = ppo or PPOConfig()
-        if not isinstance(ppo, PPOConfig):
+    def __init__(self, cfg: Config, ppo: PPOConfig | None = None, *, progress: bool = True, **pieces: Any) -> None:
+        """`ppo`: replaces the config's `ppo` section; `pieces`: `GRPOTrainer`'s (model, tokenizer, dataset,
+        reward_fns)."""
+        if ppo is not None and not isinstance(ppo, PPOConfig):
             raise TypeError(f"ppo: expected a PPOConfig, got {type(ppo).__name__}")
         if cfg.training.deepspeed_zero_stage != 0:  # checked before the base class starts reward workers
-            raise ValueError(
+            raise ConfigError(
                 "training.deepspeed_zero_stage: PPOTrainer trains in one process (stage 0); the value model's "
                 f"optimizer is not partitioned or checkpointed across ranks, got stage "
                 f"{cfg.training.deepspeed_zero_stage}"
             )
-        super().__init__(cfg, progress=progress)
-        self.ppo = ppo
+        advantage = cfg.grpo.advantage
+        if advantage not in ADVANTAGE_ESTIMATORS or not ADVANTAGE_ESTIMATORS[advantage].needs_values:
+            advantage = "gae"
+        cfg = dataclasses.replace(
+            cfg, grpo=dataclasses.replace(cfg.grpo, advantage=advantage), ppo=ppo if ppo is not None else cfg.ppo
+        )
+        super().__init__(cfg, progress=progress, **pieces)
+        self.ppo = cfg.ppo
         # Built in `_start_training`, from the policy's weights at that point (the SFT start or a checkpoint's).
         self.value_model: ValueModel | None = None
         self.value_engine: TrainEngine | None = None
@@ -265,18 +253,18 @@ class PPOTrainer(GRPOTrainer):
 
         values = completion_aligned(values_seq)
         valid = torch.arange(values.shape[1])[None, :] < lengths[:, None]
-        beta = self.cfg.grpo.beta
+        g, beta = self.cfg.grpo, self.cfg.grpo.beta
         token_rewards, kl_k3_mean = None, 0.0
         if ref is not None and beta > 0:
             old_c, ref_c = completion_aligned(old), completion_aligned(ref)
             token_rewards = -beta * (old_c - ref_c)  # k1 estimate of KL(pi_old || pi_ref) at the sampled token
             kl_k3_mean = float(kl_k3(old_c[valid], ref_c[valid]).mean())
-        adv, returns = gae_advantages(
-            values, rewards, lengths, gamma=self.ppo.gamma, lam=self.ppo.lam, token_rewards=token_rewards
-        )
-        raw_adv = adv[valid]
-        if self.ppo.whiten_advantages:
-            adv = whiten(adv, valid)
+        inputs = AdvantageInputs(
+            rewards, g.group_size, lengths=lengths, values=values, token_rewards=token_rewards, gamma=self.ppo.gamma,
+            lam=self.ppo.lam, whiten=self.ppo.whiten_advantages,
+        )  # fmt: skip
+        adv, returns, pre_whitening = compute_advantages(g.advantage, inputs)
+        raw_adv = (adv if pre_whitening is None else pre_whitening)[valid]
         fields = {
             "old": old,
             "rewards": rewards,
@@ -285,9 +273,7 @@ class PPOTrainer(GRPOTrainer):
             "old_values": values_seq,
         }
         metrics = {
-            "adv/mean": raw_adv.mean(),
-            "adv/abs_mean": raw_adv.abs().mean(),
-            "adv/zero_frac": (raw_adv == 0).float().mean(),
+            **advantage_metrics(raw_adv),
             "value/mean": values[valid].mean(),
             "value/returns_mean": returns[valid].mean(),
             "value/explained_variance": _explained_variance(values[valid], returns[valid]),
