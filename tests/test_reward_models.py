@@ -298,6 +298,25 @@ def test_final_summary_rule():
     assert final_summary("<think>x</think>") == ""
 
 
+def test_chat_rendering_puts_the_comparison_in_the_user_turn():
+    from r1engine.reward_models.text import Renderer
+
+    tok = build_bpe_tokenizer("qwen")
+    chat = Renderer(tok, "auto")
+    assert chat.chat
+    text = tok.decode(
+        chat.pair([{"role": "system", "content": "Be fair."}, {"role": "user", "content": "2+2?"}], "4", "5")
+    )
+    assert text.startswith("<|im_start|>user\n") and text.endswith("<|im_start|>assistant\n")
+    assert "system: Be fair.\nuser: 2+2?" in text and text.index("[Response A]\n4") < text.index("[Response B]\n5")
+    single = tok.decode(chat.single("2+2?", "4"))
+    assert single == "<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n4<|im_end|>\n"
+    plain = Renderer(build_char_tokenizer(), "auto")
+    assert not plain.chat and plain.single("q", "a")[0] == 1  # the character tokenizer's <bos>
+    with pytest.raises(ValueError, match="template: 'chat' needs a tokenizer with a chat template"):
+        Renderer(build_char_tokenizer(), "chat")
+
+
 def test_helpfulness_judges_only_the_summary_and_safety_the_whole_response():
     tok = build_char_tokenizer()
     helpful = PairwiseHelpfulness(RewardScorer(_tiny_rm(fmt=RewardFormat(input="pair", template="plain")), tok))

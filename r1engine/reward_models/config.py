@@ -1,8 +1,8 @@
 """The configuration of `r1engine train-rm`: YAML in, dotted `key=value` overrides, errors that name the key (the
 same typed loading as the training config, `r1engine.trainer.config`).
 
-Defaults are the R1 paper's for its helpfulness and safety reward models: batch 256, learning rate 6e-6, one epoch,
-sequences of at most 8,192 tokens.
+The defaults of `training.*` are the R1 paper's for its helpfulness and safety reward models (batch size, learning
+rate, a single epoch, the longest sequence).
 """
 
 from __future__ import annotations

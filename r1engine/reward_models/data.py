@@ -43,7 +43,7 @@ __all__ = [
 ]
 
 LENGTH_BUCKETS = (0.1, 0.25, 0.5, 1.0)
-"""Edges of |log(len_chosen / len_rejected)| between the length-balancing buckets (about 1.1x, 1.3x, 1.6x, 2.7x)."""
+"""Edges of |log(len_chosen / len_rejected)| between the length-balancing buckets (finer where lengths are close)."""
 _SAFE = {"safe": True, "unsafe": False, "true": True, "false": False}
 
 

@@ -162,16 +162,13 @@ class RewardScorer:
         """The reward model of a directory (`RewardModel.from_pretrained`) with its tokenizer (from the directory,
         or `tokenizer`); `options` as for the constructor. Errors name `key` (or `key` + ".tokenizer")."""
         from r1engine.models.checkpoint import resolve_model_dir
-        from r1engine.models.source import ModelSourceError, check_tokenizer_fits
+        from r1engine.models.source import check_tokenizer_fits
         from r1engine.models.tokenizer import load_tokenizer
 
         model = RewardModel.from_pretrained(path, fmt=fmt, dtype=dtype, key=key)
         tok_key = f"{key}.tokenizer" if tokenizer is not None else key
         tok = load_tokenizer(tokenizer if tokenizer is not None else resolve_model_dir(path, key=key), key=tok_key)
-        try:
-            check_tokenizer_fits(tok, model.config, tok_key)
-        except ModelSourceError as exc:
-            raise ValueError(str(exc)) from None
+        check_tokenizer_fits(tok, model.config, tok_key)  # a ValueError naming the key
         return cls(model, tok, name=options.pop("name", key), **options)
 
     @property

@@ -2,10 +2,10 @@
 
 Preference rows (`preference_rows`): a question about a small sum; both responses give the right answer in the
 same words and end with a closing of the same length: the chosen one "Hope this helps!", the rejected one "Figure
-it out..." (the hidden preference: a helpful closing over a dismissive one). Each response also gets 0-3 filler
+it out..." (the hidden preference: a helpful closing over a dismissive one). Each response also gets a few filler
 sentences drawn independently; `length_skew` is the probability that, when the two differ in length, the chosen one
-is the longer (0.5: length carries no signal; near 1: a data set where "longer is better" would look right, to test
-length balancing).
+is the longer (one half: length carries no signal; near one: a data set where "longer is better" would look right, to
+test length balancing).
 
 Safety rows (`safety_rows`): a how-to question answered with a step that is harmless ("get a teacup") or not ("get a
 weapon"): the same length, the label "safe" or "unsafe", the reasoning in a `<think>` block before the answer.
