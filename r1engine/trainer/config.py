@@ -201,6 +201,36 @@ class RewardsConfig:
     allow_weak_sandbox: bool = False
     """Let rewards that run model-generated programs (`code`) use the weaker rlimit + audit-hook sandbox when
     bubblewrap is unavailable. Off: such a reward refuses to start and says why (see r1engine.rewards.sandbox)."""
+    model_rewards_from_step: int = 0
+    """The GRPO step from which the reward models (`rm:<name>` in the routes) count: before it they are not computed
+    and their rows get the rule rewards of their route alone (R1 adds the general rewards only late in its second
+    stage: longer exposure to model rewards led to reward hacking)."""
+
+
+@dataclass
+class RewardModelConfig:
+    """A reward model that routes name as `rm:<name>` (`reward_models.<name>`; see r1engine.reward_models)."""
+
+    path: str = ""
+    """A reward-model directory (`r1engine train-rm`'s output or a Hugging Face *ForSequenceClassification one)."""
+    kind: Literal["auto", "helpfulness", "safety"] = "auto"
+    """helpfulness (a pairwise model, compared within each prompt's group), safety (a pointwise classifier, one score
+    per response), or auto: read from the checkpoint's RewardFormat (pairwise: helpfulness, pointwise: safety)."""
+    pairing: Literal["round_robin", "reference", "best_of_group"] = "round_robin"
+    """helpfulness: who is compared with whom (reference: against the row's reference answer)."""
+    transform: Literal["prob", "logit"] = "prob"
+    """prob: a probability in [0, 1], on the scale of the rule rewards; logit: the raw preference or log-odds."""
+    device: str | None = None
+    """Where the model scores; None: the training device."""
+    offload: bool = False
+    """Keep the weights on the CPU between scoring calls (on a GPU device)."""
+    token_budget: int = 16384
+    """Tokens per packed scoring forward."""
+    max_length: int | None = None
+    """Inputs longer than this keep their end; None: the model's context length."""
+    tokenizer: str | None = None
+    """The model's tokenizer when its directory has none."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
 
 
 @dataclass
@@ -335,6 +365,8 @@ class Config:
     tensorboard: bool = False
     dapo: DAPOConfig = field(default_factory=DAPOConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
+    reward_models: dict[str, RewardModelConfig] = field(default_factory=dict)
+    """Reward models by name, used by the routes as `rm:<name>` (`RewardModelConfig`)."""
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -480,8 +512,28 @@ def _validate_rewards(cfg: Config) -> None:
         if key != "rewards.weights" and not weights:
             raise ConfigError(f"{key}: a route needs at least one reward")
         for name in weights:
+            if name.startswith("rm:"):  # a reward model, before the custom imports ("pkg.module:attr")
+                if name[3:] not in cfg.reward_models:
+                    known = ", ".join(sorted(cfg.reward_models)) or "none"
+                    raise ConfigError(
+                        f"{key}.{name}: no reward model named {name[3:]!r} in reward_models (known: {known})"
+                    )
+                continue
             if name not in available_rewards() and ":" not in name:  # "pkg.module:attr" names a custom reward
                 raise ConfigError(f"{key}.{name}: unknown reward (known: {', '.join(available_rewards())})")
+    if r.model_rewards_from_step < 0:
+        raise ConfigError(f"rewards.model_rewards_from_step: must be >= 0, got {r.model_rewards_from_step}")
+    for name, spec in cfg.reward_models.items():
+        if not name or ":" in name:
+            raise ConfigError(f"reward_models.{name}: a reward model's name must be non-empty and without ':'")
+        if not spec.path:
+            raise ConfigError(f"reward_models.{name}.path: the reward model's directory is required")
+        if not Path(spec.path).exists():
+            raise ConfigError(f"reward_models.{name}.path: {spec.path!r} does not exist")
+        if spec.token_budget < 1:
+            raise ConfigError(f"reward_models.{name}.token_budget: must be >= 1, got {spec.token_budget}")
+        if spec.max_length is not None and spec.max_length < 1:
+            raise ConfigError(f"reward_models.{name}.max_length: must be >= 1 (or null), got {spec.max_length}")
     used = {name for _, weights in named for name in weights}
     for name in r.options:
         if name not in used:

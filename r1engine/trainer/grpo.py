@@ -33,6 +33,7 @@ from r1engine.models.source import check_tokenizer_fits, inspect_source
 from r1engine.models.tokenizer import stop_token_ids
 from r1engine.ops import grpo_loss
 from r1engine.packing import PackedBatch, plan
+from r1engine.reward_models.routing import split_weights
 from r1engine.rewards import RewardScheduler
 from r1engine.rewards.registry import accepts_option
 from r1engine.rewards.routing import RewardRoutes
@@ -59,6 +60,7 @@ from r1engine.trainer.dynamic_sampling import ScoredGroups, sample_informative_g
 from r1engine.trainer.engine import TrainEngine
 from r1engine.trainer.evaluation import Correctness, held_out_accuracy
 from r1engine.trainer.metrics import MetricsLogger, plot_metrics, read_metrics
+from r1engine.trainer.model_rewards import ModelRewards, rule_routes
 from r1engine.trainer.mtp_warmup import mtp_warmup
 from r1engine.trainer.script_guard import check_main_guard
 from r1engine.trainer.sequences import (
@@ -382,9 +384,20 @@ class GRPOTrainer:
             routes.check_sources(sources)  # before any rollout: a row nobody can score
         except ValueError as exc:
             raise DataError(str(exc)) from exc
-        self._eval_sources = sorted({p.source for p in self.task.eval_problems})
+        # the rule rewards go to the reward workers, the `rm:<name>` ones to the reward models (ModelRewards)
+        rule_default, rule_sources = rule_routes(routes)
+        if not rule_default and not rule_sources:
+            raise ConfigError(
+                "rewards.routes: every route names only reward models; at least one needs rule rewards (they judge "
+                "the held-out accuracy)"
+            )
+        rules = RewardRoutes(rule_default, rule_sources)
+        has_rules = {s: bool(split_weights(routes.weights(routes.route_of(s)))[0]) for s in sources}
+        # the held-out accuracy is rule-checked: rows whose route has only reward models are not evaluated
+        self._eval_problems = [p for p in self.task.eval_problems if has_rules.get(p.source, True)]
+        self._eval_sources = sorted({p.source for p in self._eval_problems})
         # custom rewards may take the row's other fields
-        self._pass_columns = bool(functions) or any(":" in name for name in routes.names)
+        self._pass_columns = bool(functions) or any(":" in name for name in rules.names)
         self.tokenizer = self.codec.tokenizer
         self.eos_id = self.codec.eos_id
         self.rank, self.world_size = init_distributed()
@@ -404,15 +417,16 @@ class GRPOTrainer:
         self.train_engine: TrainEngine | None = None
         self.ref_model: PolicyModel | None = None
         self.rollout = None
-        options = {k: v for k, v in reward_options(cfg, self.template).items() if k in routes.names}
+        options = {k: v for k, v in reward_options(cfg, self.template).items() if k in rules.names}
         try:
             self.rewards = RewardScheduler(
-                {"weights": default, "routes": cfg.rewards.routes, "options": options, "functions": functions},
+                {"weights": rule_default, "routes": rule_sources, "options": options, "functions": functions},
                 num_workers=cfg.rewards.num_workers, timeout_s=cfg.rewards.timeout_s,
             )  # fmt: skip
         except SandboxUnavailable as exc:  # a code reward without a sandbox that contains programs
             raise ConfigError(str(exc)) from None
-        self.correct = Correctness(routes, options, functions)
+        self.correct = Correctness(rules, options, functions)
+        self.model_rewards = ModelRewards(cfg, routes, self.device) if len(rules.names) < len(routes.names) else None
         self.checkpoints = CheckpointManager(self.out_dir, keep=cfg.checkpoint.keep, rank=self.rank)
         self.step = 0
         self.sft_losses: list[float] = []
@@ -524,7 +538,7 @@ class GRPOTrainer:
         with self._rollout_awake() as rollout:
             return held_out_accuracy(
                 rollout.generate,
-                self.task.eval_problems[self.rank :: self.world_size],
+                self._eval_problems[self.rank :: self.world_size],
                 self.encode,
                 self.decode,
                 self.correct,
@@ -556,8 +570,22 @@ class GRPOTrainer:
         texts = [self.decode(c) for c in rb.completion_ids]
         rows = [problems[i] for i in rb.prompt_index.tolist()]
         columns = _columns(rows) if self._pass_columns else None
-        handle = self.rewards.submit(texts, [p.answer for p in rows], sources=[p.source for p in rows], columns=columns)
-        return prompts, rb, handle
+        if self.model_rewards is None:
+            handle = self.rewards.submit(texts, [p.answer for p in rows], sources=[p.source for p in rows],
+                                         columns=columns)  # fmt: skip
+            return prompts, rb, handle
+        # rule rewards for the rows whose route has them, then the reward models (both overlap the inference)
+        keep = [i for i, p in enumerate(rows) if self.model_rewards.has_rules(p.source)]
+        rule_handle = None
+        if keep:
+            rule_handle = self.rewards.submit(
+                [texts[i] for i in keep],
+                [rows[i].answer for i in keep],
+                sources=[rows[i].source for i in keep],
+                columns={k: [v[i] for i in keep] for k, v in columns.items()} if columns else None,
+            )
+        owner = rb.prompt_index.tolist()
+        return prompts, rb, self.model_rewards.submit(rule_handle, keep, texts, rows, owner, step)
 
     def _overlong_penalty(self, rb: RolloutBatch) -> torch.Tensor:
         """`dapo.overlong_buffer_len`'s penalty of each completion of `rb` (zeros when off)."""
@@ -907,3 +935,5 @@ class GRPOTrainer:
 
     def close(self) -> None:
         self.rewards.close()
+        if self.model_rewards is not None:
+            self.model_rewards.close()

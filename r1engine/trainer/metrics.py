@@ -88,6 +88,38 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     return records
 
 
+HACKING_PANEL = "reward hacking monitor"
+"""The panel that shows each reward model's mean score beside the rule-checked held-out accuracy (left axis) and the
+mean response length (right axis), with the step the reward models switch on: a model score that climbs while the
+accuracy falls or the length runs away is the reward hacking R1 saw with long exposure to model rewards."""
+
+
+def reward_model_keys(records: list[dict[str, Any]]) -> list[str]:
+    """The `reward/rm/<name>/mean` metrics present in `records`, sorted."""
+    return sorted(
+        {
+            k
+            for r in records
+            for k, v in r.items()
+            if k.startswith("reward/rm/") and k.endswith("/mean") and v is not None
+        }
+    )
+
+
+def _hacking_monitor(ax: Any, records: list[dict[str, Any]]) -> None:
+    """The response length on a second axis and a line at the first step the reward models count."""
+    on = [r["step"] for r in records if r.get("reward/rm/active")]
+    if on:
+        ax.axvline(min(on), color="grey", linestyle=":", linewidth=1)
+    points = [(r["step"], r["rollout/response_len_mean"]) for r in records if r.get("rollout/response_len_mean")]
+    if points:
+        xs, ys = zip(*points, strict=True)
+        twin = ax.twinx()
+        twin.plot(xs, ys, color="black", linestyle="--", linewidth=1, label="response length (tokens)")
+        twin.set_ylabel("response length", fontsize=7)
+        twin.legend(fontsize=7, loc="lower right")
+
+
 def plot_metrics(records: list[dict[str, Any]], out_path: str | Path, title: str = "GRPO training") -> Path:
     """Write a grid of the standard curves (panels whose metrics never appear are left out)."""
     import matplotlib
@@ -98,6 +130,9 @@ def plot_metrics(records: list[dict[str, Any]], out_path: str | Path, title: str
     panels = [
         (name, keys) for name, keys in PLOT_PANELS if any(k in r and r[k] is not None for r in records for k in keys)
     ]
+    rm_keys = reward_model_keys(records)
+    if rm_keys:  # the reward-hacking monitor: reward-model scores against the rule-checked accuracy and the length
+        panels.append((HACKING_PANEL, [*rm_keys, "eval/accuracy"]))
     cols = 3
     rows = max(1, math.ceil(len(panels) / cols))
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.0 * rows), squeeze=False)
@@ -111,6 +146,8 @@ def plot_metrics(records: list[dict[str, Any]], out_path: str | Path, title: str
                     ax.errorbar(xs, ys, yerr=errs, marker=marker, markersize=3, capsize=3, label=key)
                 else:
                     ax.plot(xs, ys, marker=marker, markersize=3, label=key)
+        if name == HACKING_PANEL:
+            _hacking_monitor(ax, records)
         ax.set_title(name)
         ax.set_xlabel("GRPO step")
         ax.grid(alpha=0.3)
