@@ -16,6 +16,7 @@ from r1engine.data.word_problems import generate
 from r1engine.models.tiny_hf import make_tiny_hf_model
 from r1engine.reward_models import RewardFormat, RewardModel
 from r1engine.rewards.routing import RewardRoutes
+from r1engine.rewards.scheduler import RewardBatch
 from r1engine.trainer.config import ConfigError, load_config
 from r1engine.trainer.grpo import GRPOTrainer
 from r1engine.trainer.metrics import HACKING_PANEL, read_metrics, reward_model_keys
@@ -169,3 +170,51 @@ def test_the_plot_has_the_reward_hacking_panel(tmp_path, monkeypatch):
                          tmp_path / "n.png")  # fmt: skip
     assert not seen  # no reward model score, no panel
     assert HACKING_PANEL == "reward hacking monitor"
+
+
+class _RuleHandle:
+    """The reward workers' answer for the rows that have rule rewards."""
+
+    def __init__(self, scores: list[float]) -> None:
+        self.scores = scores
+
+    def result(self, timeout=None) -> RewardBatch:
+        n = len(self.scores)
+        return RewardBatch(self.scores, {"format": list(self.scores)}, {"format": [None] * n}, {"reward/mean": 9.0})
+
+
+def test_a_row_reward_is_the_weighted_sum_of_its_rule_and_model_rewards(tmp_path, rm_dir):
+    """A general route with a rule reward beside two models (a pairwise one against the reference, a pointwise one):
+    each row's reward is its rule reward plus the weighted model scores, read back by calling the judges alone."""
+    root = tmp_path / "safety"
+    src = make_tiny_hf_model("qwen2", root / "body", seed=2)
+    safety = RewardModel.from_pretrained(src, fmt=RewardFormat(kind="pointwise", input="single"))
+    safety.reset_head(5)
+    with torch.no_grad():
+        safety.score.weight.mul_(50)
+    safety.save_pretrained(root / "rm", transformers.AutoTokenizer.from_pretrained(src))
+    routes = "rewards.routes={math: {math_accuracy: 1.0}, general: {format: 0.5, 'rm:helpful': 2.0, 'rm:safe': 0.25}}"
+    cfg = _config(tmp_path, routes, "reward_models.helpful.pairing=reference", f"reward_models.safe.path={root / 'rm'}",
+                  "rewards.model_rewards_from_step=3", rm=rm_dir)  # fmt: skip
+    rewards = ModelRewards(cfg, RewardRoutes(cfg.rewards.weights, cfg.rewards.routes), "cpu")
+    try:
+        assert type(rewards.judges["helpful"]).__name__ == "PairwiseHelpfulness"
+        assert type(rewards.judges["safe"]).__name__ == "PointwiseSafety"  # kind auto: read from the checkpoint
+        problems = [Problem("2 + 2?", "4", "math"), Problem("Say hi.", "Hello there.", "general")]
+        rows = [problems[0], problems[0], problems[1], problems[1]]
+        texts = ["4", "5", "hi", "<think>greet</think> Hello!"]
+        owner = [0, 0, 1, 1]
+        off = rewards.submit(_RuleHandle([1.0, 0.0, 1.0, 0.0]), [0, 1, 2, 3], texts, rows, owner, step=2).result()
+        assert off.scores == [1.0, 0.0, 1.0, 0.0] and off.metrics["reward/rm/active"] == 0.0
+        on = rewards.submit(_RuleHandle([1.0, 0.0, 1.0, 0.0]), [0, 1, 2, 3], texts, rows, owner, step=3).result()
+        helpful = rewards.judges["helpful"](["Say hi."], [texts[2:]], ["Hello there."])[0]
+        safe = rewards.judges["safe"](["Say hi.", "Say hi."], texts[2:])
+        expected = [1.0, 0.0, 1.0 + 2.0 * helpful[0] + 0.25 * safe[0], 2.0 * helpful[1] + 0.25 * safe[1]]
+        assert on.scores == pytest.approx(expected)
+        assert on.metrics["reward/rm/helpful/mean"] == pytest.approx(sum(helpful) / 2)
+        assert on.metrics["reward/rm/safe/mean"] == pytest.approx(sum(safe) / 2)
+        assert on.metrics["reward/source/math/mean"] == pytest.approx(0.5)
+        assert on.metrics["reward/source/general/mean"] == pytest.approx(sum(expected[2:]) / 2)
+        assert on.metrics["reward/mean"] == pytest.approx(sum(expected) / 4)  # the combined reward, not the rule one
+    finally:
+        rewards.close()
