@@ -12,9 +12,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
-from r1engine.trainer.config import ConfigError, _from_dict, _yaml_problem, apply_override
+from r1engine.config_file import ConfigError, load_dataclass
 
 __all__ = ["ConfigError", "RMConfig", "RMDataConfig", "RMModelConfig", "RMTrainingConfig", "load_rm_config"]
 
@@ -141,20 +139,6 @@ def validate_rm_config(cfg: RMConfig) -> None:
 
 def load_rm_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RMConfig:
     """Load a YAML config (or the defaults), apply `key=value` overrides, type-check and validate."""
-    data: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {str(path)!r} does not exist")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {str(path)!r}: not valid YAML: {_yaml_problem(exc)}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"config file {str(path)!r}: expected a mapping of keys at the top, got "
-                              f"{type(data).__name__}")  # fmt: skip
-    for override in overrides:
-        data = apply_override(data, override)
-    cfg = _from_dict(RMConfig, data, "")
+    cfg = load_dataclass(RMConfig, path, overrides)
     validate_rm_config(cfg)
     return cfg
