@@ -5,8 +5,9 @@
 
 * backend "triton" (`r1engine.kernels.linear_grpo_loss`): tile GEMM + online log-sum-exp in the forward, logit tiles
   recomputed in the backward, dX / dW accumulated in fp32 without atomics (deterministic);
-* backend "torch": a chunked pure-PyTorch reference (chunks of tokens, logits in fp32 one chunk at a time, gradients
-  recomputed per chunk), the oracle in tests and the path on CPU;
+* backend "torch": a chunked pure-PyTorch reference (chunks of tokens, logits in fp32 one chunk at a time, worked on
+  in place so that at most two chunk-sized tensors are live, gradients recomputed per chunk), the oracle in tests
+  and the path on CPU;
 * "auto": triton on CUDA tensors when triton imports, else torch.
 
 Only tokens in the mask are computed (they are compacted first), so prompt and padding tokens cost nothing. The
@@ -40,6 +41,12 @@ def _torch_chunk_rows(v: int) -> int:
     return max(1, _TORCH_CHUNK_BYTES // (4 * max(1, v)))
 
 
+def _chunk_logits(x: torch.Tensor, wf: torch.Tensor, temperature: float) -> torch.Tensor:
+    """fp32 logits / T of one chunk of tokens (a new tensor the caller may overwrite)."""
+    z = x.float() @ wf.T
+    return z if temperature == 1.0 else z.div_(temperature)
+
+
 def _torch_logprobs_fwd(
     hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float, entropy: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -50,12 +57,13 @@ def _torch_logprobs_fwd(
     wf = weight.float()
     step = _torch_chunk_rows(v)
     for i in range(0, m, step):
-        z = (hidden[i : i + step].float() @ wf.T) / temperature
+        z = _chunk_logits(hidden[i : i + step], wf, temperature)
         lse[i : i + step] = torch.logsumexp(z, dim=-1)
         logp[i : i + step] = z.gather(1, targets[i : i + step, None]).squeeze(1) - lse[i : i + step]
         if entropy:
-            logsm = z - lse[i : i + step, None]
-            ent[i : i + step] = -(logsm.exp() * logsm).sum(-1)
+            z.sub_(lse[i : i + step, None])  # log p, in place
+            ent[i : i + step] = -z.exp().mul_(z).sum(-1)
+        del z  # at most two chunks live: z and one temporary
     return logp, lse, ent
 
 
@@ -80,14 +88,18 @@ def _torch_logprobs_bwd(
         if not bool((g != 0).any()) and (e is None or not bool((e != 0).any())):
             continue
         xf = hidden[i : i + step].float()
-        logsm = (xf @ wf.T) / temperature - lse[i : i + step, None]
-        p = torch.exp(logsm)
-        gl = -p * g[:, None]
+        z = _chunk_logits(xf, wf, temperature).sub_(lse[i : i + step, None])  # log p
+        gl = z.exp()  # p; becomes dL/dz in place: onehot * g - p * (g + e * (log p + H)) (d entropy / d z)
+        if e is not None:
+            z.add_(ent[i : i + step, None]).mul_(e[:, None]).add_(g[:, None])
+            gl.mul_(z).neg_()
+        else:
+            gl.mul_(-g[:, None])
+        del z  # at most two chunks live
         gl.scatter_add_(1, targets[i : i + step, None], g[:, None])
-        if e is not None:  # d entropy / d z = -p * (log p + H)
-            gl -= e[:, None] * p * (logsm + ent[i : i + step, None])
         dx[i : i + step] = gl @ wf
         dw.addmm_(gl.T, xf)
+        del gl
     return dx.to(hidden.dtype), dw.to(weight.dtype)
 
 
