@@ -55,7 +55,6 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import dataclasses
 import datetime
@@ -66,7 +65,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -95,7 +94,8 @@ from r1engine.trainer.sequences import (
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import cpu_name  # noqa: E402
+from benchmarks.common import PeakMemory, cpu_name, peak_memory  # noqa: E402
+from benchmarks.common import precise_cpu_rss as _precise_cpu_rss  # noqa: E402
 
 PATHS = ("packed+fused", "packed+fused-linear", "padded+eager")
 BASELINE = "padded+eager"
@@ -185,57 +185,6 @@ WORKLOAD_PRESETS: dict[str, Workload] = {
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def _proc_status_kib(field: str) -> int | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-@dataclass
-class PeakMemory:
-    """Peak memory of a region: above what was allocated when it began (`extra`) and in all (`total`), bytes."""
-
-    extra: int | None = None
-    total: int | None = None
-
-
-@contextlib.contextmanager
-def peak_memory(device: torch.device) -> Iterator[PeakMemory]:
-    """CUDA: the caching allocator's peak. CPU: peak RSS (VmHWM after resetting it via /proc/self/clear_refs)."""
-    result = PeakMemory()
-    if device.type == "cuda":
-        _sync(device)
-        before = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        yield result
-        _sync(device)
-        result.total = torch.cuda.max_memory_allocated(device)
-        result.extra = result.total - before
-        return
-    try:
-        Path("/proc/self/clear_refs").write_text("5")  # "5": reset the peak RSS to the current RSS
-        before = _proc_status_kib("VmRSS")
-    except OSError:
-        before = None
-    yield result
-    peak = _proc_status_kib("VmHWM")
-    if before is not None and peak is not None:
-        result.total, result.extra = peak * 1024, max(0, peak - before) * 1024
-
-
-def _precise_cpu_rss() -> None:
-    """Map every allocation over 1 MiB on its own (glibc's M_MMAP_THRESHOLD), so that freeing a tensor returns its
-    pages and peak RSS follows live tensors instead of the allocator's cache. Script runs only."""
-    import ctypes
-
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # -3 = M_MMAP_THRESHOLD
 
 
 def _git_commit() -> str:

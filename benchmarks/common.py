@@ -1,4 +1,5 @@
-"""What the benchmark scripts share: the facts of a results file's header (commit, machine) and a small timer.
+"""What the benchmark scripts share: the facts of a results file's header (commit, machine), a small timer and the
+peak-memory measurement (CUDA allocator peak, or peak RSS on CPU).
 
 Scripts run as `python benchmarks/bench_*.py` put the repository root on `sys.path` and import this module as
 `benchmarks.common`.
@@ -6,12 +7,15 @@ Scripts run as `python benchmarks/bench_*.py` put the repository root on `sys.pa
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -47,3 +51,59 @@ def time_per_call(fn: Callable[[], object], calls: int) -> float:
     for _ in range(calls):
         fn()
     return (time.perf_counter() - t0) / calls
+
+
+def proc_status_kib(field: str) -> int | None:
+    """A KiB field of /proc/self/status (VmRSS, VmHWM, ...); None where there is none."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+@dataclass
+class PeakMemory:
+    """Peak memory of a region: above what was allocated when it began (`extra`) and in all (`total`), bytes."""
+
+    extra: int | None = None
+    total: int | None = None
+
+
+@contextlib.contextmanager
+def peak_memory(device: Any) -> Iterator[PeakMemory]:
+    """CUDA: the caching allocator's peak. CPU: peak RSS (VmHWM after resetting it via /proc/self/clear_refs)."""
+    import torch
+
+    device = torch.device(device)
+    result = PeakMemory()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        yield result
+        torch.cuda.synchronize(device)
+        result.total = torch.cuda.max_memory_allocated(device)
+        result.extra = result.total - before
+        return
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # "5": reset the peak RSS to the current RSS
+        before = proc_status_kib("VmRSS")
+    except OSError:
+        before = None
+    yield result
+    peak = proc_status_kib("VmHWM")
+    if before is not None and peak is not None:
+        result.total, result.extra = peak * 1024, max(0, peak - before) * 1024
+
+
+def precise_cpu_rss() -> None:
+    """Map every allocation over 1 MiB on its own (glibc's M_MMAP_THRESHOLD), so that freeing a tensor returns its
+    pages and peak RSS follows live tensors instead of the allocator's cache. Script runs only (it changes the
+    allocator of the whole process)."""
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # -3 = M_MMAP_THRESHOLD

@@ -252,6 +252,12 @@ class TrainingConfig:
     device: str = "auto"
     """Training device: "auto" is cuda (this rank's local GPU) when available, else cpu; or e.g. "cpu", "cuda:0"."""
     loss_backend: Literal["auto", "torch", "cpp", "triton", "cuda"] = "auto"
+    loss_path: Literal["auto", "logits", "lm_head_fused"] = "auto"
+    """How the policy loss reads the model's output (r1engine/trainer/loss_path.py): "logits" materialises the loss
+    tokens' logits and the loss backward writes its gradient into them; "lm_head_fused" gives the hidden states and
+    lm_head.weight to the fused op, which never holds the logits whole: less memory once the logits are large, more
+    time on CPU (needs training.loss_backend auto, torch or triton, and not ZeRO-3); "auto" is "logits", the faster
+    in benchmarks/results/loss_path.md (CPU; no GPU measurement yet)."""
     chunk_len: int = 1024
     """Packed chunk length in tokens; must hold the longest prompt + completion."""
     micro_batch_tokens: int | None = 8192
@@ -454,6 +460,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"training.deepspeed_zero_stage: must be 0-3, got {cfg.training.deepspeed_zero_stage}")
     if cfg.training.offload_optimizer and cfg.training.deepspeed_zero_stage == 0:
         raise ConfigError("training.offload_optimizer: needs training.deepspeed_zero_stage >= 1")
+    _validate_loss_path(cfg)
     if cfg.task.min_digits < 1 or cfg.task.max_digits < cfg.task.min_digits:
         raise ConfigError(
             f"task.max_digits: need 1 <= task.min_digits <= task.max_digits, got {cfg.task.min_digits}, "
@@ -479,6 +486,16 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"rollout.num_speculative_tokens: must be >= 0, got {cfg.rollout.num_speculative_tokens}")
     _validate_model(cfg)
     _validate_dapo(cfg)
+
+
+def _validate_loss_path(cfg: Config) -> None:
+    from r1engine.trainer.loss_path import resolve_loss_path
+
+    t = cfg.training
+    try:
+        resolve_loss_path(t.loss_path, zero_stage=t.deepspeed_zero_stage, loss_backend=t.loss_backend)
+    except ValueError as exc:
+        raise ConfigError(f"training.{exc}") from None
 
 
 def _validate_dapo(cfg: Config) -> None:

@@ -31,7 +31,6 @@ from r1engine.models import PolicyConfig, PolicyModel, TextCodec, build_char_tok
 from r1engine.models.checkpoint import resize_mtp_layers
 from r1engine.models.source import check_tokenizer_fits, inspect_source
 from r1engine.models.tokenizer import stop_token_ids
-from r1engine.ops import grpo_loss
 from r1engine.packing import PackedBatch, plan
 from r1engine.reward_models.routing import split_weights
 from r1engine.rewards import RewardScheduler
@@ -59,6 +58,7 @@ from r1engine.trainer.distributed import (
 from r1engine.trainer.dynamic_sampling import ScoredGroups, sample_informative_groups
 from r1engine.trainer.engine import TrainEngine
 from r1engine.trainer.evaluation import Correctness, held_out_accuracy
+from r1engine.trainer.loss_path import head_policy_loss, resolve_loss_path
 from r1engine.trainer.metrics import MetricsLogger, plot_metrics, read_metrics
 from r1engine.trainer.model_rewards import ModelRewards, rule_routes
 from r1engine.trainer.mtp_warmup import mtp_warmup
@@ -171,31 +171,33 @@ def clipped_policy_loss(
     loss_backend: str = "auto",
     policy_weight: float = 1.0,
     mtp_weight: float = 1.0,
+    loss_path: str = "auto",
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The policy's training loss on a packed batch: the fused clipped surrogate (+ KL to `ref` when given) and the
     MTP head's loss. `advantages`, `old`, `ref`: one value per loss token (`tokens`), on any device; `old=None` is an
     on-policy step (ratio 1: the weights that sampled are the ones trained); the KL term is off without `ref`.
-    `policy_weight` / `mtp_weight` scale the two losses (a micro-batch's share of its batch's loss).
+    `policy_weight` / `mtp_weight` scale the two losses (a micro-batch's share of its batch's loss). `loss_path`:
+    `training.loss_path` ("logits": materialised logits, in-place backward; "lm_head_fused": the loss reads the hidden
+    states and lm_head.weight; "auto": "logits", as measured; see r1engine.trainer.loss_path).
     Returns (total loss, metrics); the caller runs backward and the optimizer step."""
     device = model.device
     out = packed_forward(model, batch)
-    logits = model.logits(out.hidden[tokens.index.to(device)])
     params = cfg.loss_params(with_kl=ref is not None)
     sampler = None
     if params.rollout_correction is not None:  # the rollout engine's log-probs of the same tokens
         sampler = batch.fields["sampler_logprobs"].reshape(-1)[tokens.index].to(device)
-    loss, m = grpo_loss(
-        logits,
+    loss, m = head_policy_loss(
+        model.lm_head,
+        out.hidden[tokens.index.to(device)],
         tokens.targets.to(device),
         advantages.to(device),
-        torch.ones(len(tokens.index), device=device),
         old.to(device) if old is not None else None,
         ref.to(device) if ref is not None else None,
         params=params,
         sampler_logprobs=sampler,
         segment_ids=tokens.segment_ids.to(device),
-        backend=loss_backend,
-        inplace_backward=True,  # the gradient takes the logits' buffer: nothing reads them afterwards
+        loss_path=loss_path,
+        loss_backend=loss_backend,
     )
     mtp = packed_mtp_loss(model, batch, out, cfg.mtp_loss_coef)
     if policy_weight != 1.0 or mtp_weight != 1.0:
@@ -227,6 +229,7 @@ def grpo_train_step(
     loss_backend: str = "auto",
     pad_id: int = 0,
     micro_batch_tokens: int | None = None,
+    loss_path: str = "auto",
 ) -> dict[str, float]:
     """One optimizer step of GRPO on a mini-batch of sequences: pack, forward, fused loss (+ MTP loss), backward,
     step. Sequences without a gradient are left out (`GRPOConfig.skip_zero_advantage`); with `micro_batch_tokens`
@@ -234,8 +237,10 @@ def grpo_train_step(
     share of the mini-batch's (`loss_share`), the gradients accumulated: one step, the activations of one group.
 
     `old`/`ref`: per-sequence, position-aligned log-probs (as `SequenceBatch` fields; `old=None`: on-policy);
-    `advantages`: one per sequence. Usable on its own by any trainer that owns a `PolicyModel` and a `TrainEngine`.
+    `advantages`: one per sequence; `loss_path`: `training.loss_path` (r1engine.trainer.loss_path). Usable on its own
+    by any trainer that owns a `PolicyModel` and a `TrainEngine`.
     """
+    loss_path = resolve_loss_path(loss_path, zero_stage=train_engine.zero_stage, loss_backend=loss_backend)
     counts = torch.tensor([int((m > 0).sum()) for m in seqs.loss_mask])  # loss tokens per sequence
     keep = _sequences_to_train(model, counts, advantages, with_kl=ref is not None and cfg.beta > 0, cfg=cfg)
     groups = micro_batches(seqs.lengths[keep], chunk_len, micro_batch_tokens)
@@ -260,6 +265,7 @@ def grpo_train_step(
             loss_backend=loss_backend,
             policy_weight=policy_weight,
             mtp_weight=mtp_weight,
+            loss_path=loss_path,
         )
         train_engine.backward(total)
         # the losses add up over the micro-batches; the other metrics are token means over the trained sequences
@@ -736,6 +742,7 @@ class GRPOTrainer:
             loss_backend=self.cfg.training.loss_backend,
             pad_id=self.codec.pad_id,
             micro_batch_tokens=self.cfg.training.micro_batch_tokens,
+            loss_path=self.cfg.training.loss_path,
         )
 
     def sync_rollout_weights(self) -> None:

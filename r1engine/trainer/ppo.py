@@ -48,6 +48,7 @@ from r1engine.trainer.checkpoint import CheckpointManager
 from r1engine.trainer.config import Config, ConfigError, GRPOConfig, PPOConfig
 from r1engine.trainer.engine import TrainEngine
 from r1engine.trainer.grpo import GRPOTrainer, advantage_metrics, clipped_policy_loss
+from r1engine.trainer.loss_path import resolve_loss_path
 from r1engine.trainer.sequences import (
     SequenceBatch,
     loss_tokens,
@@ -108,6 +109,7 @@ def ppo_train_step(
     chunk_len: int,
     loss_backend: str = "auto",
     pad_id: int = 0,
+    loss_path: str = "auto",
 ) -> dict[str, float]:
     """One PPO optimizer step of the policy and one of the value model on a mini-batch of sequences.
 
@@ -124,6 +126,7 @@ def ppo_train_step(
     total, stats = clipped_policy_loss(
         model, batch, tokens, advantages=per_token["adv"], old=per_token["old"], ref=None, cfg=cfg,
         loss_backend=loss_backend,
+        loss_path=resolve_loss_path(loss_path, zero_stage=train_engine.zero_stage, loss_backend=loss_backend),
     )  # fmt: skip
     del stats["loss/kl_mean"]
     train_engine.backward(total)
@@ -301,4 +304,5 @@ class PPOTrainer(GRPOTrainer):
             chunk_len=self.cfg.training.chunk_len,
             loss_backend=self.cfg.training.loss_backend,
             pad_id=self.codec.pad_id,
+            loss_path=self.cfg.training.loss_path,
         )
