@@ -174,6 +174,8 @@ def test_cpp_contract_matches_torch_ref(dtype, entropy):
         torch.testing.assert_close(y, x, rtol=1e-5, atol=2e-5, msg=name)
         assert not y[live == 0].any(), f"{name}: rows that are not live must be 0"
     assert bool(torch.isfinite(c[2]).all())
+    plain = compiled.logprobs_fwd(logits, targets, temperature=0.8, live=live)
+    assert torch.equal(plain[0], c[0]) and torch.equal(plain[1], c[1])  # the entropy changes no log-prob bit
     dlogp = torch.randn(n, generator=g) * live
     dlogp[::7] = 0
     dent = torch.randn(n, generator=g) * live if entropy else None

@@ -75,7 +75,9 @@ inline float chunk_expsum(const T* x, int64_t len, float m, float inv_t, const T
 }
 
 // Like chunk_expsum, plus sum_j exp((x[j] - m) * inv_t) * (x[j] - m) * inv_t (for the entropy) in the same pass. The
-// shifted logit keeps the sum small (no cancellation of two large numbers when the logits are large).
+// shifted logit keeps the sum small (no cancellation of two large numbers when the logits are large). The sum of
+// exponentials is accumulated exactly as chunk_expsum does it, so the log-sum-exp (hence the log-probabilities and
+// the loss) is bit-identical whether or not the entropy is asked for.
 template <class T>
 inline void chunk_expsum_ez(const T* x, int64_t len, float m, float inv_t, double* s_out, double* t_out) {
   int64_t j = 0;
@@ -84,18 +86,21 @@ inline void chunk_expsum_ez(const T* x, int64_t len, float m, float inv_t, doubl
   const __m256 vi = _mm256_set1_ps(inv_t);
   const __m256 vb = _mm256_set1_ps(m * inv_t);
   const __m256 lowest = _mm256_set1_ps(std::numeric_limits<float>::lowest());
-  __m256 s0 = _mm256_setzero_ps(), t0 = s0;
-  for (; j + 8 <= len; j += 8) {
-    const __m256 d = _mm256_fmsub_ps(load8(x + j), vi, vb);
-    const __m256 e = exp256(d);
-    s0 = _mm256_add_ps(s0, e);
-    t0 = _mm256_fmadd_ps(e, _mm256_max_ps(d, lowest), t0);  // a -inf logit: 0 * lowest = 0, not 0 * -inf = NaN
+  __m256 s0 = _mm256_setzero_ps(), s1 = s0, t0 = s0, t1 = s0;
+  for (; j + 16 <= len; j += 16) {
+    const __m256 d0 = _mm256_fmsub_ps(load8(x + j), vi, vb);
+    const __m256 d1 = _mm256_fmsub_ps(load8(x + j + 8), vi, vb);
+    const __m256 e0 = exp256(d0), e1 = exp256(d1);
+    s0 = _mm256_add_ps(s0, e0);
+    s1 = _mm256_add_ps(s1, e1);
+    t0 = _mm256_fmadd_ps(e0, _mm256_max_ps(d0, lowest), t0);  // a -inf logit: 0 * lowest = 0, not 0 * -inf = NaN
+    t1 = _mm256_fmadd_ps(e1, _mm256_max_ps(d1, lowest), t1);
   }
-  s = hsum(s0);
-  t = hsum(t0);
+  s = hsum(_mm256_add_ps(s0, s1));
+  t = hsum(_mm256_add_ps(t0, t1));
 #endif
   for (; j < len; ++j) {
-    const float d = load_scalar(x, j) * inv_t - m * inv_t;
+    const float d = (load_scalar(x, j) - m) * inv_t;
     const float e = std::exp(d);
     s += e;
     if (e != 0.0f) t += e * d;  // a -inf logit (p = 0) adds 0, not 0 * -inf = NaN
