@@ -119,13 +119,14 @@ class GRPOConfig:
     max_grad_norm: float = 1.0
     beta: float = 0.001
     """KL coefficient; 0 disables the reference model."""
-    kl_estimator: Literal["k1", "k2", "k3", "low_var_kl"] = "k3"
-    """Schulman's k1/k2/k3 or verl's low_var_kl (k3 clamped)."""
+    kl_estimator: str = "k3"
+    """Schulman's k1/k2/k3, verl's low_var_kl (k3 clamped), or one registered with register_kl_estimator."""
     kl_bias_correction: bool = False
     """Multiply the KL estimate by the importance ratio (TRL's use_bias_correction_kl, from DeepSeek-V3.2)."""
-    policy_loss: Literal["ppo_clip", "cispo"] = "ppo_clip"
+    policy_loss: str = "ppo_clip"
     """"ppo_clip": the clipped surrogate of GRPO (DAPO's clip-higher with eps_high > eps_low); "cispo": the clipped,
-    detached importance weight times the log-probability (MiniMax-M1), capped at grpo.cispo_max_ratio."""
+    detached importance weight times the log-probability (MiniMax-M1), capped at grpo.cispo_max_ratio; or one
+    registered with r1engine.algo.register_policy_loss (checked against the registry, like kl_estimator)."""
     eps_low: float = 0.2
     eps_high: float = 0.2
     dual_clip: float | None = None
