@@ -58,7 +58,6 @@ import argparse
 import copy
 import dataclasses
 import datetime
-import json
 import math
 import shlex
 import statistics
@@ -94,7 +93,7 @@ from r1engine.trainer.sequences import (
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import PeakMemory, cpu_name, peak_memory  # noqa: E402
+from benchmarks.common import PeakMemory, cpu_name, peak_memory, write_report  # noqa: E402
 from benchmarks.common import precise_cpu_rss as _precise_cpu_rss  # noqa: E402
 
 PATHS = ("packed+fused", "packed+fused-linear", "padded+eager")
@@ -767,13 +766,7 @@ def main(argv: list[str] | None = None, *, precise_cpu_rss: bool = False) -> dic
     if precise_cpu_rss and args.device == "cpu":
         _precise_cpu_rss()
     result = run(args)
-    text = markdown(result)
-    print("\n" + text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2))
+    write_report(markdown(result), result, args.out, args.json)
     return result
 
 

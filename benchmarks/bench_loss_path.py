@@ -58,7 +58,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import cpu_name, git_commit, peak_memory, precise_cpu_rss  # noqa: E402
+from benchmarks.common import cpu_name, git_commit, peak_memory, precise_cpu_rss, write_report  # noqa: E402
 from r1engine.algo.policy_loss import LossParams  # noqa: E402
 from r1engine.models.policy import LMHead  # noqa: E402
 from r1engine.ops import grpo_loss  # noqa: E402
@@ -372,13 +372,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run the benchmark (arguments as on the command line), print and optionally write the results."""
     args = parse_args(argv)
     result = run(args)
-    text = markdown(result)
-    print("\n" + text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2))
+    write_report(markdown(result), result, args.out, args.json)
     return result
 
 

@@ -107,3 +107,15 @@ def precise_cpu_rss() -> None:
 
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # -3 = M_MMAP_THRESHOLD
+
+
+def write_report(text: str, result: Any, out: Path | None, json_out: Path | None) -> None:
+    """Print a benchmark's markdown report and write it (``out``) and its raw results (``json_out``) when asked."""
+    import json
+
+    print("\n" + text)
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text)
+    if json_out:
+        json_out.write_text(json.dumps(result, indent=2))

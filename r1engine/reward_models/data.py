@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -94,6 +94,17 @@ def _text(value: Any, column: str, where: str) -> str:
     return value
 
 
+def _rows(files: Sequence[Any], key: str, names: dict[str, str]) -> Iterator[tuple[dict, str]]:
+    """Every row of `files` with the place to name in errors, each file checked for rows and for the columns
+    `names` ({config key: column})."""
+    for columns, rows, f in _tables(files, key):
+        if len(rows) == 0:
+            raise DataError(f"{key}: {f} has no rows")
+        _require_columns(columns, names, f)
+        for i, row in enumerate(rows):
+            yield row, f"{key}: {f}, row {i}"
+
+
 def _prompt(value: Any, column: str, where: str) -> Any:
     if isinstance(value, str) and value.strip():
         return value
@@ -112,22 +123,17 @@ def read_preferences(
 ) -> list[PreferencePair]:
     """Every row of `files` as a `PreferencePair` (see the module docstring)."""
     pairs: list[PreferencePair] = []
-    for columns, rows, f in _tables(files, key):
-        if len(rows) == 0:
-            raise DataError(f"{key}: {f} has no rows")
-        names = {"data.prompt_key": prompt_key, "data.chosen_key": chosen_key, "data.rejected_key": rejected_key}
-        _require_columns(columns, names, f)
-        for i, row in enumerate(rows):
-            where = f"{key}: {f}, row {i}"
-            prompt = _prompt(row.get(prompt_key), prompt_key, where)
-            chosen = _text(row.get(chosen_key), chosen_key, where)
-            rejected = _text(row.get(rejected_key), rejected_key, where)
-            if chosen.strip() == rejected.strip():
-                raise DataError(
-                    f"{where}: {chosen_key!r} and {rejected_key!r} are the same text; a preference pair needs two "
-                    "different responses"
-                )
-            pairs.append(PreferencePair(prompt, chosen, rejected, where))
+    names = {"data.prompt_key": prompt_key, "data.chosen_key": chosen_key, "data.rejected_key": rejected_key}
+    for row, where in _rows(files, key, names):
+        prompt = _prompt(row.get(prompt_key), prompt_key, where)
+        chosen = _text(row.get(chosen_key), chosen_key, where)
+        rejected = _text(row.get(rejected_key), rejected_key, where)
+        if chosen.strip() == rejected.strip():
+            raise DataError(
+                f"{where}: {chosen_key!r} and {rejected_key!r} are the same text; a preference pair needs two "
+                "different responses"
+            )
+        pairs.append(PreferencePair(prompt, chosen, rejected, where))
     return pairs
 
 
@@ -151,16 +157,11 @@ def read_labels(
 ) -> list[LabeledResponse]:
     """Every row of `files` as a `LabeledResponse` (see the module docstring)."""
     out: list[LabeledResponse] = []
-    for columns, rows, f in _tables(files, key):
-        if len(rows) == 0:
-            raise DataError(f"{key}: {f} has no rows")
-        names = {"data.prompt_key": prompt_key, "data.response_key": response_key, "data.label_key": label_key}
-        _require_columns(columns, names, f)
-        for i, row in enumerate(rows):
-            where = f"{key}: {f}, row {i}"
-            prompt = _prompt(row.get(prompt_key), prompt_key, where)
-            response = _text(row.get(response_key), response_key, where)
-            out.append(LabeledResponse(prompt, response, _label(row.get(label_key), label_key, where), where))
+    names = {"data.prompt_key": prompt_key, "data.response_key": response_key, "data.label_key": label_key}
+    for row, where in _rows(files, key, names):
+        prompt = _prompt(row.get(prompt_key), prompt_key, where)
+        response = _text(row.get(response_key), response_key, where)
+        out.append(LabeledResponse(prompt, response, _label(row.get(label_key), label_key, where), where))
     return out
 
 
