@@ -64,8 +64,9 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: flo
 def token_entropy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """Entropy ``-sum_v p_v log p_v`` of ``softmax(logits / T)`` per token in fp32 (materializes the softmax)."""
     logp = torch.log_softmax(logits.float() / temperature, dim=-1)
-    safe = torch.where(logp == float("-inf"), torch.zeros_like(logp), logp)  # p log p is 0 where p is 0, not NaN
-    return -(safe.exp() * safe * (logp != float("-inf"))).sum(-1)
+    # p log p is 0 where p is 0: log p taken as 0 there (exp(0) * 0 = 0), so neither value nor gradient is NaN
+    safe = torch.where(logp == float("-inf"), torch.zeros_like(logp), logp)
+    return -(safe.exp() * safe).sum(-1)
 
 
 def grpo_loss_reference(
