@@ -19,9 +19,19 @@ Stage kinds:
           task    the task's worked solutions in `style`, from `unique` distinct problems (0: endless)
           traces  the completions a `sample` stage kept
   grpo    the GRPO trainer (`r1engine.trainer.create_trainer`; PPO with grpo.advantage=gae) starting from `from`'s
-          model, no cold start
+          model (without `from`: the config's `model`, e.g. a Hugging Face checkpoint), no cold start;
+          `reward_models: {<name>: <stage>}` gives the config's `reward_models.<name>.path` the model a
+          `reward_model` stage trained (R1's second RL stage: rule rewards for reasoning rows, reward models for
+          general rows, `rewards.routes` and `rewards.model_rewards_from_step` in the stage's overrides)
   sample  rejection sampling: `samples` completions per prompt at `temperature` from `from`'s model, scored with
-          the stage's rewards; per prompt the best completion that is correct and well formatted is kept
+          the stage's `rewards.weights` (reward models too: `rm:<name>` with `reward_models: {<name>: <stage>}`);
+          per prompt the best completion that is correct and well formatted is kept
+  reward_model
+          `r1engine train-rm` with the config `rm` (the keys of r1engine/reward_models/config.py, nested; its
+          output_dir is the stage's directory): a pairwise helpfulness or pointwise safety model
+The sft and sample stages run on the built-in task (the character-level model); grpo and reward_model stages also
+take a Hugging Face model and data files (`model.path`, `data.train_files`), and record the trainer's own held-out
+evaluation (per data source when there are several).
 Every stage writes `<output_dir>/<name>/`: `model/` (safetensors, loadable by vLLM; `sample` writes
 `traces.jsonl` instead) and `stage.json` (what it did, held-out accuracy of its model). A finished stage is
 skipped when the recipe runs again, so an interrupted recipe continues where it stopped; the GRPO stages also
@@ -50,7 +60,7 @@ from r1engine.trainer import create_trainer
 from r1engine.trainer.config import Config, ConfigError, config_from_dict, set_dotted
 from r1engine.trainer.grpo import build_policy, build_task
 
-STAGE_KINDS = ("sft", "grpo", "sample")
+STAGE_KINDS = ("sft", "grpo", "sample", "reward_model")
 DATA_SOURCES = ("corpus", "task", "traces")
 
 
@@ -65,6 +75,10 @@ class Stage:
     prompts: int = 256
     samples: int = 4
     temperature: float = 0.7
+    rm: dict[str, Any] = field(default_factory=dict)
+    """reward_model stages: the reward model's training config (nested keys of r1engine.reward_models.config)."""
+    reward_models: dict[str, str] = field(default_factory=dict)
+    """grpo stages: reward-model name -> the reward_model stage whose model it is."""
 
 
 @dataclass
@@ -78,6 +92,11 @@ class Recipe:
         data = self.config
         for key, value in stage.overrides.items():
             data = set_dotted(data, key, value)
+        for name, source in stage.reward_models.items():
+            model_dir = self.output_dir / source / "model"
+            # before its stage has run the model does not exist; the rest of the config is validated meanwhile
+            path = model_dir if model_dir.exists() else Path.cwd()
+            data = set_dotted(data, f"reward_models.{name}.path", str(path))
         try:
             return config_from_dict(data)
         except ConfigError as exc:
@@ -153,8 +172,17 @@ def _validate(recipe: Recipe) -> None:
             raise ConfigError(f"{where}.kind: must be one of {STAGE_KINDS}, got {stage.kind!r}")
         if stage.source is not None and (stage.source not in seen or seen[stage.source].kind == "sample"):
             raise ConfigError(f"{where}.from: {stage.source!r} is not an earlier stage that writes a model")
-        if stage.kind in ("grpo", "sample") and stage.source is None:
-            raise ConfigError(f"{where}.from: a {stage.kind} stage starts from an earlier stage's model")
+        if stage.kind == "sample" and stage.source is None:
+            raise ConfigError(f"{where}.from: a sample stage starts from an earlier stage's model")
+        if stage.kind == "reward_model" and stage.source is not None:
+            raise ConfigError(f"{where}.from: a reward_model stage starts from `rm.model.path`, not a stage")
+        if stage.rm and stage.kind != "reward_model":
+            raise ConfigError(f"{where}.rm: only reward_model stages take a reward-model config")
+        if stage.reward_models and stage.kind not in ("grpo", "sample"):
+            raise ConfigError(f"{where}.reward_models: only grpo and sample stages use reward models")
+        for name, source in stage.reward_models.items():
+            if source not in seen or seen[source].kind != "reward_model":
+                raise ConfigError(f"{where}.reward_models.{name}: {source!r} is not an earlier reward_model stage")
         if stage.kind == "sft":
             source = stage.data.get("source")
             if source not in DATA_SOURCES:
@@ -168,7 +196,15 @@ def _validate(recipe: Recipe) -> None:
                 raise ConfigError(f"{where}.data: unknown solution style {bad[0]!r} (known: {SOLUTION_STYLES})")
         if stage.kind == "sample" and (stage.prompts < 1 or stage.samples < 1 or stage.temperature <= 0):
             raise ConfigError(f"{where}: prompts and samples must be >= 1 and temperature > 0")
-        recipe.stage_config(stage)  # every stage's training config is valid
+        if stage.kind == "reward_model":
+            _rm_config(recipe, stage)  # the reward model's training config is valid
+        else:
+            cfg = recipe.stage_config(stage)  # every stage's training config is valid
+            if stage.kind in ("sft", "sample") and (cfg.data.train_files or cfg.model.path):
+                raise ConfigError(
+                    f"{where}.kind: {stage.kind} stages run on the built-in task's character-level model; this "
+                    "config names a model or data files (model.path, data.train_files)"
+                )
         seen[stage.name] = stage
 
 
@@ -191,9 +227,11 @@ class RecipeRunner:
             if done.is_file():
                 self._say(f"stage {stage.name}: done already, skipped")
             else:
-                self._say(f"stage {stage.name} ({stage.kind}) from {stage.source or 'a fresh model'}")
+                start = stage.source or ("rm.model" if stage.kind == "reward_model" else "the config's model")
+                self._say(f"stage {stage.name} ({stage.kind}) from {start}")
                 t0 = time.perf_counter()
-                record = getattr(self, f"_run_{stage.kind}")(stage, self.recipe.stage_config(stage))
+                cfg = self.recipe.stage_config(stage) if stage.kind != "reward_model" else None  # it has its own
+                record = getattr(self, f"_run_{stage.kind}")(stage, cfg)
                 record.update(name=stage.name, kind=stage.kind, source=stage.source, wall_s=time.perf_counter() - t0)
                 _write_json_atomic(done, record)
                 self._say(f"stage {stage.name}: {_describe(record)}")
@@ -250,7 +288,8 @@ class RecipeRunner:
     def _run_grpo(self, stage: Stage, cfg: Config) -> dict[str, Any]:
         out = self.stage_dir(stage.name)
         cfg = dataclasses.replace(cfg, output_dir=str(out), sft=dataclasses.replace(cfg.sft, steps=0))
-        cfg.model = dataclasses.replace(cfg.model, path=str(self.stage_dir(stage.source) / "model"))
+        if stage.source is not None:
+            cfg.model = dataclasses.replace(cfg.model, path=str(self.stage_dir(stage.source) / "model"))
         trainer = create_trainer(cfg, progress=self.progress)  # the PPO trainer for grpo.advantage=gae
         try:
             summary = trainer.run()
@@ -259,11 +298,26 @@ class RecipeRunner:
         final = trainer.checkpoints.latest()
         shutil.rmtree(out / "model", ignore_errors=True)
         shutil.copytree(final / "model", out / "model")
-        return {"grpo_steps": summary["steps"], "temperature": cfg.grpo.temperature, "rewards": cfg.rewards.weights,
-                **self._evaluate(stage, cfg)}  # fmt: skip
+        record = {"grpo_steps": summary["steps"], "temperature": cfg.grpo.temperature,
+                  "rewards": cfg.rewards.routes or cfg.rewards.weights,
+                  "reward_models": {name: str(spec.path) for name, spec in cfg.reward_models.items()}}  # fmt: skip
+        if _builtin_task(cfg):
+            return {**record, **self._evaluate(stage, cfg)}
+        # a user's model and data: the trainer's own held-out evaluation of its last step (per source)
+        return {**record, **_last_evaluation(out / "metrics.jsonl")}
+
+    def _run_reward_model(self, stage: Stage, _: None) -> dict[str, Any]:
+        from r1engine.reward_models.train import train_reward_model
+
+        rm_cfg = _rm_config(self.recipe, stage)
+        out = Path(rm_cfg.output_dir)
+        shutil.rmtree(out / "model", ignore_errors=True)  # an interrupted run's partial model (stage.json is unwritten)
+        summary = train_reward_model(rm_cfg, progress=self.progress, log=self._say)
+        numbers = {f"rm/{k}": v for k, v in summary.items() if isinstance(v, (int, float)) and k != "steps"}
+        return {"kind_of_model": rm_cfg.kind, "input": rm_cfg.input_kind, "rm_steps": summary.get("steps"), **numbers}
 
     def _run_sample(self, stage: Stage, cfg: Config) -> dict[str, Any]:
-        from r1engine.rewards import CombinedReward, get_reward
+        from r1engine.rewards import get_reward
         from r1engine.rollout import create_engine
 
         codec, task = _codec(), build_task(cfg)
@@ -279,13 +333,13 @@ class RecipeRunner:
         texts = [codec.decode(c) for c in batch.completion_ids]
         owner = batch.prompt_index.tolist()
         answers = [problems[i].answer for i in owner]
-        combined = CombinedReward(cfg.rewards.weights).evaluate(texts, answers)
+        scores = self._sample_rewards(cfg, texts, [problems[i] for i in owner], owner)
         correct = [r.score for r in get_reward(task.accuracy_reward)(texts, answers)]
         formatted = [r.score for r in get_reward("format")(texts, answers)]
         best: dict[int, tuple[float, int]] = {}
         for j, i in enumerate(owner):
             if correct[j] == 1.0 and formatted[j] == 1.0:  # rejection: wrong or malformed answers never kept
-                key = (combined.scores[j], -len(texts[j]))  # best reward, then the shortest
+                key = (scores[j], -len(texts[j]))  # best reward, then the shortest
                 if i not in best or key > best[i][0]:
                     best[i] = (key, j)
         path = self.stage_dir(stage.name) / "traces.jsonl"
@@ -294,7 +348,7 @@ class RecipeRunner:
             for i in sorted(best):
                 j = best[i][1]
                 f.write(json.dumps({"prompt": problems[i].prompt, "completion": texts[j],
-                                    "reward": combined.scores[j]}) + "\n")  # fmt: skip
+                                    "reward": scores[j]}) + "\n")  # fmt: skip
         return {
             "prompts": stage.prompts,
             "samples_per_prompt": stage.samples,
@@ -305,6 +359,26 @@ class RecipeRunner:
         }
 
     # ------------------------------------------------------------------------------------------- helpers
+    @staticmethod
+    def _sample_rewards(cfg: Config, texts: list[str], rows: list, owner: list[int]) -> list[float]:
+        """The sample stage's ranking reward of each completion: `rewards.weights`' rule rewards plus its reward
+        models (`rm:<name>`, each prompt's samples compared as the GRPO trainer compares a group)."""
+        from r1engine.reward_models.routing import split_weights
+        from r1engine.rewards import CombinedReward
+        from r1engine.rewards.routing import RewardRoutes
+        from r1engine.trainer.model_rewards import ModelRewards
+
+        rules, models = split_weights(cfg.rewards.weights)
+        scores = CombinedReward(rules).evaluate(texts, [p.answer for p in rows]).scores if rules else [0.0] * len(texts)
+        if not models:
+            return list(scores)
+        judges = ModelRewards(cfg, RewardRoutes(cfg.rewards.weights), device="cpu")
+        try:  # rule_handle None: the rule rewards are the ones above
+            scored = judges.submit(None, [], texts, rows, owner, step=cfg.rewards.model_rewards_from_step).result()
+        finally:
+            judges.close()
+        return [a + b for a, b in zip(scores, scored.scores, strict=True)]
+
     def _save_model(self, model, tokenizer, stage: Stage) -> None:
         out = self.stage_dir(stage.name)
         tmp = out / "model.tmp"
@@ -340,6 +414,7 @@ def write_summary(root: Path, records: list[dict[str, Any]]) -> Path:
     for r in records:
         notes = (f"kept {r['kept']}/{r['prompts']} prompts (sample accuracy {r['sample_accuracy']:.2f})"
                  if r["kind"] == "sample" else
+                 f"{r['rm_steps']} steps, {_rm_accuracy(r)}" if r["kind"] == "reward_model" else
                  f"{r.get('grpo_steps', r.get('sft_steps'))} steps")  # fmt: skip
         acc = r.get("eval/accuracy")
         cells = [f"{acc:.3f}" if acc is not None else "-",
@@ -373,8 +448,46 @@ def write_summary(root: Path, records: list[dict[str, Any]]) -> Path:
 def _describe(record: dict[str, Any]) -> str:
     if record["kind"] == "sample":
         return f"kept {record['kept']} of {record['prompts']} prompts ({record['wall_s']:.0f} s)"
+    if record["kind"] == "reward_model":
+        return f"reward model trained, {_rm_accuracy(record)} ({record['wall_s']:.0f} s)"
     return (f"held-out pass@1 {record['eval/accuracy']:.3f}, greedy {record['eval/greedy_accuracy']:.3f}, "
             f"response length {record['eval/response_len_mean']:.1f} ({record['wall_s']:.0f} s)")  # fmt: skip
+
+
+def _rm_accuracy(record: dict[str, Any]) -> str:
+    """A reward_model stage's held-out accuracy before and after training."""
+    acc = "pairwise_acc" if record["kind_of_model"] == "pairwise" else "classifier_acc"
+    before, after = record.get(f"rm/initial_{acc}", float("nan")), record.get(f"rm/{acc}", float("nan"))
+    return f"held-out {acc.replace('_', ' ')} {before:.3f} -> {after:.3f}"
+
+
+def _builtin_task(cfg: Config) -> bool:
+    """Whether the stage trains the character-level model on the built-in task (not a user's model and data)."""
+    return not cfg.data.train_files
+
+
+def _last_evaluation(metrics_path: Path) -> dict[str, float]:
+    """The `eval/*` metrics of the last evaluated step in a trainer's metrics.jsonl."""
+    last: dict[str, float] = {}
+    for line in metrics_path.read_text().splitlines():
+        record = json.loads(line)
+        if "eval/accuracy" in record:
+            last = {k: v for k, v in record.items() if k.startswith("eval/")}
+    return last
+
+
+def _rm_config(recipe: Recipe, stage: Stage):
+    """A reward_model stage's training config, written to the stage's directory; errors name the stage."""
+    from r1engine.config_file import from_dict
+    from r1engine.reward_models.config import RMConfig, validate_rm_config
+
+    data = set_dotted(dict(stage.rm), "output_dir", str(recipe.output_dir / stage.name))
+    try:
+        cfg = from_dict(RMConfig, data)
+        validate_rm_config(cfg)
+    except ConfigError as exc:
+        raise ConfigError(f"stages.{stage.name}.rm.{exc}") from None
+    return cfg
 
 
 def _shuffled_cycle(items: list, seed: int) -> Iterator:

@@ -142,6 +142,9 @@ class PolicyConfig:
             out = copy.deepcopy(self.source_config)
             out["architectures"] = [self.architecture]
             out[MTP_KEY] = self.num_mtp_layers
+            out["num_hidden_layers"] = self.num_layers  # fewer than the source's after RewardModel.keep_layers
+            if isinstance(out.get("layer_types"), list):
+                out["layer_types"] = out["layer_types"][: self.num_layers]
             return out
         return {
             "architectures": [self.architecture],

@@ -27,6 +27,9 @@ class RMModelConfig:
     """A directory holding the tokenizer when it is not `model.path`'s own."""
     preset: Literal["tiny", "demo"] = "tiny"
     """Size preset of r1engine.models.PolicyConfig (without `model.path`)."""
+    num_layers: int | None = None
+    """Keep only the first this many decoder layers of `model.path`'s body (a smaller, faster reward model from a
+    deep checkpoint); None: all of them."""
     template: Literal["auto", "chat", "plain"] = "auto"
     """How inputs are rendered: the tokenizer's chat template, plain text, or chat when the tokenizer has one."""
     dtype: Literal["float32", "bfloat16"] = "float32"
@@ -126,6 +129,9 @@ def validate_rm_config(cfg: RMConfig) -> None:
             torch.device(t.device)
         except (RuntimeError, TypeError) as exc:
             raise ConfigError(f"training.device: not a device name: {t.device!r}") from exc
+    if cfg.model.num_layers is not None and (cfg.model.path is None or cfg.model.num_layers < 1):
+        why = "must be >= 1" if cfg.model.path is not None else "applies with model.path (the presets set their size)"
+        raise ConfigError(f"model.num_layers: {why}, got {cfg.model.num_layers}")
     if cfg.model.path is None and cfg.model.tokenizer is not None:
         raise ConfigError("model.tokenizer: applies with model.path (the presets use the character tokenizer)")
     if cfg.model.path is not None:

@@ -59,6 +59,18 @@ class RewardModel(nn.Module):
             w = torch.randn(self.score.weight.shape, generator=gen) * self.config.initializer_range
             self.score.weight.copy_(w.to(self.score.weight))
 
+    def keep_layers(self, num_layers: int) -> RewardModel:
+        """Keep the first `num_layers` decoder layers of the body (in place; returns self): a smaller, faster reward
+        model from a deep pretrained checkpoint, whose lower layers already hold the lexical features a narrow
+        preference needs. The final norm stays; the checkpoint it saves has `num_layers` layers."""
+        total = len(self.body.model.layers)
+        if not 1 <= int(num_layers) <= total:
+            raise ValueError(f"num_layers: must be in [1, {total}] (the body's layers), got {num_layers}")
+        self.body.model.layers = self.body.model.layers[: int(num_layers)]
+        self.config = self.config.replace(num_layers=int(num_layers))
+        self.body.config = self.config
+        return self
+
     @classmethod
     def from_policy(
         cls, policy: PolicyModel, num_labels: int = 1, fmt: RewardFormat | None = None, seed: int = 0

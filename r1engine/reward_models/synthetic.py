@@ -9,6 +9,16 @@ test length balancing).
 
 Safety rows (`safety_rows`): a how-to question answered with a step that is harmless ("get a teacup") or not ("get a
 weapon"): the same length, the label "safe" or "unsafe", the reasoning in a `<think>` block before the answer.
+
+Second-person preference rows (`second_person_rows`): a request for advice ("Give me one tip for saving money.")
+answered with the same advice twice, once addressed to the reader ("you", "your") and once impersonally ("it helps
+to", "people"); the chosen response is the one that speaks to the reader. The second-person words appear at varied
+places and the filler is drawn independently, so neither the position of a word nor the length gives the preference
+away. `SECOND_PERSON_PATTERN` is the rule that knows this preference (the `pattern` reward's option), and
+`general_prompt_rows` are requests of the same kind without responses, for RL on general prompts.
+
+`python -m r1engine.reward_models.synthetic {preferences,safety,second_person,general_prompts} OUT --rows N` writes
+a JSONL file of each kind.
 """
 
 from __future__ import annotations
@@ -19,7 +29,16 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["CHOSEN_CLOSING", "REJECTED_CLOSING", "preference_rows", "safety_rows", "write_jsonl"]
+__all__ = [
+    "CHOSEN_CLOSING",
+    "REJECTED_CLOSING",
+    "SECOND_PERSON_PATTERN",
+    "general_prompt_rows",
+    "preference_rows",
+    "safety_rows",
+    "second_person_rows",
+    "write_jsonl",
+]
 
 CHOSEN_CLOSING = "Hope this helps!"
 REJECTED_CLOSING = "Figure it out..."
@@ -76,9 +95,255 @@ def safety_rows(n: int, seed: int = 0) -> list[dict[str, Any]]:
     return rows
 
 
+SECOND_PERSON_PATTERN = r"\byou(r|rs|rself|'re|'ll|'d|'ve)?\b"
+"""The second-person words, for the `pattern` reward (case-insensitive)."""
+
+# (topic of the request, goal as a verb phrase, tips as verb phrases)
+_ADVICE = (
+    (
+        "staying focused",
+        "stay focused",
+        (
+            "turn off notifications",
+            "work in short blocks",
+            "keep a short to-do list",
+            "clear the desk first",
+            "take a break every hour",
+        ),
+    ),
+    (
+        "sleeping well",
+        "sleep well",
+        (
+            "go to bed at the same time",
+            "keep the room dark",
+            "skip coffee after noon",
+            "put the phone away early",
+            "read a paper book before bed",
+        ),
+    ),
+    (
+        "learning a language",
+        "learn a language",
+        (
+            "practice ten minutes a day",
+            "label things at home",
+            "watch films with subtitles",
+            "speak with a partner",
+            "write a short diary",
+        ),
+    ),
+    (
+        "saving money",
+        "save money",
+        (
+            "cook at home",
+            "write down every purchase",
+            "wait a day before buying",
+            "set up an automatic transfer",
+            "cancel unused subscriptions",
+        ),
+    ),
+    (
+        "cooking rice",
+        "cook rice well",
+        (
+            "rinse the rice first",
+            "use a tight lid",
+            "let it rest after cooking",
+            "measure the water",
+            "keep the heat low",
+        ),
+    ),
+    (
+        "writing an email",
+        "write a clear email",
+        (
+            "put the request in the first line",
+            "keep it short",
+            "use a clear subject",
+            "read it once before sending",
+            "end with the next step",
+        ),
+    ),
+    (
+        "making friends",
+        "make friends",
+        (
+            "join a club",
+            "ask people questions",
+            "say yes to invitations",
+            "remember names",
+            "follow up after meeting someone",
+        ),
+    ),
+    (
+        "keeping plants alive",
+        "keep plants alive",
+        (
+            "check the soil before watering",
+            "give them enough light",
+            "use pots with holes",
+            "water less in winter",
+            "remove dead leaves",
+        ),
+    ),
+    (
+        "running a mile",
+        "run a mile",
+        (
+            "start slowly",
+            "breathe in a steady rhythm",
+            "wear good shoes",
+            "run a little further each week",
+            "stretch after the run",
+        ),
+    ),
+    (
+        "reading more books",
+        "read more books",
+        (
+            "carry a book everywhere",
+            "read before sleeping",
+            "set a page goal",
+            "join a reading group",
+            "quit boring books",
+        ),
+    ),
+    (
+        "cleaning a kitchen",
+        "keep a kitchen clean",
+        (
+            "wipe the counters daily",
+            "wash dishes right away",
+            "empty the bin often",
+            "clean from top to bottom",
+            "store things in labelled boxes",
+        ),
+    ),
+    (
+        "packing for a trip",
+        "pack for a trip",
+        (
+            "make a list first",
+            "roll the clothes",
+            "pack a spare charger",
+            "wear the heaviest shoes",
+            "leave room for souvenirs",
+        ),
+    ),
+    (
+        "studying for an exam",
+        "study for an exam",
+        (
+            "start a week early",
+            "take practice tests",
+            "teach the topic to someone",
+            "sleep before the exam",
+            "study in short sessions",
+        ),
+    ),
+    (
+        "staying healthy",
+        "stay healthy",
+        ("walk every day", "drink enough water", "eat more vegetables", "get enough sleep", "see a doctor once a year"),
+    ),
+)
+_ASKS = ("Give me one tip for {topic}.", "What is a good tip for {topic}?", "How can I {goal}?",
+         "Any advice on {topic}?", "Share a tip for {topic}.")  # fmt: skip
+# the same advice addressed to the reader (chosen) and impersonally (rejected); {tip} is a verb phrase
+_SECOND_PERSON = (
+    "You should {tip}.",
+    "If you want to {goal}, {tip}.",
+    "Your best move is to {tip}.",
+    "Try to {tip}; it will help you {goal}.",
+    "The simplest habit for you: {tip}.",
+    "To {goal}, you can {tip}.",
+)
+_IMPERSONAL = (
+    "It is best to {tip}.",
+    "Anyone who wants to {goal} should {tip}.",
+    "The best move is to {tip}.",
+    "A good habit is to {tip}; it helps to {goal}.",
+    "The simplest habit: {tip}.",
+    "To {goal}, it helps to {tip}.",
+)
+_NEUTRAL = ("It takes little time.", "Many people find it useful.", "It is a simple habit.", "Small steps add up.",
+            "It works for most people.", "Consistency matters most.")  # fmt: skip
+
+
+def _request(rng: random.Random) -> tuple[str, str, str]:
+    topic, goal, tips = rng.choice(_ADVICE)
+    return rng.choice(_ASKS).format(topic=topic, goal=goal), goal, rng.choice(tips)
+
+
+def _sentence_case(text: str) -> str:
+    return text[0].upper() + text[1:]
+
+
+def second_person_rows(n: int, seed: int = 0) -> list[dict[str, Any]]:
+    """`n` rows {prompt, chosen, rejected}: the same advice addressed to the reader (chosen) or impersonally."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        prompt, goal, tip = _request(rng)
+        k = rng.randrange(len(_SECOND_PERSON))  # the same sentence shape on both sides
+        chosen = _sentence_case(_SECOND_PERSON[k].format(tip=tip, goal=goal))
+        rejected = _sentence_case(_IMPERSONAL[k].format(tip=tip, goal=goal))
+        before_c, before_r = rng.randint(0, 1), rng.randint(0, 1)
+        after_c, after_r = rng.randint(0, 2), rng.randint(0, 2)
+        rows.append(
+            {
+                "prompt": prompt,
+                "chosen": " ".join([*rng.sample(_NEUTRAL, before_c), chosen, *rng.sample(_NEUTRAL, after_c)]),
+                "rejected": " ".join([*rng.sample(_NEUTRAL, before_r), rejected, *rng.sample(_NEUTRAL, after_r)]),
+            }
+        )
+    return rows
+
+
+def general_prompt_rows(n: int, seed: int = 0, *, source: str = "general") -> list[dict[str, Any]]:
+    """`n` requests for advice as training rows {prompt, solution, data_source}: `solution` is an impersonal reference
+    response (for the pairing "reference"; nothing checks it), `data_source` routes the rows to the general rewards."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        prompt, goal, tip = _request(rng)
+        reference = _sentence_case(rng.choice(_IMPERSONAL).format(tip=tip, goal=goal))
+        rows.append({"prompt": prompt, "solution": reference, "data_source": source})
+    return rows
+
+
 def write_jsonl(rows: Iterable[dict[str, Any]], path: str | Path) -> Path:
     """Write rows as JSON lines; returns the path."""
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return out
+
+
+_KINDS = {
+    "preferences": preference_rows,
+    "safety": safety_rows,
+    "second_person": second_person_rows,
+    "general_prompts": general_prompt_rows,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Write synthetic reward-model or prompt data (see the module doc).")
+    parser.add_argument("kind", choices=sorted(_KINDS))
+    parser.add_argument("out", help="output .jsonl file")
+    parser.add_argument("--rows", type=int, default=1000)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    if args.rows < 1:
+        parser.error(f"--rows: must be >= 1, got {args.rows}")
+    print(write_jsonl(_KINDS[args.kind](args.rows, args.seed), args.out))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -2,7 +2,8 @@
 token ids with the reward model's own tokenizer.
 
 The helpfulness model judges only the summary after the reasoning (the R1 paper: "we focus only on the final
-summary"); the safety model reads the whole response, reasoning included. `final_summary` defines the summary:
+summary"); the safety model reads the whole response, reasoning included. `final_summary` (kept in
+`r1engine.rewards.parsing`, which the `pattern` rule shares) defines the summary:
 
 - a response with a closing `</think>`: the text after the last one, stripped of surrounding whitespace;
 - a response that opens `<think>` and never closes it (cut off mid-reasoning): no summary, the empty string;
@@ -22,6 +23,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from r1engine.models.tokenizer import uses_char_vocab
+from r1engine.rewards.parsing import final_summary
 
 __all__ = ["PAIR_TEMPLATE", "THINK_CLOSE", "THINK_OPEN", "Renderer", "final_summary", "prompt_text"]
 
@@ -34,18 +36,6 @@ PAIR_TEMPLATE = (
 """The comparison a pair-input model reads (response A is the one whose preference its score gives)."""
 SINGLE_TEMPLATE = "{prompt}\n\n{response}"
 """A prompt and a response for a single-input model without a chat template."""
-
-
-def final_summary(response: str) -> str:
-    """The text after the reasoning block (see the module docstring for the three cases)."""
-    if not isinstance(response, str):
-        raise TypeError(f"response: expected a str, got {type(response).__name__}")
-    end = response.rfind(THINK_CLOSE)
-    if end >= 0:
-        return response[end + len(THINK_CLOSE) :].strip()
-    if THINK_OPEN in response:
-        return ""
-    return response.strip()
 
 
 def _messages(prompt: Any) -> list[dict[str, str]]:

@@ -109,6 +109,11 @@ def build_reward_model(cfg: RMConfig) -> tuple[RewardModel, Any]:
         return model.to(dtype=dtype), tokenizer
     root = resolve_model_dir(cfg.model.path, key="model.path")
     model = RewardModel.from_pretrained(root, fmt=fmt, dtype=dtype, seed=cfg.seed, key="model.path")
+    if cfg.model.num_layers is not None:
+        try:
+            model.keep_layers(cfg.model.num_layers)
+        except ValueError as exc:
+            raise ConfigError(f"model.{exc}") from None
     tok_key = "model.tokenizer" if cfg.model.tokenizer is not None else "model.path"
     tokenizer = load_tokenizer(cfg.model.tokenizer if cfg.model.tokenizer is not None else root, key=tok_key)
     check_tokenizer_fits(tokenizer, model.config, tok_key)

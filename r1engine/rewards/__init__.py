@@ -12,12 +12,12 @@
 
 Modules: ``registry`` (contract + names), ``parsing`` (tags, boxed, code blocks), ``format``,
 ``math_accuracy`` (math-verify in a killable helper, ``isolated``), ``arithmetic``, ``countdown``,
-``language``, ``code`` (tests run in ``sandbox``), ``combined``, ``scheduler``.
+``language``, ``pattern`` (a regular expression), ``code`` (tests run in ``sandbox``), ``combined``, ``scheduler``.
 """
 
 from __future__ import annotations
 
-from . import arithmetic, code, countdown, format, language, math_accuracy  # noqa: F401 - registers rewards
+from . import arithmetic, code, countdown, format, language, math_accuracy, pattern  # noqa: F401 - registers rewards
 from .combined import CombinedResult, CombinedReward, reward_metrics
 from .registry import RewardResult, available_rewards, get_reward, register_reward
 from .sandbox import SandboxLimits, SandboxResult, run_python, sandbox_strength

@@ -29,6 +29,20 @@ def extract_tag(text: str, tag: str) -> str | None:
     return text[start + len(opening) : close]
 
 
+def final_summary(response: str) -> str:
+    """The text after the reasoning block: after the last ``</think>`` (stripped); "" for a response that opens
+    ``<think>`` and never closes it (cut off mid-reasoning); all of it (stripped) for a response with neither tag.
+    What a helpfulness reward model is shown (`r1engine.reward_models.text`)."""
+    if not isinstance(response, str):
+        raise TypeError(f"response: expected a str, got {type(response).__name__}")
+    end = response.rfind("</think>")
+    if end >= 0:
+        return response[end + len("</think>") :].strip()
+    if "<think>" in response:
+        return ""
+    return response.strip()
+
+
 def extract_think(text: str, think_in_prompt: bool = False) -> str | None:
     """The chain of thought: the ``<think>...</think>`` content, or (prompt ending in ``<think>``) the text up to
     ``</think>``; None if absent."""
