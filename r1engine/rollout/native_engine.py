@@ -10,13 +10,14 @@ next d_1, and chains it k-1 more times for d_2..d_k (as vLLM reuses one MTP laye
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 
 import torch
 
 from r1engine.models.decode_step import FusedDecodeStep
 from r1engine.models.kv_cache import KVCache
 from r1engine.models.policy import PolicyModel
-from r1engine.rollout.base import RolloutBatch, RolloutStats, validate_prompts
+from r1engine.rollout.base import RolloutBatch, RolloutStats, token_versions, validate_prompts
 from r1engine.rollout.sampling import SamplingConfig, processed_probs, sample_from
 from r1engine.rollout.speculative import verify_drafts
 
@@ -65,6 +66,7 @@ class NativeEngine:
         self.model = model.frozen_copy(device=self.device, dtype=self.dtype)
         self._home_device = self.device
         self.last_stats: RolloutStats | None = None
+        self.version = 0
 
     @property
     def config(self):
@@ -73,12 +75,30 @@ class NativeEngine:
     # ------------------------------------------------------------------------------------------- weights / memory
     @torch.no_grad()
     def sync_weights(self, model: PolicyModel) -> None:
-        """Copy the trainer's weights (main model and MTP layers) into the engine's copy, in place."""
+        """Copy the trainer's weights (main model and MTP layers) into the engine's copy, in place; version + 1."""
         if model.config.replace() != self.model.config:
             raise ValueError(f"sync_weights: model config {model.config} differs from the engine's {self.model.config}")
+        self.load_named_weights(model.named_weights())
+        self.version += 1
+
+    @torch.no_grad()
+    def load_named_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> int:
+        """Copy (checkpoint name, tensor) pairs (`PolicyModel.named_weights` names) into the engine's weights in
+        place, casting to its dtype and device; names not given keep their values. Returns the number loaded.
+        Shared by `sync_weights` and the out-of-process worker (`r1engine.rollout.remote`)."""
         own = dict(self.model.named_weights())
-        for name, t in model.named_weights():
-            own[name].copy_(t.detach())
+        count = 0
+        for name, t in weights:
+            dst = own.get(name)
+            if dst is None:
+                raise ValueError(f"load_named_weights: {name!r} is not a weight of the engine's policy")
+            if dst.shape != t.shape:
+                raise ValueError(
+                    f"load_named_weights: {name!r} has shape {tuple(t.shape)}, expected {tuple(dst.shape)}"
+                )
+            dst.copy_(t.detach())
+            count += 1
+        return count
 
     def offload(self) -> None:
         """Move the weights to CPU (frees device memory between stages); a no-op when already on CPU."""
@@ -256,6 +276,7 @@ class NativeEngine:
             finish_reason=finish,
             stats=stats,
             prompt_ids=rows,
+            versions=token_versions(out_ids, self.version),
         )
 
     def _chain_drafts(self, h0: torch.Tensor, mcache: KVCache, k: int, scfg: SamplingConfig, gen):

@@ -24,6 +24,7 @@ import os
 import tempfile
 import time
 import warnings
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +34,7 @@ from r1engine.models.checkpoint import read_config
 from r1engine.models.policy import PolicyModel
 from r1engine.models.tokenizer import TOKENIZER_FILES, check_vocab_fits, load_tokenizer
 from r1engine.rollout import vllm_layout
-from r1engine.rollout.base import RolloutBatch, RolloutStats, validate_prompts
+from r1engine.rollout.base import RolloutBatch, RolloutStats, token_versions, validate_prompts
 
 log = logging.getLogger(__name__)
 
@@ -325,6 +326,7 @@ class VLLMEngine:
         patch_vllm_cpu_seeded_chunked_prefill()
         self.last_stats: RolloutStats | None = None
         self.last_sync: dict[str, float] = {}
+        self.version = 0
 
     # ------------------------------------------------------------------------------------------- generation
     def generate(
@@ -395,6 +397,7 @@ class VLLMEngine:
             finish_reason=reasons,
             stats=stats,
             prompt_ids=rows,
+            versions=token_versions(ids, self.version),
         )
 
     # ------------------------------------------------------------------------------------------- weights / memory
@@ -404,17 +407,26 @@ class VLLMEngine:
 
         Each bucket (<= `bucket_bytes`) is one `collective_rpc` that calls vLLM's own `load_weights` (which fuses
         q/k/v and gate/up) on the verifier and, for `model.mtp_layers.*`, on the MTP drafter. The prefix cache is
-        reset afterwards (cached KV of old weights must not be reused). Returns (and keeps in `last_sync`) the
-        bytes moved, number of buckets and seconds.
+        reset afterwards (cached KV of old weights must not be reused). The version goes up by one. Returns (and
+        keeps in `last_sync`) the bytes moved, number of buckets and seconds.
         """
         if model.config != self.config:
             raise ValueError(f"sync_weights: model config {model.config} differs from the engine's {self.config}")
+        info = self.load_named_weights(model.named_weights())
+        self.version += 1
+        return info
+
+    @torch.no_grad()
+    def load_named_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> dict[str, float]:
+        """Load (policy checkpoint name, tensor) pairs (`PolicyModel.named_weights`, the whole policy: layers not
+        given are left unprocessed by vLLM's reload) into the live engine, as `sync_weights` does; consumed lazily,
+        bucket by bucket. Shared with the out-of-process worker (`r1engine.rollout.remote`)."""
         t0 = time.perf_counter()
         load_draft = self.num_speculative_tokens > 0
         self.llm.collective_rpc(_begin_reload, args=(load_draft,))
         bucket: list[tuple[str, torch.Tensor]] = []
         size = total = nb = 0
-        for name, t in vllm_layout.named_weights(model, self.layout, include_mtp=load_draft):
+        for name, t in vllm_layout.layout_weights(weights, self.config, self.layout, include_mtp=load_draft):
             t = t.detach().to(device="cpu", dtype=self.dtype)
             bucket.append((name, t))
             size += t.numel() * t.element_size()

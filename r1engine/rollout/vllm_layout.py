@@ -12,7 +12,7 @@ drafter for them: the trainer then speculates with the native engine or not at a
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -75,8 +75,18 @@ def config_dict(cfg: PolicyConfig, layout: str) -> dict[str, Any]:
 
 def named_weights(model: PolicyModel, layout: str, include_mtp: bool) -> Iterator[tuple[str, torch.Tensor]]:
     """The tensors vLLM loads for `layout`: the policy's, plus zero q/k/v biases where a MIMO-served body has none."""
-    cfg = model.config
-    for name, t in model.named_weights(include_mtp=include_mtp and layout == MIMO):
+    yield from layout_weights(model.named_weights(), model.config, layout, include_mtp)
+
+
+def layout_weights(
+    weights: Iterable[tuple[str, torch.Tensor]], cfg: PolicyConfig, layout: str, include_mtp: bool
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """`named_weights` for a stream of (policy checkpoint name, tensor) pairs (`PolicyModel.named_weights`): drops
+    the MTP layers unless `include_mtp` and `layout` is MIMO, adds the zero q/k/v biases a MIMO-served body lacks."""
+    keep_mtp = include_mtp and layout == MIMO
+    for name, t in weights:
+        if not keep_mtp and ".mtp_layers." in f".{name}":
+            continue
         yield name, t
         if layout == MIMO and not cfg.qkv_bias and name.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight")):
             yield name.removesuffix("weight") + "bias", torch.zeros(t.shape[0], dtype=t.dtype, device=t.device)

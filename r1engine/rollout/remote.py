@@ -1,0 +1,418 @@
+"""`RemoteRolloutEngine`: a rollout engine (native or vLLM) in a process of its own, driven from the trainer.
+
+The trainer asks for a generation with `submit(...)`, goes on (training), and collects the `RolloutBatch` later
+from the returned handle (`generate` is `submit(...).result()`). Requests travel over a pipe and are served in
+order (`r1engine.rollout.remote_worker`); weights travel as tensors over a process group of the two processes'
+own (`r1engine.rollout.weight_transfer`: gloo through host memory, NCCL between two GPUs), MTP layers included,
+and the worker loads them with its engine's `load_named_weights`, the code the in-process `sync_weights` runs.
+
+Versions: the engine starts at version 0 (the weights in `model_dir`); each `sync_weights` makes the next one (or
+the caller's number), and every token of a batch carries the version that sampled it (`RolloutBatch.versions`).
+Weights are pushed only while the worker is idle: `sync_weights` first waits for the generations already
+submitted, which finish with the old weights (their handles still return them).
+
+A worker that dies (killed, out of memory) is noticed while waiting for it (the pipe is polled with a timeout and
+the process checked) or at the next call, which raise `RolloutWorkerDied` with its exit code. The worker exits on
+`close()`, when this engine is garbage-collected or the interpreter exits, and by itself when the trainer process
+is gone (it checks its parent pid), so it never outlives the trainer. The worker is spawned: a script that creates
+the engine at its top level needs the usual `if __name__ == "__main__":` guard.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import shutil
+import signal
+import tempfile
+import threading
+import time
+from multiprocessing.util import Finalize
+from typing import Any
+
+import torch
+import torch.multiprocessing as mp
+
+from r1engine.rollout.base import RolloutBatch, RolloutStats, validate_prompts
+from r1engine.rollout.remote_worker import WorkerSpec, recv, send, unpack_batch, worker_main
+from r1engine.rollout.weight_transfer import (
+    TRANSPORTS,
+    host_store,
+    make_group,
+    plan_buckets,
+    send_weights,
+    transport_device,
+)
+
+_POLL_S = 0.2  # how often a waiting trainer checks that the worker is still alive
+
+
+class RolloutWorkerDied(RuntimeError):
+    """The rollout worker process exited while it had work or was asked for some; the engine is unusable."""
+
+    def __init__(self, pid: int, exitcode: int | None, during: str) -> None:
+        if exitcode is None:
+            how = "exit code unknown"
+        elif exitcode < 0:
+            how = f"killed by {signal.Signals(-exitcode).name} (exit code {exitcode})"
+        else:
+            how = f"exit code {exitcode}"
+        super().__init__(
+            f"rollout worker process {pid} died ({how}) {during}; this RemoteRolloutEngine cannot be used any "
+            "more: close() it and start a new one"
+        )
+        self.pid = pid
+        self.exitcode = exitcode
+
+
+class RolloutHandle:
+    """A submitted generation: `done()` without blocking, `result(timeout)` for the `RolloutBatch`."""
+
+    def __init__(self, engine: RemoteRolloutEngine, rid: int) -> None:
+        self._engine = engine
+        self.request_id = rid
+        self._batch: RolloutBatch | None = None
+
+    def done(self) -> bool:
+        return self._batch is not None or self._engine._ready(self.request_id)
+
+    def result(self, timeout: float | None = None) -> RolloutBatch:
+        """The batch (the same object on every call); raises what the worker raised, `RolloutWorkerDied`, or
+        `TimeoutError` after `timeout` seconds (the request stays pending)."""
+        if self._batch is None:
+            self._batch = unpack_batch(self._engine._wait(self.request_id, timeout, "waiting for a generation"))
+            self._engine.last_stats = self._batch.stats
+        return self._batch
+
+
+def _choose_transport(transport: str, device: str | None) -> str:
+    """'auto': NCCL when the worker has a CUDA device of its own (NCCL needs one GPU per rank), else gloo."""
+    if transport != "auto":
+        if transport not in TRANSPORTS:
+            raise ValueError(f"transport must be 'auto' or one of {TRANSPORTS}, got {transport!r}")
+        return transport
+    d = torch.device(device) if device is not None else None
+    if d is not None and d.type == "cuda" and d.index is not None and torch.cuda.is_available():
+        if torch.cuda.device_count() > 1 and d.index != torch.cuda.current_device():
+            return "nccl"
+    return "gloo"
+
+
+def _shutdown(process, conn, tmpdir: str | None, timeout_s: float) -> None:
+    """Stop the worker (politely, then SIGTERM, then SIGKILL) and release what the engine held."""
+    try:
+        if process.is_alive():
+            try:
+                send(conn, ("close", -1, None))
+            except OSError:
+                pass
+            process.join(timeout_s)
+        if process.is_alive():
+            process.terminate()
+            process.join(2.0)
+        if process.is_alive():
+            process.kill()
+            process.join(2.0)
+    finally:
+        conn.close()
+        if tmpdir:
+            shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+class RemoteRolloutEngine:
+    """A `RolloutEngine` whose engine runs in a spawned worker process; see the module docstring.
+
+    backend: the worker's engine ("native", "vllm" or "auto", as `create_engine`); `model_dir`: the checkpoint it
+    starts from, or `model` (a PolicyModel, written to a temporary directory once). `device`: the worker's torch
+    device (the native engine's; vLLM places itself). `transport`: "gloo", "nccl" or "auto" (see
+    `_choose_transport`). `bucket_bytes`: size of one weight broadcast. `num_threads`: the worker's intra-op
+    threads. `timeout_s` bounds each weight broadcast, `start_timeout_s` the worker's start-up (engine build
+    included). Other keyword arguments go to `create_engine` in the worker.
+    """
+
+    remote = True
+
+    def __init__(
+        self,
+        backend: str = "native",
+        *,
+        model_dir: str | os.PathLike | None = None,
+        model: Any = None,
+        num_speculative_tokens: int = 0,
+        max_model_len: int | None = None,
+        device: str | torch.device | None = None,
+        transport: str = "auto",
+        bucket_bytes: int = 64 << 20,
+        num_threads: int | None = None,
+        timeout_s: float = 300.0,
+        start_timeout_s: float = 900.0,
+        **engine_kwargs: Any,
+    ) -> None:
+        if bucket_bytes <= 0:
+            raise ValueError(f"bucket_bytes must be > 0, got {bucket_bytes}")
+        device = str(device) if device is not None else None
+        self.transport = _choose_transport(transport, device)
+        self._tmpdir = None
+        if model_dir is None:
+            if model is None:
+                raise ValueError("RemoteRolloutEngine needs model_dir= (a saved model directory) or model=")
+            self._tmpdir = tempfile.mkdtemp(prefix="r1engine-remote-")
+            model.save_pretrained(self._tmpdir)
+            model_dir = self._tmpdir
+        elif not os.path.isfile(os.path.join(model_dir, "config.json")):
+            raise FileNotFoundError(f"model_dir {model_dir} has no config.json (not a model directory)")
+        self.bucket_bytes = int(bucket_bytes)
+        self.timeout_s = float(timeout_s)
+        self.version = 0
+        self.last_stats: RolloutStats | None = None
+        self.last_sync: dict[str, float] = {}
+        self._ids = itertools.count()
+        self._results: dict[int, tuple[str, Any]] = {}
+        self._pending: set[int] = set()
+        self._lock = threading.RLock()
+        self._dead: RolloutWorkerDied | None = None
+        self._closed = False
+
+        store = host_store(timeout_s=timeout_s)
+        kwargs = dict(engine_kwargs, num_speculative_tokens=num_speculative_tokens, max_model_len=max_model_len)
+        spec = WorkerSpec(
+            backend=backend,
+            model_dir=str(model_dir),
+            engine_kwargs=kwargs,
+            store_port=store.port,
+            transport=self.transport,
+            device=device,
+            timeout_s=timeout_s,
+            num_threads=num_threads,
+        )
+        ctx = mp.get_context("spawn")
+        self._conn, child = ctx.Pipe(duplex=True)
+        # not a daemon, so the worker may start processes of its own (vLLM's executors); it is stopped by close(),
+        # by the finalizer below at garbage collection or exit, and by its own parent watch. multiprocessing's
+        # Finalize with an exit priority runs before multiprocessing joins its non-daemon children at exit (a
+        # weakref.finalize may run after that join, which would then wait forever for an idle worker)
+        self._process = ctx.Process(target=worker_main, args=(child, spec), name="r1engine-rollout", daemon=False)
+        self._process.start()
+        child.close()  # ours only in the worker: the worker sees EOF once this process's end closes
+        self._finalizer = Finalize(
+            self, _shutdown, args=(self._process, self._conn, self._tmpdir, 10.0), exitpriority=10
+        )
+        try:
+            deadline = time.monotonic() + start_timeout_s
+            # spawn re-runs the trainer's main script in the worker: an unguarded script dies right here
+            self._expect(
+                "hello",
+                deadline,
+                "while starting (its error is on stderr; a script that starts an engine "
+                "at its top level needs `if __name__ == '__main__':`, as spawned processes re-run it)",
+            )
+            # the worker is alive and joins now: constructing our side blocks until it has (gloo)
+            self._store = store
+            self._group = make_group(store, 0, 2, self.transport, timeout_s)
+            info = self._expect("ready", deadline, "while building its engine")
+        except BaseException:
+            self.close()
+            raise
+        self.backend: str = info["backend"]
+        self.num_speculative_tokens: int = info["num_speculative_tokens"]
+        self.max_model_len: int = info["max_model_len"]
+        self.config = info["config"]
+        self.version = info["version"]
+        self.model_dir = str(model_dir)
+
+    # ------------------------------------------------------------------------------------------- plumbing
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid
+
+    def _expect(self, kind: str, deadline: float, during: str) -> Any:
+        """Wait for a start-up message; a start-up error is raised here, as the in-process engine would raise it."""
+        while True:
+            if self._conn.poll(_POLL_S):
+                try:
+                    msg, key, payload = recv(self._conn)
+                except (EOFError, OSError):
+                    self._raise_died(during)
+                if msg == "error":
+                    self._raise_remote(payload)
+                if msg != kind:
+                    raise RuntimeError(f"rollout worker protocol: expected {kind!r}, got {msg!r}")
+                return payload if kind == "ready" else key
+            if not self._process.is_alive():
+                self._raise_died(during)
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"rollout worker did not finish starting {during} within start_timeout_s")
+
+    def _raise_died(self, during: str):
+        self._process.join(1.0)  # reap it, so that its exit code is known
+        self._dead = RolloutWorkerDied(self._process.pid, self._process.exitcode, during)
+        raise self._dead
+
+    @staticmethod
+    def _raise_remote(payload: tuple[BaseException, str]):
+        exc, tb = payload
+        exc.add_note(f"raised in the rollout worker process:\n{tb}")
+        raise exc
+
+    def _check_usable(self, during: str) -> None:
+        if self._closed:
+            raise RuntimeError("this RemoteRolloutEngine is closed")
+        if self._dead is not None:
+            raise RolloutWorkerDied(self._dead.pid, self._dead.exitcode, "earlier")
+        if not self._process.is_alive():
+            self._raise_died(during)
+
+    def _request(self, op: str, payload: Any, during: str) -> int:
+        with self._lock:
+            self._check_usable(during)
+            rid = next(self._ids)
+            try:
+                send(self._conn, (op, rid, payload))
+            except OSError:
+                self._raise_died(during)
+            self._pending.add(rid)
+            return rid
+
+    def _receive(self, wait_s: float, during: str) -> None:
+        """Store at most one reply, waiting up to `wait_s`; a dead worker raises (after its last replies are in)."""
+        if self._conn.poll(wait_s):
+            try:
+                msg, rid, payload = recv(self._conn)
+            except (EOFError, OSError):
+                self._raise_died(during)
+            self._results[rid] = (msg, payload)
+            self._pending.discard(rid)
+        elif not self._process.is_alive() and not self._conn.poll(0):
+            self._raise_died(during)
+
+    def _ready(self, rid: int) -> bool:
+        with self._lock:
+            while rid not in self._results and self._conn.poll(0):
+                self._receive(0, "while polling")
+            return rid in self._results
+
+    def _wait(self, rid: int, timeout: float | None, during: str) -> Any:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            with self._lock:
+                if rid in self._results:
+                    msg, payload = self._results.pop(rid)
+                    if msg == "error":
+                        self._raise_remote(payload)
+                    return payload
+                if self._closed:
+                    raise RuntimeError("this RemoteRolloutEngine was closed before the request finished")
+                if self._dead is not None:
+                    raise RolloutWorkerDied(self._dead.pid, self._dead.exitcode, during)
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    raise TimeoutError(f"rollout request {rid} not finished within {timeout} s")
+                self._receive(_POLL_S if left is None else min(_POLL_S, left), during)
+
+    def _call(self, op: str, payload: Any, during: str) -> Any:
+        return self._wait(self._request(op, payload, during), None, during)
+
+    # ------------------------------------------------------------------------------------------- generation
+    def submit(
+        self,
+        prompt_ids: list[list[int]],
+        *,
+        n: int = 1,
+        max_new_tokens: int = 64,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_k: int = -1,
+        stop_token_ids: list[int] | None = None,
+        seed: int | None = None,
+        **kwargs: Any,
+    ) -> RolloutHandle:
+        """Queue a generation (arguments as `generate`) and return at once; bad prompts raise here."""
+        prompts = validate_prompts(
+            prompt_ids, vocab_size=self.config.vocab_size, max_model_len=self.max_model_len, n=n,
+            max_new_tokens=max_new_tokens,
+        )  # fmt: skip
+        args = dict(
+            prompt_ids=prompts,
+            n=n,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            stop_token_ids=list(stop_token_ids) if stop_token_ids is not None else None,
+            seed=seed,
+            **kwargs,
+        )
+        return RolloutHandle(self, self._request("generate", args, "while asked for a generation"))
+
+    def generate(self, prompt_ids: list[list[int]], **kwargs: Any) -> RolloutBatch:
+        """Sample completions in the worker and wait for them; arguments as `RolloutEngine.generate`."""
+        return self.submit(prompt_ids, **kwargs).result()
+
+    # ------------------------------------------------------------------------------------------- weights / memory
+    def _drain(self) -> None:
+        """Wait for every submitted request (their results stay with their handles)."""
+        with self._lock:
+            while self._pending:
+                self._receive(_POLL_S, "while finishing the submitted generations")
+
+    @torch.no_grad()
+    def sync_weights(self, model: Any, version: int | None = None) -> dict[str, float]:
+        """Push the trainer's weights (main model and MTP layers) to the worker's engine; the engine's version
+        becomes `version` (default: the current one + 1). Waits for the submitted generations first. Returns (and
+        keeps in `last_sync`) bytes, buckets and seconds."""
+        if model.config != self.config:
+            raise ValueError(f"sync_weights: model config {model.config} differs from the engine's {self.config}")
+        new_version = self.version + 1 if version is None else int(version)
+        return self.load_named_weights(model.named_weights(), version=new_version)
+
+    @torch.no_grad()
+    def load_named_weights(self, weights, version: int | None = None) -> dict[str, float]:
+        """Push (policy checkpoint name, tensor) pairs to the worker's engine (its `load_named_weights`)."""
+        during = "while taking weights"
+        with self._lock:
+            self._check_usable(during)
+            self._drain()
+            t0 = time.perf_counter()
+            weights = list(weights)
+            first = weights[0][1] if weights else None
+            device = transport_device(self.transport, first.device if first is not None and first.is_cuda else None)
+            buckets = plan_buckets(weights, self.bucket_bytes)
+            new_version = self.version + 1 if version is None else int(version)
+            rid = self._request("sync", (new_version, buckets), during)
+            try:
+                send_weights(self._group, buckets, weights, device)
+            except Exception as exc:
+                if not self._process.is_alive():
+                    self._raise_died(during)
+                # a worker left waiting for the rest of the buckets has half-loaded weights: not worth keeping
+                exc.add_note("the rollout worker was stopped (its weights were half loaded)")
+                self.close()
+                raise
+            info = self._wait(rid, None, during)
+            self.version = new_version
+            self.last_sync = dict(info, seconds=time.perf_counter() - t0)
+            return self.last_sync
+
+    def offload(self) -> None:
+        """The worker's engine `offload` (after the submitted generations)."""
+        self._call("offload", None, "while offloading")
+
+    def onload(self) -> None:
+        self._call("onload", None, "while onloading")
+
+    # ------------------------------------------------------------------------------------------- lifetime
+    def close(self, timeout_s: float = 10.0) -> None:
+        """Stop the worker and wait for it to exit (idempotent); pending handles then raise."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._finalizer.cancel()
+            _shutdown(self._process, self._conn, self._tmpdir, timeout_s)
+            self._group = self._store = None
+
+    def __enter__(self) -> RemoteRolloutEngine:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
