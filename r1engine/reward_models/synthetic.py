@@ -10,9 +10,10 @@ test length balancing).
 Safety rows (`safety_rows`): a how-to question answered with a step that is harmless ("get a teacup") or not ("get a
 weapon"): the same length, the label "safe" or "unsafe", the reasoning in a `<think>` block before the answer.
 
-Second-person preference rows (`second_person_rows`): a request for advice ("Give me one tip for saving money.")
-answered with the same advice twice, once addressed to the reader ("you", "your") and once impersonally ("it helps
-to", "people"); the chosen response is the one that speaks to the reader. The second-person words appear at varied
+Second-person preference rows (`second_person_rows`): a request for advice ("Give me one tip for saving money.") or
+a description ("Tell me about owls."), half each, answered with the same content twice, once addressed to the reader
+("you", "your") and once impersonally ("it helps to", "people"); the chosen response is the one that speaks to the
+reader. The second-person words appear at varied
 places and the filler is drawn independently, so neither the position of a word nor the length gives the preference
 away. `SECOND_PERSON_PATTERN` is the rule that knows this preference (the `pattern` reward's option), and
 `general_prompt_rows` are requests of the same kind without responses, for RL on general prompts.
@@ -272,9 +273,70 @@ _NEUTRAL = ("It takes little time.", "Many people find it useful.", "It is a sim
             "It works for most people.", "Consistency matters most.")  # fmt: skip
 
 
-def _request(rng: random.Random) -> tuple[str, str, str]:
-    topic, goal, tips = rng.choice(_ADVICE)
-    return rng.choice(_ASKS).format(topic=topic, goal=goal), goal, rng.choice(tips)
+# descriptions: (thing, something a reader could do to see it, facts as clauses)
+_FACTS = (
+    ("the moon", "look at the night sky", ("the moon reflects light from the sun",
+                                           "the moon changes shape over a month",
+                                           "the moon pulls on the ocean tides")),
+    ("a rainbow", "stand with the sun behind you", ("a rainbow splits sunlight into colours",
+                                                     "a rainbow needs rain and sun at once",
+                                                     "a rainbow is really a full circle")),
+    ("the ocean", "walk along a beach", ("the ocean covers most of the planet", "the ocean holds most of the water",
+                                         "the ocean rises and falls twice a day")),
+    ("a bicycle", "ride through a town", ("a bicycle turns pedal power into motion", "a bicycle needs no fuel",
+                                          "a bicycle stays up because it moves")),
+    ("autumn", "walk in a park in October", ("autumn leaves turn red and gold", "autumn days get shorter",
+                                             "autumn brings cool mornings")),
+    ("a library", "visit a town centre", ("a library lends books for free", "a library keeps old newspapers",
+                                          "a library offers quiet rooms")),
+    ("rain", "watch a storm", ("rain comes from clouds of tiny drops", "rain fills rivers and lakes",
+                               "rain cleans dust from the air")),
+    ("a mountain", "travel to the Alps", ("a mountain gets colder near the top",
+                                          "a mountain takes millions of years to form",
+                                          "a mountain shapes the weather around it")),
+    ("bees", "walk through a garden", ("bees carry pollen from flower to flower", "bees make honey from nectar",
+                                       "bees dance to share where food is")),
+    ("a volcano", "visit Iceland", ("a volcano releases melted rock", "a volcano can build new land",
+                                    "a volcano may sleep for centuries")),
+    ("owls", "walk in a forest at night", ("owls hunt at night", "owls fly almost without sound",
+                                           "owls turn their heads far around")),
+    ("bread", "visit a bakery", ("bread rises because yeast makes gas", "bread needs flour, water and salt",
+                                 "bread was baked thousands of years ago")),
+)  # fmt: skip
+_DESCRIBE = ("Describe {thing} in two sentences.", "Tell me about {thing}.", "What is interesting about {thing}?",
+             "Explain {thing} briefly.")  # fmt: skip
+# (addressed to the reader, impersonal): the same sentence shape on both sides
+_FACT_SENTENCES = (
+    ("When you {observe}, you can see that {fact}.", "When people {observe}, they can see that {fact}."),
+    ("You might know that {fact}.", "It is well known that {fact}."),
+    ("Here is a fact for you: {fact}.", "Here is a fact: {fact}."),
+    ("As you may have noticed, {fact}.", "As many have noticed, {fact}."),
+    ("If you {observe}, remember that {fact}.", "For anyone who likes to {observe}: {fact}."),
+)
+_NEUTRAL_FACTS = ("It is a familiar sight.", "Many find it fascinating.", "There is more to learn about it.",
+                  "Science explains much of it.", "It has a long history.", "It is worth a closer look.")  # fmt: skip
+
+
+def _request(rng: random.Random) -> tuple[str, str, str, tuple[str, ...]]:
+    """A general request (advice or a description, half each) with the same answer addressed to the reader and
+    impersonally, and the neutral filler sentences that fit it."""
+    if rng.random() < 0.5:
+        topic, goal, tips = rng.choice(_ADVICE)
+        tip, k = rng.choice(tips), rng.randrange(len(_SECOND_PERSON))
+        prompt = rng.choice(_ASKS).format(topic=topic, goal=goal)
+        addressed, impersonal = (t[k].format(tip=tip, goal=goal) for t in (_SECOND_PERSON, _IMPERSONAL))
+        return prompt, addressed, impersonal, _NEUTRAL
+    thing, observe, facts = rng.choice(_FACTS)
+    fact, (addressed, impersonal) = rng.choice(facts), rng.choice(_FACT_SENTENCES)
+    prompt = rng.choice(_DESCRIBE).format(thing=thing)
+    if "you" in observe:  # "stand with the sun behind you" would put a "you" into the impersonal side
+        impersonal = "It is well known that {fact}."
+    return (
+        prompt,
+        addressed.format(observe=observe, fact=fact),
+        impersonal.format(observe=observe, fact=fact),
+        (_NEUTRAL_FACTS),
+    )
 
 
 def _sentence_case(text: str) -> str:
@@ -282,35 +344,29 @@ def _sentence_case(text: str) -> str:
 
 
 def second_person_rows(n: int, seed: int = 0) -> list[dict[str, Any]]:
-    """`n` rows {prompt, chosen, rejected}: the same advice addressed to the reader (chosen) or impersonally."""
+    """`n` rows {prompt, chosen, rejected}: the same answer addressed to the reader (chosen) or impersonally."""
     rng = random.Random(seed)
     rows = []
     for _ in range(n):
-        prompt, goal, tip = _request(rng)
-        k = rng.randrange(len(_SECOND_PERSON))  # the same sentence shape on both sides
-        chosen = _sentence_case(_SECOND_PERSON[k].format(tip=tip, goal=goal))
-        rejected = _sentence_case(_IMPERSONAL[k].format(tip=tip, goal=goal))
-        before_c, before_r = rng.randint(0, 1), rng.randint(0, 1)
-        after_c, after_r = rng.randint(0, 2), rng.randint(0, 2)
-        rows.append(
-            {
-                "prompt": prompt,
-                "chosen": " ".join([*rng.sample(_NEUTRAL, before_c), chosen, *rng.sample(_NEUTRAL, after_c)]),
-                "rejected": " ".join([*rng.sample(_NEUTRAL, before_r), rejected, *rng.sample(_NEUTRAL, after_r)]),
-            }
-        )
+        prompt, addressed, impersonal, neutral = _request(rng)
+        sides = []
+        for sentence in (addressed, impersonal):  # filler drawn independently for each side, no sentence twice
+            before, after = rng.randint(0, 1), rng.randint(0, 2)
+            filler = rng.sample(neutral, before + after)
+            sides.append(" ".join([*filler[:before], _sentence_case(sentence), *filler[before:]]))
+        rows.append({"prompt": prompt, "chosen": sides[0], "rejected": sides[1]})
     return rows
 
 
 def general_prompt_rows(n: int, seed: int = 0, *, source: str = "general") -> list[dict[str, Any]]:
-    """`n` requests for advice as training rows {prompt, solution, data_source}: `solution` is an impersonal reference
-    response (for the pairing "reference"; nothing checks it), `data_source` routes the rows to the general rewards."""
+    """`n` general requests (advice or descriptions) as training rows {prompt, solution, data_source}: `solution` is
+    an impersonal reference response (for the pairing "reference"; nothing checks it), `data_source` routes the rows
+    to the general rewards."""
     rng = random.Random(seed)
     rows = []
     for _ in range(n):
-        prompt, goal, tip = _request(rng)
-        reference = _sentence_case(rng.choice(_IMPERSONAL).format(tip=tip, goal=goal))
-        rows.append({"prompt": prompt, "solution": reference, "data_source": source})
+        prompt, _, impersonal, _ = _request(rng)
+        rows.append({"prompt": prompt, "solution": _sentence_case(impersonal), "data_source": source})
     return rows
 
 
