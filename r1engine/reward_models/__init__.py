@@ -7,14 +7,16 @@
     future = helpful.submit(prompts, groups)            # the same on the scorer's thread, overlapping other work
     safety = PointwiseSafety(RewardScorer.from_pretrained("runs/rm-safety/model", device="cuda", offload=True))
     p_safe = safety(prompts, responses)
+    judged = GenerativeHelpfulness(GenerativeJudge.from_pretrained("models/SmolLM2-135M-Instruct"))  # no trained RM
 
 Modules: ``format`` (`RewardFormat`: how a model is used), ``model`` (`RewardModel`: a policy body plus a scalar or
 classifier head), ``checkpoint`` (Hugging Face `*ForSequenceClassification` directories in and out), ``text`` (the final
 summary after the reasoning, rendering with the reward model's own tokenizer), ``inference`` (`RewardScorer`: packed
 batched scoring, device, offloading, a thread for asynchronous calls), ``scoring`` (pairwise helpfulness with the A/B
-swap and the pairings, pointwise safety), ``routing`` (`rm:<name>` rewards in reward routes), ``data`` (preference and
-label files, length balancing), ``config`` and ``train`` (`r1engine train-rm`), ``synthetic`` (data with a hidden rule,
-for tests). The training pieces import lazily, so that scoring does not load the training configuration.
+swap and the pairings, pointwise safety), ``generative`` (a causal LM as the pairwise judge, LLM-as-a-judge),
+``routing`` (`rm:<name>` rewards in reward routes), ``data`` (preference and label files, length balancing), ``config``
+and ``train`` (`r1engine train-rm`), ``synthetic`` (data with a hidden rule, for tests). The training pieces import
+lazily, so that scoring does not load the training configuration.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from r1engine.reward_models.format import RewardFormat
+from r1engine.reward_models.generative import GenerativeHelpfulness, GenerativeJudge
 from r1engine.reward_models.inference import RewardScorer, score_sequences
 from r1engine.reward_models.model import RewardModel
 from r1engine.reward_models.routing import RM_PREFIX, check_routes, rows_by_model
@@ -35,6 +38,8 @@ if TYPE_CHECKING:
 __all__ = [
     "PAIRINGS",
     "RM_PREFIX",
+    "GenerativeHelpfulness",
+    "GenerativeJudge",
     "PairwiseHelpfulness",
     "PointwiseSafety",
     "RMConfig",

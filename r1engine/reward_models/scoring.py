@@ -9,7 +9,9 @@ ways and the two verdicts averaged:
 
 A constant bias towards A cancels, and pref(x, y) = -pref(y, x) exactly. A single-input model scores each response
 alone and pref(x, y) = r(x) - r(y) (no position to bias; each distinct response is scored once). Only the final
-summary after the reasoning is shown (`r1engine.reward_models.text.final_summary`).
+summary after the reasoning is shown (`r1engine.reward_models.text.final_summary`). `PairwiseReward` is what every
+pairwise judge shares (the summaries, the swap, the pairings, the judge's thread); a language model asked "A or B?"
+is one too (`r1engine.reward_models.generative`).
 
 Pairings (who is compared with whom, `PAIRINGS`):
 - "round_robin": every pair of the group (G(G-1)/2 pairs); reward = mean over the other G-1 responses.
@@ -43,6 +45,7 @@ __all__ = [
     "HelpfulnessResult",
     "Judge",
     "PairwiseHelpfulness",
+    "PairwiseReward",
     "PointwiseSafety",
     "group_rewards",
     "single_input_judge",
@@ -186,18 +189,19 @@ def group_rewards(
     return HelpfulnessResult(rewards, best, pairs_judged=len(prefs))
 
 
-class PairwiseHelpfulness:
-    """The helpfulness reward of a pairwise reward model (see the module docstring).
+class PairwiseReward:
+    """Group rewards from a pairwise judge: swap-averaged verdicts through `group_rewards`, on the final summaries,
+    computed on the judge model's thread (see the module docstring). Subclasses give `judge` (one verdict per
+    comparison, no swap) and a `scorer` that runs the model: `submit(fn, *args)` (a Future, calls one at a time),
+    `close()`, `truncated` (inputs cut to its length limit so far) and `name`.
 
-    `scorer`: a `RewardScorer` of a model with `kind="pairwise"`. `pairing`, `transform`: see `group_rewards`.
-    `summary_only`: show the judge only the final summaries (the paper's choice; False: whole responses).
+    `pairing`, `transform`: see `group_rewards`. `summary_only`: show the judge only the final summaries (the paper's
+    choice; False: whole responses).
     """
 
     def __init__(
-        self, scorer: RewardScorer, *, pairing: str = "round_robin", transform: str = "prob", summary_only: bool = True
+        self, scorer: Any, *, pairing: str = "round_robin", transform: str = "prob", summary_only: bool = True
     ) -> None:
-        if scorer.fmt.kind != "pairwise":
-            raise ValueError(f"{scorer.name}: helpfulness needs a pairwise reward model, this one is {scorer.fmt.kind}")
         if pairing not in PAIRINGS:
             raise ValueError(f"pairing: must be one of {', '.join(PAIRINGS)}, got {pairing!r}")
         if transform not in TRANSFORMS:
@@ -205,10 +209,8 @@ class PairwiseHelpfulness:
         self.scorer, self.pairing, self.transform, self.summary_only = scorer, pairing, transform, summary_only
 
     def judge(self, prompts: Sequence[Any], firsts: Sequence[str], seconds: Sequence[str]) -> torch.Tensor:
-        """The model's verdicts `[n]` on (prompt, first, second) comparisons (no swap)."""
-        if self.scorer.fmt.input == "pair":
-            return self.scorer.pair_logits(prompts, firsts, seconds)
-        return single_input_judge(lambda p, r: self.scorer.single_logits(p, r)[:, 0])(prompts, firsts, seconds)
+        """The verdicts `[n]` on (prompt, first, second) comparisons (no swap): a `Judge`."""
+        raise NotImplementedError
 
     def score_groups(
         self,
@@ -239,6 +241,27 @@ class PairwiseHelpfulness:
     def submit(self, prompts, groups, references=None) -> Future:
         """`score_groups` on the scorer's thread; returns a Future of its `HelpfulnessResult`."""
         return self.scorer.submit(self.score_groups, prompts, groups, references)
+
+
+class PairwiseHelpfulness(PairwiseReward):
+    """The helpfulness reward of a pairwise reward model (see the module docstring).
+
+    `scorer`: a `RewardScorer` of a model with `kind="pairwise"`. `pairing`, `transform`, `summary_only`: see
+    `PairwiseReward`.
+    """
+
+    def __init__(
+        self, scorer: RewardScorer, *, pairing: str = "round_robin", transform: str = "prob", summary_only: bool = True
+    ) -> None:
+        if scorer.fmt.kind != "pairwise":
+            raise ValueError(f"{scorer.name}: helpfulness needs a pairwise reward model, this one is {scorer.fmt.kind}")
+        super().__init__(scorer, pairing=pairing, transform=transform, summary_only=summary_only)
+
+    def judge(self, prompts: Sequence[Any], firsts: Sequence[str], seconds: Sequence[str]) -> torch.Tensor:
+        """The model's verdicts `[n]` on (prompt, first, second) comparisons (no swap)."""
+        if self.scorer.fmt.input == "pair":
+            return self.scorer.pair_logits(prompts, firsts, seconds)
+        return single_input_judge(lambda p, r: self.scorer.single_logits(p, r)[:, 0])(prompts, firsts, seconds)
 
 
 class PointwiseSafety:

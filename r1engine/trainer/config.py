@@ -209,10 +209,13 @@ class RewardModelConfig:
     """A reward model that routes name as `rm:<name>` (`reward_models.<name>`; see r1engine.reward_models)."""
 
     path: str = ""
-    """A reward-model directory (`r1engine train-rm`'s output or a Hugging Face *ForSequenceClassification one)."""
-    kind: Literal["auto", "helpfulness", "safety"] = "auto"
+    """A reward-model directory (`r1engine train-rm`'s output or a Hugging Face *ForSequenceClassification one); for
+    kind generative a causal language model's directory (a Hugging Face *ForCausalLM one)."""
+    kind: Literal["auto", "helpfulness", "safety", "generative"] = "auto"
     """helpfulness (a pairwise model, compared within each prompt's group), safety (a pointwise classifier, one score
-    per response), or auto: read from the checkpoint's RewardFormat (pairwise: helpfulness, pointwise: safety)."""
+    per response), generative (a causal LM asked "A or B?" as a pairwise helpfulness judge, for users without a
+    trained reward model: r1engine.reward_models.generative), or auto: read from the checkpoint's RewardFormat
+    (pairwise: helpfulness, pointwise: safety)."""
     pairing: Literal["round_robin", "reference", "best_of_group"] = "round_robin"
     """helpfulness: who is compared with whom (reference: against the row's reference answer)."""
     transform: Literal["prob", "logit"] = "prob"
@@ -228,6 +231,11 @@ class RewardModelConfig:
     tokenizer: str | None = None
     """The model's tokenizer when its directory has none."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    backend: Literal["hf", "vllm"] = "hf"
+    """generative: how the judge runs: hf (transformers, on `device`) or vllm (its own in-process vLLM engine)."""
+    judge_template: str | None = None
+    """generative: the comparison the judge reads, a format string with {prompt}, {a} and {b}; None: the default
+    (`r1engine.reward_models.generative.DEFAULT_TEMPLATE`)."""
 
 
 @dataclass
@@ -548,10 +556,36 @@ def _validate_rewards(cfg: Config) -> None:
             raise ConfigError(f"reward_models.{name}.token_budget: must be >= 1, got {spec.token_budget}")
         if spec.max_length is not None and spec.max_length < 1:
             raise ConfigError(f"reward_models.{name}.max_length: must be >= 1 (or null), got {spec.max_length}")
+        _validate_generative(name, spec)
     used = {name for _, weights in named for name in weights}
     for name in r.options:
         if name not in used:
             raise ConfigError(f"rewards.options.{name}: no route uses this reward (used: {', '.join(sorted(used))})")
+
+
+def _validate_generative(name: str, spec: RewardModelConfig) -> None:
+    """The generative judge's keys, and no judge keys on another kind of reward model."""
+    import importlib.util
+
+    key = f"reward_models.{name}"
+    if spec.kind != "generative":
+        for field_name, value in (("backend", spec.backend != "hf"), ("judge_template", spec.judge_template)):
+            if value:
+                raise ConfigError(f"{key}.{field_name}: only for kind generative (this model's kind is {spec.kind})")
+        return
+    if spec.judge_template is not None:
+        from r1engine.reward_models.generative import check_template
+
+        try:
+            check_template(spec.judge_template)
+        except ValueError as exc:
+            raise ConfigError(f"{key}.judge_template: {exc}") from None
+    if spec.backend == "vllm":
+        if importlib.util.find_spec("vllm") is None:
+            raise ConfigError(f"{key}.backend: vllm is not installed (install vllm, or use backend: hf)")
+        for field_name, value in (("device", spec.device), ("offload", spec.offload)):
+            if value:
+                raise ConfigError(f"{key}.{field_name}: not with backend vllm (vLLM places the judge itself)")
 
 
 def _validate_data(cfg: Config) -> None:

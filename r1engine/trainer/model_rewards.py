@@ -1,6 +1,8 @@
 """The trainer's reward models: routes that name `rm:<name>` (R1's general rewards beside the rule rewards).
 
     reward_models: {helpful: {path: runs/rm-helpful/model, pairing: round_robin}}
+    # or, without a trained reward model, a causal LM asked "A or B?" (r1engine.reward_models.generative):
+    reward_models: {helpful: {path: models/SmolLM2-135M-Instruct, kind: generative, backend: hf}}
     rewards: {routes: {math: {math_accuracy: 1, format: 1}, general: {"rm:helpful": 1, language_consistency: 0.5}},
               model_rewards_from_step: 1300}
 
@@ -24,12 +26,13 @@ from typing import Any
 
 import torch
 
+from r1engine.reward_models.generative import GenerativeHelpfulness, GenerativeJudge
 from r1engine.reward_models.inference import RewardScorer
 from r1engine.reward_models.routing import is_model_reward, model_name, rows_by_model, split_weights
-from r1engine.reward_models.scoring import HelpfulnessResult, PairwiseHelpfulness, PointwiseSafety
+from r1engine.reward_models.scoring import HelpfulnessResult, PairwiseHelpfulness, PairwiseReward, PointwiseSafety
 from r1engine.rewards.routing import DEFAULT, RewardRoutes
 from r1engine.rewards.scheduler import RewardBatch
-from r1engine.trainer.config import Config, ConfigError
+from r1engine.trainer.config import Config, ConfigError, RewardModelConfig
 
 __all__ = ["ModelRewards", "rule_routes"]
 
@@ -52,13 +55,16 @@ class ModelRewards:
         self.routes = routes
         self.from_step = cfg.rewards.model_rewards_from_step
         used = sorted({model_name(n) for n in routes.names if is_model_reward(n)})
-        self.judges: dict[str, PairwiseHelpfulness | PointwiseSafety] = {}
+        self.judges: dict[str, PairwiseReward | PointwiseSafety] = {}
         for name in used:
             spec = cfg.reward_models.get(name)
             if spec is None:
                 known = ", ".join(sorted(cfg.reward_models)) or "none"
                 raise ConfigError(f"rm:{name}: a route names reward model {name!r}, not in reward_models ({known})")
             key = f"reward_models.{name}"
+            if spec.kind == "generative":
+                self.judges[name] = _generative_judge(spec, key, device, name)
+                continue
             try:
                 scorer = RewardScorer.from_pretrained(
                     spec.path, tokenizer=spec.tokenizer, dtype=getattr(torch, spec.dtype), key=f"{key}.path",
@@ -122,6 +128,20 @@ class ModelRewards:
     def close(self) -> None:
         for judge in self.judges.values():
             judge.scorer.close()
+
+
+def _generative_judge(spec: RewardModelConfig, key: str, device: torch.device | str, name: str) -> PairwiseReward:
+    """`reward_models.<name>` with kind generative: a causal LM as the pairwise helpfulness judge."""
+    options = {"template": spec.judge_template} if spec.judge_template is not None else {}
+    try:
+        judge = GenerativeJudge.from_pretrained(
+            spec.path, backend=spec.backend, tokenizer=spec.tokenizer, dtype=spec.dtype, key=f"{key}.path",
+            device=(spec.device or device) if spec.backend == "hf" else None, offload=spec.offload,
+            token_budget=spec.token_budget, max_length=spec.max_length, name=name, **options,
+        )  # fmt: skip
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise ConfigError(f"{key}: the generative judge did not load: {exc}") from None
+    return GenerativeHelpfulness(judge, pairing=spec.pairing, transform=spec.transform)
 
 
 def _text(answer: Any) -> str | None:
