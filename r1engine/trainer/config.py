@@ -202,6 +202,11 @@ class RewardsConfig:
     """The GRPO step from which the reward models (`rm:<name>` in the routes) count: before it they are not computed
     and their rows get the rule rewards of their route alone (R1 adds the general rewards only late in its second
     stage: longer exposure to model rewards led to reward hacking)."""
+    overlap: bool = True
+    """Score the rollout (rule rewards in the workers, reward models on their threads) while the old/reference
+    log-probs are inferred, waiting for the rewards after that inference. Off: wait for them before it (the same
+    rewards and step; only the timing differs: benchmarks/bench_reward_overlap.py measures both). With
+    `dapo.dynamic_sampling` the rewards are always awaited first."""
 
 
 @dataclass

@@ -621,7 +621,8 @@ class GRPOTrainer:
         """One rollout: G completions for this rank's prompts, rewards (async) overlapped with inference of the
         old and reference log-probs; returns the sequences, their training fields (per-sequence old/ref log-probs
         and advantages) and metrics. DAPO's `dapo.*` options: dynamic sampling (scored first, more prompts until
-        the groups vary), truncated completions left out of the loss, the overlong penalty added to the rewards."""
+        the groups vary), truncated completions left out of the loss, the overlong penalty added to the rewards.
+        `rewards.overlap` off: the rewards are awaited before the inference instead (same results, other timing)."""
         cfg, g, d = self.cfg, self.cfg.grpo, self.cfg.dapo
         problems = self.stream.take(g.prompts_per_step)[self.rank :: self.world_size]
         t0 = time.perf_counter()
@@ -634,6 +635,10 @@ class GRPOTrainer:
             groups, dapo_metrics = self._dynamic_sampling(groups, step)
             problems, prompts, rb, scored = groups.problems, groups.prompts, groups.rollout, groups.scored
         t_rollout = time.perf_counter() - t0
+        t_reward_wait = 0.0
+        if scored is None and not cfg.rewards.overlap:  # rewards.overlap off: the rewards before the inference
+            scored = handle.result()
+            t_reward_wait = time.perf_counter() - t0 - t_rollout
         owner = rb.prompt_index.tolist()
 
         t1 = time.perf_counter()
@@ -666,7 +671,7 @@ class GRPOTrainer:
         t2 = time.perf_counter()
         scored = handle.result() if scored is None else scored
         first = scored if first is None else first  # what the reward metrics describe
-        t_reward_wait = time.perf_counter() - t2
+        t_reward_wait += time.perf_counter() - t2
         rewards = torch.tensor(scored.scores, dtype=torch.float32)
         if d.overlong_buffer_len:  # DAPO's soft overlong punishment
             penalty = self._overlong_penalty(rb)
