@@ -227,3 +227,18 @@ def test_shipped_second_stage_recipe_is_valid(tmp_path, monkeypatch):
     assert cfg.rewards.routes["general"] == {"rm:helpful": 1.0, "pattern": 0.0}
     assert cfg.rewards.model_rewards_from_step > 0 and cfg.reward_models["helpful"].pairing == "round_robin"
     assert re.compile(cfg.rewards.options["pattern"]["pattern"]).pattern == SECOND_PERSON_PATTERN
+
+
+def test_the_plot_draws_every_rule_reward_and_the_accuracy_per_source(tmp_path, monkeypatch):
+    from r1engine.trainer import metrics
+
+    records = [{"step": s, "reward/mean": 0.5, "reward/pattern/mean": 0.1 * s, "reward/rm/helpful/mean": 0.5,
+                "reward/source/general/mean": 0.4, "eval/accuracy": 0.4, "eval/accuracy_stderr": 0.05,
+                "eval/accuracy/general": 0.2 * s, "eval/accuracy/math": 0.3} for s in range(3)]  # fmt: skip
+    drawn: dict[str, list[str]] = {}
+    original = metrics._per_name_keys
+    monkeypatch.setattr(metrics, "_per_name_keys", lambda r, panel: drawn.setdefault(panel, original(r, panel)))
+    metrics.plot_metrics(records, tmp_path / "m.png")
+    assert drawn["reward"] == ["reward/pattern/mean"]  # not the reward models' or the sources' means
+    assert drawn["held-out accuracy"] == ["eval/accuracy/general", "eval/accuracy/math"]
+    assert (tmp_path / "m.png").is_file()

@@ -120,6 +120,18 @@ def _hacking_monitor(ax: Any, records: list[dict[str, Any]]) -> None:
         twin.legend(fontsize=7, loc="lower right")
 
 
+def _per_name_keys(records: list[dict[str, Any]], panel: str) -> list[str]:
+    """Curves a panel gains from the run's own metrics: every rule reward's mean (`reward/<name>/mean`) in the reward
+    panel, the held-out accuracy per data source (`eval/accuracy/<source>`) in the accuracy panel."""
+    fixed = {k for _, keys in PLOT_PANELS for k in keys}
+    present = sorted({k for r in records for k, v in r.items() if v is not None} - fixed)
+    if panel == "reward":
+        return [k for k in present if k.startswith("reward/") and k.endswith("/mean") and k.count("/") == 2]
+    if panel == "held-out accuracy":
+        return [k for k in present if k.startswith("eval/accuracy/")]
+    return []
+
+
 def plot_metrics(records: list[dict[str, Any]], out_path: str | Path, title: str = "GRPO training") -> Path:
     """Write a grid of the standard curves (panels whose metrics never appear are left out)."""
     import matplotlib
@@ -128,7 +140,9 @@ def plot_metrics(records: list[dict[str, Any]], out_path: str | Path, title: str
     import matplotlib.pyplot as plt
 
     panels = [
-        (name, keys) for name, keys in PLOT_PANELS if any(k in r and r[k] is not None for r in records for k in keys)
+        (name, keys + _per_name_keys(records, name))
+        for name, keys in PLOT_PANELS
+        if any(k in r and r[k] is not None for r in records for k in keys + _per_name_keys(records, name))
     ]
     rm_keys = reward_model_keys(records)
     if rm_keys:  # the reward-hacking monitor: reward-model scores against the rule-checked accuracy and the length
