@@ -34,13 +34,14 @@ import contextlib
 import os
 import string
 import threading
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
 
 from r1engine.models.tokenizer import uses_char_vocab
+from r1engine.reward_models.inference import SerialThread
 from r1engine.reward_models.scoring import PairwiseReward
 from r1engine.reward_models.text import prompt_text
 
@@ -238,7 +239,7 @@ class VLLMBackend:
 
 
 # ------------------------------------------------------------------------------------------------ the judge
-class GenerativeJudge:
+class GenerativeJudge(SerialThread):
     """A causal LM as a pairwise judge: `judge(prompts, firsts, seconds)` -> f `[n]` (a `Judge`; no swap; see the
     module docstring).
 
@@ -246,6 +247,8 @@ class GenerativeJudge:
     {a}, {b} (`DEFAULT_TEMPLATE`). `chat`: render through the tokenizer's chat template (None: when it has one).
     `max_length`: tokens of a comparison (None: the model's context). `name`: for messages and the thread's name.
     """
+
+    thread_prefix = "judge"
 
     def __init__(
         self,
@@ -277,7 +280,6 @@ class GenerativeJudge:
         """The token ids of "A" and "B" whose log-probs the verdict compares."""
         self.truncated = 0
         """Comparisons shortened to `max_length` so far."""
-        self._executor: ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
 
     @classmethod
@@ -363,26 +365,6 @@ class GenerativeJudge:
         with self._lock:
             logprobs = self.backend.next_logprobs(seqs, self.answer_ids)
         return logprobs[:, 0] - logprobs[:, 1]
-
-    # -------------------------------------------------------------------------------------------- asynchrony
-    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future:
-        """Run `fn(*args, **kwargs)` (a call of this judge) on the judge's thread; returns its Future. Calls run one
-        at a time, in submission order."""
-        if self._executor is None:
-            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"judge-{self.name}")
-        return self._executor.submit(fn, *args, **kwargs)
-
-    def close(self) -> None:
-        """Wait for submitted calls and stop the judge's thread."""
-        if self._executor is not None:
-            self._executor.shutdown(wait=True)
-            self._executor = None
-
-    def __enter__(self) -> GenerativeJudge:
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
 
 
 def _split(la: int, lb: int, keep: int) -> tuple[int, int]:

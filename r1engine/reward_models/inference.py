@@ -104,7 +104,35 @@ def score_sequences(
     return out
 
 
-class RewardScorer:
+class SerialThread:
+    """A model's own thread: `submit(fn, ...)` runs calls one at a time, in submission order, and returns their
+    Futures; `close()` (or leaving a `with` block) waits for them and stops the thread. Subclasses name the thread
+    (`thread_prefix`) and have a `name`."""
+
+    thread_prefix = "model"
+    name = ""
+    _executor: ThreadPoolExecutor | None = None
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future:
+        """Run `fn(*args, **kwargs)` on the thread; returns its Future."""
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{self.thread_prefix}-{self.name}")
+        return self._executor.submit(fn, *args, **kwargs)
+
+    def close(self) -> None:
+        """Wait for submitted calls and stop the thread."""
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+class RewardScorer(SerialThread):
     """A reward model with its tokenizer, scoring text (see the module docstring).
 
     `device`: where the model scores (None: where it is). `offload`: keep the weights on the CPU between calls and
@@ -112,6 +140,8 @@ class RewardScorer:
     than this keep their last `max_length` tokens (the score is read at the end; None: the model's
     max_position_embeddings). `mode`: "packed" or a padded baseline (`score_sequences`). `name`: for messages.
     """
+
+    thread_prefix = "rm"
 
     def __init__(
         self,
@@ -144,7 +174,6 @@ class RewardScorer:
         self.name = name
         self.truncated = 0
         """Inputs cut to `max_length` so far."""
-        self._executor: ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
         self.model.to("cpu" if self.offload else self.device)
 
@@ -229,26 +258,6 @@ class RewardScorer:
         _check_same_length(prompts=prompts, firsts=firsts, seconds=seconds)
         seqs = [self.encode_pair(p, a, b) for p, a, b in zip(prompts, firsts, seconds, strict=True)]
         return self.score_ids(seqs)[:, 0]
-
-    # -------------------------------------------------------------------------------------------- asynchrony
-    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future:
-        """Run `fn(*args, **kwargs)` (a scoring call of this model) on the scorer's thread; returns its Future.
-        Calls run one at a time, in submission order."""
-        if self._executor is None:
-            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"rm-{self.name}")
-        return self._executor.submit(fn, *args, **kwargs)
-
-    def close(self) -> None:
-        """Wait for submitted calls and stop the scorer's thread."""
-        if self._executor is not None:
-            self._executor.shutdown(wait=True)
-            self._executor = None
-
-    def __enter__(self) -> RewardScorer:
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
 
 
 def _check_same_length(**columns: Sequence[Any]) -> None:
