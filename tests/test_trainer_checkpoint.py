@@ -20,13 +20,16 @@ from r1engine.trainer.checkpoint import (
 
 
 def _writer(value: float):
-    """What the trainer writes into a checkpoint: model/ (config.json + safetensors) and rank 0's RNG state."""
+    """What the trainer writes into a checkpoint: model/ (config.json + safetensors), rank 0's RNG state and, as
+    under DeepSpeed, the engine's own shards (torch.save files in a subdirectory)."""
 
     def write(directory):
         (directory / "model").mkdir()
         (directory / "model" / "config.json").write_text(json.dumps({"value": value}))
         save_file({"w": torch.full((64,), value)}, str(directory / "model" / "model.safetensors"))
         torch.save(rng_state(), directory / "rng-rank0.pt")
+        (directory / "deepspeed" / "ds").mkdir(parents=True)
+        torch.save({"optimizer": torch.full((64,), value)}, directory / "deepspeed" / "ds" / "optim_states.pt")
 
     return write
 
@@ -106,6 +109,10 @@ DAMAGE = {
     "truncated RNG file": (lambda d: _truncate(d / "rng-rank0.pt"), "rng-rank0.pt is damaged"),
     "missing trainer.pt": (lambda d: (d / "trainer.pt").unlink(), "trainer.pt is missing"),
     "truncated trainer.pt": (lambda d: _truncate(d / "trainer.pt"), "trainer.pt is damaged"),
+    "truncated DeepSpeed shard": (
+        lambda d: _truncate(d / "deepspeed" / "ds" / "optim_states.pt"),
+        "deepspeed/ds/optim_states.pt is damaged",
+    ),
 }
 
 

@@ -168,15 +168,16 @@ class CheckpointManager:
         return name
 
     def verify(self, path: Path) -> None:
-        """Check, without loading any tensors, the files a resume reads from checkpoint `path`: trainer.pt and the
-        RNG files are complete torch.save archives (rank 0's at least), every JSON file parses, model/ has its
-        config.json and complete safetensors weights. Raises DamagedCheckpoint naming the problem."""
+        """Check, without loading any tensors, the files a resume reads from checkpoint `path`: trainer.pt, the RNG
+        files (rank 0's at least) and every other `.pt` file (DeepSpeed's optimizer shards) are complete torch.save
+        archives, every JSON file parses, model/ has its config.json and complete safetensors weights. Raises
+        DamagedCheckpoint naming the problem."""
         if not path.is_dir():
             raise DamagedCheckpoint("the directory is missing")
         _check_torch_file(path / "trainer.pt", path)
         _check_torch_file(path / "rng-rank0.pt", path)
-        for rng in path.glob("rng-rank*.pt"):
-            _check_torch_file(rng, path)
+        for f in sorted(path.rglob("*.pt")):  # the RNG files of every rank, DeepSpeed's shards (all torch.save files)
+            _check_torch_file(f, path)
         for f in sorted(path.rglob("*.json")):
             try:
                 json.loads(f.read_text())
