@@ -174,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from r1engine.data import DataError, TemplateError
     from r1engine.trainer import create_trainer
+    from r1engine.trainer.async_rollout import RolloutProcessLost
     from r1engine.trainer.checkpoint import CheckpointError
 
     try:
@@ -193,6 +194,9 @@ def main(argv: list[str] | None = None) -> int:
         if trainer.is_main:
             print(f"r1engine: checkpoint error: {exc}", file=sys.stderr)
         return 2
+    except RolloutProcessLost as exc:  # the rollout worker died: says which checkpoint a rerun resumes from
+        print(f"r1engine: rollout error: {exc}", file=sys.stderr)
+        return 3
     finally:
         trainer.close()
     if trainer.is_main:

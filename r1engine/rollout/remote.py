@@ -9,7 +9,8 @@ and the worker loads them with its engine's `load_named_weights`, the code the i
 Versions: the engine starts at version 0 (the weights in `model_dir`); each `sync_weights` makes the next one (or
 the caller's number), and every token of a batch carries the version that sampled it (`RolloutBatch.versions`).
 Weights are pushed only while the worker is idle: `sync_weights` first waits for the generations already
-submitted, which finish with the old weights (their handles still return them).
+submitted, which finish with the old weights (their handles still return them); `push_weights` (asynchronous RL)
+copies the weights and queues them behind those generations without waiting, for the ones submitted after it.
 
 A worker that dies (killed, out of memory) is noticed while waiting for it (the pipe is polled with a timeout and
 the process checked) or at the next call, which raise `RolloutWorkerDied` with its exit code. The worker exits on
@@ -41,6 +42,7 @@ from r1engine.rollout.weight_transfer import (
     make_group,
     plan_buckets,
     send_weights,
+    start_send,
     transport_device,
 )
 
@@ -157,7 +159,7 @@ class RemoteRolloutEngine:
             if model is None:
                 raise ValueError("RemoteRolloutEngine needs model_dir= (a saved model directory) or model=")
             self._tmpdir = tempfile.mkdtemp(prefix="r1engine-remote-")
-            model.save_pretrained(self._tmpdir)
+            model.save_pretrained(self._tmpdir, engine_kwargs.get("tokenizer"))  # vLLM reads the tokenizer there
             model_dir = self._tmpdir
         elif not os.path.isfile(os.path.join(model_dir, "config.json")):
             raise FileNotFoundError(f"model_dir {model_dir} has no config.json (not a model directory)")
@@ -172,6 +174,7 @@ class RemoteRolloutEngine:
         self._lock = threading.RLock()
         self._dead: RolloutWorkerDied | None = None
         self._closed = False
+        self._push: tuple[int, list, list, float] | None = None  # push_weights in flight: (request, works, buffers, t0)
 
         store = host_store(timeout_s=timeout_s)
         kwargs = dict(engine_kwargs, num_speculative_tokens=num_speculative_tokens, max_model_len=max_model_len)
@@ -371,6 +374,7 @@ class RemoteRolloutEngine:
         during = "while taking weights"
         with self._lock:
             self._check_usable(during)
+            self._finish_push()
             self._drain()
             t0 = time.perf_counter()
             weights = list(weights)
@@ -393,6 +397,40 @@ class RemoteRolloutEngine:
             self.last_sync = dict(info, seconds=time.perf_counter() - t0)
             return self.last_sync
 
+    @torch.no_grad()
+    def push_weights(self, model: Any, version: int | None = None) -> None:
+        """`sync_weights` without waiting (asynchronous RL): the weights are copied now, so the caller may go on
+        training; they are broadcast in the background and loaded when the worker reaches this request, after the
+        generations submitted before it; those submitted after sample with them. `version`: as `sync_weights`, and
+        `self.version` is the new one at once. The next push or sync waits for this one (`last_sync` then has its
+        figures). The worker must reach it within `timeout_s` (the broadcast's bound)."""
+        if model.config != self.config:
+            raise ValueError(f"push_weights: model config {model.config} differs from the engine's {self.config}")
+        during = "while taking weights"
+        with self._lock:
+            self._check_usable(during)
+            self._finish_push()
+            t0 = time.perf_counter()
+            weights = list(model.named_weights())
+            device = transport_device(self.transport, weights[0][1].device if weights[0][1].is_cuda else None)
+            buckets = plan_buckets(weights, self.bucket_bytes)
+            new_version = self.version + 1 if version is None else int(version)
+            rid = self._request("sync", (new_version, buckets), during)
+            works, buffers = start_send(self._group, buckets, weights, device)
+            self._push = (rid, works, buffers, t0)
+            self.version = new_version
+
+    def _finish_push(self) -> None:
+        """Wait for the push in flight, if any: the worker's reply (which polls its liveness), then the broadcasts."""
+        if self._push is None:
+            return
+        rid, works, _, t0 = self._push
+        self._push = None
+        info = self._wait(rid, None, "while taking weights")
+        for work in works:  # done once the worker replied (it received every bucket)
+            work.wait()
+        self.last_sync = dict(info, seconds=time.perf_counter() - t0)
+
     def offload(self) -> None:
         """The worker's engine `offload` (after the submitted generations)."""
         self._call("offload", None, "while offloading")
@@ -406,6 +444,11 @@ class RemoteRolloutEngine:
         with self._lock:
             if self._closed:
                 return
+            if self._push is not None and self._dead is None and self._process.is_alive():
+                try:  # let the worker take the weights it was sent: a broadcast left half done would block here
+                    self._finish_push()
+                except Exception:
+                    pass
             self._closed = True
             self._finalizer.cancel()
             _shutdown(self._process, self._conn, self._tmpdir, timeout_s)

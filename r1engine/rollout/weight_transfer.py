@@ -145,6 +145,28 @@ def send_weights(
     return total
 
 
+@torch.no_grad()
+def start_send(
+    group: dist.ProcessGroup,
+    buckets: Sequence[Bucket],
+    weights: Sequence[tuple[str, torch.Tensor]],
+    device: torch.device,
+) -> tuple[list[dist.Work], list[torch.Tensor]]:
+    """Rank 0, without waiting: flatten every bucket now (a copy: the caller may change `weights` at once) and start
+    its broadcast. Returns the pending works and the buffers, which must stay alive until the works are done."""
+    it = iter(weights)
+    flats = []
+    for bucket in buckets:
+        parts = []
+        for spec in bucket.tensors:
+            name, t = next(it)
+            if name != spec.name or tuple(t.shape) != spec.shape or t.dtype != bucket.dtype:
+                raise ValueError(f"start_send: tensor {name!r} does not match the plan ({spec}, {bucket.dtype})")
+            parts.append(t.detach().to(device).reshape(-1).view(torch.uint8))
+        flats.append(torch.cat(parts))
+    return [_broadcast(group, flat) for flat in flats], flats
+
+
 def receive_weights(
     group: dist.ProcessGroup, buckets: Sequence[Bucket], device: torch.device
 ) -> Iterator[tuple[str, torch.Tensor]]:

@@ -259,6 +259,23 @@ class RolloutConfig:
     device: str | None = None
     """Where the native engine generates: None shares the training device; another device (e.g. "cuda:1")
     gives rollouts their own, so nothing is offloaded between stages. vLLM places itself (CUDA_VISIBLE_DEVICES)."""
+    mode: Literal["sync", "one_step_off", "async"] = "sync"
+    """sync: each step samples with the weights it trains (the paper's loop). one_step_off: step k+1's batch is
+    sampled by the weights of step k while step k trains (staleness 1). async: up to `max_staleness` batches are
+    sampled ahead; none older than that many policy versions is trained on. The off-policy modes correct with the
+    sampler's log-probs (r1engine.trainer.async_rollout)."""
+    max_staleness: int = 1
+    """async: the most policy versions a trained batch may lag the trained weights (>= 1); also its lookahead."""
+    remote: bool | None = None
+    """Run the rollout engine in a worker process of its own (r1engine.rollout.remote), weights pushed over a gloo
+    group; None: on for the off-policy modes (which need it), off for sync."""
+    num_threads: int = 0
+    """The remote worker's intra-op CPU threads (0: PyTorch's default); split the cores with training.num_threads."""
+
+    @property
+    def is_remote(self) -> bool:
+        """Whether the engine runs in a worker process (`remote`, or its default for the mode)."""
+        return self.remote if self.remote is not None else self.mode != "sync"
 
 
 @dataclass
@@ -500,6 +517,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"rollout.num_speculative_tokens: must be >= 0, got {cfg.rollout.num_speculative_tokens}")
     _validate_model(cfg)
     _validate_dapo(cfg)
+    _validate_rollout_mode(cfg)
 
 
 def _validate_loss_path(cfg: Config) -> None:
@@ -525,6 +543,40 @@ def _validate_dapo(cfg: Config) -> None:
         )
     if not (math.isfinite(d.overlong_penalty_factor) and d.overlong_penalty_factor >= 0):
         raise ConfigError(f"dapo.overlong_penalty_factor: must be a finite value >= 0, got {d.overlong_penalty_factor}")
+
+
+def _validate_rollout_mode(cfg: Config) -> None:
+    """The off-policy modes: a worker process, and old log-probs that are the behaviour policy's."""
+    r, g = cfg.rollout, cfg.grpo
+    if r.mode not in ("sync", "one_step_off", "async"):
+        raise ConfigError(f"rollout.mode: must be sync, one_step_off or async, got {r.mode!r}")
+    if r.max_staleness < 1:
+        raise ConfigError(f"rollout.max_staleness: must be >= 1, got {r.max_staleness}")
+    if r.max_staleness != 1 and r.mode != "async":
+        raise ConfigError(f"rollout.max_staleness: only for rollout.mode=async (got mode {r.mode})")
+    if r.num_threads < 0:
+        raise ConfigError(f"rollout.num_threads: must be >= 0, got {r.num_threads}")
+    if r.mode == "sync":
+        return
+    if r.remote is False:
+        raise ConfigError(f"rollout.remote: rollout.mode={r.mode} generates in a worker process; set it true (or null)")
+    if cfg.dapo.dynamic_sampling:
+        raise ConfigError(f"dapo.dynamic_sampling: not supported with rollout.mode={r.mode} (use rollout.mode=sync)")
+    if cfg.training.deepspeed_zero_stage:
+        raise ConfigError(f"training.deepspeed_zero_stage: rollout.mode={r.mode} is single-process for now (use 0)")
+    # the engines report log softmax(raw logits): the behaviour policy's log-probs only when sampling at T=1 unfiltered
+    for key, value, plain in (("grpo.temperature", g.temperature, 1.0), ("rollout.top_p", r.top_p, 1.0),
+                              ("rollout.top_k", r.top_k, -1)):  # fmt: skip
+        if value != plain:
+            raise ConfigError(
+                f"{key}: rollout.mode={r.mode} needs {plain} (the sampler's log-probs, which correct the off-policy "
+                f"update, are those of T=1 unfiltered sampling), got {value}"
+            )
+    if g.old_logprobs == "recompute" and g.rollout_correction is None:
+        raise ConfigError(
+            f"grpo.old_logprobs: rollout.mode={r.mode} trains on samples of older weights; use 'sampler' (the "
+            "behaviour policy's log-probs as the old ones) or keep 'recompute' with grpo.rollout_correction set"
+        )
 
 
 def _validate_rewards(cfg: Config) -> None:

@@ -126,6 +126,7 @@ def _merge(parts: list[ScoredGroups], chosen: list[int], group_size: int) -> Sco
             },
         ),
         prompt_ids=pick(lambda s: s.rollout.prompt_ids) if all(s.rollout.prompt_ids for s in parts) else [],
+        versions=pick(lambda s: s.rollout.versions) if all(s.rollout.versions for s in parts) else [],
     )
     return ScoredGroups(
         problems=[parts[p].problems[j] for p, j in groups],

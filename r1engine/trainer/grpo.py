@@ -39,6 +39,7 @@ from r1engine.rewards.routing import RewardRoutes
 from r1engine.rewards.sandbox import SandboxUnavailable
 from r1engine.rollout import create_engine
 from r1engine.rollout.base import RolloutBatch
+from r1engine.trainer.async_rollout import RolloutProcessLost, RolloutScheduler
 from r1engine.trainer.checkpoint import (
     CheckpointError,
     CheckpointManager,
@@ -423,6 +424,7 @@ class GRPOTrainer:
         self.train_engine: TrainEngine | None = None
         self.ref_model: PolicyModel | None = None
         self.rollout = None
+        self.rollout_scheduler: RolloutScheduler | None = None  # batches in flight (rollout.mode one_step_off, async)
         options = {k: v for k, v in reward_options(cfg, self.template).items() if k in rules.names}
         try:
             self.rewards = RewardScheduler(
@@ -466,6 +468,15 @@ class GRPOTrainer:
         r = self.cfg.rollout
         weights = self.train_engine.full_weights() if self.train_engine is not None else contextlib.nullcontext()
         with weights:
+            if r.is_remote:  # the engine in a worker process of its own (r1engine.rollout.remote)
+                from r1engine.rollout.remote import RemoteRolloutEngine
+
+                self.rollout = RemoteRolloutEngine(
+                    r.backend, model=self.model, tokenizer=self.tokenizer,
+                    num_speculative_tokens=r.num_speculative_tokens, max_model_len=self.cfg.training.chunk_len,
+                    vllm_log_level=r.vllm_log_level, device=r.device, num_threads=r.num_threads or None,
+                )  # fmt: skip
+                return
             self.rollout = create_engine(
                 r.backend,
                 model=self.model,
@@ -475,6 +486,25 @@ class GRPOTrainer:
                 vllm_log_level=r.vllm_log_level,
                 **({"device": r.device} if r.device is not None else {}),
             )
+
+    def _rollout_scheduler(self) -> RolloutScheduler:
+        """rollout.mode one_step_off / async: the scheduler of the batches sampled ahead, the engine told the
+        trainer's version (the step: a resumed run, or an MTP warm-up that synced, starts elsewhere than 0)."""
+        r = self.cfg.rollout
+        if self.rollout.version != self.step:
+            with self.train_engine.full_weights():
+                self.rollout.sync_weights(self.model, version=self.step)
+        return RolloutScheduler(
+            self.rollout,
+            lookahead=r.max_staleness if r.mode == "async" else 1,
+            max_staleness=r.max_staleness,
+            take=self._take_problems,
+            encode=lambda p: self.encode(p.prompt),
+            sampling=self._sampling_args,
+            score=self._score_rollout,
+            stream_state=self.stream.state,
+            last_step=self.cfg.grpo.steps,
+        )
 
     def _cold_start(self) -> None:
         """Cold-start SFT on rank 0; the other ranks receive its weights and data position."""
@@ -523,7 +553,7 @@ class GRPOTrainer:
         rollout_device = torch.device(r.device) if r.device is not None else self.device
         # "cuda" and "cuda:0" name the same device here (an index-less name means the first one)
         shared = (rollout_device.type, rollout_device.index or 0) == (self.device.type, self.device.index or 0)
-        offload = r.offload_between_stages and shared
+        offload = r.offload_between_stages and shared and r.mode == "sync"  # else both run at once
         if offload:
             self.rollout.onload()
         try:
@@ -560,26 +590,33 @@ class GRPOTrainer:
     ) -> tuple[list[list[int]], RolloutBatch, Any]:
         """G completions of each of `problems` (this rank's), their scoring submitted: (prompt ids, rollout, reward
         handle). Each round of a step (`round_`, with dynamic sampling) samples with a seed of its own."""
-        cfg, g = self.cfg, self.cfg.grpo
         prompts = [self.encode(p.prompt) for p in problems]
         with self._rollout_awake():
-            rb = self.rollout.generate(
-                prompts,
-                n=g.group_size,
-                max_new_tokens=g.max_new_tokens,
-                temperature=g.temperature,
-                top_p=cfg.rollout.top_p,
-                top_k=cfg.rollout.top_k,
-                stop_token_ids=self.codec.stop_ids,
-                seed=cfg.seed * 1_000_003 + step * self.world_size + self.rank + round_ * 0x9E3779B1,
-            )
+            rb = self.rollout.generate(prompts, **self._sampling_args(step, round_))
+        return prompts, rb, self._score_rollout(problems, rb, step)
+
+    def _sampling_args(self, step: int, round_: int = 0) -> dict[str, Any]:
+        """The rollout engine's sampling arguments of a step's batch (its seed: the step's, the rank's, the round's)."""
+        cfg, g = self.cfg, self.cfg.grpo
+        return dict(
+            n=g.group_size,
+            max_new_tokens=g.max_new_tokens,
+            temperature=g.temperature,
+            top_p=cfg.rollout.top_p,
+            top_k=cfg.rollout.top_k,
+            stop_token_ids=self.codec.stop_ids,
+            seed=cfg.seed * 1_000_003 + step * self.world_size + self.rank + round_ * 0x9E3779B1,
+        )
+
+    def _score_rollout(self, problems: list[Problem], rb: RolloutBatch, step: int) -> Any:
+        """Submit the rewards of rollout `rb` of `problems` (scored in the background); returns their handle."""
         texts = [self.decode(c) for c in rb.completion_ids]
         rows = [problems[i] for i in rb.prompt_index.tolist()]
         columns = _columns(rows) if self._pass_columns else None
         if self.model_rewards is None:
             handle = self.rewards.submit(texts, [p.answer for p in rows], sources=[p.source for p in rows],
                                          columns=columns)  # fmt: skip
-            return prompts, rb, handle
+            return handle
         # rule rewards for the rows whose route has them, then the reward models (both overlap the inference)
         keep = [i for i, p in enumerate(rows) if self.model_rewards.has_rules(p.source)]
         rule_handle = None
@@ -591,7 +628,7 @@ class GRPOTrainer:
                 columns={k: [v[i] for i in keep] for k, v in columns.items()} if columns else None,
             )
         owner = rb.prompt_index.tolist()
-        return prompts, rb, self.model_rewards.submit(rule_handle, keep, texts, rows, owner, step)
+        return self.model_rewards.submit(rule_handle, keep, texts, rows, owner, step)
 
     def _overlong_penalty(self, rb: RolloutBatch) -> torch.Tensor:
         """`dapo.overlong_buffer_len`'s penalty of each completion of `rb` (zeros when off)."""
@@ -617,6 +654,10 @@ class GRPOTrainer:
             sum_across_ranks=sum_across_ranks,
         )  # fmt: skip
 
+    def _take_problems(self, step: int) -> list[Problem]:
+        """This rank's problems of a step's batch (every rank takes the whole batch from its stream alike)."""
+        return self.stream.take(self.cfg.grpo.prompts_per_step)[self.rank :: self.world_size]
+
     def generate_and_score(self, step: int) -> tuple[SequenceBatch, dict[str, Any], dict[str, Any]]:
         """One rollout: G completions for this rank's prompts, rewards (async) overlapped with inference of the
         old and reference log-probs; returns the sequences, their training fields (per-sequence old/ref log-probs
@@ -624,9 +665,13 @@ class GRPOTrainer:
         the groups vary), truncated completions left out of the loss, the overlong penalty added to the rewards.
         `rewards.overlap` off: the rewards are awaited before the inference instead (same results, other timing)."""
         cfg, g, d = self.cfg, self.cfg.grpo, self.cfg.dapo
-        problems = self.stream.take(g.prompts_per_step)[self.rank :: self.world_size]
+        problems = self._take_problems(step) if self.rollout_scheduler is None else None
         t0 = time.perf_counter()
-        prompts, rb, handle = self._roll_out(problems, step)  # scored while we infer below
+        if self.rollout_scheduler is None:
+            prompts, rb, handle = self._roll_out(problems, step)  # scored while we infer below
+        else:  # rollout.mode one_step_off / async: the batch sampled ahead for this step, already being scored
+            ahead = self.rollout_scheduler.next(step, version=step)
+            problems, prompts, rb, handle = ahead.problems, ahead.prompts, ahead.rollout, ahead.rewards
         scored = first = None
         dapo_metrics: dict[str, float] = {}
         if d.dynamic_sampling:
@@ -701,6 +746,7 @@ class GRPOTrainer:
             "time/reward_wait_s": t_reward_wait,
             **pack_stats,
             **dapo_metrics,
+            **(self.rollout_scheduler.metrics() if self.rollout_scheduler is not None else {}),
         }
         seqs_fields = {"old": old_seq, "ref": ref_seq, "adv": advantages, "rewards": rewards}
         return seqs, seqs_fields, metrics
@@ -752,9 +798,17 @@ class GRPOTrainer:
 
     def sync_rollout_weights(self) -> None:
         with self.train_engine.full_weights(), self._rollout_awake():
-            self.rollout.sync_weights(self.model)
+            if self.rollout_scheduler is not None:  # queued behind the generations in flight, without waiting
+                self.rollout_scheduler.after_step(self.model, version=self.step + 1)
+            else:
+                self.rollout.sync_weights(self.model)
 
     # ------------------------------------------------------------------------------------------- checkpoints
+    def _trained_stream_state(self) -> Any:
+        """The data position after the last batch trained (batches in flight are sampled again on resume)."""
+        scheduler = self.rollout_scheduler
+        return scheduler.trained_stream_state() if scheduler is not None else self.stream.state()
+
     def save_checkpoint(self, step: int) -> Path:
         """Every rank calls this: rank 0 writes the model and trainer state, every rank its RNG state and (with
         DeepSpeed) its optimizer partition."""
@@ -764,7 +818,7 @@ class GRPOTrainer:
                 "step": step,
                 "world_size": self.world_size,
                 "optimizer": self.train_engine.optimizer_state(),
-                "stream": self.stream.state(),
+                "stream": self._trained_stream_state(),
                 "ref": self.ref_model.state_dict() if self.ref_model is not None else None,
                 "sft_losses": self.sft_losses,
                 "config": self.cfg.to_dict(),
@@ -835,6 +889,16 @@ class GRPOTrainer:
 
     # ------------------------------------------------------------------------------------------- the loop
     def run(self) -> dict[str, Any]:
+        """The whole run (resumed from output_dir's checkpoint when there is one); returns its summary. A rollout worker
+        process that dies raises `RolloutProcessLost`: its message says which checkpoint the run resumes from."""
+        from r1engine.rollout.remote import RolloutWorkerDied
+
+        try:
+            return self._run()
+        except RolloutWorkerDied as exc:
+            raise RolloutProcessLost.of(exc, self.step, self.checkpoints) from None
+
+    def _run(self) -> dict[str, Any]:
         cfg, g = self.cfg, self.cfg.grpo
         found = self._resume_point()
         resumed = found is not None
@@ -862,6 +926,8 @@ class GRPOTrainer:
             self._reset_reference()
         if self.rollout is None:
             self._start_rollout()
+        if cfg.rollout.mode != "sync":
+            self.rollout_scheduler = self._rollout_scheduler()
         evaluation = self.evaluate()
         acc = evaluation["eval/accuracy"]
         if not resumed and self.is_main:
@@ -946,6 +1012,10 @@ class GRPOTrainer:
             tqdm.write(f"[r1engine] {text}")
 
     def close(self) -> None:
+        if self.rollout_scheduler is not None:
+            self.rollout_scheduler.discard()
+        if getattr(self.rollout, "remote", False):  # the worker process
+            self.rollout.close()
         self.rewards.close()
         if self.model_rewards is not None:
             self.model_rewards.close()

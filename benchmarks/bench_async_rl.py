@@ -1,0 +1,241 @@
+"""Samples/s and held-out accuracy over wall time of the rollout modes (`rollout.mode`): sync against one_step_off and
+async, on the demo task (configs/demo.yaml), in one run with the same settings.
+
+One cold-start SFT (the demo's) gives the starting policy; then each mode trains from those weights for the same
+number of GRPO steps, one mode after the other, with the same loss (`grpo.old_logprobs=sampler`: the behaviour
+policy's log-probs as the old ones, which the off-policy modes need and sync may use) and the native engine:
+
+- sync: the trainer as it is by default, the engine in its own process (`rollout.remote=false`);
+- sync_remote: sync with the engine in a worker process (what the off-policy modes pay for the process split);
+- one_step_off: step k+1's batch is sampled by the weights of step k while step k trains;
+- async: `--max-staleness` batches sampled ahead.
+
+Torch threads: the trainer and the worker get `--threads` each (1 each splits the 2 cores), the in-process sync
+trainer `--sync-threads`. samples/s counts the trained completions over the GRPO steps' time without the held-out
+evaluations (timed apart); the plot shows held-out pass@1 against wall time since the first step, evaluations
+included. Writes benchmarks/results/async_rl.md and async_rl.png (and the per-step records as JSON with `--json`).
+
+    nice python benchmarks/bench_async_rl.py                 # 30 steps per mode, eval every 10
+    nice python benchmarks/bench_async_rl.py --steps 4 --eval-every 2 --num-eval 20 --sft-steps 20   # quick
+
+`main(argv)` returns the result as a dict.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import math
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from benchmarks.common import git_commit, machine, write_report  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+MODES = ("sync", "sync_remote", "one_step_off", "async")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=30, help="GRPO steps per mode")
+    parser.add_argument("--sft-steps", type=int, default=200, help="the shared cold-start SFT (the demo's: 200)")
+    parser.add_argument("--eval-every", type=int, default=10)
+    parser.add_argument("--num-eval", type=int, default=200, help="held-out problems (the demo's: 200)")
+    parser.add_argument("--max-staleness", type=int, default=2, help="async's bound (and lookahead)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads of the trainer and of the worker")
+    parser.add_argument("--sync-threads", type=int, default=1, help="torch threads of the in-process sync trainer")
+    parser.add_argument("--modes", default=",".join(MODES))
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "async_rl.md")
+    parser.add_argument("--json", type=Path, default=None)
+    return parser.parse_args(argv)
+
+
+def _overrides(args: argparse.Namespace, out_dir: Path) -> list[str]:
+    return [
+        f"output_dir={out_dir}",
+        f"seed={args.seed}",
+        "sft.steps=0",
+        f"grpo.steps={args.steps}",
+        "grpo.old_logprobs=sampler",
+        "rollout.backend=native",
+        f"task.num_eval={args.num_eval}",
+        f"eval.every={args.eval_every}",
+        "checkpoint.every=0",
+        "checkpoint.resume=false",
+    ]
+
+
+def _mode_overrides(mode: str, args: argparse.Namespace) -> list[str]:
+    threads = [f"training.num_threads={args.threads}", f"rollout.num_threads={args.threads}"]
+    return {
+        "sync": [f"training.num_threads={args.sync_threads}"],
+        "sync_remote": ["rollout.remote=true", *threads],
+        "one_step_off": ["rollout.mode=one_step_off", *threads],
+        "async": ["rollout.mode=async", f"rollout.max_staleness={args.max_staleness}", *threads],
+    }[mode]
+
+
+def cold_start(args: argparse.Namespace, work: Path) -> Path:
+    """The demo's cold-start SFT once; every mode starts from the weights it writes."""
+    from r1engine.trainer.config import load_config
+    from r1engine.trainer.grpo import GRPOTrainer
+
+    cfg = load_config(
+        ROOT / "configs" / "demo.yaml",
+        [
+            f"output_dir={work / 'sft'}",
+            f"seed={args.seed}",
+            f"sft.steps={args.sft_steps}",
+            "rollout.backend=native",
+            f"training.num_threads={args.sync_threads}",
+        ],
+    )
+    trainer = GRPOTrainer(cfg, progress=False)
+    try:
+        trainer._cold_start()
+        trainer.model.save_pretrained(work / "sft-model")
+    finally:
+        trainer.close()
+    return work / "sft-model"
+
+
+def run_mode(mode: str, args: argparse.Namespace, model_dir: Path, work: Path) -> dict[str, Any]:
+    """One mode's run from the SFT weights: its per-step records, evaluation time and wall time."""
+    from r1engine.models import PolicyModel
+    from r1engine.trainer.config import load_config
+    from r1engine.trainer.grpo import GRPOTrainer
+    from r1engine.trainer.metrics import read_metrics
+
+    out_dir = work / mode
+    cfg = load_config(ROOT / "configs" / "demo.yaml", [*_overrides(args, out_dir), *_mode_overrides(mode, args)])
+    trainer = GRPOTrainer(cfg, model=PolicyModel.from_pretrained(model_dir), progress=False)
+    evals: list[float] = []
+    evaluate = trainer.evaluate
+
+    def timed_evaluate():
+        t0 = time.perf_counter()
+        try:
+            return evaluate()
+        finally:
+            evals.append(time.perf_counter() - t0)
+
+    trainer.evaluate = timed_evaluate
+    t0 = time.perf_counter()
+    try:
+        summary = trainer.run()
+    finally:
+        trainer.close()
+    wall = time.perf_counter() - t0
+    records = read_metrics(out_dir / "metrics.jsonl")
+    steps = [r for r in records if r["step"] > 0]
+    train_s = sum(r["time/step_s"] for r in steps) - sum(evals[1:])  # evals[0]: before RL, outside the steps
+    samples = len(steps) * cfg.grpo.prompts_per_step * cfg.grpo.group_size
+    curve, clock = [(0.0, records[0]["eval/accuracy"])], 0.0
+    for r in steps:
+        clock += r["time/step_s"]
+        if "eval/accuracy" in r:
+            curve.append((clock, r["eval/accuracy"]))
+    final = summary["accuracy_after_rl"]
+    n = args.num_eval * cfg.eval.samples
+    return {
+        "mode": mode,
+        "samples": samples,
+        "train_s": train_s,
+        "samples_per_s": samples / train_s,
+        "eval_s": sum(evals),
+        "wall_s": wall,
+        "accuracy_before": summary["accuracy_before_rl"],
+        "accuracy_after": final,
+        "accuracy_se": math.sqrt(max(final * (1 - final), 1e-12) / n),  # over the samples (problems x samples)
+        "staleness_mean": sum(r.get("rollout/staleness_mean") or 0.0 for r in steps) / len(steps),
+        "dropped_stale": steps[-1].get("rollout/dropped_stale") or 0.0,
+        "curve": curve,
+        "step_s": [r["time/step_s"] for r in steps],
+    }
+
+
+def plot(results: list[dict[str, Any]], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in results:
+        xs, ys = zip(*r["curve"], strict=True)
+        ax.plot(xs, ys, marker="o", label=f"{r['mode']} ({r['samples_per_s']:.1f} samples/s)")
+    ax.set_xlabel("wall time since the first GRPO step (s, evaluations included)")
+    ax.set_ylabel("held-out pass@1")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def report(args: argparse.Namespace, results: list[dict[str, Any]], argv: list[str], load: tuple) -> str:
+    base = next((r for r in results if r["mode"] == "sync"), results[0])
+    rows = [
+        f"| {r['mode']} | {r['samples_per_s']:.2f} | {r['samples_per_s'] / base['samples_per_s']:.2f}x | "
+        f"{r['train_s']:.1f} | {r['wall_s']:.1f} | {r['accuracy_before']:.3f} -> {r['accuracy_after']:.3f} "
+        f"(± {r['accuracy_se']:.3f}) | {r['staleness_mean']:.2f} | {r['dropped_stale']:.0f} |"
+        for r in results
+    ]
+    command = "python benchmarks/bench_async_rl.py " + " ".join(argv)
+    return "\n".join(
+        [
+            "# Rollout modes: sync vs one_step_off vs async (issue 20)",
+            "",
+            f"Command: `nice {command.strip()}`; date {datetime.date.today()}; commit {git_commit()} (with the",
+            f"working tree's changes); machine: {machine()}; load average before the run {load[0]:.2f}, "
+            f"{load[1]:.2f}, {load[2]:.2f} and after it {os.getloadavg()[0]:.2f} (other jobs share the cores).",
+            "",
+            f"Demo task (configs/demo.yaml), {args.sft_steps} SFT steps once, then {args.steps} GRPO steps per mode "
+            f"from the same weights (modes run one after the other), native engine, grpo.old_logprobs=sampler, "
+            f"held-out pass@1 over {args.num_eval} problems x 4 samples every {args.eval_every} steps; torch threads: "
+            f"{args.threads} trainer + {args.threads} worker, {args.sync_threads} for in-process sync.",
+            "",
+            "| mode | samples/s | vs sync | GRPO s (no eval) | wall s | held-out pass@1 (± s.e.) | staleness mean "
+            "| dropped stale |",
+            "|---|---|---|---|---|---|---|---|",
+            *rows,
+            "",
+            "![held-out pass@1 over wall time](async_rl.png)",
+            "",
+        ]
+    )
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    modes = [m for m in args.modes.split(",") if m]
+    unknown = [m for m in modes if m not in MODES]
+    if unknown:
+        raise SystemExit(f"--modes: unknown {unknown}; choose from {MODES}")
+    load = os.getloadavg()
+    with tempfile.TemporaryDirectory(prefix="bench-async-rl-") as tmp:
+        work = Path(tmp)
+        model_dir = cold_start(args, work)
+        results = []
+        for mode in modes:
+            results.append(run_mode(mode, args, model_dir, work))
+            r = results[-1]
+            print(f"{mode}: {r['samples_per_s']:.2f} samples/s, pass@1 {r['accuracy_after']:.3f}", flush=True)
+    text = report(args, results, argv, load)
+    plot(results, args.out.with_suffix(".png"), f"demo task, {args.steps} GRPO steps per mode, {machine()}")
+    write_report(text, {"args": {k: str(v) for k, v in vars(args).items()}, "results": results}, args.out, args.json)
+    return {"results": results}
+
+
+if __name__ == "__main__":
+    main()

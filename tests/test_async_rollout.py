@@ -1,0 +1,247 @@
+"""`rollout.mode` one_step_off / async (issue 20): the trainer with its rollout engine in a worker process of its own.
+
+Real parts throughout: the tiny policy, the native engine in a spawned worker, weights over gloo, the reward workers.
+Checked: sync mode through the worker trains exactly what the in-process engine trains; one_step_off trains on
+samples of staleness 1 (0 at the first step) and async never above rollout.max_staleness (a staler batch is dropped
+and sampled again); the old log-probs the loss gets are the log-probs of the weights (the version) that sampled each
+token; a checkpoint's data position is the last trained batch's, so a resumed run neither loses nor repeats prompts;
+a kill -9 of the worker stops the run with a message naming the checkpoint to resume from.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+
+from r1engine.models import PolicyConfig, PolicyModel
+from r1engine.rollout.remote import RemoteRolloutEngine
+from r1engine.trainer.async_rollout import RolloutProcessLost, RolloutScheduler
+from r1engine.trainer.config import ConfigError, load_config
+from r1engine.trainer.grpo import GRPOTrainer
+from r1engine.trainer.metrics import read_metrics
+from r1engine.trainer.sequences import loss_tokens, pack, packed_logprobs, per_sequence
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = [
+    "model.preset=tiny",
+    "task.max_digits=2",
+    "task.num_eval=8",
+    "sft.steps=4",
+    "sft.batch_size=8",
+    "grpo.prompts_per_step=4",
+    "grpo.group_size=4",
+    "grpo.mini_batches=2",
+    "grpo.max_new_tokens=24",
+    "grpo.lr=1.0e-3",
+    "grpo.beta=0.01",
+    "training.chunk_len=64",
+    "training.num_threads=1",
+    "training.deterministic=true",
+    "rollout.backend=native",
+    "rollout.num_threads=1",
+    "rewards.weights={arithmetic: 1.0, format: 1.0}",
+    "eval.every=100",
+    "checkpoint.every=0",
+]
+OFF_POLICY = ["grpo.old_logprobs=sampler"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """2 shared cores: one intra-op thread here, one in the worker."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def _config(out_dir: Path, *extra: str):
+    return load_config(ROOT / "configs" / "demo.yaml", [f"output_dir={out_dir}", *TINY, *extra])
+
+
+def _trainer(out_dir: Path, *extra: str) -> GRPOTrainer:
+    return GRPOTrainer(_config(out_dir, *extra), progress=False)
+
+
+def _run(trainer: GRPOTrainer) -> dict:
+    try:
+        return trainer.run()
+    finally:
+        trainer.close()
+
+
+def _records(out_dir: Path) -> list[dict]:
+    return read_metrics(out_dir / "metrics.jsonl")[1:]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key"),
+    [
+        (["rollout.mode=async", "rollout.max_staleness=0", *OFF_POLICY], "rollout.max_staleness"),
+        (["rollout.mode=one_step_off", "rollout.max_staleness=2", *OFF_POLICY], "rollout.max_staleness"),
+        (["rollout.mode=one_step_off", "rollout.remote=false", *OFF_POLICY], "rollout.remote"),
+        (["rollout.mode=async", "dapo.dynamic_sampling=true", *OFF_POLICY], "dapo.dynamic_sampling"),
+        (["rollout.mode=async", "grpo.temperature=0.7"], "grpo.temperature"),
+        (["rollout.mode=async", "rollout.top_p=0.9", *OFF_POLICY], "rollout.top_p"),
+        (["rollout.mode=one_step_off", "grpo.old_logprobs=recompute"], "grpo.old_logprobs"),
+        (["rollout.mode=one_step_off", "training.deepspeed_zero_stage=1", *OFF_POLICY], "training.deepspeed"),
+    ],
+)
+def test_unsound_combinations_are_config_errors(tmp_path, overrides, key):
+    with pytest.raises(ConfigError, match=f"^{key}"):
+        _config(tmp_path, *overrides)
+
+
+def test_off_policy_modes_default_to_a_worker_process(tmp_path):
+    assert _config(tmp_path, "rollout.mode=one_step_off", *OFF_POLICY).rollout.is_remote
+    assert not _config(tmp_path).rollout.is_remote
+    recompute = _config(tmp_path, "rollout.mode=async", "grpo.rollout_correction=truncate")  # decoupled PPO
+    assert recompute.rollout.max_staleness == 1
+
+
+@pytest.mark.timeout(300)
+def test_sync_mode_in_a_worker_trains_exactly_what_the_in_process_engine_trains(tmp_path):
+    weights = {}
+    for remote in (False, True):
+        trainer = _trainer(tmp_path / str(remote), "grpo.steps=2", f"rollout.remote={str(remote).lower()}")
+        _run(trainer)
+        assert trainer.rollout_scheduler is None and getattr(trainer.rollout, "remote", False) is remote
+        weights[remote] = trainer.model.state_dict()
+    assert all(torch.equal(weights[False][k], weights[True][k]) for k in weights[False])
+    volatile = ("time/", "rollout/tokens_per_s", "scheduler/latency_s")
+    local, remote = ([{k: v for k, v in r.items() if not k.startswith(volatile)} for r in _records(tmp_path / str(m))]
+                     for m in (False, True))  # fmt: skip
+    assert local == remote
+
+
+@pytest.mark.timeout(300)
+def test_one_step_off_trains_on_the_previous_versions_samples_with_their_log_probs(tmp_path):
+    """Each trained batch was sampled by the weights of the step before (staleness 1, 0 at the first step), and the
+    loss's old log-probs are those weights' log-probs of the sampled tokens, not the current weights'."""
+    steps = 4
+    trainer = _trainer(tmp_path, f"grpo.steps={steps}", "rollout.mode=one_step_off", *OFF_POLICY)
+    versions: dict[int, dict] = {}  # version -> the trainer's weights of that version
+    seen: list[tuple[int, list[torch.Tensor], object]] = []
+    train_on_rollout, train_mini_batch = trainer.train_on_rollout, trainer._train_mini_batch
+
+    def on_rollout(seqs, fields, step):
+        versions[step] = copy.deepcopy(trainer.model.state_dict())  # the weights trained at `step` are version `step`
+        return train_on_rollout(seqs, fields, step)
+
+    def on_mini_batch(seqs, fields, index):
+        seen.append((trainer.step, [fields["old"][i] for i in index], seqs))
+        return train_mini_batch(seqs, fields, index)
+
+    trainer.train_on_rollout, trainer._train_mini_batch = on_rollout, on_mini_batch
+    _run(trainer)
+    records = _records(tmp_path)
+    assert [r["rollout/staleness_max"] for r in records] == [0.0, 1.0, 1.0, 1.0]
+    assert [r["rollout/staleness_mean"] for r in records] == [0.0, 1.0, 1.0, 1.0]
+    assert all(r["rollout/dropped_stale"] == 0.0 for r in records)
+
+    model = PolicyModel(trainer.model.config).eval()
+    moved = False
+    for step, old, seqs in seen:
+        behaviour = _logprobs(model, versions[max(step - 1, 0)], seqs, trainer.codec.pad_id)
+        for got, want, mask in zip(old, behaviour, seqs.loss_mask, strict=True):
+            torch.testing.assert_close(got[mask > 0], want[mask > 0], rtol=0, atol=2e-4)
+        if step > 0:
+            current = _logprobs(model, versions[step], seqs, trainer.codec.pad_id)
+            moved |= any(
+                (o - c)[m > 0].abs().max() > 1e-2 for o, c, m in zip(old, current, seqs.loss_mask, strict=True)
+            )
+    assert moved  # the check tells the sampling version from the trained one
+
+
+def _logprobs(model: PolicyModel, weights: dict, seqs, pad_id: int) -> list[torch.Tensor]:
+    """Per sequence, position-aligned: the log-probs of `seqs`' targets under `weights` (at temperature 1)."""
+    model.load_state_dict(weights)
+    batch, _ = pack(seqs, 64, pad_id=pad_id)
+    tokens = loss_tokens(batch)
+    with torch.no_grad():
+        return per_sequence(batch, tokens, packed_logprobs(model, batch, tokens, 1.0, "torch"), len(seqs))
+
+
+@pytest.mark.timeout(300)
+def test_async_never_trains_above_max_staleness(tmp_path):
+    steps = 5
+    _run(_trainer(tmp_path, f"grpo.steps={steps}", "rollout.mode=async", "rollout.max_staleness=2",
+                  "grpo.old_logprobs=recompute", "grpo.rollout_correction=truncate"))  # fmt: skip
+    records = _records(tmp_path)
+    assert [r["rollout/staleness_max"] for r in records] == [0.0, 1.0, 2.0, 2.0, 2.0]
+    assert all(r["loss/rollout_is_ratio_mean"] is not None for r in records)  # the decoupled-PPO correction ran
+
+
+@pytest.mark.timeout(120)
+def test_a_batch_staler_than_the_bound_is_dropped_and_sampled_again(tmp_path):
+    """The scheduler with a lookahead beyond its bound (which the trainer never sets): the batches sampled two
+    versions back are dropped and sampled again with the newest weights."""
+    torch.manual_seed(0)
+    model = PolicyModel(PolicyConfig.tiny(max_position_embeddings=128)).eval()
+    with RemoteRolloutEngine("native", model=model, num_threads=1) as engine:
+        sched = RolloutScheduler(
+            engine, lookahead=2, max_staleness=1, take=lambda step: [step, step + 1], encode=lambda p: [1, 5 + p, 6],
+            sampling=lambda step: dict(n=2, max_new_tokens=6, seed=step), score=lambda problems, rb, step: None,
+            stream_state=lambda: 0, last_step=5,
+        )  # fmt: skip
+        trained = []
+        for step in range(5):
+            entry = sched.next(step, version=step)
+            trained.append((entry.staleness, entry.regenerated, {int(v) for t in entry.rollout.versions for v in t}))
+            with torch.no_grad():
+                for _, t in model.named_weights():
+                    t.add_(0.01)
+            sched.after_step(model, version=step + 1)
+    assert all(s <= 1 for s, _, _ in trained)
+    assert sched.stats.dropped_stale >= 1
+    assert any(regen and vs == {step} for step, (_, regen, vs) in enumerate(trained))
+
+
+def _prompts_trained(trainer: GRPOTrainer, into: list[list[str]]) -> None:
+    train_on_rollout = trainer.train_on_rollout
+
+    def record(seqs, fields, step):
+        into.append([p.prompt for p in trainer.rollout_scheduler.last.problems])
+        return train_on_rollout(seqs, fields, step)
+
+    trainer.train_on_rollout = record
+
+
+@pytest.mark.timeout(400)
+def test_kill9_of_the_worker_stops_the_run_and_the_resumed_run_neither_loses_nor_repeats_prompts(tmp_path):
+    common = ["grpo.steps=5", "rollout.mode=async", "rollout.max_staleness=2", "checkpoint.every=2", *OFF_POLICY]
+    straight: list[list[str]] = []
+    trainer = _trainer(tmp_path / "straight", *common)
+    _prompts_trained(trainer, straight)
+    _run(trainer)
+
+    out = tmp_path / "killed"
+    killed: list[list[str]] = []
+    trainer = _trainer(out, *common)
+    _prompts_trained(trainer, killed)
+    train_on_rollout = trainer.train_on_rollout
+
+    def kill_at_step_3(seqs, fields, step):  # batches of steps 3 and 4 are in flight, the step-2 checkpoint exists
+        if step == 2:
+            os.kill(trainer.rollout.pid, signal.SIGKILL)
+        return train_on_rollout(seqs, fields, step)
+
+    trainer.train_on_rollout = kill_at_step_3
+    with pytest.raises(RolloutProcessLost, match=r"killed by SIGKILL.*step-000002.*resume") as info:
+        _run(trainer)
+    assert "\n" not in str(info.value)
+    assert (out / "checkpoints" / "latest").read_text() == "step-000002"
+
+    resumed = _trainer(out, *common)
+    _prompts_trained(resumed, killed)
+    _run(resumed)
+    assert len(straight) == 5 and killed[:2] + killed[3:] == straight  # the killed run's step 3 is done again
+    assert killed[2] == straight[2]
+    records = read_metrics(out / "metrics.jsonl")
+    assert [r["step"] for r in records] == [0, 1, 2, 3, 4, 5]
+    assert records[3]["rollout/staleness_max"] == 0.0  # the resumed run's first batch: sampled by the resumed weights
