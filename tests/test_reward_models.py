@@ -448,3 +448,21 @@ def test_a_route_naming_a_missing_reward_model():
     with pytest.raises(ValueError, match=r"row 2 \(source 'harm'\): its route rewards\.routes\.harm names reward "
                                          r"model 'safety', which is not loaded"):  # fmt: skip
         rows_by_model(sources, routes, {"helpfulness"})
+
+
+def test_single_input_helpfulness_scores_each_response_once_and_reports_the_raw_score():
+    """best_of_group compares the same responses in several rounds: one model call per distinct response; the raw
+    score mean is reported beside the pairwise rewards (whose group mean is fixed by construction)."""
+    tok = build_char_tokenizer()
+    scorer = RewardScorer(_tiny_rm(fmt=RewardFormat(input="single", template="plain")), tok)
+    calls: list[int] = []
+    original = scorer.single_logits
+    scorer.single_logits = lambda p, r: (calls.append(len(r)), original(p, r))[1]
+    helpful = PairwiseHelpfulness(scorer, pairing="best_of_group")
+    group = ["It is 4.", "Five.", "Four, I think.", "<think>x</think>It is 4.", "No idea."]
+    out = helpful.score_groups(["2+2?"], [group])
+    assert sum(calls) == 4  # four distinct summaries ("It is 4." twice), each scored once across the rounds
+    expected = original(["2+2?"] * 4, ["It is 4.", "Five.", "Four, I think.", "No idea."])[:, 0]
+    assert out.metrics["helpfulness/score_mean"] == pytest.approx(float(expected[[0, 1, 2, 0, 3]].mean()), abs=1e-5)
+    round_robin = PairwiseHelpfulness(scorer).score_groups(["2+2?"], [group])
+    assert round_robin.metrics["helpfulness/mean"] == pytest.approx(0.5)  # fixed whatever the responses

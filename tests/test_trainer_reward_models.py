@@ -147,7 +147,7 @@ def test_general_rows_get_the_model_reward_from_the_switch_step(tmp_path, model_
         assert 0.0 <= r["reward/source/math/mean"] <= 2.0
         assert "reward/math_accuracy/mean" in r and "reward/format/mean" in r
         assert "rollout/response_len_mean" in r and "eval/accuracy" in r  # the monitor's other two curves
-    assert reward_model_keys(records) == ["reward/rm/helpful/mean"]
+    assert reward_model_keys(records) == ["reward/rm/helpful/mean", "reward/rm/helpful/score_mean"]
     assert Path(summary["plot"]).is_file()
 
 

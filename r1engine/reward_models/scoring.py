@@ -256,12 +256,40 @@ class PairwiseHelpfulness(PairwiseReward):
         if scorer.fmt.kind != "pairwise":
             raise ValueError(f"{scorer.name}: helpfulness needs a pairwise reward model, this one is {scorer.fmt.kind}")
         super().__init__(scorer, pairing=pairing, transform=transform, summary_only=summary_only)
+        self._scores: dict[tuple[str, str], float] | None = None
 
     def judge(self, prompts: Sequence[Any], firsts: Sequence[str], seconds: Sequence[str]) -> torch.Tensor:
         """The model's verdicts `[n]` on (prompt, first, second) comparisons (no swap)."""
         if self.scorer.fmt.input == "pair":
             return self.scorer.pair_logits(prompts, firsts, seconds)
-        return single_input_judge(lambda p, r: self.scorer.single_logits(p, r)[:, 0])(prompts, firsts, seconds)
+        return single_input_judge(self._single_scores)(prompts, firsts, seconds)
+
+    def _single_scores(self, prompts: Sequence[Any], responses: Sequence[str]) -> torch.Tensor:
+        """A single-input model's score of each (prompt, response), each scored once per `score_groups` call (the
+        tournament rounds of best_of_group compare the same responses again)."""
+        cache = self._scores if self._scores is not None else {}
+        missing = [(p, r) for p, r in zip(prompts, responses, strict=True) if (repr(p), r) not in cache]
+        if missing:
+            values = self.scorer.single_logits([p for p, _ in missing], [r for _, r in missing])[:, 0].tolist()
+            cache.update({(repr(p), r): v for (p, r), v in zip(missing, values, strict=True)})
+        return torch.tensor([cache[(repr(p), r)] for p, r in zip(prompts, responses, strict=True)])
+
+    def score_groups(self, prompts, groups, references=None) -> HelpfulnessResult:
+        """`PairwiseReward.score_groups`; a single-input model also reports its mean raw score of the groups'
+        responses (`helpfulness/score_mean`): the pairwise rewards of a group average to the same value whatever
+        the responses, the raw score shows where the policy stands on the model's scale."""
+        if self.scorer.fmt.input == "pair":
+            return super().score_groups(prompts, groups, references)
+        self._scores = {}
+        try:
+            result = super().score_groups(prompts, groups, references)
+            view = final_summary if self.summary_only else (lambda s: s)
+            shown = [(repr(p), view(r)) for p, group in zip(prompts, groups, strict=True) for r in group]
+            scores = [self._scores[k] for k in shown if k in self._scores]
+            result.metrics["helpfulness/score_mean"] = sum(scores) / len(scores) if scores else float("nan")
+        finally:
+            self._scores = None
+        return result
 
 
 class PointwiseSafety:

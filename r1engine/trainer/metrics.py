@@ -95,13 +95,15 @@ accuracy falls or the length runs away is the reward hacking R1 saw with long ex
 
 
 def reward_model_keys(records: list[dict[str, Any]]) -> list[str]:
-    """The `reward/rm/<name>/mean` metrics present in `records`, sorted."""
+    """The reward models' curves present in `records`, sorted: `reward/rm/<name>/mean` (the reward) and, for a
+    single-input helpfulness model, `reward/rm/<name>/score_mean` (its raw score, which moves when the policy does;
+    the mean of pairwise rewards within a group does not)."""
     return sorted(
         {
             k
             for r in records
             for k, v in r.items()
-            if k.startswith("reward/rm/") and k.endswith("/mean") and v is not None
+            if k.startswith("reward/rm/") and k.endswith(("/mean", "/score_mean")) and v is not None
         }
     )
 
