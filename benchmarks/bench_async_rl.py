@@ -5,10 +5,11 @@ One cold-start SFT (the demo's) gives the starting policy; then each mode trains
 number of GRPO steps, one mode after the other, with the same loss (`grpo.old_logprobs=sampler`: the behaviour
 policy's log-probs as the old ones, which the off-policy modes need and sync may use) and the native engine:
 
-- sync: the trainer as it is by default, the engine in its own process (`rollout.remote=false`);
+- sync: the trainer as it is by default, the engine in the trainer's process (`rollout.remote=false`);
 - sync_remote: sync with the engine in a worker process (what the off-policy modes pay for the process split);
 - one_step_off: step k+1's batch is sampled by the weights of step k while step k trains;
-- async: `--max-staleness` batches sampled ahead.
+- async: `--max-staleness` batches sampled ahead;
+- async_partial: async with partial rollouts (`rollout.partial_rollouts`: pushed weights loaded between segments).
 
 Torch threads: the trainer and the worker get `--threads` each (1 each splits the 2 cores), the in-process sync
 trainer `--sync-threads`. samples/s counts the trained completions over the GRPO steps' time without the held-out
@@ -38,7 +39,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from benchmarks.common import git_commit, machine, write_report  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-MODES = ("sync", "sync_remote", "one_step_off", "async")
+MODES = ("sync", "sync_remote", "one_step_off", "async", "async_partial")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -79,6 +80,12 @@ def _mode_overrides(mode: str, args: argparse.Namespace) -> list[str]:
         "sync_remote": ["rollout.remote=true", *threads],
         "one_step_off": ["rollout.mode=one_step_off", *threads],
         "async": ["rollout.mode=async", f"rollout.max_staleness={args.max_staleness}", *threads],
+        "async_partial": [
+            "rollout.mode=async",
+            f"rollout.max_staleness={args.max_staleness}",
+            "rollout.partial_rollouts=true",
+            *threads,
+        ],  # fmt: skip
     }[mode]
 
 

@@ -90,6 +90,8 @@ def _records(out_dir: Path) -> list[dict]:
         (["rollout.mode=async", "rollout.top_p=0.9", *OFF_POLICY], "rollout.top_p"),
         (["rollout.mode=one_step_off", "grpo.old_logprobs=recompute"], "grpo.old_logprobs"),
         (["rollout.mode=one_step_off", "training.deepspeed_zero_stage=1", *OFF_POLICY], "training.deepspeed"),
+        (["rollout.partial_rollouts=true"], "rollout.partial_rollouts"),
+        (["rollout.mode=async", "rollout.segment_tokens=-1", *OFF_POLICY], "rollout.segment_tokens"),
     ],
 )
 def test_unsound_combinations_are_config_errors(tmp_path, overrides, key):
@@ -175,6 +177,41 @@ def test_async_never_trains_above_max_staleness(tmp_path):
     records = _records(tmp_path)
     assert [r["rollout/staleness_max"] for r in records] == [0.0, 1.0, 2.0, 2.0, 2.0]
     assert all(r["loss/rollout_is_ratio_mean"] is not None for r in records)  # the decoupled-PPO correction ran
+
+
+@pytest.mark.timeout(300)
+def test_partial_rollouts_train_every_token_with_the_log_prob_of_the_version_that_sampled_it(tmp_path):
+    """Async with partial rollouts: batches generate in segments and weights pushed meanwhile are loaded between
+    them. The old log-probs are the sampler's, token by token, and each equals the log-prob under the weights of the
+    version that token names; the staleness bound holds."""
+    steps = 5
+    trainer = _trainer(tmp_path, f"grpo.steps={steps}", "rollout.mode=async", "rollout.max_staleness=2",
+                       "rollout.partial_rollouts=true", "rollout.segment_tokens=3", *OFF_POLICY)  # fmt: skip
+    weights: dict[int, dict] = {}
+    seen = []
+    train_on_rollout = trainer.train_on_rollout
+
+    def on_rollout(seqs, fields, step):
+        weights[step] = copy.deepcopy(trainer.model.state_dict())
+        seen.append((seqs, list(fields["old"]), trainer.rollout_scheduler.last.rollout))
+        return train_on_rollout(seqs, fields, step)
+
+    trainer.train_on_rollout = on_rollout
+    _run(trainer)
+    records = _records(tmp_path)
+    assert all(r["rollout/staleness_max"] <= 2 for r in records)
+    assert all(0.0 <= r["rollout/partial_frac"] <= 1.0 for r in records)
+
+    model = PolicyModel(trainer.model.config).eval()
+    for seqs, old, rollout in seen:
+        assert len(seqs) == len(rollout)
+        by_version = {v: _logprobs(model, weights[v], seqs, trainer.codec.pad_id)
+                      for v in {int(v) for t in rollout.versions for v in t}}  # fmt: skip
+        for i, (got, mask) in enumerate(zip(old, seqs.loss_mask, strict=True)):
+            got, tokens = got[mask > 0], rollout.versions[i]
+            torch.testing.assert_close(got, rollout.logprobs[i], rtol=0, atol=0)  # the sampler's, unchanged
+            for v, want in by_version.items():
+                torch.testing.assert_close(got[tokens == v], want[i][mask > 0][tokens == v], rtol=0, atol=2e-4)
 
 
 @pytest.mark.timeout(120)

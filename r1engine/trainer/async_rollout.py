@@ -20,6 +20,11 @@ per token with the version of that token), or the trainer's recomputed ones corr
 pi_current / pi_behaviour). Engines report log softmax(raw logits), the sampling distribution only at temperature 1
 without top-p / top-k, so the config requires exactly that in these modes (`_validate_rollout_mode`).
 
+Partial rollouts (`rollout.partial_rollouts`). Each batch is generated in segments (`r1engine.rollout.partial`): the
+weights pushed after step k reach the worker at the next segment boundary of the generation in progress, whose
+remaining tokens sample with them. Staleness can only fall, and every token keeps the version and log-prob it was
+sampled with, so the correction above is unchanged.
+
 Checkpoints. The data position saved is that of the last batch trained (`trained_stream_state`): the batches in flight
 are not in the checkpoint, and a resumed run samples their prompts again, so none is lost or repeated.
 """
@@ -36,6 +41,7 @@ import torch
 
 from r1engine.data.problem import Problem
 from r1engine.rollout.base import RolloutBatch
+from r1engine.rollout.partial import mixed_version_fraction
 
 
 @dataclass
@@ -67,7 +73,8 @@ class RolloutScheduler:
     batch (from the trainer's stream: every rank takes alike). `encode`: a problem's prompt ids. `sampling(step)`: the
     generation's keyword arguments (the step's seed). `score(problems, rollout, step)`: submits the batch's rewards
     and returns their handle. `stream_state()`: the data position now. `last_step`: no batch is sampled for it or
-    beyond (the run's `grpo.steps`).
+    beyond (the run's `grpo.steps`). `segment_tokens`: generate as partial rollouts in segments of that many tokens
+    (`r1engine.rollout.partial`), None for whole batches.
     """
 
     def __init__(
@@ -82,6 +89,7 @@ class RolloutScheduler:
         score: Callable[[list[Problem], RolloutBatch, int], Any],
         stream_state: Callable[[], Any],
         last_step: int,
+        segment_tokens: int | None = None,
     ) -> None:
         if lookahead < 0 or max_staleness < 0:
             raise ValueError(f"lookahead and max_staleness must be >= 0, got {lookahead} and {max_staleness}")
@@ -89,6 +97,7 @@ class RolloutScheduler:
         self.lookahead, self.max_staleness, self.last_step = lookahead, max_staleness, last_step
         self._take, self._encode, self._sampling, self._score = take, encode, sampling, score
         self._stream_state = stream_state
+        self.segment_tokens = segment_tokens
         self._queue: deque[InFlight] = deque()
         self._trained_state = stream_state()
         self.stats = SchedulerStats()
@@ -96,7 +105,10 @@ class RolloutScheduler:
 
     # ------------------------------------------------------------------------------------------- submitting
     def _submit(self, step: int, problems: list[Problem], prompts: list[list[int]]) -> Any:
-        return self.engine.submit(prompts, **self._sampling(step))
+        sampling = self._sampling(step)
+        if self.segment_tokens:
+            sampling["segment_tokens"] = self.segment_tokens
+        return self.engine.submit(prompts, **sampling)
 
     def fill(self, step: int) -> None:
         """Submit the batches of steps up to `step + lookahead` not yet in flight (with the newest weights queued)."""
@@ -158,13 +170,15 @@ class RolloutScheduler:
 
     def metrics(self) -> dict[str, float]:
         """The last batch's `rollout/staleness_max` (the batch's) and `_mean` (over its tokens, each the trained
-        version minus its own), and the run's `rollout/dropped_stale` so far."""
+        version minus its own), `rollout/partial_frac` (the share of its completions sampled by more than one version,
+        resumed after a weight update), and the run's `rollout/dropped_stale` so far."""
         entry = self.last
         return {
             "rollout/staleness_max": float(entry.staleness) if entry is not None else 0.0,
             "rollout/staleness_mean": entry.staleness_mean if entry is not None else 0.0,
             "rollout/dropped_stale": float(self.stats.dropped_stale),
             "rollout/in_flight": float(len(self._queue)),
+            "rollout/partial_frac": mixed_version_fraction(entry.rollout) if entry is not None else 0.0,
         }
 
     def discard(self) -> None:

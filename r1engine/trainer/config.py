@@ -271,6 +271,18 @@ class RolloutConfig:
     group; None: on for the off-policy modes (which need it), off for sync."""
     num_threads: int = 0
     """The remote worker's intra-op CPU threads (0: PyTorch's default); split the cores with training.num_threads."""
+    partial_rollouts: bool = False
+    """Off-policy modes: sample each batch in segments of `segment_tokens` new tokens, so that weights pushed while
+    it generates are loaded at the next segment boundary; the rest of its tokens sample with them, each token keeping
+    its own version and log-prob (r1engine.rollout.partial)."""
+    segment_tokens: int = 0
+    """Partial rollouts' segment length in new tokens (0: a quarter of grpo.max_new_tokens, at least 1)."""
+
+    def segment_length(self, max_new_tokens: int) -> int | None:
+        """The segment length partial rollouts use (None when they are off)."""
+        if not self.partial_rollouts:
+            return None
+        return self.segment_tokens or max(1, max_new_tokens // 4)
 
     @property
     def is_remote(self) -> bool:
@@ -556,7 +568,15 @@ def _validate_rollout_mode(cfg: Config) -> None:
         raise ConfigError(f"rollout.max_staleness: only for rollout.mode=async (got mode {r.mode})")
     if r.num_threads < 0:
         raise ConfigError(f"rollout.num_threads: must be >= 0, got {r.num_threads}")
+    if r.segment_tokens < 0:
+        raise ConfigError(f"rollout.segment_tokens: must be >= 0 (0: a quarter of grpo.max_new_tokens), got "
+                          f"{r.segment_tokens}")  # fmt: skip
     if r.mode == "sync":
+        if r.partial_rollouts:
+            raise ConfigError(
+                "rollout.partial_rollouts: needs rollout.mode one_step_off or async (in sync mode no weights arrive "
+                "while a batch generates)"
+            )
         return
     if r.remote is False:
         raise ConfigError(f"rollout.remote: rollout.mode={r.mode} generates in a worker process; set it true (or null)")

@@ -504,6 +504,7 @@ class GRPOTrainer:
             score=self._score_rollout,
             stream_state=self.stream.state,
             last_step=self.cfg.grpo.steps,
+            segment_tokens=r.segment_length(self.cfg.grpo.max_new_tokens),
         )
 
     def _cold_start(self) -> None:
