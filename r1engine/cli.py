@@ -10,6 +10,7 @@ r1engine config [--config FILE] [key=value ...]            print the resolved co
 r1engine export CHECKPOINT OUT [--keep-mtp]                 a checkpoint as a plain Hugging Face directory
 r1engine convert MODEL.gguf OUT                             a .gguf file as a Hugging Face safetensors directory
 r1engine info                                               backends and optional components on this machine
+r1engine rollout-worker --connect HOST:PORT [--model-dir D] a rollout worker for a trainer with rollout.listen=HOST:PORT
 """
 
 from __future__ import annotations
@@ -108,6 +109,19 @@ def main(argv: list[str] | None = None) -> int:
     )
     convert.add_argument("gguf_file")
     convert.add_argument("out")
+    worker = sub.add_parser(
+        "rollout-worker",
+        help="serve rollouts for a trainer that listens (rollout.listen), from this or another machine",
+        description="Connect to a trainer started with rollout.listen=HOST:PORT (rollout.mode one_step_off or async, "
+        "or rollout.remote=true), build the rollout engine the trainer asks for, and serve its generations and "
+        "weight updates until it closes. Set R1ENGINE_ROLLOUT_AUTHKEY to the same secret on both machines unless "
+        "HOST is a loopback address (r1engine/rollout/external.py).",
+    )
+    worker.add_argument("--connect", required=True, metavar="HOST:PORT", help="the trainer's rollout.listen address")
+    worker.add_argument("--model-dir", help="this machine's copy of the trainer's checkpoint (default: its path)")
+    worker.add_argument("--device", help="the native engine's device here (default: the trainer's rollout.device)")
+    worker.add_argument("--num-threads", type=int, help="intra-op CPU threads (default: the trainer's)")
+    worker.add_argument("--connect-timeout", type=float, default=600.0, help="seconds to wait for the trainer")
     # Overrides may come before or after the flags (`train --config F k=v --no-progress k2=v2`): argparse stops
     # filling a positional list at the first flag, so the remaining key=value tokens are collected here.
     args, extra = parser.parse_known_args(argv)
@@ -136,6 +150,9 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.command == "train-rm":
         return _train_rm(args)
+
+    if args.command == "rollout-worker":
+        return _rollout_worker(args)
 
     from r1engine.trainer.config import ConfigError, load_config
 
@@ -281,6 +298,21 @@ def _launch(nproc: int, argv: list[str]) -> int:
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={port}",
            "-m", "r1engine.cli", *rank_argv]  # fmt: skip
     return subprocess.call(cmd)
+
+
+def _rollout_worker(args: argparse.Namespace) -> int:
+    from r1engine.rollout.external import serve
+
+    if args.num_threads is not None and args.num_threads < 1:
+        print(f"r1engine: rollout-worker error: --num-threads: must be >= 1, got {args.num_threads}", file=sys.stderr)
+        return 2
+    try:
+        serve(args.connect, model_dir=args.model_dir, device=args.device, num_threads=args.num_threads,
+              timeout_s=args.connect_timeout)  # fmt: skip
+    except (ValueError, TimeoutError, ConnectionError, OSError) as exc:
+        print(f"r1engine: rollout-worker error: {exc}", file=sys.stderr)
+        return 2
+    return 0
 
 
 if __name__ == "__main__":

@@ -38,6 +38,7 @@ import torch
 import torch.multiprocessing as mp
 
 from r1engine.rollout.base import RolloutBatch, RolloutStats, validate_prompts
+from r1engine.rollout.external import ExternalWorker
 from r1engine.rollout.remote_worker import WorkerSpec, recv, send, unpack_batch, worker_main
 from r1engine.rollout.weight_transfer import (
     TRANSPORTS,
@@ -132,7 +133,10 @@ class RemoteRolloutEngine:
     device (the native engine's; vLLM places itself). `transport`: "gloo", "nccl" or "auto" (see
     `_choose_transport`). `bucket_bytes`: size of one weight broadcast. `num_threads`: the worker's intra-op
     threads. `timeout_s` bounds each weight broadcast, `start_timeout_s` the worker's start-up (engine build
-    included). Other keyword arguments go to `create_engine` in the worker.
+    included). `listen`: "host:port" to wait on for a worker started elsewhere (`r1engine rollout-worker`,
+    `r1engine.rollout.external`) instead of spawning one; it builds its engine from its own `--model-dir` (default
+    `model_dir`, or where `model` was written: the same path on a shared file system) and takes `model`'s weights
+    at once. Other keyword arguments go to `create_engine` in the worker.
     """
 
     remote = True
@@ -151,6 +155,7 @@ class RemoteRolloutEngine:
         num_threads: int | None = None,
         timeout_s: float = 300.0,
         start_timeout_s: float = 900.0,
+        listen: str | None = None,
         **engine_kwargs: Any,
     ) -> None:
         if bucket_bytes <= 0:
@@ -191,15 +196,21 @@ class RemoteRolloutEngine:
             timeout_s=timeout_s,
             num_threads=num_threads,
         )
-        ctx = mp.get_context("spawn")
-        self._conn, child = ctx.Pipe(duplex=True)
-        # not a daemon, so the worker may start processes of its own (vLLM's executors); it is stopped by close(),
-        # by the finalizer below at garbage collection or exit, and by its own parent watch. multiprocessing's
-        # Finalize with an exit priority runs before multiprocessing joins its non-daemon children at exit (a
-        # weakref.finalize may run after that join, which would then wait forever for an idle worker)
-        self._process = ctx.Process(target=worker_main, args=(child, spec), name="r1engine-rollout", daemon=False)
-        self._process.start()
-        child.close()  # ours only in the worker: the worker sees EOF once this process's end closes
+        group_host = "127.0.0.1"
+        if listen is not None:
+            self._process = ExternalWorker.accept(listen, start_timeout_s)
+            self._conn, group_host = self._process.conn, self._process.local_host
+            send(self._conn, ("spec", -1, spec))
+        else:
+            ctx = mp.get_context("spawn")
+            self._conn, child = ctx.Pipe(duplex=True)
+            # not a daemon, so the worker may start processes of its own (vLLM's executors); it is stopped by
+            # close(), by the finalizer below at garbage collection or exit, and by its own parent watch.
+            # multiprocessing's Finalize with an exit priority runs before multiprocessing joins its non-daemon
+            # children at exit (a weakref.finalize may run after that join, which would then wait forever)
+            self._process = ctx.Process(target=worker_main, args=(child, spec), name="r1engine-rollout", daemon=False)
+            self._process.start()
+            child.close()  # ours only in the worker: the worker sees EOF once this process's end closes
         self._finalizer = Finalize(
             self, _shutdown, args=(self._process, self._conn, self._tmpdir, 10.0), exitpriority=10
         )
@@ -214,8 +225,16 @@ class RemoteRolloutEngine:
             )
             # the worker is alive and joins now: constructing our side blocks until it has (gloo)
             self._store = store
-            self._group = make_group(store, 0, 2, self.transport, timeout_s)
+            self._group = make_group(store, 0, 2, self.transport, timeout_s, group_host)
             info = self._expect("ready", deadline, "while building its engine")
+            if listen is not None and model is not None:  # the worker's copy may be older: replace it at once
+                if info["config"] != model.config:
+                    raise ValueError(
+                        f"the rollout worker's model (its --model-dir, or {model_dir}) has config "
+                        f"{info['config']}, the trainer's model {model.config}: start it from the same checkpoint"
+                    )
+                self.config = info["config"]
+                self.load_named_weights(model.named_weights(), version=info["version"])
         except BaseException:
             self.close()
             raise

@@ -45,6 +45,8 @@ class WorkerSpec:
     device: str | None = None
     timeout_s: float = 300.0
     num_threads: int | None = None
+    device_host: str | None = None  # this side's address for the group's device (None: store_host)
+    watch_parent: bool = True  # a spawned worker exits with its parent; an external one when its connection closes
 
 
 def send(conn, msg: tuple) -> None:
@@ -135,18 +137,27 @@ def _sync(engine: Any, group, payload, device: torch.device) -> dict[str, float]
 
 def worker_main(conn, spec: WorkerSpec) -> None:
     """Entry point of the spawned process."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the trainer shuts us down
-    _exit_with_parent(os.getppid())
+    if spec.watch_parent:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the process group: the trainer shuts us down
+        _exit_with_parent(os.getppid())
     if spec.num_threads:
         torch.set_num_threads(spec.num_threads)
     if spec.device is not None and torch.device(spec.device).type == "cuda":
         torch.cuda.set_device(torch.device(spec.device))
     send(conn, ("hello", os.getpid(), None))
     store = connect_store(spec.store_host, spec.store_port, spec.timeout_s)
-    group = make_group(store, spec.rank, spec.world_size, spec.transport, spec.timeout_s, spec.store_host)
+    group = make_group(
+        store, spec.rank, spec.world_size, spec.transport, spec.timeout_s, spec.device_host or spec.store_host
+    )
     device = transport_device(spec.transport, spec.device)
     try:
         from r1engine.rollout import create_engine
+
+        if not os.path.isfile(os.path.join(spec.model_dir, "config.json")):
+            raise FileNotFoundError(
+                f"the rollout worker has no model directory {spec.model_dir} (no config.json there): start it with "
+                "--model-dir, a copy of the trainer's checkpoint on its machine (the trainer's weights replace it)"
+            )
 
         kwargs = dict(spec.engine_kwargs)
         if spec.device is not None and spec.backend == "native":
@@ -201,9 +212,9 @@ def worker_main(conn, spec: WorkerSpec) -> None:
     while True:
         try:
             op, rid, payload = backlog.popleft() if backlog else recv(conn)
+            if op == "close":
+                send(conn, ("done", rid, None))
+                return
+            serve(op, rid, payload)
         except (EOFError, OSError):  # the trainer closed its end (or died): nothing left to serve
             return
-        if op == "close":
-            send(conn, ("done", rid, None))
-            return
-        serve(op, rid, payload)

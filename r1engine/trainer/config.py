@@ -271,6 +271,10 @@ class RolloutConfig:
     group; None: on for the off-policy modes (which need it), off for sync."""
     num_threads: int = 0
     """The remote worker's intra-op CPU threads (0: PyTorch's default); split the cores with training.num_threads."""
+    listen: str | None = None
+    """"host:port" on which the trainer waits for a rollout worker started elsewhere (another machine, another
+    launcher) with `r1engine rollout-worker --connect host:port`, instead of spawning one (needs a worker process:
+    an off-policy mode or rollout.remote=true). R1ENGINE_ROLLOUT_AUTHKEY on both sides, unless host is loopback."""
     partial_rollouts: bool = False
     """Off-policy modes: sample each batch in segments of `segment_tokens` new tokens, so that weights pushed while
     it generates are loaded at the next segment boundary; the rest of its tokens sample with them, each token keeping
@@ -571,6 +575,16 @@ def _validate_rollout_mode(cfg: Config) -> None:
     if r.segment_tokens < 0:
         raise ConfigError(f"rollout.segment_tokens: must be >= 0 (0: a quarter of grpo.max_new_tokens), got "
                           f"{r.segment_tokens}")  # fmt: skip
+    if r.listen is not None:
+        from r1engine.rollout.external import authkey, parse_address
+
+        if not r.is_remote:
+            raise ConfigError("rollout.listen: needs a rollout worker process (rollout.remote=true or an off-policy "
+                              "rollout.mode)")  # fmt: skip
+        try:
+            authkey(parse_address(r.listen, "rollout.listen")[0])
+        except ValueError as exc:
+            raise ConfigError(str(exc) if str(exc).startswith("rollout.listen") else f"rollout.listen: {exc}") from None
     if r.mode == "sync":
         if r.partial_rollouts:
             raise ConfigError(

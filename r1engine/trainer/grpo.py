@@ -11,6 +11,7 @@ weight sync to the rollout engine (main model and MTP head) ─► every K steps
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import random
 import time
@@ -78,6 +79,8 @@ from r1engine.trainer.sequences import (
 from r1engine.trainer.sft import cold_start_sft
 
 PRESETS = {"tiny": PolicyConfig.tiny, "demo": PolicyConfig.demo}
+
+log = logging.getLogger(__name__)
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
@@ -471,10 +474,14 @@ class GRPOTrainer:
             if r.is_remote:  # the engine in a worker process of its own (r1engine.rollout.remote)
                 from r1engine.rollout.remote import RemoteRolloutEngine
 
+                if r.listen:
+                    log.warning("waiting for a rollout worker on %s (r1engine rollout-worker --connect %s)",
+                                r.listen, r.listen)  # fmt: skip
                 self.rollout = RemoteRolloutEngine(
                     r.backend, model=self.model, tokenizer=self.tokenizer,
                     num_speculative_tokens=r.num_speculative_tokens, max_model_len=self.cfg.training.chunk_len,
                     vllm_log_level=r.vllm_log_level, device=r.device, num_threads=r.num_threads or None,
+                    listen=r.listen,
                 )  # fmt: skip
                 return
             self.rollout = create_engine(
