@@ -85,7 +85,6 @@ def _records(out_dir: Path) -> list[dict]:
         (["rollout.mode=async", "rollout.max_staleness=0", *OFF_POLICY], "rollout.max_staleness"),
         (["rollout.mode=one_step_off", "rollout.max_staleness=2", *OFF_POLICY], "rollout.max_staleness"),
         (["rollout.mode=one_step_off", "rollout.remote=false", *OFF_POLICY], "rollout.remote"),
-        (["rollout.mode=async", "dapo.dynamic_sampling=true", *OFF_POLICY], "dapo.dynamic_sampling"),
         (["rollout.mode=async", "grpo.temperature=0.7"], "grpo.temperature"),
         (["rollout.mode=async", "rollout.top_p=0.9", *OFF_POLICY], "rollout.top_p"),
         (["rollout.mode=one_step_off", "grpo.old_logprobs=recompute"], "grpo.old_logprobs"),
@@ -212,6 +211,39 @@ def test_partial_rollouts_train_every_token_with_the_log_prob_of_the_version_tha
             torch.testing.assert_close(got, rollout.logprobs[i], rtol=0, atol=0)  # the sampler's, unchanged
             for v, want in by_version.items():
                 torch.testing.assert_close(got[tokens == v], want[i][mask > 0][tokens == v], rtol=0, atol=2e-4)
+
+
+@pytest.mark.timeout(300)
+def test_dynamic_sampling_in_async_mode_samples_its_extra_rounds_with_the_trained_weights(tmp_path):
+    """DAPO's extra rounds in async mode are generated behind the batches in flight by the weights being trained
+    (staleness 0); a step's groups mix the batch sampled ahead and fresh ones, every token trained with the log-prob
+    it was sampled with."""
+    trainer = _trainer(tmp_path, "grpo.steps=4", "rollout.mode=async", "rollout.max_staleness=2", *OFF_POLICY,
+                       "dapo.dynamic_sampling=true", "dapo.max_sampling_rounds=3")  # fmt: skip
+    extra_rounds, merged = [], {}
+    roll_out, dynamic, train_on_rollout = trainer._roll_out, trainer._dynamic_sampling, trainer.train_on_rollout
+
+    def on_roll_out(problems, step, round_=0):  # in async mode only the extra rounds come here
+        prompts, rb, handle = roll_out(problems, step, round_)
+        extra_rounds.append((step, {int(v) for t in rb.versions for v in t}))
+        return prompts, rb, handle
+
+    def on_dynamic(first, step):
+        groups, metrics = dynamic(first, step)
+        merged[step] = groups.rollout
+        return groups, metrics
+
+    def on_rollout(seqs, fields, step):
+        for got, mask, lp in zip(fields["old"], seqs.loss_mask, merged[step].logprobs, strict=True):
+            torch.testing.assert_close(got[mask > 0], lp, rtol=0, atol=0)  # the sampler's log-probs, every round
+        return train_on_rollout(seqs, fields, step)
+
+    trainer._roll_out, trainer._dynamic_sampling, trainer.train_on_rollout = on_roll_out, on_dynamic, on_rollout
+    _run(trainer)
+    records = _records(tmp_path)
+    assert all(r["rollout/staleness_max"] <= 2 for r in records)
+    assert extra_rounds and all(versions == {step} for step, versions in extra_rounds)
+    assert sum(r["dynamic_sampling/rounds"] for r in records) == len(records) + len(extra_rounds)
 
 
 @pytest.mark.timeout(120)

@@ -594,8 +594,6 @@ def _validate_rollout_mode(cfg: Config) -> None:
         return
     if r.remote is False:
         raise ConfigError(f"rollout.remote: rollout.mode={r.mode} generates in a worker process; set it true (or null)")
-    if cfg.dapo.dynamic_sampling:
-        raise ConfigError(f"dapo.dynamic_sampling: not supported with rollout.mode={r.mode} (use rollout.mode=sync)")
     if cfg.training.deepspeed_zero_stage:
         raise ConfigError(f"training.deepspeed_zero_stage: rollout.mode={r.mode} is single-process for now (use 0)")
     # the engines report log softmax(raw logits): the behaviour policy's log-probs only when sampling at T=1 unfiltered
