@@ -274,7 +274,8 @@ class RolloutConfig:
     listen: str | None = None
     """"host:port" on which the trainer waits for a rollout worker started elsewhere (another machine, another
     launcher) with `r1engine rollout-worker --connect host:port`, instead of spawning one (needs a worker process:
-    an off-policy mode or rollout.remote=true). R1ENGINE_ROLLOUT_AUTHKEY on both sides, unless host is loopback."""
+    an off-policy mode or rollout.remote=true). R1ENGINE_ROLLOUT_AUTHKEY on both sides, unless host is loopback.
+    With several ranks, rank r listens on port + r."""
     partial_rollouts: bool = False
     """Off-policy modes: sample each batch in segments of `segment_tokens` new tokens, so that weights pushed while
     it generates are loaded at the next segment boundary; the rest of its tokens sample with them, each token keeping
@@ -594,8 +595,6 @@ def _validate_rollout_mode(cfg: Config) -> None:
         return
     if r.remote is False:
         raise ConfigError(f"rollout.remote: rollout.mode={r.mode} generates in a worker process; set it true (or null)")
-    if cfg.training.deepspeed_zero_stage:
-        raise ConfigError(f"training.deepspeed_zero_stage: rollout.mode={r.mode} is single-process for now (use 0)")
     # the engines report log softmax(raw logits): the behaviour policy's log-probs only when sampling at T=1 unfiltered
     for key, value, plain in (("grpo.temperature", g.temperature, 1.0), ("rollout.top_p", r.top_p, 1.0),
                               ("rollout.top_k", r.top_k, -1)):  # fmt: skip

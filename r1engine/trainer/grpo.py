@@ -472,16 +472,20 @@ class GRPOTrainer:
         weights = self.train_engine.full_weights() if self.train_engine is not None else contextlib.nullcontext()
         with weights:
             if r.is_remote:  # the engine in a worker process of its own (r1engine.rollout.remote)
+                from r1engine.rollout.external import parse_address
                 from r1engine.rollout.remote import RemoteRolloutEngine
 
-                if r.listen:
-                    log.warning("waiting for a rollout worker on %s (r1engine rollout-worker --connect %s)",
-                                r.listen, r.listen)  # fmt: skip
+                listen = None
+                if r.listen:  # rank r on port + r: one worker per rank
+                    host, port = parse_address(r.listen, "rollout.listen")
+                    listen = f"{host}:{port + self.rank}"
+                    log.warning("rank %d waits for a rollout worker on %s (r1engine rollout-worker --connect %s)",
+                                self.rank, listen, listen)  # fmt: skip
                 self.rollout = RemoteRolloutEngine(
                     r.backend, model=self.model, tokenizer=self.tokenizer,
                     num_speculative_tokens=r.num_speculative_tokens, max_model_len=self.cfg.training.chunk_len,
                     vllm_log_level=r.vllm_log_level, device=r.device, num_threads=r.num_threads or None,
-                    listen=r.listen,
+                    listen=listen,
                 )  # fmt: skip
                 return
             self.rollout = create_engine(
