@@ -4,11 +4,13 @@ Without a CUDA device the Triton kernels run under Triton's interpreter. `TRITON
 decorated, that is when `r1engine.kernels` is first imported, and several test modules import it indirectly while
 they are collected (the fused ops, TRL through its Liger integration), so it is set here, before any of them.
 
-Every test also fails when a fast path turned out to be broken while it ran (`_no_broken_fast_path`).
+Every test also fails when a fast path turned out to be broken while it ran (`_no_broken_fast_path`). The rollout
+tests share `one_thread` and `policy`.
 """
 
 from __future__ import annotations
 
+import copy
 import os
 import sys
 
@@ -33,3 +35,30 @@ def _no_broken_fast_path():
     if new:
         lines = "\n".join(f"  {op}: backend {backend!r}: {reason}" for op, backend, reason in new)
         pytest.fail(f"a fast path is broken on this machine (fix the build or the install):\n{lines}", pytrace=False)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """2 shared cores: one intra-op thread per process is several times faster than two under contention (and makes
+    a trainer and its rollout worker compute in the same order)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def policy(tmp_path_factory):
+    """(m0: a tiny policy saved to a directory, that directory, m1: m0 with every weight moved, the MTP layer
+    included)."""
+    from r1engine.models import PolicyConfig, PolicyModel
+
+    torch.manual_seed(0)
+    m0 = PolicyModel(PolicyConfig.tiny(max_position_embeddings=256)).eval()
+    path = tmp_path_factory.mktemp("policy")
+    m0.save_pretrained(path)
+    m1 = copy.deepcopy(m0)
+    with torch.no_grad():
+        for _, t in m1.named_weights():
+            t.add_(0.05 * torch.randn_like(t))
+    return m0, path, m1

@@ -28,6 +28,8 @@ from r1engine.trainer.grpo import GRPOTrainer
 from r1engine.trainer.metrics import read_metrics
 from r1engine.trainer.sequences import loss_tokens, pack, packed_logprobs, per_sequence
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 ROOT = Path(__file__).resolve().parent.parent
 TINY = [
     "model.preset=tiny",
@@ -51,15 +53,6 @@ TINY = [
     "checkpoint.every=0",
 ]
 OFF_POLICY = ["grpo.old_logprobs=sampler"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """2 shared cores: one intra-op thread here, one in the worker."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 def _config(out_dir: Path, *extra: str):

@@ -7,7 +7,6 @@ Real processes throughout: the worker is the CLI in a subprocess, the trainer ei
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import signal
@@ -19,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from r1engine.models import PolicyConfig, PolicyModel
+from r1engine.models import PolicyModel
 from r1engine.rollout.external import AUTHKEY_ENV
 from r1engine.rollout.remote import RemoteRolloutEngine, RolloutWorkerDied
 from r1engine.trainer.config import ConfigError, load_config
@@ -42,20 +41,6 @@ def _free_port() -> int:
 def _worker(address: str, *args: str, env: dict | None = None) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "r1engine.cli", "rollout-worker", "--connect", address, "--num-threads", "1", *args]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
-
-
-@pytest.fixture(scope="module")
-def policy(tmp_path_factory):
-    """(m0 saved to a directory, that directory, m1: m0 with every weight moved)."""
-    torch.manual_seed(0)
-    m0 = PolicyModel(PolicyConfig.tiny(max_position_embeddings=256)).eval()
-    path = tmp_path_factory.mktemp("policy")
-    m0.save_pretrained(path)
-    m1 = copy.deepcopy(m0)
-    with torch.no_grad():
-        for _, t in m1.named_weights():
-            t.add_(0.05 * torch.randn_like(t))
-    return m0, path, m1
 
 
 @torch.no_grad()

@@ -7,7 +7,6 @@ teacher-forced forward of the weights of the version the token says sampled it.
 
 from __future__ import annotations
 
-import copy
 import importlib.util
 
 import pytest
@@ -19,27 +18,7 @@ from r1engine.rollout import create_engine
 from r1engine.rollout.partial import generate_in_segments, mixed_version_fraction
 from r1engine.rollout.remote import RemoteRolloutEngine
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
-@pytest.fixture(scope="module")
-def policy(tmp_path_factory):
-    """(m0 saved to a directory, that directory, m1: m0 with every weight moved)."""
-    torch.manual_seed(0)
-    m0 = PolicyModel(PolicyConfig.tiny(max_position_embeddings=256)).eval()
-    path = tmp_path_factory.mktemp("policy")
-    m0.save_pretrained(path)
-    m1 = copy.deepcopy(m0)
-    with torch.no_grad():
-        for _, t in m1.named_weights():
-            t.add_(0.05 * torch.randn_like(t))
-    return m0, path, m1
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

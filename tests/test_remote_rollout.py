@@ -24,31 +24,10 @@ from r1engine.models.toy import fit_pattern, pattern_batch
 from r1engine.rollout import RolloutEngine, create_engine
 from r1engine.rollout.remote import RemoteRolloutEngine, RolloutWorkerDied
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
 GREEDY = dict(n=1, max_new_tokens=12, temperature=0.0)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """2 shared cores: one intra-op thread per process (also makes both sides compute in the same order)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
-@pytest.fixture(scope="module")
-def policy(tmp_path_factory):
-    """(m0 saved to a directory, that directory, m1: m0 with every weight moved, the MTP layer included)."""
-    torch.manual_seed(0)
-    m0 = PolicyModel(PolicyConfig.tiny(max_position_embeddings=256)).eval()
-    path = tmp_path_factory.mktemp("policy")
-    m0.save_pretrained(path)
-    m1 = copy.deepcopy(m0)
-    with torch.no_grad():
-        for _, t in m1.named_weights():
-            t.add_(0.05 * torch.randn_like(t))
-    return m0, path, m1
 
 
 @pytest.fixture(scope="module")

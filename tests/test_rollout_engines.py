@@ -28,15 +28,6 @@ HAS_VLLM = importlib.util.find_spec("vllm") is not None
 
 
 @pytest.fixture(scope="module")
-def one_thread():
-    """2 shared cores: one intra-op thread is several times faster than two under contention."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
-@pytest.fixture(scope="module")
 def models(one_thread):
     """(m0: random init, m1: m0 trained jointly with its MTP head, stale: m1's body with m0's MTP head)."""
     torch.manual_seed(0)
