@@ -1,9 +1,11 @@
 """Samples/s and held-out accuracy over wall time of the rollout modes (`rollout.mode`): sync against one_step_off and
-async, on the demo task (configs/demo.yaml), in one run with the same settings.
+async, on the demo task (configs/demo.yaml) or a real model's config (`--config configs/smollm2_math.yaml`), in one
+run with the same settings.
 
-One cold-start SFT (the demo's) gives the starting policy; then each mode trains from those weights for the same
-number of GRPO steps, one mode after the other, with the same loss (`grpo.old_logprobs=sampler`: the behaviour
-policy's log-probs as the old ones, which the off-policy modes need and sync may use) and the native engine:
+On the demo task one cold-start SFT gives the starting policy (a real model's config starts from its checkpoint);
+then each mode trains from those weights for the same number of GRPO steps, one mode after the other, with the same
+loss (`grpo.old_logprobs=sampler`: the behaviour policy's log-probs as the old ones, which the off-policy modes need
+and sync may use), sampling at temperature 1, with the same engine (`--backend`):
 
 - sync: the trainer as it is by default, the engine in the trainer's process (`rollout.remote=false`);
 - sync_remote: sync with the engine in a worker process (what the off-policy modes pay for the process split);
@@ -18,6 +20,8 @@ included. Writes benchmarks/results/async_rl.md and async_rl.png (and the per-st
 
     nice python benchmarks/bench_async_rl.py                 # 30 steps per mode, eval every 10
     nice python benchmarks/bench_async_rl.py --steps 4 --eval-every 2 --num-eval 20 --sft-steps 20   # quick
+    nice python benchmarks/bench_async_rl.py --config configs/smollm2_math.yaml --backend vllm --steps 8 \
+        --eval-every 8 --num-eval 48 --modes sync,one_step_off,async --out benchmarks/results/async_rl_smollm2.md
 
 `main(argv)` returns the result as a dict.
 """
@@ -51,6 +55,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-staleness", type=int, default=2, help="async's bound (and lookahead)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads of the trainer and of the worker")
     parser.add_argument("--sync-threads", type=int, default=1, help="torch threads of the in-process sync trainer")
+    parser.add_argument("--config", type=Path, default=ROOT / "configs" / "demo.yaml",
+                        help="the run's config: the demo task (cold-start SFT first) or a real model's (model.path: "
+                             "no SFT, e.g. configs/smollm2_math.yaml)")  # fmt: skip
+    parser.add_argument("--backend", default="native", help="rollout.backend of every mode (native or vllm)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="more config overrides")
     parser.add_argument("--modes", default=",".join(MODES))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "async_rl.md")
@@ -58,18 +67,28 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def _real_model(args: argparse.Namespace) -> bool:
+    """Whether the config names a pretrained model (no cold start; held-out rows from its data files)."""
+    from r1engine.trainer.config import load_config
+
+    return load_config(args.config, args.set).model.path is not None
+
+
 def _overrides(args: argparse.Namespace, out_dir: Path) -> list[str]:
+    eval_size = f"data.eval_size={args.num_eval}" if _real_model(args) else f"task.num_eval={args.num_eval}"
     return [
         f"output_dir={out_dir}",
         f"seed={args.seed}",
         "sft.steps=0",
         f"grpo.steps={args.steps}",
         "grpo.old_logprobs=sampler",
-        "rollout.backend=native",
-        f"task.num_eval={args.num_eval}",
+        "grpo.temperature=1.0",  # the off-policy modes' correction needs T=1 unfiltered sampling
+        f"rollout.backend={args.backend}",
+        eval_size,
         f"eval.every={args.eval_every}",
         "checkpoint.every=0",
         "checkpoint.resume=false",
+        *args.set,
     ]
 
 
@@ -89,13 +108,16 @@ def _mode_overrides(mode: str, args: argparse.Namespace) -> list[str]:
     }[mode]
 
 
-def cold_start(args: argparse.Namespace, work: Path) -> Path:
-    """The demo's cold-start SFT once; every mode starts from the weights it writes."""
+def cold_start(args: argparse.Namespace, work: Path) -> Path | None:
+    """The demo's cold-start SFT once; every mode starts from the weights it writes (None: a real model's config,
+    whose modes start from its checkpoint)."""
     from r1engine.trainer.config import load_config
     from r1engine.trainer.grpo import GRPOTrainer
 
+    if _real_model(args):
+        return None
     cfg = load_config(
-        ROOT / "configs" / "demo.yaml",
+        args.config,
         [
             f"output_dir={work / 'sft'}",
             f"seed={args.seed}",
@@ -121,8 +143,9 @@ def run_mode(mode: str, args: argparse.Namespace, model_dir: Path, work: Path) -
     from r1engine.trainer.metrics import read_metrics
 
     out_dir = work / mode
-    cfg = load_config(ROOT / "configs" / "demo.yaml", [*_overrides(args, out_dir), *_mode_overrides(mode, args)])
-    trainer = GRPOTrainer(cfg, model=PolicyModel.from_pretrained(model_dir), progress=False)
+    cfg = load_config(args.config, [*_overrides(args, out_dir), *_mode_overrides(mode, args)])
+    model = PolicyModel.from_pretrained(model_dir) if model_dir is not None else None
+    trainer = GRPOTrainer(cfg, model=model, progress=False)
     evals: list[float] = []
     evaluate = trainer.evaluate
 
@@ -206,8 +229,8 @@ def report(args: argparse.Namespace, results: list[dict[str, Any]], argv: list[s
             f"working tree's changes); machine: {machine()}; load average before the run {load[0]:.2f}, "
             f"{load[1]:.2f}, {load[2]:.2f} and after it {os.getloadavg()[0]:.2f} (other jobs share the cores).",
             "",
-            f"Demo task (configs/demo.yaml), {args.sft_steps} SFT steps once, then {args.steps} GRPO steps per mode "
-            f"from the same weights (modes run one after the other), native engine, grpo.old_logprobs=sampler, "
+            f"{_setting(args)}, then {args.steps} GRPO steps per mode "
+            f"from the same weights (modes run one after the other), {args.backend} engine, grpo.old_logprobs=sampler, "
             f"held-out pass@1 over {args.num_eval} problems x 4 samples every {args.eval_every} steps; torch threads: "
             f"{args.threads} trainer + {args.threads} worker, {args.sync_threads} for in-process sync.",
             "",
@@ -216,10 +239,18 @@ def report(args: argparse.Namespace, results: list[dict[str, Any]], argv: list[s
             "|---|---|---|---|---|---|---|---|",
             *rows,
             "",
-            "![held-out pass@1 over wall time](async_rl.png)",
+            f"![held-out pass@1 over wall time]({args.out.with_suffix('.png').name})",
             "",
         ]
     )
+
+
+def _setting(args: argparse.Namespace) -> str:
+    path = Path(args.config).resolve()
+    config = path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
+    if _real_model(args):
+        return f"Real model ({config})"
+    return f"Demo task ({config}), {args.sft_steps} SFT steps once"
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -239,7 +270,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             r = results[-1]
             print(f"{mode}: {r['samples_per_s']:.2f} samples/s, pass@1 {r['accuracy_after']:.3f}", flush=True)
     text = report(args, results, argv, load)
-    plot(results, args.out.with_suffix(".png"), f"demo task, {args.steps} GRPO steps per mode, {machine()}")
+    task = "real model" if _real_model(args) else "demo task"
+    plot(results, args.out.with_suffix(".png"), f"{task}, {args.steps} GRPO steps per mode, {machine()}")
     write_report(text, {"args": {k: str(v) for k, v in vars(args).items()}, "results": results}, args.out, args.json)
     return {"results": results}
 
