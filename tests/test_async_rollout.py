@@ -15,6 +15,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -275,14 +276,22 @@ def _prompts_trained(trainer: GRPOTrainer, into: list[list[str]]) -> None:
     trainer.train_on_rollout = record
 
 
-@pytest.mark.timeout(400)
-def test_kill9_of_the_worker_stops_the_run_and_the_resumed_run_neither_loses_nor_repeats_prompts(tmp_path):
-    common = ["grpo.steps=5", "rollout.mode=async", "rollout.max_staleness=2", "checkpoint.every=2", *OFF_POLICY]
-    straight: list[list[str]] = []
-    trainer = _trainer(tmp_path / "straight", *common)
-    _prompts_trained(trainer, straight)
-    _run(trainer)
+KILL_RUN = ["grpo.steps=5", "rollout.mode=async", "rollout.max_staleness=2", "checkpoint.every=2", *OFF_POLICY]
 
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory) -> list[list[str]]:
+    """The prompts of each step of an uninterrupted `KILL_RUN`."""
+    prompts: list[list[str]] = []
+    trainer = _trainer(tmp_path_factory.mktemp("straight"), *KILL_RUN)
+    _prompts_trained(trainer, prompts)
+    _run(trainer)
+    return prompts
+
+
+@pytest.mark.timeout(400)
+def test_kill9_of_the_worker_stops_the_run_and_the_resumed_run_neither_loses_nor_repeats_prompts(tmp_path, straight):
+    common = KILL_RUN
     out = tmp_path / "killed"
     killed: list[list[str]] = []
     trainer = _trainer(out, *common)
@@ -308,6 +317,57 @@ def test_kill9_of_the_worker_stops_the_run_and_the_resumed_run_neither_loses_nor
     records = read_metrics(out / "metrics.jsonl")
     assert [r["step"] for r in records] == [0, 1, 2, 3, 4, 5]
     assert records[3]["rollout/staleness_max"] == 0.0  # the resumed run's first batch: sampled by the resumed weights
+
+
+KILLED_TRAINER = r"""
+import json, os, signal, sys
+from pathlib import Path
+
+from r1engine.trainer.config import load_config
+from r1engine.trainer.grpo import GRPOTrainer
+
+if __name__ == "__main__":  # the rollout worker is spawned: it re-imports this script
+    log = Path(sys.argv[1])
+    trainer = GRPOTrainer(load_config(sys.argv[2], sys.argv[3:]), progress=False)
+    train_on_rollout = trainer.train_on_rollout
+
+    def record(seqs, fields, step):
+        with log.open("a") as f:
+            if step == 2:  # the step-2 checkpoint exists, the batches of steps 3 and 4 are in flight
+                f.write(json.dumps({"worker": trainer.rollout.pid}) + "\n")
+                f.flush()
+                os.kill(os.getpid(), signal.SIGKILL)
+            f.write(json.dumps([p.prompt for p in trainer.rollout_scheduler.last.problems]) + "\n")
+        return train_on_rollout(seqs, fields, step)
+
+    trainer.train_on_rollout = record
+    trainer.run()
+"""
+
+
+@pytest.mark.timeout(400)
+def test_kill9_of_the_trainer_takes_its_worker_down_and_the_rerun_neither_loses_nor_repeats_prompts(tmp_path, straight):
+    import json
+
+    import psutil
+
+    out, log, script = tmp_path / "killed", tmp_path / "trained.jsonl", tmp_path / "killed_trainer.py"
+    script.write_text(KILLED_TRAINER)
+    overrides = [f"output_dir={out}", *TINY, *KILL_RUN]
+    result = subprocess.run([sys.executable, str(script), str(log), str(ROOT / "configs" / "demo.yaml"), *overrides],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert result.returncode == -signal.SIGKILL, result.stderr[-2000:]
+    *before, worker = [json.loads(line) for line in log.read_text().splitlines()]
+    deadline = time.monotonic() + 10  # the orphaned worker sees its parent gone and exits
+    while psutil.pid_exists(worker["worker"]) and psutil.Process(worker["worker"]).status() != psutil.STATUS_ZOMBIE:
+        assert time.monotonic() < deadline, "the rollout worker outlived its killed trainer"
+        time.sleep(0.2)
+
+    after: list[list[str]] = []
+    resumed = _trainer(out, *KILL_RUN)
+    _prompts_trained(resumed, after)
+    _run(resumed)
+    assert before + after == straight  # steps 1-2 before the kill, 3-5 after the resume from step-000002
 
 
 @pytest.mark.distributed
