@@ -7,6 +7,7 @@ Real processes throughout: the worker is the CLI in a subprocess, the trainer ei
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -43,6 +44,22 @@ def _worker(address: str, *args: str, env: dict | None = None) -> subprocess.Pop
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
 
 
+@contextlib.contextmanager
+def _running_worker(*args: str, env: dict | None = None):
+    """(address, worker process) of a `r1engine rollout-worker` connecting to a free local port; killed at exit."""
+    address = f"127.0.0.1:{_free_port()}"
+    worker = _worker(address, *args, env=env)
+    try:
+        yield address, worker
+    finally:
+        worker.kill()
+        worker.communicate()
+
+
+def _engine(model: PolicyModel, address: str) -> RemoteRolloutEngine:
+    return RemoteRolloutEngine("native", model=model, listen=address, num_speculative_tokens=0, start_timeout_s=60)
+
+
 @torch.no_grad()
 def _assert_sampled_by(model: PolicyModel, batch) -> None:
     for p, c, lp in zip(batch.prompt_ids, batch.completion_ids, batch.logprobs, strict=True):
@@ -57,69 +74,53 @@ def test_a_worker_started_elsewhere_takes_the_trainers_weights_and_dies_visibly(
     reaches it over the group; kill -9 of the worker is seen at the next wait."""
     m0, path, m1 = policy
     monkeypatch.setenv(AUTHKEY_ENV, "a shared secret")
-    address = f"127.0.0.1:{_free_port()}"
-    worker = _worker(address, "--model-dir", str(path), env=dict(os.environ))  # started first: the trainer is late
-    try:
-        engine = RemoteRolloutEngine("native", model=m1, listen=address, num_speculative_tokens=0, start_timeout_s=60)
-        with engine:
-            assert engine.version == 0 and engine.last_sync["bytes"] > 0
-            kw = dict(n=2, max_new_tokens=10, temperature=1.0, seed=0)
-            _assert_sampled_by(m1, engine.generate([[1, 5, 6, 7], [1, 9, 8]], **kw))
-            engine.push_weights(m0, version=1)
-            batch = engine.generate([[1, 5, 6, 7]], **kw)
-            assert {int(v) for t in batch.versions for v in t} == {1}
-            _assert_sampled_by(m0, batch)
-            worker.send_signal(signal.SIGKILL)
-            worker.wait(30)
-            with pytest.raises(RolloutWorkerDied, match="died"):
-                engine.generate([[1, 5]], max_new_tokens=4)
-    finally:
-        worker.kill()
-        worker.communicate()
+    # the worker starts first: the trainer is late, and the worker waits for it
+    with (
+        _running_worker("--model-dir", str(path), env=dict(os.environ)) as (address, worker),
+        _engine(m1, address) as engine,
+    ):
+        assert engine.version == 0 and engine.last_sync["bytes"] > 0
+        kw = dict(n=2, max_new_tokens=10, temperature=1.0, seed=0)
+        _assert_sampled_by(m1, engine.generate([[1, 5, 6, 7], [1, 9, 8]], **kw))
+        engine.push_weights(m0, version=1)
+        batch = engine.generate([[1, 5, 6, 7]], **kw)
+        assert {int(v) for t in batch.versions for v in t} == {1}
+        _assert_sampled_by(m0, batch)
+        worker.send_signal(signal.SIGKILL)
+        worker.wait(30)
+        with pytest.raises(RolloutWorkerDied, match="died"):
+            engine.generate([[1, 5]], max_new_tokens=4)
 
 
 @pytest.mark.timeout(120)
 def test_the_worker_exits_when_its_trainer_closes(policy):
     _, path, m1 = policy
-    address = f"127.0.0.1:{_free_port()}"
-    worker = _worker(address, "--model-dir", str(path))
-    try:
-        with RemoteRolloutEngine("native", model=m1, listen=address, num_speculative_tokens=0, start_timeout_s=60):
+    with _running_worker("--model-dir", str(path)) as (address, worker):
+        with _engine(m1, address):
             pass
         assert worker.wait(30) == 0
-    finally:
-        worker.kill()
-        worker.communicate()
 
 
 @pytest.mark.timeout(120)
 def test_a_worker_without_the_model_directory_fails_the_trainers_start_with_the_reason(policy, tmp_path):
     _, _, m1 = policy
-    address = f"127.0.0.1:{_free_port()}"
-    worker = _worker(address, "--model-dir", str(tmp_path / "absent"))
-    try:
+    with _running_worker("--model-dir", str(tmp_path / "absent")) as (address, worker):
         with pytest.raises(FileNotFoundError, match="--model-dir"):
-            RemoteRolloutEngine("native", model=m1, listen=address, num_speculative_tokens=0, start_timeout_s=60)
+            _engine(m1, address)
         assert worker.wait(30) == 0  # it reported the error and was closed
-    finally:
-        worker.kill()
-        worker.communicate()
 
 
 @pytest.mark.timeout(120)
 def test_a_worker_with_another_key_is_refused_and_says_so(policy, monkeypatch):
     _, path, m1 = policy
     monkeypatch.setenv(AUTHKEY_ENV, "the trainer's secret")
-    address = f"127.0.0.1:{_free_port()}"
-    worker = _worker(address, "--model-dir", str(path), env=dict(os.environ, **{AUTHKEY_ENV: "another secret"}))
-    try:
+    env = dict(os.environ, **{AUTHKEY_ENV: "another secret"})
+    with _running_worker("--model-dir", str(path), env=env) as (address, worker):
         with pytest.raises(ConnectionError, match="handshake"):
-            RemoteRolloutEngine("native", model=m1, listen=address, num_speculative_tokens=0, start_timeout_s=60)
+            _engine(m1, address)
         _, err = worker.communicate(timeout=30)
         assert worker.returncode == 2
         assert err.strip().startswith("r1engine: rollout-worker error:") and len(err.strip().splitlines()) == 1
-    finally:
-        worker.kill()
 
 
 def test_a_worker_without_a_trainer_gives_up_with_one_line():
