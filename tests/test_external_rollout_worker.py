@@ -33,9 +33,9 @@ TINY = [
 ]  # fmt: skip
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+def _free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.bind((host, 0))
         return s.getsockname()[1]
 
 
@@ -45,9 +45,9 @@ def _worker(address: str, *args: str, env: dict | None = None) -> subprocess.Pop
 
 
 @contextlib.contextmanager
-def _running_worker(*args: str, env: dict | None = None):
+def _running_worker(*args: str, env: dict | None = None, host: str = "127.0.0.1"):
     """(address, worker process) of a `r1engine rollout-worker` connecting to a free local port; killed at exit."""
-    address = f"127.0.0.1:{_free_port()}"
+    address = f"[{host}]:{_free_port(host)}" if ":" in host else f"{host}:{_free_port(host)}"
     worker = _worker(address, *args, env=env)
     try:
         yield address, worker
@@ -99,6 +99,23 @@ def test_the_worker_exits_when_its_trainer_closes(policy):
         with _engine(m1, address):
             pass
         assert worker.wait(30) == 0
+
+
+def _has_ipv6_loopback() -> bool:
+    try:
+        _free_port("::1")
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.skipif(not _has_ipv6_loopback(), reason="this machine has no IPv6 loopback (::1)")
+def test_an_ipv6_address_carries_requests_and_weights(policy):
+    _, path, m1 = policy
+    with _running_worker("--model-dir", str(path), host="::1") as (address, worker), _engine(m1, address) as engine:
+        assert address.startswith("[::1]:")
+        _assert_sampled_by(m1, engine.generate([[1, 5, 6, 7]], n=2, max_new_tokens=8, seed=0))
 
 
 @pytest.mark.timeout(120)

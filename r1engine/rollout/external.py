@@ -22,7 +22,7 @@ import os
 import socket
 import time
 from multiprocessing import AuthenticationError
-from multiprocessing.connection import Client, Connection, answer_challenge, deliver_challenge
+from multiprocessing.connection import Connection, answer_challenge, deliver_challenge
 
 AUTHKEY_ENV = "R1ENGINE_ROLLOUT_AUTHKEY"
 _LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -76,17 +76,18 @@ class ExternalWorker:
         """Listen on `address` until one worker connects and authenticates (TimeoutError after `timeout_s`)."""
         host, port = parse_address(address, "rollout.listen")
         key = authkey(host)
-        with socket.create_server((host, port), reuse_port=False) as server:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with socket.create_server((host, port), family=family) as server:
             server.settimeout(timeout_s)
             try:
-                sock, (peer, _) = server.accept()
+                sock, peer_address = server.accept()
             except TimeoutError:
                 raise TimeoutError(
                     f"no rollout worker connected to {address} within {timeout_s:.0f} s (start one with "
                     f"`r1engine rollout-worker --connect <this machine's address>:{port}`)"
                 ) from None
         sock.settimeout(None)
-        local_host = sock.getsockname()[0]
+        peer, local_host = peer_address[0], sock.getsockname()[0]  # (host, port[, flow, scope]) for IPv4 and IPv6
         conn = Connection(sock.detach())
         try:
             deliver_challenge(conn, key)
@@ -108,16 +109,22 @@ def connect(address: str, timeout_s: float) -> tuple[Connection, str]:
     deadline = time.monotonic() + timeout_s
     while True:
         try:
-            conn = Client((host, port), authkey=key)
+            sock = socket.create_connection((host, port), timeout=10)  # IPv4, IPv6 or a host name
             break
-        except (TimeoutError, ConnectionRefusedError, FileNotFoundError):
+        except (TimeoutError, ConnectionRefusedError):
             if time.monotonic() > deadline:
                 raise TimeoutError(f"no trainer listening on {address} within {timeout_s:.0f} s") from None
             time.sleep(0.5)
-        except (AuthenticationError, EOFError, ConnectionResetError):
-            raise ConnectionError(
-                f"the trainer at {address} refused this worker's key: {AUTHKEY_ENV} must be the same on both sides"
-            ) from None
+    sock.settimeout(None)
+    conn = Connection(sock.detach())
+    try:
+        answer_challenge(conn, key)
+        deliver_challenge(conn, key)
+    except (AuthenticationError, EOFError, ConnectionResetError):
+        conn.close()
+        raise ConnectionError(
+            f"the trainer at {address} refused this worker's key: {AUTHKEY_ENV} must be the same on both sides"
+        ) from None
     conn.send({"pid": os.getpid(), "host": socket.gethostname()})
     with socket.socket(fileno=os.dup(conn.fileno())) as sock:
         local_host = sock.getsockname()[0]
