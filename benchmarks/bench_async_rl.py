@@ -67,7 +67,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _real_model(args: argparse.Namespace) -> bool:
+def _names_a_model(args: argparse.Namespace) -> bool:
     """Whether the config names a pretrained model (no cold start; held-out rows from its data files)."""
     from r1engine.trainer.config import load_config
 
@@ -75,7 +75,7 @@ def _real_model(args: argparse.Namespace) -> bool:
 
 
 def _overrides(args: argparse.Namespace, out_dir: Path) -> list[str]:
-    eval_size = f"data.eval_size={args.num_eval}" if _real_model(args) else f"task.num_eval={args.num_eval}"
+    eval_size = f"data.eval_size={args.num_eval}" if args.real_model else f"task.num_eval={args.num_eval}"
     return [
         f"output_dir={out_dir}",
         f"seed={args.seed}",
@@ -104,7 +104,7 @@ def _mode_overrides(mode: str, args: argparse.Namespace) -> list[str]:
             f"rollout.max_staleness={args.max_staleness}",
             "rollout.partial_rollouts=true",
             *threads,
-        ],  # fmt: skip
+        ],
     }[mode]
 
 
@@ -114,7 +114,7 @@ def cold_start(args: argparse.Namespace, work: Path) -> Path | None:
     from r1engine.trainer.config import load_config
     from r1engine.trainer.grpo import GRPOTrainer
 
-    if _real_model(args):
+    if args.real_model:
         return None
     cfg = load_config(
         args.config,
@@ -248,7 +248,7 @@ def report(args: argparse.Namespace, results: list[dict[str, Any]], argv: list[s
 def _setting(args: argparse.Namespace) -> str:
     path = Path(args.config).resolve()
     config = path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
-    if _real_model(args):
+    if args.real_model:
         return f"Real model ({config})"
     return f"Demo task ({config}), {args.sft_steps} SFT steps once"
 
@@ -256,6 +256,7 @@ def _setting(args: argparse.Namespace) -> str:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
+    args.real_model = _names_a_model(args)
     modes = [m for m in args.modes.split(",") if m]
     unknown = [m for m in modes if m not in MODES]
     if unknown:
@@ -270,7 +271,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             r = results[-1]
             print(f"{mode}: {r['samples_per_s']:.2f} samples/s, pass@1 {r['accuracy_after']:.3f}", flush=True)
     text = report(args, results, argv, load)
-    task = "real model" if _real_model(args) else "demo task"
+    task = "real model" if args.real_model else "demo task"
     plot(results, args.out.with_suffix(".png"), f"{task}, {args.steps} GRPO steps per mode, {machine()}")
     write_report(text, {"args": {k: str(v) for k, v in vars(args).items()}, "results": results}, args.out, args.json)
     return {"results": results}

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from r1engine.models import PolicyModel
-from r1engine.rollout.external import AUTHKEY_ENV
+from r1engine.rollout.external import AUTHKEY_ENV, format_address
 from r1engine.rollout.remote import RemoteRolloutEngine, RolloutWorkerDied
 from r1engine.trainer.config import ConfigError, load_config
 
@@ -47,7 +47,7 @@ def _worker(address: str, *args: str, env: dict | None = None) -> subprocess.Pop
 @contextlib.contextmanager
 def _running_worker(*args: str, env: dict | None = None, host: str = "127.0.0.1"):
     """(address, worker process) of a `r1engine rollout-worker` connecting to a free local port; killed at exit."""
-    address = f"[{host}]:{_free_port(host)}" if ":" in host else f"{host}:{_free_port(host)}"
+    address = format_address(host, _free_port(host))
     worker = _worker(address, *args, env=env)
     try:
         yield address, worker

@@ -38,6 +38,11 @@ def parse_address(address: str, what: str = "address") -> tuple[str, int]:
     return host, int(port)
 
 
+def format_address(host: str, port: int) -> str:
+    """(host, port) -> 'host:port', an IPv6 host in brackets (what `parse_address` reads back)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def authkey(host: str) -> bytes:
     """The shared key: R1ENGINE_ROLLOUT_AUTHKEY, required for any address but a loopback one."""
     key = os.environ.get(AUTHKEY_ENV)

@@ -583,9 +583,13 @@ def _validate_rollout_mode(cfg: Config) -> None:
             raise ConfigError("rollout.listen: needs a rollout worker process (rollout.remote=true or an off-policy "
                               "rollout.mode)")  # fmt: skip
         try:
-            authkey(parse_address(r.listen, "rollout.listen")[0])
+            host, _ = parse_address(r.listen, "rollout.listen")  # its message names the key
         except ValueError as exc:
-            raise ConfigError(str(exc) if str(exc).startswith("rollout.listen") else f"rollout.listen: {exc}") from None
+            raise ConfigError(str(exc)) from None
+        try:
+            authkey(host)
+        except ValueError as exc:
+            raise ConfigError(f"rollout.listen: {exc}") from None
     if r.mode == "sync":
         if r.partial_rollouts:
             raise ConfigError(

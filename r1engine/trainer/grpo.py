@@ -472,13 +472,13 @@ class GRPOTrainer:
         weights = self.train_engine.full_weights() if self.train_engine is not None else contextlib.nullcontext()
         with weights:
             if r.is_remote:  # the engine in a worker process of its own (r1engine.rollout.remote)
-                from r1engine.rollout.external import parse_address
+                from r1engine.rollout.external import format_address, parse_address
                 from r1engine.rollout.remote import RemoteRolloutEngine
 
                 listen = None
                 if r.listen:  # rank r on port + r: one worker per rank
                     host, port = parse_address(r.listen, "rollout.listen")
-                    listen = f"{host}:{port + self.rank}"
+                    listen = format_address(host, port + self.rank)
                     log.warning("rank %d waits for a rollout worker on %s (r1engine rollout-worker --connect %s)",
                                 self.rank, listen, listen)  # fmt: skip
                 self.rollout = RemoteRolloutEngine(
