@@ -442,8 +442,8 @@ def run_r1engine_smollm2(a: argparse.Namespace, backend: str) -> dict[str, Any]:
         rss_built = rss_mib()
         take = trainer.stream.take
 
-        def recording_take(n: int) -> list:  # the rows each rollout draws, to compare with TRL's prompts
-            rows = take(n)
+        def recording_take(n: int, **kwargs) -> list:  # the rows each rollout draws, to compare with TRL's prompts
+            rows = take(n, **kwargs)
             taken.extend(rows)
             return rows
 

@@ -319,6 +319,71 @@ def test_kill9_of_the_worker_stops_the_run_and_the_resumed_run_neither_loses_nor
     assert records[3]["rollout/staleness_max"] == 0.0  # the resumed run's first batch: sampled by the resumed weights
 
 
+class _Stop(Exception):
+    """Raised by a test inside a run, after a checkpoint."""
+
+
+def _numbered_takes(trainer: GRPOTrainer, takes: list[tuple[int, bool, list[int]]], trained: list[list[int]]):
+    """Record each take from the data stream (the trainer's step, out of order or not, the stream numbers) and the
+    numbers of each step's trained problems (dynamic sampling's chosen groups)."""
+    numbered: dict[int, tuple[object, int]] = {}  # id -> (the problem, kept alive; its number)
+    take, dynamic = trainer.stream.take, trainer._dynamic_sampling
+
+    def numbered_take(n, out_of_order=False):
+        problems = take(n, out_of_order=out_of_order)
+        numbers = trainer.stream.last_numbers
+        numbered.update({id(p): (p, i) for p, i in zip(problems, numbers, strict=True)})
+        takes.append((trainer.step, out_of_order, list(numbers)))
+        return problems
+
+    def on_dynamic(first, step):
+        groups, metrics = dynamic(first, step)
+        trained.append(sorted(numbered[id(p)][1] for p in groups.problems))
+        return groups, metrics
+
+    trainer.stream.take, trainer._dynamic_sampling = numbered_take, on_dynamic
+
+
+@pytest.mark.timeout(400)
+def test_dynamic_sampling_in_async_mode_resumes_without_taking_a_problem_twice(tmp_path):
+    """DAPO's extra rounds of the steps before a checkpoint were taken behind the batches in flight, past the saved
+    data position: the resumed run takes the batches in flight again and passes over those extra rounds (their
+    problems were trained or, their groups all alike, dropped: either way used, as in sync mode)."""
+    run = ["grpo.steps=5", "rollout.mode=async", "rollout.max_staleness=2", "checkpoint.every=2", *OFF_POLICY,
+           "dapo.dynamic_sampling=true", "dapo.max_sampling_rounds=3"]  # fmt: skip
+    out = tmp_path / "run"
+    takes, trained = [], []
+    trainer = _trainer(out, *run)
+    _numbered_takes(trainer, takes, trained)
+    saved, checkpoint_state = [], trainer.stream.checkpoint_state
+    trainer.stream.checkpoint_state = lambda position: saved.append(checkpoint_state(position)) or saved[-1]
+    train_on_rollout = trainer.train_on_rollout
+
+    def stop_in_step_3(seqs, fields, step):
+        if step == 2:
+            raise _Stop
+        return train_on_rollout(seqs, fields, step)
+
+    trainer.train_on_rollout = stop_in_step_3
+    with pytest.raises(_Stop):
+        _run(trainer)
+    assert (out / "checkpoints" / "latest").read_text() == "step-000002"
+    position = saved[-1]
+    used = {i for step, out_of_order, numbers in takes if out_of_order and step < 2 for i in numbers}
+    assert used and min(used) >= position["count"] and used <= set(position["pass_over"])
+
+    resumed_takes, resumed_trained = [], []
+    resumed = _trainer(out, *run)
+    _numbered_takes(resumed, resumed_takes, resumed_trained)
+    _run(resumed)
+    taken = [i for _, _, numbers in resumed_takes for i in numbers]
+    assert taken[0] == position["count"]  # the batches that were in flight come again
+    assert not used & set(taken)  # the extra rounds trained before the checkpoint do not
+    assert set(range(position["count"], max(taken) + 1)) - used <= set(taken)  # nothing else is skipped
+    every = [i for step in trained[:2] + resumed_trained for i in step]
+    assert len(resumed_trained) == 3 and len(every) == len(set(every))
+
+
 KILLED_TRAINER = r"""
 import json, os, signal, sys
 from pathlib import Path

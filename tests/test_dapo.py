@@ -309,7 +309,7 @@ def test_dynamic_sampling_trains_on_groups_that_vary_and_resumes(tmp_path):
         assert m["dynamic_sampling/kept_frac"] == pytest.approx((sampled - dropped) / sampled)
         taken += sampled
     # the extra prompts came from the data stream, whose position a checkpoint saves
-    assert trainer.stream.state() == {"epoch": 0, "index": taken}
+    assert trainer.stream.state() == {"inner": {"epoch": 0, "index": taken}, "count": taken, "pass_over": []}
     saved = torch.load(tmp_path / "straight" / "checkpoints" / "step-000002" / "trainer.pt", weights_only=False)
     assert saved["stream"] == trainer.stream.state()
     # stopped after one step and resumed: the second step samples and trains as in the uninterrupted run
@@ -331,7 +331,7 @@ def test_dynamic_sampling_stops_at_the_round_cap(tmp_path):
     assert m["dynamic_sampling/groups_sampled"] == 2 * PROMPTS and m["dynamic_sampling/groups_filled"] == PROMPTS
     assert len(seqs) == PROMPTS * GROUP and not fields["adv"].any()  # trained anyway, on zero advantages
     assert m["train/skipped_seq_frac"] > 0
-    assert trainer.stream.state()["index"] == 2 * PROMPTS
+    assert trainer.stream.state()["inner"]["index"] == 2 * PROMPTS
 
 
 @pytest.mark.timeout(600)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from r1engine.data import CountdownTask, DataError, DatasetTask, PromptTemplate, TemplateError
+from r1engine.data import CountdownTask, DataError, DatasetTask, NumberedStream, PromptTemplate, TemplateError
 from r1engine.data.dataset import read_problems
 from r1engine.data.word_problems import generate, to_rows, write
 from r1engine.rewards import get_reward
@@ -83,6 +83,37 @@ def test_epochs_reshuffle_and_resume_exactly(trl_file):
     again.set_state(state)
     assert [p.prompt for p in again.take(60)] == rest
     assert [p.prompt for p in task.train_problems(seed=7).take(50)] == first  # the order comes from the seed
+
+
+def test_numbered_stream_resumes_past_problems_trained_out_of_order(trl_file):
+    """The off-policy modes' order: batches taken ahead, DAPO's extra rounds behind them and trained first. A resume
+    from the position after the last trained batch gives the batches in flight again and passes over the extra
+    rounds already trained: every problem is trained once, none is skipped."""
+    task = DatasetTask([str(trl_file)], eval_size=10)
+    stream = NumberedStream(task.train_problems(seed=7))
+    b0, after_b0 = stream.take(4), stream.state()
+    b1, after_b1 = stream.take(4), stream.state()
+    e0 = stream.take(3, out_of_order=True)  # step 0 trains b0 + e0 while b1 is in flight
+    b2 = stream.take(4)
+    e1 = stream.take(2, out_of_order=True)  # step 1 trains b1 + e1 while b2 is in flight
+    assert stream.last_numbers == [15, 16]
+    saved = stream.checkpoint_state(after_b1)  # the checkpoint of step 1: b2 in flight is not in it
+    assert saved["count"] == 8 and saved["pass_over"] == [8, 9, 10, 15, 16]
+    assert stream.checkpoint_state(after_b0)["pass_over"] == [8, 9, 10, 15, 16]
+    rest = [p.prompt for p in stream.take(20)]
+
+    resumed = NumberedStream(task.train_problems(seed=7))
+    resumed.set_state(saved)
+    assert [p.prompt for p in resumed.take(4)] == [p.prompt for p in b2]  # the batch that was in flight
+    again = resumed.checkpoint_state(resumed.state())  # a checkpoint before the resumed stream reached e1
+    assert again["pass_over"] == [15, 16]
+    assert [p.prompt for p in resumed.take(20)] == rest
+    trained = [p.prompt for p in b0 + e0 + b1 + e1 + b2] + rest
+    assert len(trained) == len(set(trained)) == 37  # one epoch has 50 rows: no repeats before it ends
+
+    legacy = NumberedStream(task.train_problems(seed=7))
+    legacy.set_state(task.train_problems(seed=7).state())  # a checkpoint saved before the numbering
+    assert [p.prompt for p in legacy.take(4)] == [p.prompt for p in b0]
 
 
 def test_long_prompts_are_dropped_with_a_count_or_refused(trl_file, caplog):

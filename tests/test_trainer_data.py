@@ -64,7 +64,7 @@ def test_trains_on_the_users_file_and_resumes_its_position(tmp_path, model_dir, 
     resumed = GRPOTrainer(cfg2, progress=False)
     try:
         resumed.run()  # resumes from the step-1 checkpoint: the data position comes back with it
-        assert resumed.stream.state() == {"epoch": 0, "index": position["index"] + 2}
+        assert resumed.stream.state()["inner"] == {"epoch": 0, "index": position["inner"]["index"] + 2}
     finally:
         resumed.close()
 

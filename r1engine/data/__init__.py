@@ -4,7 +4,7 @@ countdown), for cold-start SFT, GRPO and held-out evaluation; prompt templates."
 from r1engine.data.addition import SOLUTION_STYLES, AdditionTask
 from r1engine.data.countdown import CountdownTask
 from r1engine.data.dataset import DataError, DatasetTask
-from r1engine.data.problem import EpochStream, Problem, ProblemStream
+from r1engine.data.problem import EpochStream, NumberedStream, Problem, ProblemStream
 from r1engine.data.templates import PromptTemplate, TemplateError
 
 __all__ = [
@@ -14,6 +14,7 @@ __all__ = [
     "DataError",
     "DatasetTask",
     "EpochStream",
+    "NumberedStream",
     "Problem",
     "ProblemStream",
     "PromptTemplate",

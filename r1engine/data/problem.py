@@ -96,3 +96,71 @@ class ProblemStream:
 
     def set_state(self, state: Any) -> None:
         self.rng.setstate(state)
+
+
+class NumberedStream:
+    """A training stream (`EpochStream`, `ProblemStream`) whose problems are numbered in the order drawn, so that a
+    saved position can carry problems to pass over.
+
+    The off-policy rollout modes take each step's batch ahead of time, and DAPO's extra rounds are taken behind the
+    batches in flight but trained before them (`take(..., out_of_order=True)`). A checkpoint saves the position after
+    the last trained batch (`state()` as it was then), which lies before those extra rounds' problems:
+    `checkpoint_state(position)` adds their numbers, and a stream restored from it draws and drops them when it reaches
+    them, so a resumed run neither trains them twice nor skips anything else. `last_numbers`: the numbers of the
+    problems the last `take` gave."""
+
+    def __init__(self, inner: EpochStream | ProblemStream) -> None:
+        self.inner = inner
+        self.count = 0  # problems drawn from `inner`
+        self.last_numbers: list[int] = []
+        self._pass_over: set[int] = set()  # numbers trained before the position this stream was restored to
+        self._out_of_order: set[int] = set()
+
+    @property
+    def epoch(self) -> int | None:
+        return getattr(self.inner, "epoch", None)
+
+    def __iter__(self) -> NumberedStream:
+        return self
+
+    def __next__(self) -> Problem:
+        """The next problem not trained already."""
+        while True:
+            problem, number = next(self.inner), self.count
+            self.count += 1
+            if number not in self._pass_over:
+                self.last_numbers = [number]
+                return problem
+            self._pass_over.discard(number)
+
+    def take(self, n: int, *, out_of_order: bool = False) -> list[Problem]:
+        """The next `n` problems (passing over those already trained); `out_of_order`: they are trained before
+        problems taken earlier."""
+        problems, numbers = [], []
+        for _ in range(n):
+            problems.append(next(self))
+            numbers += self.last_numbers
+        self.last_numbers = numbers
+        if out_of_order:
+            self._out_of_order.update(numbers)
+        return problems
+
+    def state(self) -> dict[str, Any]:
+        """The position now (restorable; a checkpoint saves `checkpoint_state` of an earlier one)."""
+        return {"inner": self.inner.state(), "count": self.count, "pass_over": sorted(self._pass_over)}
+
+    def checkpoint_state(self, position: dict[str, Any]) -> dict[str, Any]:
+        """`position` (an earlier `state()`, that of the last trained batch) with the problems beyond it that are
+        trained already: taken out of order since, or still to pass over."""
+        start = position["count"]
+        self._out_of_order = {i for i in self._out_of_order if i >= start}  # positions saved later only grow
+        return dict(position, pass_over=sorted(self._out_of_order | set(position["pass_over"])))
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        if "count" not in state or "inner" not in state:  # saved by a version without numbering: the inner state
+            self.inner.set_state(state)
+            return
+        self.inner.set_state(state["inner"])
+        self.count = int(state["count"])
+        self._pass_over = {int(i) for i in state["pass_over"]}
+        self._out_of_order = set()

@@ -27,7 +27,7 @@ from r1engine.algo.advantages import AdvantageInputs, advantage_estimator, compu
 from r1engine.algo.dapo import overlong_penalty, truncated_completions
 from r1engine.algo.loss import loss_share, sequences_with_gradient
 from r1engine.data import DataError, DatasetTask, PromptTemplate, get_task
-from r1engine.data.problem import Problem
+from r1engine.data.problem import NumberedStream, Problem
 from r1engine.models import PolicyConfig, PolicyModel, TextCodec, build_char_tokenizer
 from r1engine.models.checkpoint import resize_mtp_layers
 from r1engine.models.source import check_tokenizer_fits, inspect_source
@@ -385,7 +385,7 @@ class GRPOTrainer:
             self.data_stats = self.task.drop_long_prompts(
                 lambda prompt: len(self.encode(prompt)), limit, cfg.data.overlong_prompts
             )
-        self.stream = self.task.train_problems(seed=cfg.seed)
+        self.stream = NumberedStream(self.task.train_problems(seed=cfg.seed))
         functions = _named_reward_fns(reward_fns)
         default = {n: cfg.rewards.weights.get(n, 1.0) for n in functions} if functions else cfg.rewards.weights
         routes = RewardRoutes(default, cfg.rewards.routes)
@@ -653,7 +653,9 @@ class GRPOTrainer:
         g = self.cfg.grpo
 
         def sample(round_: int, n: int, generate: bool) -> ScoredGroups | None:
-            problems = self.stream.take(n * self.world_size)[self.rank :: self.world_size]  # every rank takes alike
+            # every rank takes alike; in the off-policy modes behind the batches in flight, trained before them
+            ahead = self.rollout_scheduler is not None
+            problems = self.stream.take(n * self.world_size, out_of_order=ahead)[self.rank :: self.world_size]
             if not generate:
                 return None
             prompts, rb, handle = self._roll_out(problems, step, round_)
@@ -817,9 +819,12 @@ class GRPOTrainer:
 
     # ------------------------------------------------------------------------------------------- checkpoints
     def _trained_stream_state(self) -> Any:
-        """The data position after the last batch trained (batches in flight are sampled again on resume)."""
+        """The data position after the last batch trained (batches in flight are sampled again on resume), with the
+        problems beyond it that were trained already (DAPO's extra rounds in the off-policy modes) to pass over."""
         scheduler = self.rollout_scheduler
-        return scheduler.trained_stream_state() if scheduler is not None else self.stream.state()
+        return self.stream.checkpoint_state(
+            scheduler.trained_stream_state() if scheduler is not None else self.stream.state()
+        )
 
     def save_checkpoint(self, step: int) -> Path:
         """Every rank calls this: rank 0 writes the model and trainer state, every rank its RNG state and (with
