@@ -81,10 +81,12 @@ def _records(out_dir: Path) -> list[dict]:
         (["rollout.mode=async", "rollout.max_staleness=0", *OFF_POLICY], "rollout.max_staleness"),
         (["rollout.mode=one_step_off", "rollout.max_staleness=2", *OFF_POLICY], "rollout.max_staleness"),
         (["rollout.mode=one_step_off", "rollout.remote=false", *OFF_POLICY], "rollout.remote"),
-        (["rollout.mode=async", "grpo.temperature=0.7"], "grpo.temperature"),
+        (["rollout.mode=async", "rollout.top_k=8", *OFF_POLICY], "rollout.top_k"),
         (["rollout.mode=async", "rollout.top_p=0.9", *OFF_POLICY], "rollout.top_p"),
         (["rollout.mode=one_step_off", "grpo.old_logprobs=recompute"], "grpo.old_logprobs"),
         (["rollout.partial_rollouts=true"], "rollout.partial_rollouts"),
+        (["rollout.workers=2"], "rollout.workers"),
+        (["rollout.mode=async", "rollout.workers=0", *OFF_POLICY], "rollout.workers"),
         (["rollout.mode=async", "rollout.segment_tokens=-1", *OFF_POLICY], "rollout.segment_tokens"),
     ],
 )
@@ -116,11 +118,14 @@ def test_sync_mode_in_a_worker_trains_exactly_what_the_in_process_engine_trains(
 
 
 @pytest.mark.timeout(300)
-def test_one_step_off_trains_on_the_previous_versions_samples_with_their_log_probs(tmp_path):
+@pytest.mark.parametrize(("temperature", "workers"), [(1.0, 1), (0.7, 2)])
+def test_one_step_off_trains_on_the_previous_versions_samples_with_their_log_probs(tmp_path, temperature, workers):
     """Each trained batch was sampled by the weights of the step before (staleness 1, 0 at the first step), and the
-    loss's old log-probs are those weights' log-probs of the sampled tokens, not the current weights'."""
+    loss's old log-probs are those weights' log-probs of the sampled tokens at the sampling temperature, not the
+    current weights'. With two rollout workers, each samples its share of the prompts with the pushed weights."""
     steps = 4
-    trainer = _trainer(tmp_path, f"grpo.steps={steps}", "rollout.mode=one_step_off", *OFF_POLICY)
+    trainer = _trainer(tmp_path, f"grpo.steps={steps}", "rollout.mode=one_step_off", *OFF_POLICY,
+                       f"grpo.temperature={temperature}", f"rollout.workers={workers}")  # fmt: skip
     versions: dict[int, dict] = {}  # version -> the trainer's weights of that version
     seen: list[tuple[int, list[torch.Tensor], object]] = []
     train_on_rollout, train_mini_batch = trainer.train_on_rollout, trainer._train_mini_batch
@@ -135,6 +140,7 @@ def test_one_step_off_trains_on_the_previous_versions_samples_with_their_log_pro
 
     trainer.train_on_rollout, trainer._train_mini_batch = on_rollout, on_mini_batch
     _run(trainer)
+    assert len(getattr(trainer.rollout, "engines", [trainer.rollout])) == workers
     records = _records(tmp_path)
     assert [r["rollout/staleness_max"] for r in records] == [0.0, 1.0, 1.0, 1.0]
     assert [r["rollout/staleness_mean"] for r in records] == [0.0, 1.0, 1.0, 1.0]
@@ -143,24 +149,24 @@ def test_one_step_off_trains_on_the_previous_versions_samples_with_their_log_pro
     model = PolicyModel(trainer.model.config).eval()
     moved = False
     for step, old, seqs in seen:
-        behaviour = _logprobs(model, versions[max(step - 1, 0)], seqs, trainer.codec.pad_id)
+        behaviour = _logprobs(model, versions[max(step - 1, 0)], seqs, trainer.codec.pad_id, temperature)
         for got, want, mask in zip(old, behaviour, seqs.loss_mask, strict=True):
             torch.testing.assert_close(got[mask > 0], want[mask > 0], rtol=0, atol=2e-4)
         if step > 0:
-            current = _logprobs(model, versions[step], seqs, trainer.codec.pad_id)
+            current = _logprobs(model, versions[step], seqs, trainer.codec.pad_id, temperature)
             moved |= any(
                 (o - c)[m > 0].abs().max() > 1e-2 for o, c, m in zip(old, current, seqs.loss_mask, strict=True)
             )
     assert moved  # the check tells the sampling version from the trained one
 
 
-def _logprobs(model: PolicyModel, weights: dict, seqs, pad_id: int) -> list[torch.Tensor]:
-    """Per sequence, position-aligned: the log-probs of `seqs`' targets under `weights` (at temperature 1)."""
+def _logprobs(model: PolicyModel, weights: dict, seqs, pad_id: int, temperature: float) -> list[torch.Tensor]:
+    """Per sequence, position-aligned: the log-probs of `seqs`' targets under `weights` at `temperature`."""
     model.load_state_dict(weights)
     batch, _ = pack(seqs, 64, pad_id=pad_id)
     tokens = loss_tokens(batch)
     with torch.no_grad():
-        return per_sequence(batch, tokens, packed_logprobs(model, batch, tokens, 1.0, "torch"), len(seqs))
+        return per_sequence(batch, tokens, packed_logprobs(model, batch, tokens, temperature, "torch"), len(seqs))
 
 
 @pytest.mark.timeout(300)
@@ -199,7 +205,7 @@ def test_partial_rollouts_train_every_token_with_the_log_prob_of_the_version_tha
     model = PolicyModel(trainer.model.config).eval()
     for seqs, old, rollout in seen:
         assert len(seqs) == len(rollout)
-        by_version = {v: _logprobs(model, weights[v], seqs, trainer.codec.pad_id)
+        by_version = {v: _logprobs(model, weights[v], seqs, trainer.codec.pad_id, 1.0)
                       for v in {int(v) for t in rollout.versions for v in t}}  # fmt: skip
         for i, (got, mask) in enumerate(zip(old, seqs.loss_mask, strict=True)):
             got, tokens = got[mask > 0], rollout.versions[i]

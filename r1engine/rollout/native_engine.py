@@ -110,9 +110,12 @@ class NativeEngine:
 
     # ------------------------------------------------------------------------------------------- generation
     @staticmethod
-    def _logprob(logits: torch.Tensor, tok: torch.Tensor) -> torch.Tensor:
-        """log softmax(raw logits)[tok]: the policy's log-prob, what vLLM returns in its default raw_logprobs mode."""
-        return torch.log_softmax(logits.float(), -1).gather(-1, tok[..., None]).squeeze(-1)
+    def _logprob(logits: torch.Tensor, probs: torch.Tensor, tok: torch.Tensor, scfg: SamplingConfig) -> torch.Tensor:
+        """The sampled tokens' log-probs under the distribution `probs` they were drawn from (temperature, top-k,
+        top-p applied: vLLM's "processed_logprobs"); greedy: log softmax(raw logits), as vLLM reports it."""
+        if scfg.greedy:
+            return torch.log_softmax(logits.float(), -1).gather(-1, tok[..., None]).squeeze(-1)
+        return probs.gather(-1, tok[..., None]).squeeze(-1).log()
 
     def _draft(self, h: torch.Tensor, scfg: SamplingConfig, gen) -> tuple[torch.Tensor, torch.Tensor | None]:
         logits = self.model.logits(h).float()
@@ -199,7 +202,7 @@ class NativeEngine:
         logits = logits[row_prompt]
         probs = processed_probs(logits, scfg)
         tok = sample_from(probs, gen)
-        lp = self._logprob(logits, tok)
+        lp = self._logprob(logits, probs, tok, scfg)
         for i in range(bsz):
             emit(i, [int(tok[i])], [float(lp[i])])
         last = tok
@@ -231,7 +234,7 @@ class NativeEngine:
                 cache.advance(live_active.long())
                 probs = processed_probs(logits, scfg)
                 tok = sample_from(probs, gen)
-                lp = self._logprob(logits, tok)
+                lp = self._logprob(logits, probs, tok, scfg)
                 for i, on, t, p in zip(live.tolist(), live_active.tolist(), tok.tolist(), lp.tolist(), strict=True):
                     if on:
                         emit(i, [t], [p])
@@ -247,7 +250,7 @@ class NativeEngine:
             emitted = drafts.clone()
             emitted = torch.cat([emitted, torch.zeros_like(y)[:, None]], 1)
             emitted[brange, a] = y
-            lps = self._logprob(logits, emitted)  # [B, k+1]
+            lps = self._logprob(logits, probs, emitted, scfg)  # [B, k+1]
             was_active = active.clone()
             act_idx = torch.nonzero(was_active).flatten().tolist()
             a_list = a.tolist()

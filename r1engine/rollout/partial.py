@@ -78,7 +78,7 @@ def generate_in_segments(
         completion_ids=ids,
         logprobs=[torch.cat(parts) for parts in logprobs],
         finish_reason=finish,
-        stats=_merged(stats, num_completions=len(ids)),
+        stats=replace(RolloutStats.combined(stats), num_completions=len(ids)),
         prompt_ids=prompt_of,
         versions=[torch.cat(parts) for parts in versions],
     )
@@ -89,18 +89,6 @@ def _versions_of(batch: RolloutBatch, i: int, engine: Any) -> torch.Tensor:
     if batch.versions:
         return batch.versions[i]
     return torch.full((len(batch.completion_ids[i]),), int(engine.version), dtype=torch.long)
-
-
-def _merged(parts: list[RolloutStats], *, num_completions: int) -> RolloutStats:
-    """One call's counters from its segments' (times, tokens, drafts and steps add up)."""
-    total = replace(parts[0], num_completions=num_completions)
-    for s in parts[1:]:
-        total.num_tokens += s.num_tokens
-        total.elapsed_s += s.elapsed_s
-        total.num_drafted += s.num_drafted
-        total.num_accepted += s.num_accepted
-        total.num_steps += s.num_steps
-    return total
 
 
 def mixed_version_fraction(batch: RolloutBatch) -> float:

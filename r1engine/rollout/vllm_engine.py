@@ -306,6 +306,11 @@ class VLLMEngine:
 
         _KnownNoise.install()
 
+        mode = llm_kwargs.pop("logprobs_mode", "processed_logprobs")
+        if mode != "processed_logprobs":
+            raise ValueError(
+                f"logprobs_mode: the engine reports the sampler's log-probs (processed_logprobs), got {mode!r}"
+            )
         spec = None
         if self.num_speculative_tokens:
             spec = {"method": "mtp", "num_speculative_tokens": self.num_speculative_tokens}
@@ -319,6 +324,7 @@ class VLLMEngine:
             disable_log_stats=False,
             seed=seed,
             max_num_seqs=max_num_seqs,
+            logprobs_mode="processed_logprobs",  # the distribution sampled from (RolloutBatch.logprobs)
             **llm_kwargs,
         )
         # after LLM(): the CPU platform registers its (buggy) kernels while the engine starts

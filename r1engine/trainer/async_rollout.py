@@ -17,8 +17,9 @@ The off-policy correction. The loss's "old" log-probs must be the behaviour poli
 token. Here they are the sampler's own log-probs (`grpo.old_logprobs=sampler`: the ratio is pi_theta / pi_behaviour,
 per token with the version of that token), or the trainer's recomputed ones corrected by the sampler's
 (`recompute` + `grpo.rollout_correction`: decoupled PPO, clipped around the current weights, importance-weighted by
-pi_current / pi_behaviour). Engines report log softmax(raw logits), the sampling distribution only at temperature 1
-without top-p / top-k, so the config requires exactly that in these modes (`_validate_rollout_mode`).
+pi_current / pi_behaviour). Engines report the log-probs of the distribution they sampled from, softmax(logits / T)
+after top-p / top-k, at any temperature T. The trained policy is softmax(logits / T) unfiltered, so `sampler` old
+log-probs refuse top-p / top-k (`_validate_rollout_mode`); the decoupled correction weighs the filter in.
 
 Partial rollouts (`rollout.partial_rollouts`). Each batch is generated in segments (`r1engine.rollout.partial`): the
 weights pushed after step k reach the worker at the next segment boundary of the generation in progress, whose

@@ -154,7 +154,8 @@ class GRPOConfig:
     old_logprobs: Literal["recompute", "sampler"] = "recompute"
     """Where the importance ratio's old log-probs come from: an inference pass of the trainer's model over the
     rollout ("recompute"), or the rollout engine's own log-probs of the sampled tokens ("sampler": the exact
-    behaviour policy, one forward pass fewer per step; needs grpo.temperature 1.0, as engines report raw log-probs)."""
+    behaviour policy, one forward pass fewer per step; needs rollout.top_p 1 and rollout.top_k -1: the trainer's
+    policy is the unfiltered softmax(logits / grpo.temperature))."""
     ref_reset_every: int = 400
     """Every this many steps the reference policy becomes the current policy (0: never)."""
     temperature: float = 1.0
@@ -275,7 +276,10 @@ class RolloutConfig:
     """"host:port" on which the trainer waits for a rollout worker started elsewhere (another machine, another
     launcher) with `r1engine rollout-worker --connect host:port`, instead of spawning one (needs a worker process:
     an off-policy mode or rollout.remote=true). R1ENGINE_ROLLOUT_AUTHKEY on both sides, unless host is loopback.
-    With several ranks, rank r listens on port + r."""
+    With several ranks or workers, worker w of rank r listens on port + r * rollout.workers + w."""
+    workers: int = 1
+    """Rollout worker processes per trainer rank (needs a worker process: an off-policy mode or rollout.remote=true):
+    each batch's prompts are split among them and the weights pushed to each (r1engine.rollout.pool)."""
     partial_rollouts: bool = False
     """Off-policy modes: sample each batch in segments of `segment_tokens` new tokens, so that weights pushed while
     it generates are loaded at the next segment boundary; the rest of its tokens sample with them, each token keeping
@@ -462,11 +466,6 @@ def validate(cfg: Config) -> None:
     g = cfg.grpo
     if g.temperature <= 0:
         raise ConfigError(f"grpo.temperature: must be > 0, got {g.temperature}")
-    if g.old_logprobs == "sampler" and g.temperature != 1.0:
-        raise ConfigError(
-            f"grpo.old_logprobs: 'sampler' needs grpo.temperature 1.0 (rollout engines report raw log-probs), got "
-            f"{g.temperature}"
-        )
     if not (0 <= g.eps_low < 1):
         raise ConfigError(f"grpo.eps_low: must be in [0, 1), got {g.eps_low}")
     if g.eps_high < 0:
@@ -565,6 +564,16 @@ def _validate_dapo(cfg: Config) -> None:
 def _validate_rollout_mode(cfg: Config) -> None:
     """The off-policy modes: a worker process, and old log-probs that are the behaviour policy's."""
     r, g = cfg.rollout, cfg.grpo
+    if g.old_logprobs == "sampler":
+        # the engines report the log-probs of the filtered distribution they sampled from, the trainer's policy (the
+        # ratio's numerator) is unfiltered: as the ratio's denominator they agree only without top-p / top-k
+        for key, value, plain in (("rollout.top_p", r.top_p, 1.0), ("rollout.top_k", r.top_k, -1)):
+            if value != plain:
+                raise ConfigError(
+                    f"{key}: grpo.old_logprobs=sampler needs {plain} (the sampler's log-probs are those of the "
+                    f"filtered distribution, the trained policy is softmax(logits / T) unfiltered; grpo.old_logprobs="
+                    f"recompute with grpo.rollout_correction weighs the filter in), got {value}"
+                )
     if r.mode not in ("sync", "one_step_off", "async"):
         raise ConfigError(f"rollout.mode: must be sync, one_step_off or async, got {r.mode!r}")
     if r.max_staleness < 1:
@@ -573,6 +582,11 @@ def _validate_rollout_mode(cfg: Config) -> None:
         raise ConfigError(f"rollout.max_staleness: only for rollout.mode=async (got mode {r.mode})")
     if r.num_threads < 0:
         raise ConfigError(f"rollout.num_threads: must be >= 0, got {r.num_threads}")
+    if r.workers < 1:
+        raise ConfigError(f"rollout.workers: must be >= 1, got {r.workers}")
+    if r.workers > 1 and not r.is_remote:
+        raise ConfigError(f"rollout.workers: {r.workers} worker processes need rollout.remote=true or an off-policy "
+                          "rollout.mode")  # fmt: skip
     if r.segment_tokens < 0:
         raise ConfigError(f"rollout.segment_tokens: must be >= 0 (0: a quarter of grpo.max_new_tokens), got "
                           f"{r.segment_tokens}")  # fmt: skip
@@ -599,14 +613,6 @@ def _validate_rollout_mode(cfg: Config) -> None:
         return
     if r.remote is False:
         raise ConfigError(f"rollout.remote: rollout.mode={r.mode} generates in a worker process; set it true (or null)")
-    # the engines report log softmax(raw logits): the behaviour policy's log-probs only when sampling at T=1 unfiltered
-    for key, value, plain in (("grpo.temperature", g.temperature, 1.0), ("rollout.top_p", r.top_p, 1.0),
-                              ("rollout.top_k", r.top_k, -1)):  # fmt: skip
-        if value != plain:
-            raise ConfigError(
-                f"{key}: rollout.mode={r.mode} needs {plain} (the sampler's log-probs, which correct the off-policy "
-                f"update, are those of T=1 unfiltered sampling), got {value}"
-            )
     if g.old_logprobs == "recompute" and g.rollout_correction is None:
         raise ConfigError(
             f"grpo.old_logprobs: rollout.mode={r.mode} trains on samples of older weights; use 'sampler' (the "

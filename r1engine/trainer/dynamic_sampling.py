@@ -111,20 +111,12 @@ def _merge(parts: list[ScoredGroups], chosen: list[int], group_size: int) -> Sco
         reasons={k: pick(lambda s, k=k: s.scored.reasons.get(k, [None] * len(s.rewards))) for k in first.reasons},
         metrics=dict(first.metrics),
     )  # fmt: skip
-    stats = [part.rollout.stats for part in parts]
     rollout = RolloutBatch(
         prompt_index=torch.arange(len(groups)).repeat_interleave(group_size),
         completion_ids=pick(lambda s: s.rollout.completion_ids),
         logprobs=pick(lambda s: s.rollout.logprobs),
         finish_reason=pick(lambda s: s.rollout.finish_reason),
-        stats=RolloutStats(
-            backend=stats[0].backend,
-            num_speculative_tokens=stats[0].num_speculative_tokens,
-            **{
-                k: sum(getattr(s, k) for s in stats)
-                for k in ("num_completions", "num_tokens", "elapsed_s", "num_drafted", "num_accepted", "num_steps")
-            },
-        ),
+        stats=RolloutStats.combined([part.rollout.stats for part in parts]),
         prompt_ids=pick(lambda s: s.rollout.prompt_ids) if all(s.rollout.prompt_ids for s in parts) else [],
         versions=pick(lambda s: s.rollout.versions) if all(s.rollout.versions for s in parts) else [],
     )

@@ -330,6 +330,11 @@ def advantage_metrics(advantages: torch.Tensor) -> dict[str, torch.Tensor]:
     }
 
 
+def _filtered(r: Any) -> bool:
+    """Whether rollouts sample with top-p / top-k (their log-probs are then the filtered distribution's)."""
+    return r.top_p != 1.0 or r.top_k != -1
+
+
 def _columns(rows: list) -> dict[str, list[Any]]:
     """The rows' other data-set fields, one list per column (None where a row lacks one), for custom rewards."""
     names = sorted({k for p in rows for k in p.extra})
@@ -473,20 +478,24 @@ class GRPOTrainer:
         with weights:
             if r.is_remote:  # the engine in a worker process of its own (r1engine.rollout.remote)
                 from r1engine.rollout.external import format_address, parse_address
+                from r1engine.rollout.pool import RolloutPool
                 from r1engine.rollout.remote import RemoteRolloutEngine
 
-                listen = None
-                if r.listen:  # rank r on port + r: one worker per rank
-                    host, port = parse_address(r.listen, "rollout.listen")
-                    listen = format_address(host, port + self.rank)
-                    log.warning("rank %d waits for a rollout worker on %s (r1engine rollout-worker --connect %s)",
-                                self.rank, listen, listen)  # fmt: skip
-                self.rollout = RemoteRolloutEngine(
-                    r.backend, model=self.model, tokenizer=self.tokenizer,
-                    num_speculative_tokens=r.num_speculative_tokens, max_model_len=self.cfg.training.chunk_len,
-                    vllm_log_level=r.vllm_log_level, device=r.device, num_threads=r.num_threads or None,
-                    listen=listen,
-                )  # fmt: skip
+                def worker(w: int) -> RemoteRolloutEngine:
+                    listen = None
+                    if r.listen:  # worker w of rank r on port + r * workers + w
+                        host, port = parse_address(r.listen, "rollout.listen")
+                        listen = format_address(host, port + self.rank * r.workers + w)
+                        log.warning("rank %d waits for a rollout worker on %s (r1engine rollout-worker --connect %s)",
+                                    self.rank, listen, listen)  # fmt: skip
+                    return RemoteRolloutEngine(
+                        r.backend, model=self.model, tokenizer=self.tokenizer,
+                        num_speculative_tokens=r.num_speculative_tokens, max_model_len=self.cfg.training.chunk_len,
+                        vllm_log_level=r.vllm_log_level, device=r.device, num_threads=r.num_threads or None,
+                        listen=listen,
+                    )  # fmt: skip
+
+                self.rollout = worker(0) if r.workers == 1 else RolloutPool.start(r.workers, worker)
                 return
             self.rollout = create_engine(
                 r.backend,
@@ -752,7 +761,7 @@ class GRPOTrainer:
             "rollout/tokens_per_s": rb.stats.tokens_per_s,
             "rollout/acceptance_rate": rb.stats.acceptance_rate,
             "rollout/sampler_vs_trainer_logprob_absdiff": (sampler - old).abs().mean()
-            if g.temperature == 1.0 and g.old_logprobs == "recompute" and old is not None
+            if g.old_logprobs == "recompute" and old is not None and not _filtered(cfg.rollout)
             else None,
             "data/epoch": getattr(self.stream, "epoch", None),
             "time/rollout_s": t_rollout,
