@@ -62,3 +62,18 @@ def policy(tmp_path_factory):
         for _, t in m1.named_weights():
             t.add_(0.05 * torch.randn_like(t))
     return m0, path, m1
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory):
+    """The directory of a tiny policy fitted to the toy pattern: confident logits, so that greedy decoding has no
+    near-ties that the rounding of a differently shaped forward could flip."""
+    from r1engine.models import PolicyConfig, PolicyModel
+    from r1engine.models.toy import fit_pattern
+
+    torch.manual_seed(0)
+    model = PolicyModel(PolicyConfig.tiny(max_position_embeddings=256))
+    fit_pattern(model, 120, batch=16, length=20, lr=4e-3)
+    path = tmp_path_factory.mktemp("fitted")
+    model.eval().save_pretrained(path)
+    return path

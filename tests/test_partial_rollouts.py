@@ -12,25 +12,13 @@ import importlib.util
 import pytest
 import torch
 
-from r1engine.models import PolicyConfig, PolicyModel
-from r1engine.models.toy import fit_pattern, pattern_batch
+from r1engine.models import PolicyModel
+from r1engine.models.toy import pattern_batch
 from r1engine.rollout import create_engine
 from r1engine.rollout.partial import generate_in_segments, mixed_version_fraction
 from r1engine.rollout.remote import RemoteRolloutEngine
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def fitted(tmp_path_factory):
-    """A model fitted to the toy pattern, saved: confident logits, so that greedy decoding has no near-ties that
-    the rounding of a differently shaped forward could flip."""
-    torch.manual_seed(0)
-    model = PolicyModel(PolicyConfig.tiny(max_position_embeddings=256))
-    fit_pattern(model, 120, batch=16, length=20, lr=4e-3)
-    path = tmp_path_factory.mktemp("fitted")
-    model.eval().save_pretrained(path)
-    return path
 
 
 def _prompts(n: int, seed: int) -> list[list[int]]:
