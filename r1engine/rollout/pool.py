@@ -75,7 +75,6 @@ class RolloutPool:
         self.num_speculative_tokens: int = first.num_speculative_tokens
         self.max_model_len: int = first.max_model_len
         self.config = first.config
-        self.model_dir: str = first.model_dir
         self.last_stats: RolloutStats | None = None
         self.last_sync: dict[str, float] = {}
 

@@ -294,6 +294,11 @@ class RolloutConfig:
         return self.segment_tokens or max(1, max_new_tokens // 4)
 
     @property
+    def filtered(self) -> bool:
+        """Whether rollouts sample with top-p / top-k (their log-probs are then the filtered distribution's)."""
+        return self.top_p != 1.0 or self.top_k != -1
+
+    @property
     def is_remote(self) -> bool:
         """Whether the engine runs in a worker process (`remote`, or its default for the mode)."""
         return self.remote if self.remote is not None else self.mode != "sync"
@@ -564,7 +569,7 @@ def _validate_dapo(cfg: Config) -> None:
 def _validate_rollout_mode(cfg: Config) -> None:
     """The off-policy modes: a worker process, and old log-probs that are the behaviour policy's."""
     r, g = cfg.rollout, cfg.grpo
-    if g.old_logprobs == "sampler":
+    if g.old_logprobs == "sampler" and r.filtered:
         # the engines report the log-probs of the filtered distribution they sampled from, the trainer's policy (the
         # ratio's numerator) is unfiltered: as the ratio's denominator they agree only without top-p / top-k
         for key, value, plain in (("rollout.top_p", r.top_p, 1.0), ("rollout.top_k", r.top_k, -1)):

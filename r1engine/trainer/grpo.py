@@ -14,6 +14,7 @@ import contextlib
 import logging
 import math
 import random
+import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -330,11 +331,6 @@ def advantage_metrics(advantages: torch.Tensor) -> dict[str, torch.Tensor]:
     }
 
 
-def _filtered(r: Any) -> bool:
-    """Whether rollouts sample with top-p / top-k (their log-probs are then the filtered distribution's)."""
-    return r.top_p != 1.0 or r.top_k != -1
-
-
 def _columns(rows: list) -> dict[str, list[Any]]:
     """The rows' other data-set fields, one list per column (None where a row lacks one), for custom rewards."""
     names = sorted({k for p in rows for k in p.extra})
@@ -481,7 +477,7 @@ class GRPOTrainer:
                 from r1engine.rollout.pool import RolloutPool
                 from r1engine.rollout.remote import RemoteRolloutEngine
 
-                def worker(w: int) -> RemoteRolloutEngine:
+                def worker(w: int, model_dir: str | None = None) -> RemoteRolloutEngine:
                     listen = None
                     if r.listen:  # worker w of rank r on port + r * workers + w
                         host, port = parse_address(r.listen, "rollout.listen")
@@ -489,13 +485,19 @@ class GRPOTrainer:
                         log.warning("rank %d waits for a rollout worker on %s (r1engine rollout-worker --connect %s)",
                                     self.rank, listen, listen)  # fmt: skip
                     return RemoteRolloutEngine(
-                        r.backend, model=self.model, tokenizer=self.tokenizer,
+                        r.backend, model_dir=model_dir, model=self.model, tokenizer=self.tokenizer,
                         num_speculative_tokens=r.num_speculative_tokens, max_model_len=self.cfg.training.chunk_len,
                         vllm_log_level=r.vllm_log_level, device=r.device, num_threads=r.num_threads or None,
                         listen=listen,
                     )  # fmt: skip
 
-                self.rollout = worker(0) if r.workers == 1 else RolloutPool.start(r.workers, worker)
+                if r.workers == 1:
+                    self.rollout = worker(0)
+                    return
+                # the workers start from one copy of the weights on disk (each engine would write its own)
+                with tempfile.TemporaryDirectory(prefix="r1engine-rollout-") as start_dir:
+                    self.model.save_pretrained(start_dir, self.tokenizer)
+                    self.rollout = RolloutPool.start(r.workers, lambda w: worker(w, start_dir))
                 return
             self.rollout = create_engine(
                 r.backend,
@@ -761,7 +763,7 @@ class GRPOTrainer:
             "rollout/tokens_per_s": rb.stats.tokens_per_s,
             "rollout/acceptance_rate": rb.stats.acceptance_rate,
             "rollout/sampler_vs_trainer_logprob_absdiff": (sampler - old).abs().mean()
-            if g.old_logprobs == "recompute" and old is not None and not _filtered(cfg.rollout)
+            if g.old_logprobs == "recompute" and old is not None and not cfg.rollout.filtered
             else None,
             "data/epoch": getattr(self.stream, "epoch", None),
             "time/rollout_s": t_rollout,
