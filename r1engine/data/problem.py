@@ -129,7 +129,6 @@ class NumberedStream:
             problem, number = next(self.inner), self.count
             self.count += 1
             if number not in self._pass_over:
-                self.last_numbers = [number]
                 return problem
             self._pass_over.discard(number)
 
@@ -139,7 +138,7 @@ class NumberedStream:
         problems, numbers = [], []
         for _ in range(n):
             problems.append(next(self))
-            numbers += self.last_numbers
+            numbers.append(self.count - 1)  # the last drawn is the one given
         self.last_numbers = numbers
         if out_of_order:
             self._out_of_order.update(numbers)
