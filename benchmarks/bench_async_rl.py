@@ -16,7 +16,10 @@ and sync may use), sampling at temperature 1, with the same engine (`--backend`)
 Torch threads: the trainer and the worker get `--threads` each (1 each splits the 2 cores), the in-process sync
 trainer `--sync-threads`. samples/s counts the trained completions over the GRPO steps' time without the held-out
 evaluations (timed apart); the plot shows held-out pass@1 against wall time since the first step, evaluations
-included. Writes benchmarks/results/async_rl.md and async_rl.png (and the per-step records as JSON with `--json`).
+included. With `--seeds 0,1,2` every mode runs once per seed (the demo's cold start too), each compared with sync of
+its seed, and a second table gives each mode's final accuracy over the seeds (`--include` adds the runs of an earlier
+run's JSON with the same settings, e.g. other seeds). Writes benchmarks/results/async_rl.md
+and async_rl.png (and the per-step records as JSON with `--json`).
 
     nice python benchmarks/bench_async_rl.py                 # 30 steps per mode, eval every 10
     nice python benchmarks/bench_async_rl.py --steps 4 --eval-every 2 --num-eval 20 --sft-steps 20   # quick
@@ -61,10 +64,36 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--backend", default="native", help="rollout.backend of every mode (native or vllm)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="more config overrides")
     parser.add_argument("--modes", default=",".join(MODES))
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", default="0", help="comma-separated run seeds; every mode runs once per seed")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "async_rl.md")
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument(
+        "--include", type=Path, action="append", default=[], metavar="JSON",
+        help="an earlier run's --json (same settings, other seeds) whose runs of --modes join the tables",
+    )  # fmt: skip
     return parser.parse_args(argv)
+
+
+# what must agree for an earlier run's results to join this run's tables
+_COMPARABLE = ("steps", "sft_steps", "eval_every", "num_eval", "max_staleness", "threads", "sync_threads", "config",
+               "backend", "set")  # fmt: skip
+
+
+def included_results(args: argparse.Namespace, modes: list[str]) -> list[dict[str, Any]]:
+    """The runs of `modes` in the `--include` files, after checking that their settings are this run's."""
+    import json
+
+    results = []
+    for path in args.include:
+        earlier = json.loads(path.read_text())
+        ours = {k: str(v) for k, v in vars(args).items()}
+        differ = [k for k in _COMPARABLE if earlier["args"].get(k) != ours[k]]
+        if differ:
+            raise SystemExit(f"--include {path}: its settings differ from this run's in {', '.join(differ)}")
+        for r in earlier["results"]:
+            if r["mode"] in modes:  # runs from before --seeds name their one seed in args only
+                results.append(r if "seed" in r else dict(r, seed=int(earlier["args"]["seed"])))
+    return results
 
 
 def _names_a_model(args: argparse.Namespace) -> bool:
@@ -74,11 +103,11 @@ def _names_a_model(args: argparse.Namespace) -> bool:
     return load_config(args.config, args.set).model.path is not None
 
 
-def _overrides(args: argparse.Namespace, out_dir: Path) -> list[str]:
+def _overrides(args: argparse.Namespace, out_dir: Path, seed: int) -> list[str]:
     eval_size = f"data.eval_size={args.num_eval}" if args.real_model else f"task.num_eval={args.num_eval}"
     return [
         f"output_dir={out_dir}",
-        f"seed={args.seed}",
+        f"seed={seed}",
         "sft.steps=0",
         f"grpo.steps={args.steps}",
         "grpo.old_logprobs=sampler",
@@ -108,7 +137,7 @@ def _mode_overrides(mode: str, args: argparse.Namespace) -> list[str]:
     }[mode]
 
 
-def cold_start(args: argparse.Namespace, work: Path) -> Path | None:
+def cold_start(args: argparse.Namespace, work: Path, seed: int) -> Path | None:
     """The demo's cold-start SFT once; every mode starts from the weights it writes (None: a real model's config,
     whose modes start from its checkpoint)."""
     from r1engine.trainer.config import load_config
@@ -120,7 +149,7 @@ def cold_start(args: argparse.Namespace, work: Path) -> Path | None:
         args.config,
         [
             f"output_dir={work / 'sft'}",
-            f"seed={args.seed}",
+            f"seed={seed}",
             f"sft.steps={args.sft_steps}",
             "rollout.backend=native",
             f"training.num_threads={args.sync_threads}",
@@ -135,15 +164,15 @@ def cold_start(args: argparse.Namespace, work: Path) -> Path | None:
     return work / "sft-model"
 
 
-def run_mode(mode: str, args: argparse.Namespace, model_dir: Path, work: Path) -> dict[str, Any]:
+def run_mode(mode: str, args: argparse.Namespace, model_dir: Path, work: Path, seed: int) -> dict[str, Any]:
     """One mode's run from the SFT weights: its per-step records, evaluation time and wall time."""
     from r1engine.models import PolicyModel
     from r1engine.trainer.config import load_config
     from r1engine.trainer.grpo import GRPOTrainer
     from r1engine.trainer.metrics import read_metrics
 
-    out_dir = work / mode
-    cfg = load_config(args.config, [*_overrides(args, out_dir), *_mode_overrides(mode, args)])
+    out_dir = work / f"{mode}-seed{seed}"
+    cfg = load_config(args.config, [*_overrides(args, out_dir, seed), *_mode_overrides(mode, args)])
     model = PolicyModel.from_pretrained(model_dir) if model_dir is not None else None
     trainer = GRPOTrainer(cfg, model=model, progress=False)
     evals: list[float] = []
@@ -176,6 +205,7 @@ def run_mode(mode: str, args: argparse.Namespace, model_dir: Path, work: Path) -
     n = args.num_eval * cfg.eval.samples
     return {
         "mode": mode,
+        "seed": seed,
         "samples": samples,
         "train_s": train_s,
         "samples_per_s": samples / train_s,
@@ -198,9 +228,16 @@ def plot(results: list[dict[str, Any]], path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    modes = list(dict.fromkeys(r["mode"] for r in results))
+    seeds = list(dict.fromkeys(r["seed"] for r in results))
+    colors = {m: f"C{i}" for i, m in enumerate(modes)}
+    styles = {s: ("-", "--", ":", "-.")[i % 4] for i, s in enumerate(seeds)}
     for r in results:
         xs, ys = zip(*r["curve"], strict=True)
-        ax.plot(xs, ys, marker="o", label=f"{r['mode']} ({r['samples_per_s']:.1f} samples/s)")
+        label = f"{r['mode']} ({r['samples_per_s']:.1f} samples/s)"
+        if len(seeds) > 1:
+            label = f"{r['mode']}, seed {r['seed']} ({r['samples_per_s']:.1f} samples/s)"
+        ax.plot(xs, ys, marker="o", color=colors[r["mode"]], linestyle=styles[r["seed"]], label=label)
     ax.set_xlabel("wall time since the first GRPO step (s, evaluations included)")
     ax.set_ylabel("held-out pass@1")
     ax.set_title(title, fontsize=9)
@@ -212,14 +249,41 @@ def plot(results: list[dict[str, Any]], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def _baseline(results: list[dict[str, Any]], seed: int) -> dict[str, Any]:
+    """The run the others of its seed are compared with: sync's, else the seed's first."""
+    same_seed = [r for r in results if r["seed"] == seed]
+    return next((r for r in same_seed if r["mode"] == "sync"), same_seed[0])
+
+
+def across_seeds(results: list[dict[str, Any]]) -> list[str]:
+    """Per mode over the seeds: mean samples/s ratio to the seed's sync, and final pass@1 as mean ± the standard
+    error of that mean over the seeds (each seed's own standard error is over its samples only)."""
+    lines = [
+        "| mode | seeds | samples/s vs sync (mean) | final pass@1 per seed | mean ± s.e. over seeds |",
+        "|---|---|---|---|---|",
+    ]
+    for mode in dict.fromkeys(r["mode"] for r in results):
+        runs = [r for r in results if r["mode"] == mode]
+        finals = [r["accuracy_after"] for r in runs]
+        mean = sum(finals) / len(finals)
+        spread = "n/a (one seed)"
+        if len(finals) > 1:
+            spread = f"{math.sqrt(sum((f - mean) ** 2 for f in finals) / (len(finals) - 1) / len(finals)):.3f}"
+        ratio = sum(r["samples_per_s"] / _baseline(results, r["seed"])["samples_per_s"] for r in runs) / len(runs)
+        per_seed = ", ".join(f"{r['accuracy_after']:.3f} (seed {r['seed']})" for r in runs)
+        lines.append(f"| {mode} | {len(runs)} | {ratio:.2f}x | {per_seed} | {mean:.3f} ± {spread} |")
+    return lines
+
+
 def report(args: argparse.Namespace, results: list[dict[str, Any]], argv: list[str], load: tuple) -> str:
-    base = next((r for r in results if r["mode"] == "sync"), results[0])
     rows = [
-        f"| {r['mode']} | {r['samples_per_s']:.2f} | {r['samples_per_s'] / base['samples_per_s']:.2f}x | "
+        f"| {r['mode']} | {r['seed']} | {r['samples_per_s']:.2f} | "
+        f"{r['samples_per_s'] / _baseline(results, r['seed'])['samples_per_s']:.2f}x | "
         f"{r['train_s']:.1f} | {r['wall_s']:.1f} | {r['accuracy_before']:.3f} -> {r['accuracy_after']:.3f} "
         f"(± {r['accuracy_se']:.3f}) | {r['staleness_mean']:.2f} | {r['dropped_stale']:.0f} |"
         for r in results
     ]
+    multi_seed = len({r["seed"] for r in results}) > 1
     command = "python benchmarks/bench_async_rl.py " + " ".join(argv)
     return "\n".join(
         [
@@ -234,11 +298,12 @@ def report(args: argparse.Namespace, results: list[dict[str, Any]], argv: list[s
             f"held-out pass@1 over {args.num_eval} problems x 4 samples every {args.eval_every} steps; torch threads: "
             f"{args.threads} trainer + {args.threads} worker, {args.sync_threads} for in-process sync.",
             "",
-            "| mode | samples/s | vs sync | GRPO s (no eval) | wall s | held-out pass@1 (± s.e.) | staleness mean "
-            "| dropped stale |",
-            "|---|---|---|---|---|---|---|---|",
+            "| mode | seed | samples/s | vs sync | GRPO s (no eval) | wall s | held-out pass@1 (± s.e.) "
+            "| staleness mean | dropped stale |",
+            "|---|---|---|---|---|---|---|---|---|",
             *rows,
             "",
+            *([*across_seeds(results), ""] if multi_seed else []),
             f"![held-out pass@1 over wall time]({args.out.with_suffix('.png').name})",
             "",
         ]
@@ -261,15 +326,26 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     unknown = [m for m in modes if m not in MODES]
     if unknown:
         raise SystemExit(f"--modes: unknown {unknown}; choose from {MODES}")
+    try:
+        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    except ValueError:
+        raise SystemExit(f"--seeds: expected comma-separated integers, got {args.seeds!r}") from None
+    if not seeds:
+        raise SystemExit("--seeds: give at least one seed")
     load = os.getloadavg()
+    results = []
     with tempfile.TemporaryDirectory(prefix="bench-async-rl-") as tmp:
-        work = Path(tmp)
-        model_dir = cold_start(args, work)
-        results = []
-        for mode in modes:
-            results.append(run_mode(mode, args, model_dir, work))
-            r = results[-1]
-            print(f"{mode}: {r['samples_per_s']:.2f} samples/s, pass@1 {r['accuracy_after']:.3f}", flush=True)
+        for seed in seeds:
+            work = Path(tmp) / f"seed{seed}"
+            model_dir = cold_start(args, work, seed)
+            for mode in modes:
+                results.append(run_mode(mode, args, model_dir, work, seed))
+                r = results[-1]
+                print(
+                    f"{mode} seed {seed}: {r['samples_per_s']:.2f} samples/s, pass@1 {r['accuracy_after']:.3f}",
+                    flush=True,
+                )
+    results = sorted(included_results(args, modes) + results, key=lambda r: (r["seed"], modes.index(r["mode"])))
     text = report(args, results, argv, load)
     task = "real model" if args.real_model else "demo task"
     plot(results, args.out.with_suffix(".png"), f"{task}, {args.steps} GRPO steps per mode, {machine()}")

@@ -21,6 +21,7 @@ import torch
 
 from r1engine.models import PolicyModel
 from r1engine.rollout.external import AUTHKEY_ENV, format_address
+from r1engine.rollout.pool import RolloutPool
 from r1engine.rollout.remote import RemoteRolloutEngine, RolloutWorkerDied
 from r1engine.trainer.config import ConfigError, load_config
 
@@ -90,6 +91,32 @@ def test_a_worker_started_elsewhere_takes_the_trainers_weights_and_dies_visibly(
         worker.wait(30)
         with pytest.raises(RolloutWorkerDied, match="died"):
             engine.generate([[1, 5]], max_new_tokens=4)
+
+
+@pytest.mark.timeout(180)
+def test_a_pool_of_workers_started_elsewhere_takes_the_trainers_weights_in_one_broadcast(policy):
+    """Two workers, each connecting to its own port, build their engines from their copy (m0); the pool sends them
+    the trainer's weights (m1) over their one group at once, and a later push reaches both."""
+    m0, path, m1 = policy
+    with (
+        _running_worker("--model-dir", str(path)) as (first, _),
+        _running_worker("--model-dir", str(path)) as (second, _),
+    ):
+        addresses = [first, second]
+
+        def make(w: int, group) -> RemoteRolloutEngine:
+            return RemoteRolloutEngine("native", model=m1, listen=addresses[w], group=group, rank=w + 1,
+                                       num_speculative_tokens=0, start_timeout_s=60)  # fmt: skip
+
+        with RolloutPool.start(2, make, model=m1) as pool:
+            assert pool.version == 0 and pool.last_sync["workers"] == 2 and pool.last_sync["bytes"] > 0
+            prompts = [[1, 5, 6, 7], [1, 9, 8], [1, 4], [1, 7, 7]]
+            kw = dict(n=2, max_new_tokens=10, temperature=1.0, seed=0)
+            _assert_sampled_by(m1, pool.generate(prompts, **kw))
+            pool.push_weights(m0, version=1)
+            batch = pool.generate(prompts, **kw)
+            assert {int(v) for t in batch.versions for v in t} == {1}
+            _assert_sampled_by(m0, batch)
 
 
 @pytest.mark.timeout(120)

@@ -2,7 +2,8 @@
 
 Real worker processes (the native engine, spawned, weights over gloo). Checked: the shards cover the prompts in
 order; a greedy pool generates exactly what one in-process engine generates; weights pushed to the pool reach every
-worker, each token carrying the pushed version and that version's log-prob; a killed worker is reported.
+worker (one broadcast over the workers' one group), each token carrying the pushed version and that version's
+log-prob; a killed worker is reported; only a whole group at one version makes a pool.
 """
 
 from __future__ import annotations
@@ -30,7 +31,10 @@ def _prompts(n: int, seed: int) -> list[list[int]]:
 
 def _pool(model_dir, workers: int) -> RolloutPool:
     return RolloutPool.start(
-        workers, lambda w: RemoteRolloutEngine("native", model_dir=model_dir, num_threads=1, max_model_len=64)
+        workers,
+        lambda w, group: RemoteRolloutEngine(
+            "native", model_dir=model_dir, num_threads=1, max_model_len=64, group=group, rank=w + 1
+        ),
     )
 
 
@@ -89,19 +93,22 @@ def _teacher_forced(model: PolicyModel, prompt: list[int], completion: list[int]
 
 @pytest.mark.timeout(300)
 def test_weights_pushed_to_the_pool_reach_every_worker(fitted):
+    """Three workers: the broadcast over their one group is a tree (the trainer sends to two, one of those forwards
+    to the third), so a worker's weights may come through another worker."""
     new = PolicyModel.from_pretrained(fitted).eval()
     with torch.no_grad():
         for p in new.parameters():
             p.add_(0.05 * torch.randn_like(p))
     prompts = _prompts(6, seed=2)
-    with _pool(fitted, 2) as pool:
+    with _pool(fitted, 3) as pool:
         first = pool.submit(prompts, n=2, max_new_tokens=10, seed=0)  # queued before the push: the old weights
         pool.push_weights(new, version=7)
         second = pool.submit(prompts, n=2, max_new_tokens=10, temperature=0.7, seed=1)
         before, after = first.result(), second.result()
         assert pool.version == 7 and all(e.version == 7 for e in pool.engines)
-        info = pool.sync_weights(new)  # waits for the push above, then sends the weights to both workers again
-        assert pool.version == 8 and info["bytes"] >= 2 * 4 * new.num_parameters() and info["seconds"] > 0
+        info = pool.sync_weights(new)  # waits for the push above, then sends the weights to every worker again
+        assert pool.version == 8 and all(e.version == 8 for e in pool.engines)
+        assert info["bytes"] >= 4 * new.num_parameters() and info["workers"] == 3 and info["seconds"] > 0
     assert all(int(v.max()) == 0 for v in before.versions)
     assert all(len(v) and bool((v == 7).all()) for v in after.versions)
     for p, c, lp in zip(after.prompt_ids, after.completion_ids, after.logprobs, strict=True):
@@ -119,8 +126,15 @@ def test_a_killed_worker_is_reported_and_the_pool_closes(fitted):
         pool.close()
 
 
-def test_workers_at_different_versions_are_refused(fitted):
+def test_a_pool_takes_only_its_whole_weight_group_at_one_version(fitted):
+    model = PolicyModel.from_pretrained(fitted)
     with _pool(fitted, 2) as pool:
-        pool.engines[1].sync_weights(PolicyModel.from_pretrained(fitted))
+        with pytest.raises(ValueError, match="ranks of one WeightGroup"):
+            RolloutPool(pool.engines[:1])  # the other rank would miss every broadcast
+        with pytest.raises(ValueError, match="2 workers, all of which take each update together"):
+            pool.engines[0].sync_weights(model)  # alone, over a group that needs both
+        pool.engines[1].version += 1
         with pytest.raises(ValueError, match="one model at one version"):
             RolloutPool(pool.engines)
+        pool.engines[1].version -= 1
+        assert pool.sync_weights(model)["workers"] == 2 and pool.version == 1  # still usable after the refusals

@@ -6,9 +6,9 @@ one engine. A prompt keeps the seed a single engine would give it (a shard start
 `seed + j`, as vLLM seeds prompt i with `seed + i`); the native engine draws one stream per call, so there the
 shards' samples differ from one call's (in distribution they agree; greedy ones are equal).
 
-Weights go to every worker, each over its own process group (`RemoteRolloutEngine.push_weights`): the trainer copies
-and sends them once per worker. All workers always hold the same version. A worker that dies raises its
-`RolloutWorkerDied` from the call that notices it, as a single engine does.
+Weights go to every worker at once: the workers are ranks 1..n of one `WeightGroup` with the trainer, so an update
+is planned, copied and broadcast once for all of them (`broadcast_weights`). All workers always hold the same
+version. A worker that dies raises its `RolloutWorkerDied` from the call that notices it, as a single engine does.
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ from typing import Any
 import torch
 
 from r1engine.rollout.base import RolloutBatch, RolloutStats, concat_batches
+from r1engine.rollout.remote import broadcast_weights, is_whole_group
+from r1engine.rollout.weight_transfer import WeightGroup
 
 
 def shard_bounds(num_prompts: int, num_workers: int) -> list[tuple[int, int]]:
@@ -56,7 +58,7 @@ class PoolHandle:
 
 class RolloutPool:
     """Several `RemoteRolloutEngine`s as one; see the module docstring. `engines`: started workers, all from one
-    checkpoint and at one version (`RolloutPool.start` builds them at once)."""
+    checkpoint, at one version and the ranks of one `WeightGroup` (`RolloutPool.start` builds them so)."""
 
     remote = True
 
@@ -70,6 +72,10 @@ class RolloutPool:
                     f"RolloutPool: every worker must serve one model at one version; worker 0 has version "
                     f"{first.version}, another {e.version} (or a different config)"
                 )
+        if not is_whole_group(engines):
+            raise ValueError(
+                "RolloutPool: the workers must be the ranks of one WeightGroup (start them with RolloutPool.start)"
+            )
         self.engines = list(engines)
         self.backend: str = first.backend
         self.num_speculative_tokens: int = first.num_speculative_tokens
@@ -79,13 +85,18 @@ class RolloutPool:
         self.last_sync: dict[str, float] = {}
 
     @classmethod
-    def start(cls, num_workers: int, make: Callable[[int], Any]) -> RolloutPool:
-        """Start `num_workers` workers at once (`make(w)` builds worker w, e.g. a `RemoteRolloutEngine`); if one
-        fails to start, the others are closed and its error raised."""
+    def start(
+        cls, num_workers: int, make: Callable[[int, WeightGroup], Any], *, model: Any = None, timeout_s: float = 300.0
+    ) -> RolloutPool:
+        """Start `num_workers` workers at once: `make(w, group)` builds worker w as rank w + 1 of `group`, e.g.
+        `RemoteRolloutEngine(..., group=group, rank=w + 1)`. `model`: the trainer's, whose weights the workers
+        started elsewhere (`listen`) take at once. `timeout_s` bounds each weight broadcast. If one worker fails to
+        start, the others are closed and its error raised."""
         if num_workers < 1:
             raise ValueError(f"num_workers must be >= 1, got {num_workers}")
+        group = WeightGroup(num_workers + 1, timeout_s)
         with ThreadPoolExecutor(num_workers, thread_name_prefix="r1engine-rollout-start") as ex:
-            futures = [ex.submit(make, w) for w in range(num_workers)]
+            futures = [ex.submit(make, w, group) for w in range(num_workers)]
         engines, error = [], None
         for f in futures:
             try:
@@ -96,7 +107,14 @@ class RolloutPool:
             for e in engines:
                 e.close()
             raise error
-        return cls(engines)
+        pool = cls(engines)
+        if model is not None and any(e.external for e in engines):  # their copies of the checkpoint may be older
+            try:
+                pool.sync_weights(model, version=pool.version)
+            except BaseException:
+                pool.close()
+                raise
+        return pool
 
     @property
     def version(self) -> int:
@@ -125,37 +143,36 @@ class RolloutPool:
     def _on_all(self, call: Callable[[Any], Any]) -> list[Any]:
         return [call(e) for e in self.engines]
 
-    def _joined_sync(self) -> dict[str, float]:
-        """The workers' last transfers as one: bytes and buckets add up, the time is the longest."""
-        syncs = [e.last_sync for e in self.engines if e.last_sync]
-        if syncs:
-            self.last_sync = {
-                "bytes": sum(s.get("bytes", 0.0) for s in syncs),
-                "buckets": sum(s.get("buckets", 0.0) for s in syncs),
-                "seconds": max(s.get("seconds", 0.0) for s in syncs),
-            }
+    def _check_config(self, model: Any, op: str) -> None:
+        if model.config != self.config:
+            raise ValueError(f"{op}: model config {model.config} differs from the engines' {self.config}")
+
+    def _last_sync(self) -> dict[str, float]:
+        """The last finished update (one broadcast for all workers: its bytes and buckets are one worker's)."""
+        last = self.engines[0].last_sync
+        if last:
+            self.last_sync = dict(last, workers=float(len(self.engines)))
         return self.last_sync
 
     @torch.no_grad()
     def sync_weights(self, model: Any, version: int | None = None) -> dict[str, float]:
-        """Every worker's `sync_weights`; they all reach the same version."""
-        new_version = self.version + 1 if version is None else int(version)
-        self._on_all(lambda e: e.sync_weights(model, version=new_version))
-        return self._joined_sync()
+        """As `RemoteRolloutEngine.sync_weights`, for every worker at once; they all reach the same version."""
+        self._check_config(model, "sync_weights")
+        return self.load_named_weights(model.named_weights(), version)
 
     @torch.no_grad()
     def load_named_weights(self, weights, version: int | None = None) -> dict[str, float]:
-        weights = list(weights)
         new_version = self.version + 1 if version is None else int(version)
-        self._on_all(lambda e: e.load_named_weights(weights, version=new_version))
-        return self._joined_sync()
+        broadcast_weights(self.engines, weights, new_version, wait=True)
+        return self._last_sync()
 
     @torch.no_grad()
     def push_weights(self, model: Any, version: int | None = None) -> None:
-        """Every worker's `push_weights` (each copies the weights and returns at once)."""
+        """As `RemoteRolloutEngine.push_weights`, for every worker at once (the weights are copied once)."""
+        self._check_config(model, "push_weights")
         new_version = self.version + 1 if version is None else int(version)
-        self._on_all(lambda e: e.push_weights(model, version=new_version))
-        self._joined_sync()
+        broadcast_weights(self.engines, model.named_weights(), new_version, wait=False)
+        self._last_sync()
 
     def offload(self) -> None:
         self._on_all(lambda e: e.offload())

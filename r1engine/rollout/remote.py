@@ -3,8 +3,9 @@
 The trainer asks for a generation with `submit(...)`, goes on (training), and collects the `RolloutBatch` later
 from the returned handle (`generate` is `submit(...).result()`). Requests travel over a pipe and are served in
 order (`r1engine.rollout.remote_worker`); weights travel as tensors over a process group of the two processes'
-own (`r1engine.rollout.weight_transfer`: gloo through host memory, NCCL between two GPUs), MTP layers included,
-and the worker loads them with its engine's `load_named_weights`, the code the in-process `sync_weights` runs.
+own (`r1engine.rollout.weight_transfer`: gloo through host memory, NCCL between two GPUs), or over one group shared
+by the workers of a `RolloutPool` (`broadcast_weights` sends them once to all), MTP layers included, and the worker
+loads them with its engine's `load_named_weights`, the code the in-process `sync_weights` runs.
 
 Versions: the engine starts at version 0 (the weights in `model_dir`); each `sync_weights` makes the next one (or
 the caller's number), and every token of a batch carries the version that sampled it (`RolloutBatch.versions`).
@@ -24,6 +25,7 @@ the engine at its top level needs the usual `if __name__ == "__main__":` guard.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import shutil
@@ -31,6 +33,7 @@ import signal
 import tempfile
 import threading
 import time
+from collections.abc import Sequence
 from multiprocessing.util import Finalize
 from typing import Any
 
@@ -42,8 +45,7 @@ from r1engine.rollout.external import ExternalWorker
 from r1engine.rollout.remote_worker import WorkerSpec, recv, send, unpack_batch, worker_main
 from r1engine.rollout.weight_transfer import (
     TRANSPORTS,
-    host_store,
-    make_group,
+    WeightGroup,
     plan_buckets,
     send_weights,
     start_send,
@@ -136,7 +138,9 @@ class RemoteRolloutEngine:
     included). `listen`: "host:port" to wait on for a worker started elsewhere (`r1engine rollout-worker`,
     `r1engine.rollout.external`) instead of spawning one; it builds its engine from its own `--model-dir` (default
     `model_dir`, or where `model` was written: the same path on a shared file system) and takes `model`'s weights
-    at once. Other keyword arguments go to `create_engine` in the worker.
+    at once (in a shared group: from `RolloutPool.start`). `group`, `rank`: join a `WeightGroup` shared with other
+    workers as that rank (a pool's; its weights then go through `broadcast_weights` to all of them at once) instead
+    of a group of this worker's own. Other keyword arguments go to `create_engine` in the worker.
     """
 
     remote = True
@@ -156,6 +160,8 @@ class RemoteRolloutEngine:
         timeout_s: float = 300.0,
         start_timeout_s: float = 900.0,
         listen: str | None = None,
+        group: WeightGroup | None = None,
+        rank: int = 1,
         **engine_kwargs: Any,
     ) -> None:
         if bucket_bytes <= 0:
@@ -183,14 +189,21 @@ class RemoteRolloutEngine:
         self._dead: RolloutWorkerDied | None = None
         self._closed = False
         self._push: tuple[int, list, list, float] | None = None  # push_weights in flight: (request, works, buffers, t0)
+        self.external = listen is not None
+        if group is None:
+            group, rank = WeightGroup(2, timeout_s), 1
+        elif not 1 <= rank < group.world_size:
+            raise ValueError(f"rank must be in 1..{group.world_size - 1} (the group's workers), got {rank}")
+        self.weight_group: WeightGroup | None = group
 
-        store = host_store(timeout_s=timeout_s)
         kwargs = dict(engine_kwargs, num_speculative_tokens=num_speculative_tokens, max_model_len=max_model_len)
         spec = WorkerSpec(
             backend=backend,
             model_dir=str(model_dir),
             engine_kwargs=kwargs,
-            store_port=store.port,
+            store_port=group.port,
+            rank=rank,
+            world_size=group.world_size,
             transport=self.transport,
             device=device,
             timeout_s=timeout_s,
@@ -223,9 +236,8 @@ class RemoteRolloutEngine:
                 "while starting (its error is on stderr; a script that starts an engine "
                 "at its top level needs `if __name__ == '__main__':`, as spawned processes re-run it)",
             )
-            # the worker is alive and joins now: constructing our side blocks until it has (gloo)
-            self._store = store
-            self._group = make_group(store, 0, 2, self.transport, timeout_s, group_host)
+            # the worker is alive and joins now: constructing our side blocks until every worker has (gloo)
+            self._group = group.join(self.transport, group_host)
             info = self._expect("ready", deadline, "while building its engine")
             if listen is not None and model is not None:  # the worker's copy may be older: replace it at once
                 if info["config"] != model.config:
@@ -234,7 +246,8 @@ class RemoteRolloutEngine:
                         f"{info['config']}, the trainer's model {model.config}: start it from the same checkpoint"
                     )
                 self.config = info["config"]
-                self.load_named_weights(model.named_weights(), version=info["version"])
+                if not self.shares_group:  # a pool sends them to all its workers at once
+                    self.load_named_weights(model.named_weights(), version=info["version"])
         except BaseException:
             self.close()
             raise
@@ -249,6 +262,12 @@ class RemoteRolloutEngine:
     @property
     def pid(self) -> int | None:
         return self._process.pid
+
+    @property
+    def shares_group(self) -> bool:
+        """Whether other workers take their weights over this one's group (then only `broadcast_weights` over all
+        of them can send any)."""
+        return self.weight_group is not None and self.weight_group.world_size > 2
 
     def _expect(self, kind: str, deadline: float, during: str) -> Any:
         """Wait for a start-up message; a start-up error is raised here, as the in-process engine would raise it."""
@@ -393,31 +412,8 @@ class RemoteRolloutEngine:
     @torch.no_grad()
     def load_named_weights(self, weights, version: int | None = None) -> dict[str, float]:
         """Push (policy checkpoint name, tensor) pairs to the worker's engine (its `load_named_weights`)."""
-        during = "while taking weights"
-        with self._lock:
-            self._check_usable(during)
-            self._finish_push()
-            self._drain()
-            t0 = time.perf_counter()
-            weights = list(weights)
-            first = weights[0][1] if weights else None
-            device = transport_device(self.transport, first.device if first is not None and first.is_cuda else None)
-            buckets = plan_buckets(weights, self.bucket_bytes)
-            new_version = self.version + 1 if version is None else int(version)
-            rid = self._request("sync", (new_version, buckets), during)
-            try:
-                send_weights(self._group, buckets, weights, device)
-            except Exception as exc:
-                if not self._process.is_alive():
-                    self._raise_died(during)
-                # a worker left waiting for the rest of the buckets has half-loaded weights: not worth keeping
-                exc.add_note("the rollout worker was stopped (its weights were half loaded)")
-                self.close()
-                raise
-            info = self._wait(rid, None, during)
-            self.version = new_version
-            self.last_sync = dict(info, seconds=time.perf_counter() - t0)
-            return self.last_sync
+        new_version = self.version + 1 if version is None else int(version)
+        return broadcast_weights([self], weights, new_version, wait=True)
 
     @torch.no_grad()
     def push_weights(self, model: Any, version: int | None = None) -> None:
@@ -428,19 +424,17 @@ class RemoteRolloutEngine:
         figures). The worker must reach it within `timeout_s` (the broadcast's bound)."""
         if model.config != self.config:
             raise ValueError(f"push_weights: model config {model.config} differs from the engine's {self.config}")
-        during = "while taking weights"
-        with self._lock:
-            self._check_usable(during)
-            self._finish_push()
-            t0 = time.perf_counter()
-            weights = list(model.named_weights())
-            device = transport_device(self.transport, weights[0][1].device if weights[0][1].is_cuda else None)
-            buckets = plan_buckets(weights, self.bucket_bytes)
-            new_version = self.version + 1 if version is None else int(version)
-            rid = self._request("sync", (new_version, buckets), during)
-            works, buffers = start_send(self._group, buckets, weights, device)
-            self._push = (rid, works, buffers, t0)
-            self.version = new_version
+        new_version = self.version + 1 if version is None else int(version)
+        broadcast_weights([self], model.named_weights(), new_version, wait=False)
+
+    def _announce_sync(self, version: int, buckets: list, *, drain: bool, during: str) -> int:
+        """The worker's half of a weight update: its request, queued after the push in flight (and, with `drain`,
+        after the submitted generations' replies); the caller then broadcasts the buckets."""
+        self._check_usable(during)
+        self._finish_push()
+        if drain:
+            self._drain()
+        return self._request("sync", (version, buckets), during)
 
     def _finish_push(self) -> None:
         """Wait for the push in flight, if any: the worker's reply (which polls its liveness), then the broadcasts."""
@@ -474,10 +468,68 @@ class RemoteRolloutEngine:
             self._closed = True
             self._finalizer.cancel()
             _shutdown(self._process, self._conn, self._tmpdir, timeout_s)
-            self._group = self._store = None
+            self._group = self.weight_group = None
 
     def __enter__(self) -> RemoteRolloutEngine:
         return self
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def is_whole_group(engines: Sequence[RemoteRolloutEngine]) -> bool:
+    """Whether `engines` are every worker of one weight group: a broadcast over it reaches all and only them."""
+    group = engines[0].weight_group if engines else None
+    return group is not None and all(e.weight_group is group for e in engines) and len(engines) == group.world_size - 1
+
+
+@torch.no_grad()
+def broadcast_weights(
+    engines: Sequence[RemoteRolloutEngine], weights, version: int, *, wait: bool
+) -> dict[str, float] | None:
+    """One weight update for `engines`, the workers of one weight group (every rank but the trainer's): each is sent
+    the plan over its pipe, then the buckets are broadcast once for all. `wait`: as `sync_weights` (after the
+    submitted generations; returns the update's bytes, buckets and seconds, also each engine's `last_sync`), else as
+    `push_weights` (the weights are copied, the broadcast runs in the background, each engine's next update waits
+    for it). Every engine's version becomes `version`."""
+    during = "while taking weights"
+    for e in engines:
+        e._check_usable(during)
+    if not is_whole_group(engines):
+        group = engines[0].weight_group
+        raise ValueError(
+            f"broadcast_weights: the weight group has {group.world_size - 1} workers, all of which take each update "
+            f"together (through their RolloutPool); got {len(engines)} engines (or engines of other groups)"
+        )
+    with contextlib.ExitStack() as locks:
+        for e in engines:
+            locks.enter_context(e._lock)
+        t0 = time.perf_counter()
+        weights = list(weights)
+        first = weights[0][1] if weights else None
+        device = transport_device(engines[0].transport, first.device if first is not None and first.is_cuda else None)
+        buckets = plan_buckets(weights, engines[0].bucket_bytes)
+        rids = [e._announce_sync(version, buckets, drain=wait, during=during) for e in engines]
+        pg = engines[0]._group
+        if not wait:
+            works, buffers = start_send(pg, buckets, weights, device)
+            for e, rid in zip(engines, rids, strict=True):
+                e._push = (rid, works, buffers, t0)
+                e.version = version
+            return None
+        try:
+            send_weights(pg, buckets, weights, device)
+        except Exception as exc:
+            for e in engines:
+                if not e._process.is_alive():
+                    e._raise_died(during)
+            # a worker left waiting for the rest of the buckets has half-loaded weights: not worth keeping
+            exc.add_note("the rollout workers were stopped (their weights were half loaded)")
+            for e in engines:
+                e.close()
+            raise
+        for e, rid in zip(engines, rids, strict=True):
+            info = e._wait(rid, None, during)
+            e.version = version
+            e.last_sync = dict(info, seconds=time.perf_counter() - t0)
+        return engines[0].last_sync

@@ -3,7 +3,8 @@
 The group is built from a `TCPStore` the trainer hosts on a port the OS picks and a `ProcessGroupGloo` (or
 `ProcessGroupNCCL`) object constructed directly, not through `init_process_group`: torch.distributed's default group
 (the trainer's own world under torchrun, when it has one) is never read or replaced, and `new_group` could not span
-two worlds anyway. The trainer is rank 0, rollout workers are ranks 1..n.
+two worlds anyway. The trainer is rank 0, rollout workers are ranks 1..n: one worker on a group of two, or every
+worker of a pool on one `WeightGroup`, so that an update is flattened and broadcast once for all of them.
 
 One push: the trainer sends the plan (`Bucket`s: dtype, size, each tensor's name and shape) over its control pipe,
 then broadcasts each bucket as one flat uint8 tensor (any dtype crosses gloo and NCCL alike). The receiver yields
@@ -14,6 +15,7 @@ bucket at a time.
 from __future__ import annotations
 
 import datetime
+import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -96,6 +98,36 @@ def make_group(
         opts._timeout = timeout
         return dist.ProcessGroupNCCL(store, rank, world_size, opts)
     raise ValueError(f"transport must be one of {TRANSPORTS}, got {transport!r}")
+
+
+class WeightGroup:
+    """The trainer's end (rank 0) of a weight-broadcast group of `world_size` processes: the store the workers
+    (ranks 1..world_size - 1) connect to, and the group itself, built by the first `join` once every rank is in."""
+
+    def __init__(self, world_size: int, timeout_s: float = 300.0) -> None:
+        if world_size < 2:
+            raise ValueError(f"a weight group needs the trainer and at least one worker, got world_size={world_size}")
+        self.world_size = int(world_size)
+        self.timeout_s = float(timeout_s)
+        self.store = host_store(timeout_s=timeout_s)
+        self.transport: str | None = None
+        self._group: dist.ProcessGroup | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def port(self) -> int:
+        return self.store.port
+
+    def join(self, transport: str, host: str = "127.0.0.1") -> dist.ProcessGroup:
+        """Rank 0's group, built on the first call (it blocks until every worker has joined, for gloo); later calls,
+        from the other workers' start-ups, return the same one."""
+        with self._lock:
+            if self._group is None:
+                self._group = make_group(self.store, 0, self.world_size, transport, self.timeout_s, host)
+                self.transport = transport
+            elif transport != self.transport:
+                raise ValueError(f"the weight group uses {self.transport!r}, a worker asked for {transport!r}")
+            return self._group
 
 
 def transport_device(transport: str, device: torch.device | str | None = None) -> torch.device:

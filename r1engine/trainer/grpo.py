@@ -477,7 +477,7 @@ class GRPOTrainer:
                 from r1engine.rollout.pool import RolloutPool
                 from r1engine.rollout.remote import RemoteRolloutEngine
 
-                def worker(w: int, model_dir: str | None = None) -> RemoteRolloutEngine:
+                def worker(w: int, group=None, model_dir: str | None = None) -> RemoteRolloutEngine:
                     listen = None
                     if r.listen:  # worker w of rank r on port + r * workers + w
                         host, port = parse_address(r.listen, "rollout.listen")
@@ -488,7 +488,7 @@ class GRPOTrainer:
                         r.backend, model_dir=model_dir, model=self.model, tokenizer=self.tokenizer,
                         num_speculative_tokens=r.num_speculative_tokens, max_model_len=self.cfg.training.chunk_len,
                         vllm_log_level=r.vllm_log_level, device=r.device, num_threads=r.num_threads or None,
-                        listen=listen,
+                        listen=listen, **({"group": group, "rank": w + 1} if group is not None else {}),
                     )  # fmt: skip
 
                 if r.workers == 1:
@@ -497,7 +497,9 @@ class GRPOTrainer:
                 # the workers start from one copy of the weights on disk (each engine would write its own)
                 with tempfile.TemporaryDirectory(prefix="r1engine-rollout-") as start_dir:
                     self.model.save_pretrained(start_dir, self.tokenizer)
-                    self.rollout = RolloutPool.start(r.workers, lambda w: worker(w, start_dir))
+                    self.rollout = RolloutPool.start(
+                        r.workers, lambda w, group: worker(w, group, start_dir), model=self.model
+                    )
                 return
             self.rollout = create_engine(
                 r.backend,
