@@ -120,6 +120,23 @@ def test_a_pool_of_workers_started_elsewhere_takes_the_trainers_weights_in_one_b
 
 
 @pytest.mark.timeout(120)
+def test_a_pool_whose_second_worker_never_connects_fails_naming_that_worker(policy):
+    """The first worker waits in the weight group for the second, which never comes: the error is the second's
+    (nobody connected to its port), not the first's wait."""
+    _, path, m1 = policy
+    with _running_worker("--model-dir", str(path)) as (first, worker):
+        addresses = [first, format_address("127.0.0.1", _free_port())]
+
+        def make(w: int, group) -> RemoteRolloutEngine:
+            return RemoteRolloutEngine("native", model=m1, listen=addresses[w], group=group, rank=w + 1,
+                                       num_speculative_tokens=0, start_timeout_s=8)  # fmt: skip
+
+        with pytest.raises(TimeoutError, match=f"no rollout worker connected to {addresses[1]}"):
+            RolloutPool.start(2, make, model=m1, timeout_s=4)
+        worker.wait(30)  # the started worker is gone too (its wait for the group timed out)
+
+
+@pytest.mark.timeout(120)
 def test_the_worker_exits_when_its_trainer_closes(policy):
     _, path, m1 = policy
     with _running_worker("--model-dir", str(path)) as (address, worker):

@@ -21,7 +21,7 @@ import torch
 
 from r1engine.rollout.base import RolloutBatch, RolloutStats, concat_batches
 from r1engine.rollout.remote import broadcast_weights, is_whole_group
-from r1engine.rollout.weight_transfer import WeightGroup
+from r1engine.rollout.weight_transfer import IncompleteGroup, WeightGroup
 
 
 def shard_bounds(num_prompts: int, num_workers: int) -> list[tuple[int, int]]:
@@ -97,13 +97,14 @@ class RolloutPool:
         group = WeightGroup(num_workers + 1, timeout_s)
         with ThreadPoolExecutor(num_workers, thread_name_prefix="r1engine-rollout-start") as ex:
             futures = [ex.submit(make, w, group) for w in range(num_workers)]
-        engines, error = [], None
+        engines, errors = [], []
         for f in futures:
             try:
                 engines.append(f.result())
             except BaseException as exc:  # noqa: BLE001 - re-raised below once the started ones are closed
-                error = error or exc
-        if error is not None:
+                errors.append(exc)
+        if errors:  # the cause, rather than the other workers' wait for the one that failed to join
+            error = next((e for e in errors if not isinstance(e, IncompleteGroup)), errors[0])
             for e in engines:
                 e.close()
             raise error

@@ -134,13 +134,14 @@ class RemoteRolloutEngine:
     starts from, or `model` (a PolicyModel, written to a temporary directory once). `device`: the worker's torch
     device (the native engine's; vLLM places itself). `transport`: "gloo", "nccl" or "auto" (see
     `_choose_transport`). `bucket_bytes`: size of one weight broadcast. `num_threads`: the worker's intra-op
-    threads. `timeout_s` bounds each weight broadcast, `start_timeout_s` the worker's start-up (engine build
-    included). `listen`: "host:port" to wait on for a worker started elsewhere (`r1engine rollout-worker`,
-    `r1engine.rollout.external`) instead of spawning one; it builds its engine from its own `--model-dir` (default
-    `model_dir`, or where `model` was written: the same path on a shared file system) and takes `model`'s weights
-    at once (in a shared group: from `RolloutPool.start`). `group`, `rank`: join a `WeightGroup` shared with other
-    workers as that rank (a pool's; its weights then go through `broadcast_weights` to all of them at once) instead
-    of a group of this worker's own. Other keyword arguments go to `create_engine` in the worker.
+    threads. `timeout_s` bounds each weight broadcast (in a shared `group`: the group's), `start_timeout_s` the
+    worker's start-up (engine build included). `listen`: "host:port" to wait on for a worker started elsewhere
+    (`r1engine rollout-worker`, `r1engine.rollout.external`) instead of spawning one; it builds its engine from its
+    own `--model-dir` (default `model_dir`, or where `model` was written: the same path on a shared file system) and
+    takes `model`'s weights at once (in a shared group: from `RolloutPool.start`). `group`, `rank`: join a
+    `WeightGroup` shared with other workers as that rank (a pool's; its weights then go through `broadcast_weights`
+    to all of them at once) instead of a group of this worker's own. Other keyword arguments go to `create_engine`
+    in the worker.
     """
 
     remote = True
@@ -178,7 +179,6 @@ class RemoteRolloutEngine:
         elif not os.path.isfile(os.path.join(model_dir, "config.json")):
             raise FileNotFoundError(f"model_dir {model_dir} has no config.json (not a model directory)")
         self.bucket_bytes = int(bucket_bytes)
-        self.timeout_s = float(timeout_s)
         self.version = 0
         self.last_stats: RolloutStats | None = None
         self.last_sync: dict[str, float] = {}
@@ -195,6 +195,7 @@ class RemoteRolloutEngine:
         elif not 1 <= rank < group.world_size:
             raise ValueError(f"rank must be in 1..{group.world_size - 1} (the group's workers), got {rank}")
         self.weight_group: WeightGroup | None = group
+        self.timeout_s = group.timeout_s  # a shared group's bounds its every broadcast
 
         kwargs = dict(engine_kwargs, num_speculative_tokens=num_speculative_tokens, max_model_len=max_model_len)
         spec = WorkerSpec(
@@ -206,7 +207,7 @@ class RemoteRolloutEngine:
             world_size=group.world_size,
             transport=self.transport,
             device=device,
-            timeout_s=timeout_s,
+            timeout_s=self.timeout_s,
             num_threads=num_threads,
         )
         group_host = "127.0.0.1"

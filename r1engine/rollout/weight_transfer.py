@@ -100,6 +100,10 @@ def make_group(
     raise ValueError(f"transport must be one of {TRANSPORTS}, got {transport!r}")
 
 
+class IncompleteGroup(TimeoutError):
+    """Not every worker joined a `WeightGroup` in time: one that did not start raised its own error elsewhere."""
+
+
 class WeightGroup:
     """The trainer's end (rank 0) of a weight-broadcast group of `world_size` processes: the store the workers
     (ranks 1..world_size - 1) connect to, and the group itself, built by the first `join` once every rank is in."""
@@ -123,7 +127,13 @@ class WeightGroup:
         from the other workers' start-ups, return the same one."""
         with self._lock:
             if self._group is None:
-                self._group = make_group(self.store, 0, self.world_size, transport, self.timeout_s, host)
+                try:
+                    self._group = make_group(self.store, 0, self.world_size, transport, self.timeout_s, host)
+                except RuntimeError as exc:  # gloo's rendezvous timed out waiting for a rank
+                    raise IncompleteGroup(
+                        f"not all {self.world_size - 1} rollout workers joined the weight group within "
+                        f"{self.timeout_s:.0f} s (a worker that did not start says why)"
+                    ) from exc
                 self.transport = transport
             elif transport != self.transport:
                 raise ValueError(f"the weight group uses {self.transport!r}, a worker asked for {transport!r}")
