@@ -125,10 +125,14 @@ def test_short_run_with_reinforce_pp_baseline(tmp_path):
         assert not torch.equal(dict(trainer.model.named_parameters())["lm_head.weight"], ref["lm_head.weight"])
         # one more rollout's advantages by hand: the group mean subtracted, then whitened over the batch's loss
         # tokens (Bessel's correction), as verl's reinforce_plus_plus_baseline does
-        seqs, fields, _ = trainer.generate_and_score(3)
-        r = fields["rewards"].double().view(-1, 4)
-        x = (r - r.mean(1, keepdim=True)).reshape(-1)
-        assert (x != 0).any()
+        for step in range(3, 11):  # a rollout whose rewards vary within a group, so the check is not of zeros
+            seqs, fields, _ = trainer.generate_and_score(step)
+            r = fields["rewards"].double().view(-1, 4)
+            x = (r - r.mean(1, keepdim=True)).reshape(-1)
+            if (x != 0).any():
+                break
+        else:
+            pytest.fail("no rollout in 8 had rewards that vary within a group")
         w = torch.tensor([int(m.sum()) for m in seqs.loss_mask], dtype=torch.float64)
         mean = (w * x).sum() / w.sum()
         std = ((w * (x - mean) ** 2).sum() / (w.sum() - 1)).sqrt()

@@ -84,7 +84,9 @@ def test_every_loss_path_gives_the_same_step(tied, entropy_coef):
             assert stats[key] == pytest.approx(value, rel=1e-5, abs=1e-6), (path, key)
         assert grads.keys() == want_grads.keys(), path
         for name, g in want_grads.items():
-            torch.testing.assert_close(grads[name], g, rtol=1e-4, atol=1e-7, msg=f"{path}: {name}")
+            # fp32 sums in another order: an entry near zero may differ by the rounding of the tensor's large ones
+            atol = 1e-6 * max(float(g.abs().max()), 1e-3)
+            torch.testing.assert_close(grads[name], g, rtol=1e-4, atol=atol, msg=f"{path}: {name}")
     assert want_grads["lm_head.weight" if not tied else "model.embed_tokens.weight"].abs().max() > 0
 
 
