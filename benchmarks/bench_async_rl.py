@@ -56,6 +56,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--eval-every", type=int, default=10)
     parser.add_argument("--num-eval", type=int, default=200, help="held-out problems (the demo's: 200)")
     parser.add_argument("--max-staleness", type=int, default=2, help="async's bound (and lookahead)")
+    parser.add_argument(
+        "--sync-warmup",
+        type=int,
+        default=0,
+        help="the off-policy modes' rollout.sync_warmup_steps (their first steps sample synchronously)",
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch threads of the trainer and of the worker")
     parser.add_argument("--sync-threads", type=int, default=1, help="torch threads of the in-process sync trainer")
     parser.add_argument("--config", type=Path, default=ROOT / "configs" / "demo.yaml",
@@ -75,8 +81,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 # what must agree for an earlier run's results to join this run's tables
-_COMPARABLE = ("steps", "sft_steps", "eval_every", "num_eval", "max_staleness", "threads", "sync_threads", "config",
-               "backend", "set")  # fmt: skip
+_COMPARABLE = ("steps", "sft_steps", "eval_every", "num_eval", "max_staleness", "sync_warmup", "threads",
+               "sync_threads", "config", "backend", "set")  # fmt: skip
+_DEFAULTS = {"sync_warmup": "0"}  # settings added since: what a JSON from before them ran with
 
 
 def included_results(args: argparse.Namespace, modes: list[str]) -> list[dict[str, Any]]:
@@ -87,7 +94,7 @@ def included_results(args: argparse.Namespace, modes: list[str]) -> list[dict[st
     for path in args.include:
         earlier = json.loads(path.read_text())
         ours = {k: str(v) for k, v in vars(args).items()}
-        differ = [k for k in _COMPARABLE if earlier["args"].get(k) != ours[k]]
+        differ = [k for k in _COMPARABLE if earlier["args"].get(k, _DEFAULTS.get(k)) != ours[k]]
         if differ:
             raise SystemExit(f"--include {path}: its settings differ from this run's in {', '.join(differ)}")
         for r in earlier["results"]:
@@ -123,16 +130,17 @@ def _overrides(args: argparse.Namespace, out_dir: Path, seed: int) -> list[str]:
 
 def _mode_overrides(mode: str, args: argparse.Namespace) -> list[str]:
     threads = [f"training.num_threads={args.threads}", f"rollout.num_threads={args.threads}"]
+    off_policy = [*threads, f"rollout.sync_warmup_steps={args.sync_warmup}"]
     return {
         "sync": [f"training.num_threads={args.sync_threads}"],
         "sync_remote": ["rollout.remote=true", *threads],
-        "one_step_off": ["rollout.mode=one_step_off", *threads],
-        "async": ["rollout.mode=async", f"rollout.max_staleness={args.max_staleness}", *threads],
+        "one_step_off": ["rollout.mode=one_step_off", *off_policy],
+        "async": ["rollout.mode=async", f"rollout.max_staleness={args.max_staleness}", *off_policy],
         "async_partial": [
             "rollout.mode=async",
             f"rollout.max_staleness={args.max_staleness}",
             "rollout.partial_rollouts=true",
-            *threads,
+            *off_policy,
         ],
     }[mode]
 
@@ -249,10 +257,14 @@ def plot(results: list[dict[str, Any]], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def _baseline(results: list[dict[str, Any]], seed: int) -> dict[str, Any]:
-    """The run the others of its seed are compared with: sync's, else the seed's first."""
-    same_seed = [r for r in results if r["seed"] == seed]
-    return next((r for r in same_seed if r["mode"] == "sync"), same_seed[0])
+def _vs_sync(results: list[dict[str, Any]], run: dict[str, Any]) -> float | None:
+    """The run's samples/s over the sync run's of its seed (None when this run has none for that seed)."""
+    sync = next((r for r in results if r["seed"] == run["seed"] and r["mode"] == "sync"), None)
+    return run["samples_per_s"] / sync["samples_per_s"] if sync is not None else None
+
+
+def _ratio(value: float | None) -> str:
+    return f"{value:.2f}x" if value is not None else "n/a (no sync run)"
 
 
 def across_seeds(results: list[dict[str, Any]]) -> list[str]:
@@ -269,16 +281,17 @@ def across_seeds(results: list[dict[str, Any]]) -> list[str]:
         spread = "n/a (one seed)"
         if len(finals) > 1:
             spread = f"{math.sqrt(sum((f - mean) ** 2 for f in finals) / (len(finals) - 1) / len(finals)):.3f}"
-        ratio = sum(r["samples_per_s"] / _baseline(results, r["seed"])["samples_per_s"] for r in runs) / len(runs)
+        ratios = [_vs_sync(results, r) for r in runs]
+        ratio = sum(ratios) / len(ratios) if None not in ratios else None
         per_seed = ", ".join(f"{r['accuracy_after']:.3f} (seed {r['seed']})" for r in runs)
-        lines.append(f"| {mode} | {len(runs)} | {ratio:.2f}x | {per_seed} | {mean:.3f} ± {spread} |")
+        lines.append(f"| {mode} | {len(runs)} | {_ratio(ratio)} | {per_seed} | {mean:.3f} ± {spread} |")
     return lines
 
 
 def report(args: argparse.Namespace, results: list[dict[str, Any]], argv: list[str], load: tuple) -> str:
     rows = [
         f"| {r['mode']} | {r['seed']} | {r['samples_per_s']:.2f} | "
-        f"{r['samples_per_s'] / _baseline(results, r['seed'])['samples_per_s']:.2f}x | "
+        f"{_ratio(_vs_sync(results, r))} | "
         f"{r['train_s']:.1f} | {r['wall_s']:.1f} | {r['accuracy_before']:.3f} -> {r['accuracy_after']:.3f} "
         f"(± {r['accuracy_se']:.3f}) | {r['staleness_mean']:.2f} | {r['dropped_stale']:.0f} |"
         for r in results
@@ -296,7 +309,12 @@ def report(args: argparse.Namespace, results: list[dict[str, Any]], argv: list[s
             f"{_setting(args)}, then {args.steps} GRPO steps per mode "
             f"from the same weights (modes run one after the other), {args.backend} engine, grpo.old_logprobs=sampler, "
             f"held-out pass@1 over {args.num_eval} problems x 4 samples every {args.eval_every} steps; torch threads: "
-            f"{args.threads} trainer + {args.threads} worker, {args.sync_threads} for in-process sync.",
+            f"{args.threads} trainer + {args.threads} worker, {args.sync_threads} for in-process sync"
+            + (
+                f"; the off-policy modes' first {args.sync_warmup} steps synchronous (rollout.sync_warmup_steps)."
+                if args.sync_warmup
+                else "."
+            ),
             "",
             "| mode | seed | samples/s | vs sync | GRPO s (no eval) | wall s | held-out pass@1 (± s.e.) "
             "| staleness mean | dropped stale |",

@@ -88,6 +88,8 @@ def _records(out_dir: Path) -> list[dict]:
         (["rollout.workers=2"], "rollout.workers"),
         (["rollout.mode=async", "rollout.workers=0", *OFF_POLICY], "rollout.workers"),
         (["rollout.mode=async", "rollout.segment_tokens=-1", *OFF_POLICY], "rollout.segment_tokens"),
+        (["rollout.sync_warmup_steps=2"], "rollout.sync_warmup_steps"),
+        (["rollout.mode=one_step_off", "rollout.sync_warmup_steps=-1", *OFF_POLICY], "rollout.sync_warmup_steps"),
     ],
 )
 def test_unsound_combinations_are_config_errors(tmp_path, overrides, key):
@@ -177,6 +179,24 @@ def test_async_never_trains_above_max_staleness(tmp_path):
     records = _records(tmp_path)
     assert [r["rollout/staleness_max"] for r in records] == [0.0, 1.0, 2.0, 2.0, 2.0]
     assert all(r["loss/rollout_is_ratio_mean"] is not None for r in records)  # the decoupled-PPO correction ran
+
+
+@pytest.mark.timeout(300)
+def test_sync_warmup_steps_train_what_sync_trains_then_the_mode_looks_ahead(tmp_path):
+    """async with two warm-up steps: those steps sample with the weights they train, through the same worker, and
+    log exactly what sync mode logs; the mode's lookahead starts after them."""
+    warmup, steps = 2, 5
+    _run(_trainer(tmp_path / "sync", f"grpo.steps={warmup}", "rollout.remote=true", *OFF_POLICY))
+    _run(_trainer(tmp_path / "async", f"grpo.steps={steps}", "rollout.mode=async", "rollout.max_staleness=2",
+                  f"rollout.sync_warmup_steps={warmup}", *OFF_POLICY))  # fmt: skip
+    sync, off = _records(tmp_path / "sync"), _records(tmp_path / "async")
+    assert [r["rollout/staleness_max"] for r in off] == [0.0, 0.0, 0.0, 1.0, 2.0]
+    volatile = ("time/", "rollout/", "scheduler/latency_s", "eval/")  # sync ran to its end: it evaluated
+    for a, b in zip(sync, off[:warmup], strict=True):
+        assert {k: v for k, v in a.items() if not k.startswith(volatile)} == {
+            k: v for k, v in b.items() if not k.startswith(volatile)
+        }
+    assert off[warmup]["loss/ratio_mean"] != sync[-1]["loss/ratio_mean"]  # the compared fields move between steps
 
 
 @pytest.mark.timeout(300)

@@ -6,6 +6,7 @@ scheduler tops its queue up to the batches of steps k .. k + lookahead (lookahea
 `rollout.max_staleness` for async), each taking its prompts from the data stream; after step k's optimizer step the
 trainer queues the weights of version k + 1 (`push_weights`: copied at once, broadcast in the background). So the
 batch submitted at step k samples with version k and is trained at step k + lookahead: generation overlaps training.
+The run's first `rollout.sync_warmup_steps` steps look ahead 0: each samples with the weights it trains.
 
 Versions and staleness. A policy version is the number of optimizer steps behind the weights (the engine is told
 the trainer's step, a resumed run included). Every sampled token carries the version that sampled it
@@ -78,7 +79,7 @@ class RolloutScheduler:
     generation's keyword arguments (the step's seed). `score(problems, rollout, step)`: submits the batch's rewards
     and returns their handle. `stream_state()`: the data position now. `last_step`: no batch is sampled for it or
     beyond (the run's `grpo.steps`). `segment_tokens`: generate as partial rollouts in segments of that many tokens
-    (`r1engine.rollout.partial`), None for whole batches.
+    (`r1engine.rollout.partial`), None for whole batches. `sync_steps`: the steps before it look ahead 0.
     """
 
     def __init__(
@@ -94,11 +95,13 @@ class RolloutScheduler:
         stream_state: Callable[[], Any],
         last_step: int,
         segment_tokens: int | None = None,
+        sync_steps: int = 0,
     ) -> None:
         if lookahead < 0 or max_staleness < 0:
             raise ValueError(f"lookahead and max_staleness must be >= 0, got {lookahead} and {max_staleness}")
         self.engine = engine
         self.lookahead, self.max_staleness, self.last_step = lookahead, max_staleness, last_step
+        self.sync_steps = sync_steps
         self._take, self._encode, self._sampling, self._score = take, encode, sampling, score
         self._stream_state = stream_state
         self.segment_tokens = segment_tokens
@@ -117,7 +120,8 @@ class RolloutScheduler:
     def fill(self, step: int) -> None:
         """Submit the batches of steps up to `step + lookahead` not yet in flight (with the newest weights queued)."""
         next_step = self._queue[-1].step + 1 if self._queue else step
-        while next_step <= min(step + self.lookahead, self.last_step - 1):
+        lookahead = self.lookahead if step >= self.sync_steps else 0
+        while next_step <= min(step + lookahead, self.last_step - 1):
             problems = self._take(next_step)
             prompts = [self._encode(p) for p in problems]
             handle = self._submit(next_step, problems, prompts)

@@ -267,6 +267,10 @@ class RolloutConfig:
     sampler's log-probs (r1engine.trainer.async_rollout)."""
     max_staleness: int = 1
     """async: the most policy versions a trained batch may lag the trained weights (>= 1); also its lookahead."""
+    sync_warmup_steps: int = 0
+    """Off-policy modes: the run's first this many steps sample with the weights they train (staleness 0, no
+    overlap), through the same worker. Off-policy lag costs most at a sparse-reward start, where each step's few
+    rewarded samples drive the next; once rewards are dense, the lag costs little and the overlap pays."""
     remote: bool | None = None
     """Run the rollout engine in a worker process of its own (r1engine.rollout.remote), weights pushed over a gloo
     group; None: on for the off-policy modes (which need it), off for sync."""
@@ -585,6 +589,11 @@ def _validate_rollout_mode(cfg: Config) -> None:
         raise ConfigError(f"rollout.max_staleness: must be >= 1, got {r.max_staleness}")
     if r.max_staleness != 1 and r.mode != "async":
         raise ConfigError(f"rollout.max_staleness: only for rollout.mode=async (got mode {r.mode})")
+    if r.sync_warmup_steps < 0:
+        raise ConfigError(f"rollout.sync_warmup_steps: must be >= 0, got {r.sync_warmup_steps}")
+    if r.sync_warmup_steps and r.mode == "sync":
+        raise ConfigError(f"rollout.sync_warmup_steps: only for rollout.mode one_step_off or async (got mode {r.mode}, "
+                          "whose every step is synchronous)")  # fmt: skip
     if r.num_threads < 0:
         raise ConfigError(f"rollout.num_threads: must be >= 0, got {r.num_threads}")
     if r.workers < 1:

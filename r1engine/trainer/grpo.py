@@ -529,6 +529,7 @@ class GRPOTrainer:
             stream_state=self.stream.state,
             last_step=self.cfg.grpo.steps,
             segment_tokens=r.segment_length(self.cfg.grpo.max_new_tokens),
+            sync_steps=r.sync_warmup_steps,
         )
 
     def _cold_start(self) -> None:
