@@ -65,7 +65,7 @@ def main() -> None:
 
 def _held_copy_bytes(engines) -> int:
     """Bytes of the trainer's flattened copies that the engines' pushes in flight hold (shared ones counted once)."""
-    buffers = {b.data_ptr(): b.numel() for e in engines if e._push is not None for b in e._push[2]}
+    buffers = {b.data_ptr(): b.numel() for e in engines for b in e.push_buffers}
     return sum(buffers.values())
 
 

@@ -103,11 +103,14 @@ def test_weights_pushed_to_the_pool_reach_every_worker(fitted):
     with _pool(fitted, 3) as pool:
         first = pool.submit(prompts, n=2, max_new_tokens=10, seed=0)  # queued before the push: the old weights
         pool.push_weights(new, version=7)
+        held = [{b.data_ptr() for b in e.push_buffers} for e in pool.engines]
+        assert held[0] and all(h == held[0] for h in held)  # one copy of the weights for the whole pool
         second = pool.submit(prompts, n=2, max_new_tokens=10, temperature=0.7, seed=1)
         before, after = first.result(), second.result()
         assert pool.version == 7 and all(e.version == 7 for e in pool.engines)
         info = pool.sync_weights(new)  # waits for the push above, then sends the weights to every worker again
         assert pool.version == 8 and all(e.version == 8 for e in pool.engines)
+        assert all(not e.push_buffers for e in pool.engines)  # the finished push let its copy go
         assert info["bytes"] >= 4 * new.num_parameters() and info["workers"] == 3 and info["seconds"] > 0
     assert all(int(v.max()) == 0 for v in before.versions)
     assert all(len(v) and bool((v == 7).all()) for v in after.versions)
@@ -137,4 +140,8 @@ def test_a_pool_takes_only_its_whole_weight_group_at_one_version(fitted):
         with pytest.raises(ValueError, match="one model at one version"):
             RolloutPool(pool.engines)
         pool.engines[1].version -= 1
+        wider = PolicyModel(model.config.replace(intermediate_size=2 * model.config.intermediate_size))
+        for update in (pool.sync_weights, pool.push_weights):
+            with pytest.raises(ValueError, match="model config .* differs from the engines'"):
+                update(wider)  # another architecture than the workers'
         assert pool.sync_weights(model)["workers"] == 2 and pool.version == 1  # still usable after the refusals

@@ -186,3 +186,9 @@ def validate_prompts(prompt_ids: list[list[int]], *, vocab_size: int, max_model_
             raise ValueError(f"prompt_ids[{i}] has ids in [{lo}, {hi}], expected [0, vocab_size={vocab_size})")
         out.append([int(x) for x in p])
     return out
+
+
+def check_same_config(op: str, model_config: object, engine_config: object, engines: str = "engine's") -> None:
+    """A weight update is a copy into the engine's tensors: refuse a model of another architecture by name."""
+    if model_config != engine_config:
+        raise ValueError(f"{op}: model config {model_config} differs from the {engines} {engine_config}")

@@ -17,7 +17,7 @@ import torch
 from r1engine.models.decode_step import FusedDecodeStep
 from r1engine.models.kv_cache import KVCache
 from r1engine.models.policy import PolicyModel
-from r1engine.rollout.base import RolloutBatch, RolloutStats, token_versions, validate_prompts
+from r1engine.rollout.base import RolloutBatch, RolloutStats, check_same_config, token_versions, validate_prompts
 from r1engine.rollout.sampling import SamplingConfig, processed_probs, sample_from
 from r1engine.rollout.speculative import verify_drafts
 
@@ -76,8 +76,7 @@ class NativeEngine:
     @torch.no_grad()
     def sync_weights(self, model: PolicyModel) -> None:
         """Copy the trainer's weights (main model and MTP layers) into the engine's copy, in place; version + 1."""
-        if model.config.replace() != self.model.config:
-            raise ValueError(f"sync_weights: model config {model.config} differs from the engine's {self.model.config}")
+        check_same_config("sync_weights", model.config.replace(), self.model.config)
         self.load_named_weights(model.named_weights())
         self.version += 1
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from r1engine.rollout.base import RolloutBatch, RolloutStats, concat_batches
+from r1engine.rollout.base import RolloutBatch, RolloutStats, check_same_config, concat_batches
 from r1engine.rollout.remote import broadcast_weights, is_whole_group
 from r1engine.rollout.weight_transfer import IncompleteGroup, WeightGroup
 
@@ -144,10 +144,6 @@ class RolloutPool:
     def _on_all(self, call: Callable[[Any], Any]) -> list[Any]:
         return [call(e) for e in self.engines]
 
-    def _check_config(self, model: Any, op: str) -> None:
-        if model.config != self.config:
-            raise ValueError(f"{op}: model config {model.config} differs from the engines' {self.config}")
-
     def _last_sync(self) -> dict[str, float]:
         """The last finished update (one broadcast for all workers: its bytes and buckets are one worker's)."""
         last = self.engines[0].last_sync
@@ -158,7 +154,7 @@ class RolloutPool:
     @torch.no_grad()
     def sync_weights(self, model: Any, version: int | None = None) -> dict[str, float]:
         """As `RemoteRolloutEngine.sync_weights`, for every worker at once; they all reach the same version."""
-        self._check_config(model, "sync_weights")
+        check_same_config("sync_weights", model.config, self.config, "engines'")
         return self.load_named_weights(model.named_weights(), version)
 
     @torch.no_grad()
@@ -170,7 +166,7 @@ class RolloutPool:
     @torch.no_grad()
     def push_weights(self, model: Any, version: int | None = None) -> None:
         """As `RemoteRolloutEngine.push_weights`, for every worker at once (the weights are copied once)."""
-        self._check_config(model, "push_weights")
+        check_same_config("push_weights", model.config, self.config, "engines'")
         new_version = self.version + 1 if version is None else int(version)
         broadcast_weights(self.engines, model.named_weights(), new_version, wait=False)
         self._last_sync()

@@ -40,7 +40,7 @@ from typing import Any
 import torch
 import torch.multiprocessing as mp
 
-from r1engine.rollout.base import RolloutBatch, RolloutStats, validate_prompts
+from r1engine.rollout.base import RolloutBatch, RolloutStats, check_same_config, validate_prompts
 from r1engine.rollout.external import ExternalWorker
 from r1engine.rollout.remote_worker import WorkerSpec, recv, send, unpack_batch, worker_main
 from r1engine.rollout.weight_transfer import (
@@ -405,8 +405,7 @@ class RemoteRolloutEngine:
         """Push the trainer's weights (main model and MTP layers) to the worker's engine; the engine's version
         becomes `version` (default: the current one + 1). Waits for the submitted generations first. Returns (and
         keeps in `last_sync`) bytes, buckets and seconds."""
-        if model.config != self.config:
-            raise ValueError(f"sync_weights: model config {model.config} differs from the engine's {self.config}")
+        check_same_config("sync_weights", model.config, self.config)
         new_version = self.version + 1 if version is None else int(version)
         return self.load_named_weights(model.named_weights(), version=new_version)
 
@@ -423,10 +422,14 @@ class RemoteRolloutEngine:
         generations submitted before it; those submitted after sample with them. `version`: as `sync_weights`, and
         `self.version` is the new one at once. The next push or sync waits for this one (`last_sync` then has its
         figures). The worker must reach it within `timeout_s` (the broadcast's bound)."""
-        if model.config != self.config:
-            raise ValueError(f"push_weights: model config {model.config} differs from the engine's {self.config}")
+        check_same_config("push_weights", model.config, self.config)
         new_version = self.version + 1 if version is None else int(version)
         broadcast_weights([self], model.named_weights(), new_version, wait=False)
+
+    @property
+    def push_buffers(self) -> list[torch.Tensor]:
+        """The trainer's flattened copies of the weights that the push in flight holds until its broadcast ends."""
+        return list(self._push[2]) if self._push is not None else []
 
     def _announce_sync(self, version: int, buckets: list, *, drain: bool, during: str) -> int:
         """The worker's half of a weight update: its request, queued after the push in flight (and, with `drain`,

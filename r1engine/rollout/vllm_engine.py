@@ -34,7 +34,7 @@ from r1engine.models.checkpoint import read_config
 from r1engine.models.policy import PolicyModel
 from r1engine.models.tokenizer import TOKENIZER_FILES, check_vocab_fits, load_tokenizer
 from r1engine.rollout import vllm_layout
-from r1engine.rollout.base import RolloutBatch, RolloutStats, token_versions, validate_prompts
+from r1engine.rollout.base import RolloutBatch, RolloutStats, check_same_config, token_versions, validate_prompts
 
 log = logging.getLogger(__name__)
 
@@ -416,8 +416,7 @@ class VLLMEngine:
         reset afterwards (cached KV of old weights must not be reused). The version goes up by one. Returns (and
         keeps in `last_sync`) the bytes moved, number of buckets and seconds.
         """
-        if model.config != self.config:
-            raise ValueError(f"sync_weights: model config {model.config} differs from the engine's {self.config}")
+        check_same_config("sync_weights", model.config, self.config)
         info = self.load_named_weights(model.named_weights())
         self.version += 1
         return info
