@@ -18,8 +18,8 @@ trainer `--sync-threads`. samples/s counts the trained completions over the GRPO
 evaluations (timed apart); the plot shows held-out pass@1 against wall time since the first step, evaluations
 included. With `--seeds 0,1,2` every mode runs once per seed (the demo's cold start too), each compared with sync of
 its seed, and a second table gives each mode's final accuracy over the seeds (`--include` adds the runs of an earlier
-run's JSON with the same settings, e.g. other seeds). Writes benchmarks/results/async_rl.md
-and async_rl.png (and the per-step records as JSON with `--json`).
+run's JSON with the same settings, e.g. other seeds or other modes; checked before anything runs). Writes
+benchmarks/results/async_rl.md and async_rl.png (and the per-step records as JSON with `--json`).
 
     nice python benchmarks/bench_async_rl.py                 # 30 steps per mode, eval every 10
     nice python benchmarks/bench_async_rl.py --steps 4 --eval-every 2 --num-eval 20 --sft-steps 20   # quick
@@ -75,7 +75,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument(
         "--include", type=Path, action="append", default=[], metavar="JSON",
-        help="an earlier run's --json (same settings, other seeds) whose runs of --modes join the tables",
+        help="an earlier run's --json (same settings) whose runs join the tables, but for the (mode, seed) pairs "
+        "that this run makes",
     )  # fmt: skip
     return parser.parse_args(argv)
 
@@ -86,8 +87,9 @@ _COMPARABLE = ("steps", "sft_steps", "eval_every", "num_eval", "max_staleness", 
 _DEFAULTS = {"sync_warmup": "0"}  # settings added since: what a JSON from before them ran with
 
 
-def included_results(args: argparse.Namespace, modes: list[str]) -> list[dict[str, Any]]:
-    """The runs of `modes` in the `--include` files, after checking that their settings are this run's."""
+def included_results(args: argparse.Namespace, modes: list[str], seeds: list[int]) -> list[dict[str, Any]]:
+    """The runs in the `--include` files, after checking that their settings are this run's, but for the (mode,
+    seed) pairs that this run makes (its own supersede them)."""
     import json
 
     results = []
@@ -98,8 +100,9 @@ def included_results(args: argparse.Namespace, modes: list[str]) -> list[dict[st
         if differ:
             raise SystemExit(f"--include {path}: its settings differ from this run's in {', '.join(differ)}")
         for r in earlier["results"]:
-            if r["mode"] in modes:  # runs from before --seeds name their one seed in args only
-                results.append(r if "seed" in r else dict(r, seed=int(earlier["args"]["seed"])))
+            r = r if "seed" in r else dict(r, seed=int(earlier["args"]["seed"]))  # runs from before --seeds
+            if r["mode"] in MODES and not (r["mode"] in modes and r["seed"] in seeds):
+                results.append(r)
     return results
 
 
@@ -350,6 +353,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         raise SystemExit(f"--seeds: expected comma-separated integers, got {args.seeds!r}") from None
     if not seeds:
         raise SystemExit("--seeds: give at least one seed")
+    included = included_results(args, modes, seeds)  # refused before the runs, not after
     load = os.getloadavg()
     results = []
     with tempfile.TemporaryDirectory(prefix="bench-async-rl-") as tmp:
@@ -363,7 +367,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     f"{mode} seed {seed}: {r['samples_per_s']:.2f} samples/s, pass@1 {r['accuracy_after']:.3f}",
                     flush=True,
                 )
-    results = sorted(included_results(args, modes) + results, key=lambda r: (r["seed"], modes.index(r["mode"])))
+    results = sorted(included + results, key=lambda r: (r["seed"], MODES.index(r["mode"])))
     text = report(args, results, argv, load)
     task = "real model" if args.real_model else "demo task"
     plot(results, args.out.with_suffix(".png"), f"{task}, {args.steps} GRPO steps per mode, {machine()}")

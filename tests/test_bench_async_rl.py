@@ -1,0 +1,48 @@
+"""The rollout-mode benchmark (benchmarks/bench_async_rl.py) on the demo task at a few steps: the off-policy modes'
+synchronous warm-up reaches their runs, an earlier run's JSON joins a later run's tables (its other modes too), and
+one with other settings is refused before anything runs."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_async_rl.py"
+TINY = ["--steps", "3", "--eval-every", "3", "--num-eval", "8", "--sft-steps", "5", "--sync-warmup", "1"]
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_async_rl", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    yield module
+    sys.modules.pop(spec.name, None)
+
+
+@pytest.mark.timeout(600)
+def test_runs_join_across_invocations_and_mismatched_settings_are_refused_first(bench, tmp_path):
+    first = tmp_path / "first.json"
+    got = bench.main([*TINY, "--modes", "sync,one_step_off", "--out", str(tmp_path / "first.md"), "--json", str(first)])
+    sync, off = got["results"]
+    assert (sync["mode"], off["mode"]) == ("sync", "one_step_off")
+    assert sync["staleness_mean"] == 0.0
+    assert off["staleness_mean"] == pytest.approx(1 / 3)  # staleness 0, 0 (the warm-up, then its hand-over), 1
+    assert json.loads(first.read_text())["args"]["sync_warmup"] == "1"
+
+    with pytest.raises(SystemExit, match="settings differ from this run's in steps"):
+        bench.main([*TINY, "--steps", "4", "--modes", "async", "--include", str(first), "--out", str(tmp_path / "x")])
+    assert not (tmp_path / "x").exists()
+
+    out = tmp_path / "second.md"
+    got = bench.main([*TINY, "--modes", "async", "--include", str(first), "--out", str(out)])
+    assert [r["mode"] for r in got["results"]] == ["sync", "one_step_off", "async"]  # the earlier runs joined
+    ratio = got["results"][2]["samples_per_s"] / sync["samples_per_s"]
+    assert f"| async | 0 | {got['results'][2]['samples_per_s']:.2f} | {ratio:.2f}x |" in out.read_text()
