@@ -5,12 +5,13 @@ decorated, that is when `r1engine.kernels` is first imported, and several test m
 they are collected (the fused ops, TRL through its Liger integration), so it is set here, before any of them.
 
 Every test also fails when a fast path turned out to be broken while it ran (`_no_broken_fast_path`). The rollout
-tests share `one_thread` and `policy`.
+tests share `one_thread` and `policy`; the benchmarks' tests, `bench`.
 """
 
 from __future__ import annotations
 
 import copy
+import importlib.util
 import os
 import sys
 
@@ -19,6 +20,18 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture(scope="module")
+def bench(request):
+    """The script named by the test module's SCRIPT (a benchmark: a file, not a package module), imported."""
+    path = request.module.SCRIPT
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve their annotations through sys.modules
+    spec.loader.exec_module(module)
+    yield module
+    sys.modules.pop(spec.name, None)
 
 
 @pytest.fixture(autouse=True)

@@ -4,9 +4,7 @@ one with other settings is refused before anything runs."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,16 +13,6 @@ SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_async_rl.py
 TINY = ["--steps", "3", "--eval-every", "3", "--num-eval", "8", "--sft-steps", "5", "--sync-warmup", "1"]
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("bench_async_rl", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
 
 
 @pytest.mark.timeout(600)

@@ -5,9 +5,7 @@ path is the trainer's own `grpo_train_step` computation."""
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,16 +19,6 @@ from r1engine.trainer.grpo import grpo_train_step
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_grpo_step.py"
 TINY = ["--preset", "tiny", "--layers", "1", "--prompts", "2", "--group-size", "4", "--prompt-min", "4"]
 TINY += ["--prompt-max", "12", "--max-new-tokens", "24", "--median-new-tokens", "8", "--mini-batches", "2"]
-
-
-@pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("bench_grpo_step", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve their annotations through sys.modules
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
 
 
 @pytest.fixture
