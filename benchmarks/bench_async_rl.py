@@ -353,6 +353,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         raise SystemExit(f"--seeds: expected comma-separated integers, got {args.seeds!r}") from None
     if not seeds:
         raise SystemExit("--seeds: give at least one seed")
+    if args.sync_warmup < 0:  # refused here, not by the config of the first off-policy mode after sync has run
+        raise SystemExit(f"--sync-warmup: must be >= 0, got {args.sync_warmup}")
     included = included_results(args, modes, seeds)  # refused before the runs, not after
     load = os.getloadavg()
     results = []
