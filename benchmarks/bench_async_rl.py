@@ -15,11 +15,14 @@ and sync may use), sampling at temperature 1, with the same engine (`--backend`)
 
 Torch threads: the trainer and the worker get `--threads` each (1 each splits the 2 cores), the in-process sync
 trainer `--sync-threads`. samples/s counts the trained completions over the GRPO steps' time without the held-out
-evaluations (timed apart); the plot shows held-out pass@1 against wall time since the first step, evaluations
-included. With `--seeds 0,1,2` every mode runs once per seed (the demo's cold start too), each compared with sync of
-its seed, and a second table gives each mode's final accuracy over the seeds (`--include` adds the runs of an earlier
-run's JSON with the same settings, e.g. other seeds or other modes; checked before anything runs). Writes
-benchmarks/results/async_rl.md and async_rl.png (and the per-step records as JSON with `--json`).
+evaluations (timed apart), of which the trainer spent some getting its batch (generating it in the sync modes,
+waiting for it in the others). With a sync_remote run the report gives the overlap ceiling: sync_remote's steps
+with generation and the rest fully overlapped, what no off-policy mode can beat on the machine. The plot shows
+held-out pass@1 against wall time since the first step, evaluations included. With `--seeds 0,1,2` every mode runs
+once per seed (the demo's cold start too), each compared with sync of its seed, and a second table gives each mode's
+final accuracy over the seeds (`--include` adds the runs of an earlier run's JSON with the same settings, e.g. other
+seeds or other modes; checked before anything runs). Writes benchmarks/results/async_rl.md and async_rl.png (and the
+per-step records as JSON with `--json`).
 
     nice python benchmarks/bench_async_rl.py                 # 30 steps per mode, eval every 10
     nice python benchmarks/bench_async_rl.py --steps 4 --eval-every 2 --num-eval 20 --sft-steps 20   # quick
@@ -206,6 +209,8 @@ def run_mode(mode: str, args: argparse.Namespace, model_dir: Path, work: Path, s
     records = read_metrics(out_dir / "metrics.jsonl")
     steps = [r for r in records if r["step"] > 0]
     train_s = sum(r["time/step_s"] for r in steps) - sum(evals[1:])  # evals[0]: before RL, outside the steps
+    in_step_evals = iter(evals[1:])  # in the order of the steps that evaluated
+    step_no_eval = [r["time/step_s"] - (next(in_step_evals) if "eval/accuracy" in r else 0.0) for r in steps]
     samples = len(steps) * cfg.grpo.prompts_per_step * cfg.grpo.group_size
     curve, clock = [(0.0, records[0]["eval/accuracy"])], 0.0
     for r in steps:
@@ -229,7 +234,33 @@ def run_mode(mode: str, args: argparse.Namespace, model_dir: Path, work: Path, s
         "dropped_stale": steps[-1].get("rollout/dropped_stale") or 0.0,
         "curve": curve,
         "step_s": [r["time/step_s"] for r in steps],
+        # per step without its evaluation: all of it, and the part spent getting the batch (generating it in the sync
+        # modes, waiting for the one sampled ahead in the others)
+        "step_no_eval_s": step_no_eval,
+        "batch_s": [r["time/rollout_s"] for r in steps],
     }
+
+
+def overlap_ceiling(results: list[dict[str, Any]]) -> list[str]:
+    """What any overlap of generation with training can reach on this machine, per seed with a sync_remote run:
+    sync_remote runs the off-policy modes' placement (trainer and worker processes, the same threads) with its two
+    phases in turn, so overlapping them perfectly would make each step the longer of the two, never less (the
+    processes then share the cores and the memory bandwidth besides). Its samples/s over sync's of the seed bounds
+    what one_step_off and async can gain over sync here."""
+    lines = []
+    for run in results:
+        if run["mode"] != "sync_remote" or "batch_s" not in run:  # runs from before these fields
+            continue
+        longer = sum(max(g, s - g) for g, s in zip(run["batch_s"], run["step_no_eval_s"], strict=True))
+        ceiling = run["samples"] / longer
+        ratio = _vs_sync(results, dict(run, samples_per_s=ceiling))
+        lines.append(
+            f"- Overlap ceiling, seed {run['seed']}: sync_remote's steps with generation ({sum(run['batch_s']):.1f} s) "
+            f"and the rest of the step ({sum(run['step_no_eval_s']) - sum(run['batch_s']):.1f} s) fully overlapped "
+            f"take {longer:.1f} s: {ceiling:.2f} samples/s, {_ratio(ratio)} sync's. No off-policy mode can beat that "
+            "with these threads on this machine."
+        )
+    return lines
 
 
 def plot(results: list[dict[str, Any]], path: Path, title: str) -> None:
@@ -266,6 +297,10 @@ def _vs_sync(results: list[dict[str, Any]], run: dict[str, Any]) -> float | None
     return run["samples_per_s"] / sync["samples_per_s"] if sync is not None else None
 
 
+def _seconds(per_step: list[float] | None) -> str:
+    return f"{sum(per_step):.1f}" if per_step is not None else "n/a (not recorded)"
+
+
 def _ratio(value: float | None) -> str:
     return f"{value:.2f}x" if value is not None else "n/a (no sync run)"
 
@@ -295,7 +330,8 @@ def report(args: argparse.Namespace, results: list[dict[str, Any]], argv: list[s
     rows = [
         f"| {r['mode']} | {r['seed']} | {r['samples_per_s']:.2f} | "
         f"{_ratio(_vs_sync(results, r))} | "
-        f"{r['train_s']:.1f} | {r['wall_s']:.1f} | {r['accuracy_before']:.3f} -> {r['accuracy_after']:.3f} "
+        f"{r['train_s']:.1f} | {_seconds(r.get('batch_s'))} | {r['wall_s']:.1f} | "
+        f"{r['accuracy_before']:.3f} -> {r['accuracy_after']:.3f} "
         f"(± {r['accuracy_se']:.3f}) | {r['staleness_mean']:.2f} | {r['dropped_stale']:.0f} |"
         for r in results
     ]
@@ -319,12 +355,13 @@ def report(args: argparse.Namespace, results: list[dict[str, Any]], argv: list[s
                 else "."
             ),
             "",
-            "| mode | seed | samples/s | vs sync | GRPO s (no eval) | wall s | held-out pass@1 (± s.e.) "
-            "| staleness mean | dropped stale |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "| mode | seed | samples/s | vs sync | GRPO s (no eval) | of which getting the batch | wall s "
+            "| held-out pass@1 (± s.e.) | staleness mean | dropped stale |",
+            "|---|---|---|---|---|---|---|---|---|---|",
             *rows,
             "",
             *([*across_seeds(results), ""] if multi_seed else []),
+            *([*ceilings, ""] if (ceilings := overlap_ceiling(results)) else []),
             f"![held-out pass@1 over wall time]({args.out.with_suffix('.png').name})",
             "",
         ]
