@@ -5,6 +5,8 @@
 # short summary last. Usage on the device machine, from the repository root:
 #     bash scripts/gpu_sweep.sh            # about 6-8 minutes on an H100
 #     SWEEP_BENCH=0 bash scripts/gpu_sweep.sh   # build + tests only
+#     SWEEP_ASYNC=1 bash scripts/gpu_sweep.sh   # and the rollout modes' comparison on the GPU (issue 20: sync
+#                                               # against one_step_off and async, demo task, native engine)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu-sweep}
@@ -39,6 +41,11 @@ step tests_gpu $PY -m pytest -q -p no:cacheprovider tests/test_cuda_grpo_loss.py
 if [ "${SWEEP_BENCH:-1}" = 1 ]; then
   step bench_grpo_loss $PY benchmarks/bench_grpo_loss_gpu.py --out "$OUT/grpo_loss_gpu.md"
   [ -f benchmarks/bench_loss_path.py ] && step bench_loss_path $PY benchmarks/bench_loss_path.py
+fi
+# Trainer and rollout worker share the one GPU (two processes; weights travel over gloo, as NCCL needs a GPU each).
+if [ "${SWEEP_ASYNC:-0}" = 1 ]; then
+  step bench_async_rl $PY benchmarks/bench_async_rl.py --steps 20 --eval-every 10 \
+    --modes sync,sync_remote,one_step_off,async --out "$OUT/async_rl_gpu.md"
 fi
 
 echo

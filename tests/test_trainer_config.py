@@ -81,6 +81,22 @@ def test_rollout_device_is_for_the_native_engine():
         load_config(None, ["rollout.device=cpu", "rollout.backend=vllm"])
 
 
+def test_a_rollout_worker_generates_on_the_training_gpu_unless_told_otherwise():
+    import torch
+
+    from r1engine.trainer.grpo import worker_device
+
+    def rollout(*overrides: str):
+        return load_config(None, list(overrides)).rollout
+
+    gpu = torch.device("cuda:0")  # a device name, no GPU needed
+    assert worker_device(rollout("rollout.backend=native"), gpu) == "cuda:0"
+    assert worker_device(rollout("rollout.backend=auto"), gpu) == "cuda:0"  # create_engine drops it if vLLM
+    assert worker_device(rollout("rollout.backend=vllm"), gpu) is None  # vLLM places itself
+    assert worker_device(rollout("rollout.backend=native", "rollout.device=cuda:1"), gpu) == "cuda:1"
+    assert worker_device(rollout("rollout.backend=native"), torch.device("cpu")) is None
+
+
 def test_sampler_old_logprobs_take_any_temperature_but_no_top_p_or_top_k():
     assert load_config(None, ["grpo.old_logprobs=sampler", "grpo.temperature=0.7"]).grpo.temperature == 0.7
     with pytest.raises(ConfigError, match=r"^rollout\.top_p: grpo\.old_logprobs=sampler needs 1\.0 .* got 0\.9$"):

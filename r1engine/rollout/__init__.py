@@ -63,6 +63,8 @@ def create_engine(
         if why_not:
             log.warning("rollout backend: native, not vLLM: %s", why_not)
             backend = "native"
+        if backend == "vllm" and kwargs.pop("device", None) is not None:
+            log.info("rollout backend: vLLM places itself (CUDA_VISIBLE_DEVICES); the native engine's device is unused")
     if backend == "native":
         from r1engine.models.policy import PolicyModel
         from r1engine.rollout.native_engine import NativeEngine

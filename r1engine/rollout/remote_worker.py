@@ -160,7 +160,7 @@ def worker_main(conn, spec: WorkerSpec) -> None:
             )
 
         kwargs = dict(spec.engine_kwargs)
-        if spec.device is not None and spec.backend == "native":
+        if spec.device is not None and spec.backend != "vllm":  # "auto" drops it if it picks vLLM
             kwargs["device"] = spec.device
         engine = create_engine(spec.backend, model_dir=spec.model_dir, **kwargs)
         if not hasattr(engine, "load_named_weights"):

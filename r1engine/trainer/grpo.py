@@ -49,7 +49,7 @@ from r1engine.trainer.checkpoint import (
     set_rng_state,
     writable_output_dir,
 )
-from r1engine.trainer.config import Config, ConfigError, GRPOConfig, ModelConfig
+from r1engine.trainer.config import Config, ConfigError, GRPOConfig, ModelConfig, RolloutConfig
 from r1engine.trainer.distributed import (
     broadcast_module,
     broadcast_object,
@@ -311,6 +311,17 @@ def _sequences_to_train(
     return sequences_with_gradient(advantages, loss_tokens, cfg.agg, max_len=cfg.max_new_tokens)[0]
 
 
+def worker_device(rollout: RolloutConfig, training_device: torch.device) -> str | None:
+    """The device of a rollout worker process's native engine: `rollout.device`, else the training device when
+    that is a GPU (the default "shares the training device"; a worker would otherwise load its weights onto the CPU),
+    else None (the worker's default: the CPU). vLLM places itself."""
+    if rollout.device is not None:
+        return rollout.device
+    if training_device.type == "cuda" and rollout.backend != "vllm":
+        return str(training_device)
+    return None
+
+
 def _named_reward_fns(reward_fns: Mapping[str, Callable] | Sequence[Callable] | None) -> dict[str, Callable]:
     if reward_fns is None:
         return {}
@@ -487,7 +498,8 @@ class GRPOTrainer:
                     return RemoteRolloutEngine(
                         r.backend, model_dir=model_dir, model=self.model, tokenizer=self.tokenizer,
                         num_speculative_tokens=r.num_speculative_tokens, max_model_len=self.cfg.training.chunk_len,
-                        vllm_log_level=r.vllm_log_level, device=r.device, num_threads=r.num_threads or None,
+                        vllm_log_level=r.vllm_log_level, device=worker_device(r, self.device),
+                        num_threads=r.num_threads or None,
                         listen=listen, **({"group": group, "rank": w + 1} if group is not None else {}),
                     )  # fmt: skip
 
