@@ -16,8 +16,8 @@ and sync may use), sampling at temperature 1, with the same engine (`--backend`)
 Torch threads: the trainer and the worker get `--threads` each (1 each splits the 2 cores), the in-process sync
 trainer `--sync-threads`. samples/s counts the trained completions over the GRPO steps' time without the held-out
 evaluations (timed apart), of which the trainer spent some getting its batch (generating it in the sync modes,
-waiting for it in the others). With a sync_remote run the report gives the overlap ceiling: sync_remote's steps
-with generation and the rest fully overlapped, what no off-policy mode can beat on the machine. The plot shows
+waiting for it in the others). With a sync_remote run the report gives the overlap ceiling: sync_remote's steps with
+generation and the rest fully overlapped, about the most an off-policy mode reaches on the machine. The plot shows
 held-out pass@1 against wall time since the first step, evaluations included. With `--seeds 0,1,2` every mode runs
 once per seed (the demo's cold start too), each compared with sync of its seed, and a second table gives each mode's
 final accuracy over the seeds (`--include` adds the runs of an earlier run's JSON with the same settings, e.g. other
@@ -242,11 +242,11 @@ def run_mode(mode: str, args: argparse.Namespace, model_dir: Path, work: Path, s
 
 
 def overlap_ceiling(results: list[dict[str, Any]]) -> list[str]:
-    """What any overlap of generation with training can reach on this machine, per seed with a sync_remote run:
-    sync_remote runs the off-policy modes' placement (trainer and worker processes, the same threads) with its two
-    phases in turn, so overlapping them perfectly would make each step the longer of the two, never less (the
-    processes then share the cores and the memory bandwidth besides). Its samples/s over sync's of the seed bounds
-    what one_step_off and async can gain over sync here."""
+    """About the most an overlap of generation with training reaches on this machine, per seed with a sync_remote
+    run: sync_remote runs the off-policy modes' placement (trainer and worker processes, the same threads) with its
+    two phases in turn, so overlapping them perfectly would make each step the longer of the two (the processes then
+    share the memory bandwidth besides). Not a strict bound: the off-policy modes train on other samples, whose
+    lengths, and so whose work, differ."""
     lines = []
     for run in results:
         if run["mode"] != "sync_remote" or "batch_s" not in run:  # runs from before these fields
@@ -257,8 +257,8 @@ def overlap_ceiling(results: list[dict[str, Any]]) -> list[str]:
         lines.append(
             f"- Overlap ceiling, seed {run['seed']}: sync_remote's steps with generation ({sum(run['batch_s']):.1f} s) "
             f"and the rest of the step ({sum(run['step_no_eval_s']) - sum(run['batch_s']):.1f} s) fully overlapped "
-            f"take {longer:.1f} s: {ceiling:.2f} samples/s, {_ratio(ratio)} sync's. No off-policy mode can beat that "
-            "with these threads on this machine."
+            f"would take {longer:.1f} s: {ceiling:.2f} samples/s, {_ratio(ratio)} sync's, about the most an "
+            "off-policy mode reaches with these threads on this machine (its samples, and so its work, differ)."
         )
     return lines
 
