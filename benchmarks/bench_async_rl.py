@@ -13,16 +13,16 @@ and sync may use), sampling at temperature 1, with the same engine (`--backend`)
 - async: `--max-staleness` batches sampled ahead;
 - async_partial: async with partial rollouts (`rollout.partial_rollouts`: pushed weights loaded between segments).
 
-Torch threads: the trainer and the worker get `--threads` each (1 each splits the 2 cores), the in-process sync
-trainer `--sync-threads`. samples/s counts the trained completions over the GRPO steps' time without the held-out
-evaluations (timed apart), of which the trainer spent some getting its batch (generating it in the sync modes,
-waiting for it in the others). With a sync_remote run the report gives the overlap ceiling: sync_remote's steps with
-generation and the rest fully overlapped, about the most an off-policy mode reaches on the machine. The plot shows
-held-out pass@1 against wall time since the first step, evaluations included. With `--seeds 0,1,2` every mode runs
-once per seed (the demo's cold start too), each compared with sync of its seed, and a second table gives each mode's
-final accuracy over the seeds (`--include` adds the runs of an earlier run's JSON with the same settings, e.g. other
-seeds or other modes; checked before anything runs). Writes benchmarks/results/async_rl.md and async_rl.png (and the
-per-step records as JSON with `--json`).
+Torch threads: the trainer and the worker get `--threads` each (1 each splits the 2 cores; `--worker-threads` sets
+the worker's apart), the in-process sync trainer `--sync-threads`. samples/s counts the trained completions over the
+GRPO steps' time without the held-out evaluations (timed apart), of which the trainer spent some getting its batch
+(generating it in the sync modes, waiting for it in the others). With a sync_remote run the report gives the overlap
+ceiling: sync_remote's steps with generation and the rest fully overlapped, about the most an off-policy mode
+reaches on the machine. The plot shows held-out pass@1 against wall time since the first step, evaluations included.
+With `--seeds 0,1,2` every mode runs once per seed (the demo's cold start too), each compared with sync of its seed,
+and a second table gives each mode's final accuracy over the seeds (`--include` adds the runs of an earlier run's
+JSON with the same settings, e.g. other seeds or other modes; checked before anything runs). Writes
+benchmarks/results/async_rl.md and async_rl.png (and the per-step records as JSON with `--json`).
 
     nice python benchmarks/bench_async_rl.py                 # 30 steps per mode, eval every 10
     nice python benchmarks/bench_async_rl.py --steps 4 --eval-every 2 --num-eval 20 --sft-steps 20   # quick
@@ -66,6 +66,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="the off-policy modes' rollout.sync_warmup_steps (their first steps sample synchronously)",
     )
     parser.add_argument("--threads", type=int, default=1, help="torch threads of the trainer and of the worker")
+    parser.add_argument("--worker-threads", type=int, default=None, help="the worker's (default: --threads)")
     parser.add_argument("--sync-threads", type=int, default=1, help="torch threads of the in-process sync trainer")
     parser.add_argument("--config", type=Path, default=ROOT / "configs" / "demo.yaml",
                         help="the run's config: the demo task (cold-start SFT first) or a real model's (model.path: "
@@ -86,8 +87,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 # what must agree for an earlier run's results to join this run's tables
 _COMPARABLE = ("steps", "sft_steps", "eval_every", "num_eval", "max_staleness", "sync_warmup", "threads",
-               "sync_threads", "config", "backend", "set")  # fmt: skip
-_DEFAULTS = {"sync_warmup": "0"}  # settings added since: what a JSON from before them ran with
+               "worker_threads", "sync_threads", "config", "backend", "set")  # fmt: skip
+# settings added since: what a JSON from before them ran with
+_DEFAULTS = {"sync_warmup": "0", "worker_threads": "None"}
 
 
 def included_results(args: argparse.Namespace, modes: list[str], seeds: list[int]) -> list[dict[str, Any]]:
@@ -135,7 +137,7 @@ def _overrides(args: argparse.Namespace, out_dir: Path, seed: int) -> list[str]:
 
 
 def _mode_overrides(mode: str, args: argparse.Namespace) -> list[str]:
-    threads = [f"training.num_threads={args.threads}", f"rollout.num_threads={args.threads}"]
+    threads = [f"training.num_threads={args.threads}", f"rollout.num_threads={args.worker_threads or args.threads}"]
     off_policy = [*threads, f"rollout.sync_warmup_steps={args.sync_warmup}"]
     return {
         "sync": [f"training.num_threads={args.sync_threads}"],
@@ -348,7 +350,8 @@ def report(args: argparse.Namespace, results: list[dict[str, Any]], argv: list[s
             f"{_setting(args)}, then {args.steps} GRPO steps per mode "
             f"from the same weights (modes run one after the other), {args.backend} engine, grpo.old_logprobs=sampler, "
             f"held-out pass@1 over {args.num_eval} problems x 4 samples every {args.eval_every} steps; torch threads: "
-            f"{args.threads} trainer + {args.threads} worker, {args.sync_threads} for in-process sync"
+            f"{args.threads} trainer + {args.worker_threads or args.threads} worker, "
+            f"{args.sync_threads} for in-process sync"
             + (
                 f"; the off-policy modes' first {args.sync_warmup} steps synchronous (rollout.sync_warmup_steps)."
                 if args.sync_warmup

@@ -39,6 +39,8 @@ def test_runs_join_across_invocations_and_mismatched_settings_are_refused_first(
 
     with pytest.raises(SystemExit, match="settings differ from this run's in steps"):
         bench.main([*TINY, "--steps", "4", "--modes", "async", "--include", str(first), "--out", str(tmp_path / "x")])
+    with pytest.raises(SystemExit, match="settings differ from this run's in worker_threads"):
+        bench.main([*TINY, "--worker-threads", "2", "--modes", "async", "--include", str(first)])
     assert not (tmp_path / "x").exists()
     with pytest.raises(SystemExit, match="^--sync-warmup: must be >= 0, got -1$"):
         bench.main([*TINY, "--sync-warmup", "-1", "--out", str(tmp_path / "x")])
