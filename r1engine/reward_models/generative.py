@@ -204,7 +204,7 @@ class VLLMBackend:
     def _start(path: str | os.PathLike, dtype: str, max_length: int | None, llm_kwargs: dict[str, Any]) -> Any:
         """The engine for the model directory `path`, set up as the rollout engine sets up its own (vLLM's log
         level, its known noise filtered, the engine core in this process)."""
-        from r1engine.rollout.vllm_engine import _KnownNoise, set_vllm_log_level
+        from r1engine.rollout.vllm_engine import _KnownNoise, set_vllm_log_level, torch_threads_kept
 
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
@@ -215,10 +215,11 @@ class VLLMBackend:
         from vllm import LLM
 
         _KnownNoise.install()
-        return LLM(
-            model=str(path), skip_tokenizer_init=True, dtype=dtype,
-            max_model_len=max_length + 1 if max_length is not None else None, **llm_kwargs,
-        )  # fmt: skip
+        with torch_threads_kept():
+            return LLM(
+                model=str(path), skip_tokenizer_init=True, dtype=dtype,
+                max_model_len=max_length + 1 if max_length is not None else None, **llm_kwargs,
+            )  # fmt: skip
 
     def next_logprobs(self, seqs: Sequence[list[int]], tokens: Sequence[int]) -> torch.Tensor:
         """log P(token | seq) `[n, len(tokens)]` (float32, CPU), computed on the engine's thread."""

@@ -19,12 +19,13 @@ start-up (`patch_vllm_cpu_spec_decode`, `patch_vllm_cpu_seeded_chunked_prefill`)
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import tempfile
 import time
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -222,6 +223,21 @@ def _spec_counters(llm: Any) -> tuple[int, int]:
     return drafted, accepted
 
 
+@contextlib.contextmanager
+def torch_threads_kept() -> Iterator[None]:
+    """Start a vLLM engine in this block: vLLM's CPU worker replaces `torch.set_num_threads` with a no-op for the
+    whole process when its engine starts, which this undoes. In-process the trainer owns the threads: without this,
+    the `training.num_threads` of a later trainer in the same process (a recipe's next stage, a benchmark's next run)
+    is silently ignored, and a trainer meant to take one core beside a rollout worker takes them all."""
+    set_num_threads = torch.set_num_threads
+    try:
+        yield
+    finally:
+        if torch.set_num_threads is not set_num_threads:
+            torch.set_num_threads = set_num_threads
+            log.debug("vLLM replaced torch.set_num_threads with a no-op; restored (the trainer sets its threads)")
+
+
 class VLLMEngine:
     """Rollout backend over an in-process `vllm.LLM`; see the module docstring."""
 
@@ -314,19 +330,20 @@ class VLLMEngine:
         spec = None
         if self.num_speculative_tokens:
             spec = {"method": "mtp", "num_speculative_tokens": self.num_speculative_tokens}
-        self.llm = LLM(
-            model=self.model_dir,
-            skip_tokenizer_init=True,
-            enforce_eager=enforce_eager,
-            dtype=dtype,
-            max_model_len=self.max_model_len,
-            speculative_config=spec,
-            disable_log_stats=False,
-            seed=seed,
-            max_num_seqs=max_num_seqs,
-            logprobs_mode="processed_logprobs",  # the distribution sampled from (RolloutBatch.logprobs)
-            **llm_kwargs,
-        )
+        with torch_threads_kept():
+            self.llm = LLM(
+                model=self.model_dir,
+                skip_tokenizer_init=True,
+                enforce_eager=enforce_eager,
+                dtype=dtype,
+                max_model_len=self.max_model_len,
+                speculative_config=spec,
+                disable_log_stats=False,
+                seed=seed,
+                max_num_seqs=max_num_seqs,
+                logprobs_mode="processed_logprobs",  # the distribution sampled from (RolloutBatch.logprobs)
+                **llm_kwargs,
+            )
         # after LLM(): the CPU platform registers its (buggy) kernels while the engine starts
         self.spec_decode_patched = patch_vllm_cpu_spec_decode() if self.num_speculative_tokens else False
         patch_vllm_cpu_seeded_chunked_prefill()
