@@ -16,13 +16,13 @@ and sync may use), sampling at temperature 1, with the same engine (`--backend`)
 Torch threads: the trainer and the worker get `--threads` each (1 each splits the 2 cores; `--worker-threads` sets
 the worker's apart), the in-process sync trainer `--sync-threads`. samples/s counts the trained completions over the
 GRPO steps' time without the held-out evaluations (timed apart), of which the trainer spent some getting its batch
-(generating it in the sync modes, waiting for it in the others). With a sync_remote run the report gives the overlap
-ceiling: sync_remote's steps with generation and the rest fully overlapped, about the most an off-policy mode
-reaches on the machine. The plot shows held-out pass@1 against wall time since the first step, evaluations included.
-With `--seeds 0,1,2` every mode runs once per seed (the demo's cold start too), each compared with sync of its seed,
-and a second table gives each mode's final accuracy over the seeds (`--include` adds the runs of an earlier run's
-JSON with the same settings, e.g. other seeds or other modes; checked before anything runs). Writes
-benchmarks/results/async_rl.md and async_rl.png (and the per-step records as JSON with `--json`).
+(generating it in the sync modes, waiting for it in the others). With a sync_remote run the report gives the
+perfect-overlap estimate: sync_remote's steps with generation and the rest fully overlapped, about the most an off-
+policy mode reaches on the machine. The plot shows held-out pass@1 against wall time since the first step,
+evaluations included. With `--seeds 0,1,2` every mode runs once per seed (the demo's cold start too), each compared
+with sync of its seed, and a second table gives each mode's final accuracy over the seeds (`--include` adds the runs
+of an earlier run's JSON with the same settings, e.g. other seeds or other modes; checked before anything runs).
+Writes benchmarks/results/async_rl.md and async_rl.png (and the per-step records as JSON with `--json`).
 
     nice python benchmarks/bench_async_rl.py                 # 30 steps per mode, eval every 10
     nice python benchmarks/bench_async_rl.py --steps 4 --eval-every 2 --num-eval 20 --sft-steps 20   # quick
@@ -243,23 +243,25 @@ def run_mode(mode: str, args: argparse.Namespace, model_dir: Path, work: Path, s
     }
 
 
-def overlap_ceiling(results: list[dict[str, Any]]) -> list[str]:
+def overlap_estimate(results: list[dict[str, Any]]) -> list[str]:
     """About the most an overlap of generation with training reaches on this machine, per seed with a sync_remote
     run: sync_remote runs the off-policy modes' placement (trainer and worker processes, the same threads) with its
     two phases in turn, so overlapping them perfectly would make each step the longer of the two (the processes then
     share the memory bandwidth besides). Not a strict bound: the off-policy modes train on other samples, whose
-    lengths, and so whose work, differ."""
+    lengths, and so whose work, differ, and they push weights in the background while sync_remote waits for the
+    worker to load them."""
     lines = []
     for run in results:
         if run["mode"] != "sync_remote" or "batch_s" not in run:  # runs from before these fields
             continue
         longer = sum(max(g, s - g) for g, s in zip(run["batch_s"], run["step_no_eval_s"], strict=True))
-        ceiling = run["samples"] / longer
-        ratio = _vs_sync(results, dict(run, samples_per_s=ceiling))
+        estimate = run["samples"] / longer
+        ratio = _vs_sync(results, dict(run, samples_per_s=estimate))
+        generation = sum(run["batch_s"])
         lines.append(
-            f"- Overlap ceiling, seed {run['seed']}: sync_remote's steps with generation ({sum(run['batch_s']):.1f} s) "
-            f"and the rest of the step ({sum(run['step_no_eval_s']) - sum(run['batch_s']):.1f} s) fully overlapped "
-            f"would take {longer:.1f} s: {ceiling:.2f} samples/s, {_ratio(ratio)} sync's, about the most an "
+            f"- Perfect-overlap estimate, seed {run['seed']}: sync_remote's steps with generation ({generation:.1f} s) "
+            f"and the rest of the step ({sum(run['step_no_eval_s']) - generation:.1f} s) fully overlapped "
+            f"would take {longer:.1f} s: {estimate:.2f} samples/s, {_ratio(ratio)} sync's, about the most an "
             "off-policy mode reaches with these threads on this machine (its samples, and so its work, differ)."
         )
     return lines
@@ -364,7 +366,7 @@ def report(args: argparse.Namespace, results: list[dict[str, Any]], argv: list[s
             *rows,
             "",
             *([*across_seeds(results), ""] if multi_seed else []),
-            *([*ceilings, ""] if (ceilings := overlap_ceiling(results)) else []),
+            *([*estimates, ""] if (estimates := overlap_estimate(results)) else []),
             f"![held-out pass@1 over wall time]({args.out.with_suffix('.png').name})",
             "",
         ]

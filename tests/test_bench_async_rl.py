@@ -1,6 +1,6 @@
 """The rollout-mode benchmark (benchmarks/bench_async_rl.py) on the demo task at a few steps: the off-policy modes'
-synchronous warm-up reaches their runs, the per-step phases and the overlap ceiling are reported, an earlier run's
-JSON joins a later run's tables (its other modes too), and one with other settings is refused before anything
+synchronous warm-up reaches their runs, the per-step phases and the perfect-overlap estimate are reported, an earlier
+run's JSON joins a later run's tables (its other modes too), and one with other settings is refused before anything
 runs."""
 
 from __future__ import annotations
@@ -29,11 +29,11 @@ def test_runs_join_across_invocations_and_mismatched_settings_are_refused_first(
         assert len(run["batch_s"]) == len(run["step_no_eval_s"]) == 3
         assert all(0 < b < s for b, s in zip(run["batch_s"], run["step_no_eval_s"], strict=True))
         assert sum(run["step_no_eval_s"]) == pytest.approx(run["train_s"])
-    # the ceiling: sync_remote's steps with the batch and the rest overlapped
+    # the estimate: sync_remote's steps with the batch and the rest overlapped
     longer = sum(max(b, s - b) for b, s in zip(remote["batch_s"], remote["step_no_eval_s"], strict=True))
     assert sum(remote["step_no_eval_s"]) / 2 <= longer < sum(remote["step_no_eval_s"])
-    ceiling = remote["samples"] / longer / sync["samples_per_s"]
-    assert f"{remote['samples'] / longer:.2f} samples/s, {ceiling:.2f}x sync's" in (tmp_path / "first.md").read_text()
+    estimate = remote["samples"] / longer / sync["samples_per_s"]
+    assert f"{remote['samples'] / longer:.2f} samples/s, {estimate:.2f}x sync's" in (tmp_path / "first.md").read_text()
     assert off["staleness_mean"] == pytest.approx(1 / 3)  # staleness 0, 0 (the warm-up, then its hand-over), 1
     assert json.loads(first.read_text())["args"]["sync_warmup"] == "1"
 
