@@ -210,9 +210,9 @@ def run_mode(mode: str, args: argparse.Namespace, model_dir: Path, work: Path, s
     wall = time.perf_counter() - t0
     records = read_metrics(out_dir / "metrics.jsonl")
     steps = [r for r in records if r["step"] > 0]
-    train_s = sum(r["time/step_s"] for r in steps) - sum(evals[1:])  # evals[0]: before RL, outside the steps
-    in_step_evals = iter(evals[1:])  # in the order of the steps that evaluated
+    in_step_evals = iter(evals[1:])  # evals[0]: before RL, outside the steps; then in the order of the steps
     step_no_eval = [r["time/step_s"] - (next(in_step_evals) if "eval/accuracy" in r else 0.0) for r in steps]
+    train_s = sum(step_no_eval)
     samples = len(steps) * cfg.grpo.prompts_per_step * cfg.grpo.group_size
     curve, clock = [(0.0, records[0]["eval/accuracy"])], 0.0
     for r in steps:
@@ -260,7 +260,7 @@ def overlap_estimate(results: list[dict[str, Any]]) -> list[str]:
         generation = sum(run["batch_s"])
         lines.append(
             f"- Perfect-overlap estimate, seed {run['seed']}: sync_remote's steps with generation ({generation:.1f} s) "
-            f"and the rest of the step ({sum(run['step_no_eval_s']) - generation:.1f} s) fully overlapped "
+            f"and the rest of the step ({run['train_s'] - generation:.1f} s) fully overlapped "
             f"would take {longer:.1f} s: {estimate:.2f} samples/s, {_ratio(ratio)} sync's, about the most an "
             "off-policy mode reaches with these threads on this machine (its samples, and so its work, differ)."
         )
