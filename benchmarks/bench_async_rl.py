@@ -136,8 +136,12 @@ def _overrides(args: argparse.Namespace, out_dir: Path, seed: int) -> list[str]:
     ]
 
 
+def _worker_threads(args: argparse.Namespace) -> int:
+    return args.worker_threads if args.worker_threads is not None else args.threads
+
+
 def _mode_overrides(mode: str, args: argparse.Namespace) -> list[str]:
-    threads = [f"training.num_threads={args.threads}", f"rollout.num_threads={args.worker_threads or args.threads}"]
+    threads = [f"training.num_threads={args.threads}", f"rollout.num_threads={_worker_threads(args)}"]
     off_policy = [*threads, f"rollout.sync_warmup_steps={args.sync_warmup}"]
     return {
         "sync": [f"training.num_threads={args.sync_threads}"],
@@ -352,7 +356,7 @@ def report(args: argparse.Namespace, results: list[dict[str, Any]], argv: list[s
             f"{_setting(args)}, then {args.steps} GRPO steps per mode "
             f"from the same weights (modes run one after the other), {args.backend} engine, grpo.old_logprobs=sampler, "
             f"held-out pass@1 over {args.num_eval} problems x 4 samples every {args.eval_every} steps; torch threads: "
-            f"{args.threads} trainer + {args.worker_threads or args.threads} worker, "
+            f"{args.threads} trainer + {_worker_threads(args)} worker, "
             f"{args.sync_threads} for in-process sync"
             + (
                 f"; the off-policy modes' first {args.sync_warmup} steps synchronous (rollout.sync_warmup_steps)."
@@ -395,8 +399,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         raise SystemExit(f"--seeds: expected comma-separated integers, got {args.seeds!r}") from None
     if not seeds:
         raise SystemExit("--seeds: give at least one seed")
-    if args.sync_warmup < 0:  # refused here, not by the config of the first off-policy mode after sync has run
-        raise SystemExit(f"--sync-warmup: must be >= 0, got {args.sync_warmup}")
+    # refused here, not by the config of the first mode that uses them after the others have run
+    counts = {"--sync-warmup": args.sync_warmup, "--threads": args.threads,
+              "--worker-threads": _worker_threads(args), "--sync-threads": args.sync_threads}  # fmt: skip
+    for flag, value in counts.items():
+        if value < 0:
+            raise SystemExit(f"{flag}: must be >= 0, got {value}")
     included = included_results(args, modes, seeds)  # refused before the runs, not after
     load = os.getloadavg()
     results = []

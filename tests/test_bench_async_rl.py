@@ -44,6 +44,8 @@ def test_runs_join_across_invocations_and_mismatched_settings_are_refused_first(
     assert not (tmp_path / "x").exists()
     with pytest.raises(SystemExit, match="^--sync-warmup: must be >= 0, got -1$"):
         bench.main([*TINY, "--sync-warmup", "-1", "--out", str(tmp_path / "x")])
+    with pytest.raises(SystemExit, match="^--worker-threads: must be >= 0, got -1$"):
+        bench.main([*TINY, "--worker-threads", "-1", "--out", str(tmp_path / "x")])
 
     out = tmp_path / "second.md"
     got = bench.main([*TINY, "--modes", "async", "--include", str(first), "--out", str(out)])
